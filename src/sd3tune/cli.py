@@ -1,0 +1,164 @@
+"""The `sd3tune` command line: registers the commands and maps user errors to one line and exit code 2.
+
+Each command is a thin layer over a function in ``sd3tune.commands``; heavy libraries (torch, diffusers,
+SimpleTuner) are imported inside the command that needs them, so `sd3tune --help` and `sd3tune check` stay fast.
+Set SD3TUNE_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sd3tune import __version__
+from sd3tune.errors import Sd3tuneError
+
+app = typer.Typer(
+    name="sd3tune",
+    help="Fine-tune Stable Diffusion 3 Medium with LoRA on your own images (SimpleTuner + diffusers).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+RunDir = Annotated[Path, typer.Argument(help="Run folder (holds config/, output/, cache/, logs/).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Base model: Hub id or local diffusers folder "
+                                                                 "(default: the run's model, else SD3 Medium).")]
+
+
+def _echo_findings(findings, stream=sys.stderr) -> None:
+    for f in findings:
+        typer.echo(f"{f.severity}: {f.render()}", err=stream is sys.stderr)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sd3tune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """Fine-tune Stable Diffusion 3 Medium with LoRA on your own images.
+
+    examples:
+      sd3tune quickstart /tmp/demo           # the whole loop offline on a tiny model
+      sd3tune init runs/art --data ~/art --trigger myst
+      sd3tune check runs/art && sd3tune train runs/art
+      sd3tune generate --lora runs/art --prompt "myst, a lighthouse"
+    """
+
+
+@app.command("init")
+def init_cmd(
+    run_dir: RunDir,
+    data: Annotated[Path, typer.Option("--data", help="Folder of training images (+ .txt captions).")],
+    model: Annotated[str, typer.Option("--model", help="Hub id or local diffusers folder.")] = "stabilityai/stable-diffusion-3-medium-diffusers",
+    trigger: Annotated[Optional[str], typer.Option("--trigger", help="Trigger word of the concept.")] = None,
+    validation_prompt: Annotated[Optional[str], typer.Option("--validation-prompt", help="Prompt sampled during training.")] = None,
+    preset: Annotated[str, typer.Option("--preset", help="GPU memory preset: 16gb, 24gb or 80gb.")] = "24gb",
+    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training resolution in pixels.")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank (alpha = rank).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="Config file format: env (config.env) or json.")] = "env",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
+) -> None:
+    """Scaffold a run: SimpleTuner config.env (or config.json) and multidatabackend.json.
+
+    examples:
+      sd3tune init runs/art --data ~/art --trigger myst
+      sd3tune init runs/art --data ~/art --preset 80gb --steps 2000 --format json
+    """
+    from sd3tune.commands.init import InitOptions, run_init
+
+    if fmt not in ("env", "json"):
+        raise Sd3tuneError(f"--format {fmt!r} is not env or json", hint="use --format env or --format json")
+    result = run_init(InitOptions(run_dir=run_dir, data=data, model=model, trigger=trigger,
+                                  validation_prompt=validation_prompt, preset=preset, resolution=resolution,
+                                  rank=rank, steps=steps, format=fmt, force=force))  # type: ignore[arg-type]
+    _echo_findings(result.warnings)
+    for path in result.written:
+        typer.echo(f"wrote {path}")
+    typer.echo(f"next: sd3tune check {run_dir} && sd3tune train {run_dir}")
+
+
+@app.command("check")
+def check_cmd(
+    run_dir: RunDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Validate a run's config and data before any model loads (exit 0: clean or warnings, 2: errors).
+
+    examples:
+      sd3tune check runs/art
+      sd3tune check runs/art --json | jq .errors
+    """
+    from sd3tune.commands.check import run_check
+
+    report, text = run_check(run_dir, as_json=as_json)
+    typer.echo(text)
+    if not report.ok:
+        raise typer.Exit(2)
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_cmd(
+    ctx: typer.Context,
+    run_dir: RunDir,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and environment; run nothing.")] = False,
+    gpus: Annotated[int, typer.Option("--gpus", help="Number of GPUs (processes) on this machine.")] = 1,
+    accelerate_config: Annotated[Optional[Path], typer.Option("--accelerate-config", help="accelerate config file (multi-node, DeepSpeed, FSDP).")] = None,
+) -> None:
+    """Train the run with SimpleTuner through `accelerate launch` (one GPU by default).
+
+    Arguments after `--` go to `accelerate launch`. The run is checked first and nothing
+    is launched when it has errors.
+
+    examples:
+      sd3tune train runs/art
+      sd3tune train runs/art --dry-run
+      sd3tune train runs/art --gpus 4
+      sd3tune train runs/art --accelerate-config fsdp.yaml -- --main_process_port 29501
+    """
+    from sd3tune.commands.train import ProgressPrinter, TrainOptions, run_train
+
+    result = run_train(TrainOptions(run_dir=run_dir, resume=resume, dry_run=dry_run, gpus=gpus,
+                                    accelerate_config=accelerate_config, extra_accelerate_args=list(ctx.args)),
+                       on_progress=ProgressPrinter(), on_status=lambda m: typer.echo(m, err=True))
+    if dry_run:
+        typer.echo(result.plan.shell())
+        return
+    typer.echo(f"trained in {result.seconds:.0f} s: {result.lora}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one line and exit code 2 for user errors, tracebacks only with SD3TUNE_DEBUG=1."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except Sd3tuneError as exc:
+        if os.environ.get("SD3TUNE_DEBUG"):
+            raise
+        typer.echo(f"error: {exc.one_line()}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,162 @@
+"""`sd3tune init`: scaffold a run folder with SimpleTuner's config and dataset files, from typed models."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from sd3tune.config.dataset import ImageBackend, TextEmbedsBackend
+from sd3tune.config.models import SD3M, RunConfig
+from sd3tune.config.presets import DEFAULT_PRESET, PRESETS, merge
+from sd3tune.datascan import scan_folder
+from sd3tune.errors import ConfigError, Sd3tuneError
+from sd3tune.findings import Finding, error, warning
+from sd3tune.fsutil import atomic_write_text, refuse_existing
+from sd3tune.manifest import now, package_versions, update_manifest
+from sd3tune.simpletuner.files import RunPaths, render_backends, render_env, render_json
+
+
+@dataclass
+class InitOptions:
+    run_dir: Path
+    data: Path
+    model: str = SD3M
+    trigger: str | None = None
+    validation_prompt: str | None = None
+    preset: str = DEFAULT_PRESET
+    resolution: int | None = None
+    rank: int | None = None
+    steps: int | None = None
+    format: Literal["env", "json"] = "env"
+    force: bool = False
+    # Section overrides on top of the preset (used by quickstart and Python callers).
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    image_backend_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class InitResult:
+    paths: RunPaths
+    config: RunConfig
+    backends: list
+    written: list[Path]
+    warnings: list[Finding]
+
+
+def _dataset_id(folder: Path) -> str:
+    ident = re.sub(r"[^A-Za-z0-9_-]+", "-", folder.name).strip("-")
+    return ident or "images"
+
+
+def _raise_validation(exc: ValidationError, source: str) -> None:
+    findings = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        findings.append(error(source, key, f"{err.get('input')!r}: {err['msg']}"))
+    first = findings[0]
+    raise ConfigError(f"{first.key}: {first.message}", hint="see `sd3tune init --help` for valid values",
+                      findings=findings)
+
+
+def build_run(opts: InitOptions) -> InitResult:
+    """Validate flags and data and build the models (writes nothing)."""
+    if opts.preset not in PRESETS:
+        raise Sd3tuneError(f"unknown preset {opts.preset!r}", hint=f"use one of {', '.join(PRESETS)}")
+    data = opts.data.expanduser()
+    if not data.is_dir():
+        raise Sd3tuneError(f"data folder {data} does not exist", hint="pass --data with a folder of images")
+    data = data.resolve()
+    scan = scan_folder(data)
+    if not scan.images:
+        raise Sd3tuneError(f"no readable images in {data}",
+                           hint="put .png/.jpg/.webp images (with .txt captions) in that folder")
+    warnings: list[Finding] = []
+    preset = PRESETS[opts.preset]
+    if not preset.verified:
+        warnings.append(warning("flags", "--preset", preset.caveat))
+    for path, why in scan.corrupt:
+        warnings.append(warning(str(path), "", f"unreadable, SimpleTuner will skip or fail on it: {why}"))
+
+    captioned = [i for i in scan.images if i.caption]
+    if captioned:
+        strategy = "textfile"
+        if len(captioned) < len(scan.images):
+            warnings.append(warning(str(data), "", f"{len(scan.images) - len(captioned)} of {len(scan.images)} images "
+                                                   "have no .txt caption", "add NAME.txt beside each image"))
+        if opts.trigger and any(opts.trigger not in i.caption for i in captioned):
+            missing = sum(opts.trigger not in i.caption for i in captioned)
+            warnings.append(warning(str(data), "", f"{missing} captions do not contain the trigger {opts.trigger!r}",
+                                    "add it to the captions so the LoRA binds to it"))
+    elif opts.trigger:
+        strategy = "instance_prompt"
+    else:
+        strategy = "filename"
+        warnings.append(warning(str(data), "", "no .txt captions: file names are used as captions",
+                                "add captions, or pass --trigger WORD to caption every image with it"))
+
+    prompt = opts.validation_prompt
+    if prompt is None:
+        prompt = f"{opts.trigger}, concept art of a castle on a hill" if opts.trigger else (
+            captioned[0].caption.splitlines()[0] if captioned else "concept art of a castle on a hill")
+
+    run_dir = opts.run_dir.expanduser().resolve()
+    paths = RunPaths(run_dir)
+    flags: dict[str, dict[str, Any]] = {"model": {"name_or_path": opts.model}, "validation": {"prompt": prompt}}
+    if opts.resolution is not None:
+        flags["data"] = {"resolution": opts.resolution}
+        side = opts.resolution
+        flags["validation"]["resolution"] = f"{side}x{side}"
+    if opts.rank is not None:
+        flags["lora"] = {"rank": opts.rank}
+    if opts.steps is not None:
+        flags["optim"] = {"max_train_steps": opts.steps, "num_train_epochs": 0}
+    sections = merge(preset.overrides, flags, opts.overrides)
+    sections["paths"] = {"output_dir": str(paths.output), "data_backend_config": str(paths.backends)}
+    try:
+        config = RunConfig.model_validate(sections)
+    except ValidationError as exc:
+        _raise_validation(exc, "flags")
+
+    image = {"id": _dataset_id(data), "instance_data_dir": str(data), "caption_strategy": strategy,
+             "resolution": config.data.resolution, "resolution_type": config.data.resolution_type,
+             "cache_dir_vae": str(paths.cache / "vae" / _dataset_id(data))}
+    if strategy == "instance_prompt":
+        image["instance_prompt"] = opts.trigger
+    if config.data.minimum_image_size is not None:
+        image["minimum_image_size"] = config.data.minimum_image_size
+    image.update(opts.image_backend_overrides)
+    try:
+        backends = [ImageBackend.model_validate(image),
+                    TextEmbedsBackend.model_validate({"id": "text-embeds", "dataset_type": "text_embeds",
+                                                      "default": True, "cache_dir": str(paths.cache / "text")})]
+    except ValidationError as exc:
+        _raise_validation(exc, "multidatabackend")
+    return InitResult(paths, config, backends, [], warnings)
+
+
+def run_init(opts: InitOptions) -> InitResult:
+    """Write ``config/config.env`` (or ``config.json``) and ``config/multidatabackend.json`` for a new run.
+
+    Nothing is written when any flag or the data folder is wrong, or when a config exists and ``force`` is off.
+    """
+    result = build_run(opts)
+    paths = result.paths
+    config_file = paths.config_file(opts.format)
+    others = [p for p in (paths.env, paths.json, paths.toml) if p != config_file]
+    refuse_existing([paths.env, paths.json, paths.toml, paths.backends], opts.force)
+    text = render_env(result.config) if opts.format == "env" else render_json(result.config)
+    backends_text = render_backends(result.backends)
+    atomic_write_text(paths.backends, backends_text)
+    atomic_write_text(config_file, text)
+    for other in others:  # with --force: a leftover config.json would silently shadow config.env
+        other.unlink(missing_ok=True)
+    update_manifest(paths.root, "init", {
+        "created": now(), "preset": opts.preset, "format": opts.format, "data": str(opts.data.resolve()),
+        "model": opts.model, "trigger": opts.trigger, "versions": package_versions("simpletuner"),
+    })
+    result.written = [config_file, paths.backends]
+    return result

@@ -1,0 +1,163 @@
+"""`sd3tune train`: validate the run, then launch SimpleTuner through `accelerate launch`, with live progress."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sd3tune.checks import check_run
+from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
+from sd3tune.findings import errors_in
+from sd3tune.manifest import now, package_versions, update_manifest
+from sd3tune.simpletuner import keys
+from sd3tune.simpletuner.launch import LaunchPlan, Progress, build_launch, run_plan
+from sd3tune.simpletuner.files import RunPaths
+
+
+@dataclass
+class TrainOptions:
+    run_dir: Path
+    resume: bool = False
+    dry_run: bool = False
+    gpus: int = 1
+    accelerate_config: Path | None = None
+    extra_accelerate_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    plan: LaunchPlan
+    lora: Path | None = None
+    log: Path | None = None
+    seconds: float = 0.0
+    last: Progress | None = None
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob(f"{keys.CHECKPOINT_PREFIX}*") if p.is_dir()
+             and p.name[len(keys.CHECKPOINT_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(keys.CHECKPOINT_PREFIX):]))
+
+
+def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
+    """Validate the run and build the launch (raises ConfigError with every finding on a broken run)."""
+    report = check_run(opts.run_dir, gpus=opts.gpus)
+    errors = errors_in(report.findings)
+    if errors:
+        raise ConfigError(f"{len(errors)} problem(s) in {opts.run_dir}, first: {errors[0].render()}",
+                          hint=f"run `sd3tune check {opts.run_dir}` for the full list", findings=report.findings)
+    cfg = report.run.config
+    assert cfg is not None and report.run.format is not None
+    if opts.accelerate_config is not None and not opts.accelerate_config.is_file():
+        raise Sd3tuneError(f"accelerate config {opts.accelerate_config} does not exist",
+                           hint="create one with `accelerate config --config_file FILE`")
+    output = Path(cfg.paths.output_dir)
+    if not output.is_absolute():
+        output = report.run.paths.root / output
+    existing = checkpoints(output)
+    if existing and not opts.resume:
+        raise Sd3tuneError(f"{output} already holds {existing[-1].name}; SimpleTuner would silently resume from it",
+                           hint="pass --resume to continue, or move the output folder away to start over")
+    if opts.resume and not existing:
+        raise Sd3tuneError(f"nothing to resume: no checkpoint in {output}", hint="run without --resume")
+    plan = build_launch(report.run.paths.root, report.run.format, cfg.precision.mixed_precision, gpus=opts.gpus,
+                        accelerate_config=opts.accelerate_config, extra_accelerate_args=opts.extra_accelerate_args)
+    return plan, report
+
+
+def stamp_lora(lora: Path, metadata: dict[str, str]) -> None:
+    """Add sd3tune provenance to the LoRA's safetensors header (atomic rewrite, tensors unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from sd3tune.fsutil import atomic_write_bytes
+
+    with safe_open(str(lora), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata() or {})
+    meta.update(metadata)
+    tmp = lora.with_name(f".{lora.name}.stamp")
+    save_file(tensors, str(tmp), metadata=meta)
+    try:
+        atomic_write_bytes(lora, tmp.read_bytes())
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = None,
+              on_status: Callable[[str], None] | None = None) -> TrainResult:
+    plan, report = prepare(opts)
+    result = TrainResult(plan)
+    if opts.dry_run:
+        return result
+    cfg = report.run.config
+    paths: RunPaths = report.run.paths
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    log = paths.logs / f"train-{stamp}.log"
+    result.log = log
+    if on_status:
+        on_status(f"launching SimpleTuner ({opts.gpus} process(es)); full log: {log}")
+    start = time.perf_counter()
+    outcome = run_plan(plan, log, on_progress=on_progress)
+    result.seconds = time.perf_counter() - start
+    result.last = outcome.last_progress
+    entry = {"started": stamp, "finished": now(), "seconds": round(result.seconds, 1), "exit_code": outcome.returncode,
+             "resume": opts.resume, "gpus": opts.gpus, "log": str(log), "command": plan.argv,
+             "versions": package_versions("simpletuner", "accelerate", "diffusers", "peft", "transformers", "torch")}
+    if outcome.interrupted:
+        update_manifest(paths.root, "trainings", {**entry, "status": "interrupted"}, append=True)
+        raise TrainingFailed("training interrupted; checkpoints so far are kept",
+                             hint=f"continue with `sd3tune train {opts.run_dir} --resume`", exit_code=130)
+    if outcome.returncode != 0:
+        update_manifest(paths.root, "trainings", {**entry, "status": "failed"}, append=True)
+        detail = " | ".join(outcome.tail[-3:])
+        raise TrainingFailed(f"SimpleTuner exited with code {outcome.returncode}: {detail}",
+                             hint=f"see the full log {log}", exit_code=outcome.returncode)
+    lora = Path(cfg.paths.output_dir) / keys.LORA_WEIGHT_NAME
+    if not lora.is_absolute():
+        lora = paths.root / lora
+    if not lora.is_file():
+        raise TrainingFailed(f"SimpleTuner finished but wrote no {keys.LORA_WEIGHT_NAME} in {lora.parent}",
+                             hint=f"see the full log {log}", exit_code=1)
+    steps = outcome.last_progress.step if outcome.last_progress else None
+    stamp_lora(lora, {
+        "sd3tune.version": package_versions()["sd3tune"], "sd3tune.base_model": cfg.model.name_or_path,
+        "sd3tune.model_family": cfg.model.family, "sd3tune.lora_rank": str(cfg.lora.rank),
+        "sd3tune.lora_alpha": repr(cfg.lora.effective_alpha), "sd3tune.t5_max_length": str(keys.SD3_T5_MAX_LENGTH),
+        "sd3tune.flow_schedule_shift": repr(cfg.timesteps.schedule_shift),
+        "sd3tune.resolution": str(cfg.data.resolution), "sd3tune.steps": str(steps),
+        "sd3tune.run_dir": str(paths.root), "sd3tune.trained_at": now(),
+    })
+    update_manifest(paths.root, "trainings", {**entry, "status": "ok", "lora": str(lora), "steps": steps,
+                                              "final_loss": outcome.last_progress.loss if outcome.last_progress else None},
+                    append=True)
+    result.lora = lora
+    return result
+
+
+class ProgressPrinter:
+    """Prints step, loss, s/it and ETA: in place on a terminal, every ~5% otherwise (logs stay short)."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last_pct = -1
+
+    def __call__(self, p: Progress) -> None:
+        loss = f"{p.loss:.4f}" if p.loss is not None else "-"
+        rate = f"{p.seconds_per_step:.2f} s/step" if p.seconds_per_step else "- s/step"
+        line = f"step {p.step}/{p.total}  loss {loss}  {rate}  elapsed {p.elapsed}  ETA {p.eta}"
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + line)
+            if p.step >= p.total:
+                self.stream.write("\n")
+        else:
+            pct = 100 * p.step // max(1, p.total)
+            if pct // 5 == self.last_pct // 5 and p.step < p.total:
+                return
+            self.last_pct = pct
+            self.stream.write(line + "\n")
+        self.stream.flush()

@@ -1,0 +1,72 @@
+"""Typed entries of SimpleTuner's ``multidatabackend.json`` for SD3 LoRA runs on local folders.
+
+SimpleTuner silently ignores unknown keys and treats the string "false" as true; these models forbid both.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, TypeAdapter
+
+
+class _Backend(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(..., min_length=1, description="Unique name of this dataset.")
+    type: Literal["local"] = Field("local", description="Storage backend; sd3tune supports local folders.")
+    disabled: StrictBool = Field(False, description="Skip this dataset.")
+
+
+class ImageBackend(_Backend):
+    dataset_type: Literal["image"] = Field("image", description="Training images.")
+    instance_data_dir: str = Field(..., min_length=1, description="Folder of training images.")
+    caption_strategy: Literal["textfile", "filename", "instance_prompt"] = Field(
+        "textfile", description="Where captions come from: a .txt beside each image, the file name, or one prompt.")
+    instance_prompt: str | None = Field(None, description="Caption for every image (caption_strategy=instance_prompt).")
+    resolution: int | float = Field(1024, gt=0, description="Training resolution for this dataset.")
+    resolution_type: Literal["pixel", "area", "pixel_area"] = Field("pixel_area", description="Unit of resolution.")
+    minimum_image_size: int | float | None = Field(None, ge=0, description="Skip images smaller than this.")
+    maximum_image_size: int | float | None = Field(None, gt=0, description="Downsample images larger than this.")
+    target_downsample_size: int | float | None = Field(None, gt=0, description="Size large images are reduced to.")
+    crop: StrictBool = Field(False, description="Crop images to the bucket instead of resizing.")
+    crop_aspect: Literal["square", "preserve", "random", "closest"] = Field("square", description="Crop shape.")
+    crop_style: Literal["random", "center", "centre", "corner", "face"] = Field("random", description="Crop position.")
+    repeats: int = Field(0, ge=0, description="Extra passes over this dataset per epoch.")
+    probability: float = Field(1.0, gt=0, le=1, description="Chance this dataset is sampled for a batch.")
+    cache_dir_vae: str = Field(..., min_length=1, description="Where VAE latents are cached.")
+    metadata_backend: Literal["discovery", "json", "parquet"] = Field("discovery",
+                                                                      description="How image metadata is read.")
+    skip_file_discovery: str | None = Field(None, description="Space-separated phases to skip (vae aspect text).")
+    is_regularisation_data: StrictBool = Field(False, description="Regularisation images (prior preservation).")
+    vae_cache_clear_each_epoch: StrictBool = Field(False, description="Re-encode latents every epoch.")
+    text_embeds: str | None = Field(None, description="id of the text-embeds dataset to use (default one if empty).")
+
+
+class TextEmbedsBackend(_Backend):
+    dataset_type: Literal["text_embeds"] = Field(..., description="Cache of prompt embeddings.")
+    default: StrictBool = Field(True, description="The text-embeds cache used by image datasets.")
+    cache_dir: str = Field(..., min_length=1, description="Where text embeddings are cached.")
+    write_batch_size: int | None = Field(None, ge=1, description="Embeddings written per batch.")
+
+
+def _kind(value) -> str:
+    if isinstance(value, dict):
+        return "text_embeds" if value.get("dataset_type") == "text_embeds" else "image"
+    return "text_embeds" if getattr(value, "dataset_type", "image") == "text_embeds" else "image"
+
+
+Backend = Annotated[Union[Annotated[ImageBackend, Tag("image")], Annotated[TextEmbedsBackend, Tag("text_embeds")]],
+                    Discriminator(_kind)]
+BACKENDS = TypeAdapter(list[Backend])
+
+
+def dump_backends(backends: list[ImageBackend | TextEmbedsBackend]) -> list[dict]:
+    """JSON-ready dicts with the fields a user set or that SimpleTuner needs (no noise from defaults)."""
+    out = []
+    for b in backends:
+        keep = {"id", "type", "dataset_type", "instance_data_dir", "caption_strategy", "cache_dir_vae", "cache_dir",
+                "default", "resolution", "resolution_type"}
+        data = b.model_dump(mode="json")
+        out.append({k: v for k, v in data.items() if k in keep or k in b.model_fields_set})
+    return out

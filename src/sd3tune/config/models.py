@@ -1,0 +1,142 @@
+"""Typed settings of an SD3 LoRA run, split by concern. sd3tune's own vocabulary: the SimpleTuner adapter
+(``sd3tune.simpletuner.keys``) maps each field to SimpleTuner's option and config.env key.
+
+Every model forbids unknown fields and documents every field; the descriptions double as `sd3tune init --help`
+material and as the comments written into config.env.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+SD3M = "stabilityai/stable-diffusion-3-medium-diffusers"
+
+Scalar = StrictBool | int | float | str
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    name_or_path: str = Field(SD3M, min_length=1,
+                              description="Hub id or local diffusers folder of the base model (SD3 Medium by default).")
+    family: Literal["sd3"] = Field("sd3", description="SimpleTuner model family; sd3tune trains SD3 only.")
+    model_type: Literal["lora"] = Field("lora", description="Training type; sd3tune trains LoRA adapters.")
+
+
+class LoraSettings(_Section):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank (adapter width).")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; empty means alpha = rank (scale 1).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0,
+                           description="LoRA dropout; 0 is faster and SD3 LoRAs rarely need it.")
+    init_type: Literal["default", "gaussian", "loftq", "olora", "pissa"] = Field(
+        "default", description="How LoRA weights are initialised.")
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class OptimSettings(_Section):
+    optimizer: str = Field("torch-adamw", min_length=1,
+                           description="SimpleTuner optimizer name (e.g. torch-adamw, adamw_bf16, prodigy).")
+    learning_rate: float = Field(1e-4, gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial", "sine"] = Field("constant", description="Learning-rate schedule.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps before the peak learning rate.")
+    train_batch_size: int = Field(1, ge=1, le=256, description="Images per step per GPU.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Steps accumulated per update.")
+    max_train_steps: int | None = Field(1000, ge=0, description="Total optimizer steps; empty or 0 means train by epochs.")
+    num_train_epochs: int = Field(0, ge=0, description="Epochs; must be 0 when max_train_steps is set.")
+    grad_clip_method: Literal["norm", "value"] = Field(
+        "norm", description="Gradient clipping: norm is cheap; value scans every module each step.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clipping threshold (0 disables clipping).")
+    seed: int | None = Field(42, ge=0, description="Training seed, for reproducible runs.")
+
+
+class PrecisionSettings(_Section):
+    mixed_precision: Literal["bf16", "fp16", "no"] = Field(
+        "bf16", description="Compute precision; bf16 on modern GPUs, no for CPU runs.")
+    base_model_precision: str = Field(
+        "no_change", description="Quantise the frozen base (e.g. int8-quanto, int8-torchao) to save memory.")
+    gradient_checkpointing: StrictBool = Field(
+        False, description="Recompute activations in backward: ~half the memory, ~2x slower steps.")
+
+
+class TimestepSettings(_Section):
+    schedule_shift: float = Field(3.0, gt=0, le=100,
+                                  description="Flow-matching timestep shift (SD3 Medium uses 3).")
+    sampling: Literal["logit_normal", "uniform"] = Field(
+        "logit_normal", description="How training timesteps are drawn.")
+
+
+class DataSettings(_Section):
+    resolution: int = Field(1024, ge=64, le=4096, description="Training resolution in pixels (shorter side).")
+    resolution_type: Literal["pixel", "area", "pixel_area"] = Field(
+        "pixel_area", description="How resolution is read: pixel edge, megapixel area, or pixel converted to area.")
+    minimum_image_size: int | None = Field(
+        None, ge=0, description="Images smaller than this (same unit as resolution) are skipped.")
+    caption_dropout_probability: float = Field(
+        0.05, ge=0.0, le=1.0, description="Share of steps trained with an empty caption (helps CFG).")
+
+
+class CheckpointSettings(_Section):
+    step_interval: int = Field(250, ge=1, description="Save a checkpoint every N steps.")
+    total_limit: int | None = Field(5, ge=1, description="Keep at most N checkpoints.")
+
+
+_RESOLUTION = re.compile(r"^\d+(x\d+)?$")
+
+
+class ValidationSettings(_Section):
+    enabled: StrictBool = Field(True, description="Sample validation images during training.")
+    prompt: str | None = Field(None, description="Prompt for validation images.")
+    negative_prompt: str | None = Field("blurry, cropped, ugly",
+                                        description="Negative prompt for validation images (SimpleTuner's default).")
+    step_interval: int = Field(250, ge=1, description="Sample validation images every N steps.")
+    resolution: str = Field("1024x1024", description="Validation size as WIDTHxHEIGHT (a bare number is a square).")
+    guidance: float = Field(5.0, ge=0, le=50, description="Classifier-free guidance for validation.")
+    num_inference_steps: int = Field(28, ge=1, le=500, description="Sampling steps for validation.")
+    seed: int | None = Field(42, ge=0, description="Seed for validation images.")
+    disable_benchmark: StrictBool = Field(
+        True, description="Skip SimpleTuner's base-model benchmark before step 1 (saves minutes).")
+
+    @field_validator("resolution")
+    @classmethod
+    def _wxh(cls, v: str) -> str:
+        if not _RESOLUTION.match(v):
+            raise ValueError("must be WIDTHxHEIGHT, e.g. 1024x1024")
+        return v
+
+
+class TrackingSettings(_Section):
+    report_to: Literal["none", "wandb", "tensorboard"] = Field("none", description="Experiment tracker.")
+    project_name: str = Field("sd3tune", description="Tracker project name.")
+    run_name: str | None = Field("sd3tune", description="Tracker run name.")
+
+
+class PathSettings(_Section):
+    output_dir: str = Field(..., description="Where SimpleTuner writes the LoRA, checkpoints and model card.")
+    data_backend_config: str = Field(..., description="The multidatabackend.json describing the datasets.")
+
+
+class RunConfig(_Section):
+    """Everything sd3tune writes to SimpleTuner's config for one SD3 LoRA run."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    precision: PrecisionSettings = Field(default_factory=PrecisionSettings)
+    timesteps: TimestepSettings = Field(default_factory=TimestepSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    paths: PathSettings
+    extra: dict[str, Annotated[Scalar, Field()]] = Field(
+        default_factory=dict,
+        description="Other SimpleTuner options by name (checked against the pinned SimpleTuner's catalog).")

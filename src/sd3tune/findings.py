@@ -1,0 +1,34 @@
+"""Findings: one problem (or warning) in a run, with where it is and how to fix it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: Literal["error", "warning"]
+    file: str  # "config.env", "multidatabackend.json", a data file, or "flags"
+    key: str  # the key, line or item at fault
+    message: str
+    hint: str = ""
+
+    def render(self) -> str:
+        where = f"{self.file}:{self.key}" if self.key else self.file
+        return f"{where}: {self.message}" + (f" — {self.hint}" if self.hint else "")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def error(file: str, key: str, message: str, hint: str = "") -> Finding:
+    return Finding("error", file, key, message, hint)
+
+
+def warning(file: str, key: str, message: str, hint: str = "") -> Finding:
+    return Finding("warning", file, key, message, hint)
+
+
+def errors_in(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.severity == "error"]

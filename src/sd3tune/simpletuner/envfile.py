@@ -1,0 +1,109 @@
+"""SimpleTuner's ``config.env`` format: a writer whose output bash and SimpleTuner read identically, and a parser
+that mirrors ``simpletuner.helpers.configuration.env_file.parse_env_file`` line for line (tests compare the two).
+
+What SimpleTuner 4.10.1 does with a line (the traps the writer avoids):
+- ``#`` starts a comment only at the beginning of a line; ``export`` is skipped; one pair of matching outer quotes
+  is removed, nothing is unescaped; the value is split on whitespace and rejoined with one space.
+- any line containing ``+=`` anywhere (even inside a quoted value) is an *append* line split at the first ``+=``.
+- an empty value is dropped, and so is ``KEY=false`` for a mapped key (only ``true`` emits a flag).
+
+So a value is written in single quotes (bash expands nothing inside them). A value containing a single quote is
+written in double quotes when nothing in it is special to bash inside double quotes; anything else, and values
+that cannot survive the whitespace rejoin (newlines, tabs, repeated or edge spaces) or contain ``+=``, is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sd3tune.errors import UnsafeValueError
+
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DOUBLE_QUOTE_SPECIAL = set('$`\\"!')
+
+
+def quote_value(key: str, value: str) -> str:
+    """Return ``value`` quoted for a config.env line, or raise :class:`UnsafeValueError`."""
+    problem = None
+    if value == "":
+        problem = "is empty (SimpleTuner drops empty values)"
+    elif any(ch in value for ch in "\n\r\t\v\f\0"):
+        problem = "contains a newline, tab or control character"
+    elif value != value.strip() or "  " in value:
+        problem = "has leading, trailing or repeated spaces (SimpleTuner collapses them)"
+    elif "+=" in value:
+        problem = "contains '+=' (SimpleTuner reads any such line as an append)"
+    if problem is None:
+        if "'" not in value:
+            return f"'{value}'"
+        if not (_DOUBLE_QUOTE_SPECIAL & set(value)):
+            return f'"{value}"'
+        problem = "mixes a single quote with one of $ ` \\ \" ! (no quoting keeps it literal for both bash and SimpleTuner)"
+    raise UnsafeValueError(
+        f"config.env: {key} value {value!r} {problem}",
+        hint="rephrase the value, or write the run as JSON with --format json",
+    )
+
+
+def format_line(key: str, value: str) -> str:
+    if not _KEY_RE.match(key):
+        raise UnsafeValueError(f"config.env: {key!r} is not a valid variable name")
+    return f"{key}={quote_value(key, value)}"
+
+
+@dataclass(frozen=True)
+class EnvLine:
+    key: str
+    value: str  # after SimpleTuner's unquoting and whitespace rejoin
+    line: int
+    append: bool = False
+
+
+@dataclass(frozen=True)
+class MalformedLine:
+    line: int
+    text: str
+
+
+def parse_env_text(text: str) -> tuple[list[EnvLine], list[MalformedLine]]:
+    """Parse config.env text exactly as SimpleTuner's ``parse_env_file`` does, keeping line numbers.
+
+    Returns every assignment in order (later ones win, ``append`` ones extend) and the lines SimpleTuner skips.
+    """
+    entries: list[EnvLine] = []
+    malformed: list[MalformedLine] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("#") or line == "":
+            continue
+        if line.startswith("export "):
+            line = line[7:]
+        if "+=" in line:
+            key, value = line.split("+=", 1)
+            words = value.strip('"').strip("'").strip().split()
+            entries.append(EnvLine(key.strip(), " ".join(words), number, append=True))
+        elif "=" in line:
+            key, value = line.split("=", 1)
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            elif value in ('"', "'"):
+                # SimpleTuner's startswith/endswith test treats a lone quote as an empty quoted value
+                value = ""
+            entries.append(EnvLine(key.strip(), " ".join(value.split()), number))
+        else:
+            malformed.append(MalformedLine(number, line))
+    return entries, malformed
+
+
+def resolve(entries: list[EnvLine]) -> dict[str, tuple[str, int]]:
+    """Fold parsed lines into ``KEY -> (value, line)`` as SimpleTuner does (appends extend, empty values vanish)."""
+    merged: dict[str, tuple[list[str], int]] = {}
+    for e in entries:
+        words = e.value.split()
+        if e.append and e.key in merged:
+            merged[e.key] = (merged[e.key][0] + words, e.line)
+        else:
+            merged[e.key] = (words, e.line)
+    return {k: (" ".join(words), line) for k, (words, line) in merged.items() if words}

@@ -1,0 +1,384 @@
+"""Writers and readers of a run's SimpleTuner files: ``config/config.env`` or ``config/config.json`` plus
+``config/multidatabackend.json``. Readers report every problem as a Finding and never raise for user mistakes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from sd3tune import __version__
+from sd3tune.config.dataset import BACKENDS, ImageBackend, TextEmbedsBackend, dump_backends
+from sd3tune.config.models import RunConfig
+from sd3tune.errors import UnsafeValueError
+from sd3tune.findings import Finding, error, warning
+from sd3tune.simpletuner import envfile, keys
+from sd3tune.simpletuner.catalog import Catalog, load_catalog
+
+Format = Literal["env", "json"]
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run's files live. SimpleTuner runs with ``root`` as its working directory."""
+
+    root: Path
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / keys.CONFIG_DIR
+
+    @property
+    def env(self) -> Path:
+        return self.config_dir / keys.ENV_FILE
+
+    @property
+    def json(self) -> Path:
+        return self.config_dir / keys.JSON_FILE
+
+    @property
+    def toml(self) -> Path:
+        return self.config_dir / keys.TOML_FILE
+
+    @property
+    def backends(self) -> Path:
+        return self.config_dir / keys.BACKENDS_FILE
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def config_file(self, fmt: Format) -> Path:
+        return self.env if fmt == "env" else self.json
+
+
+# ----------------------------------------------------------------------------------------------- writers
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _descriptions() -> dict[str, str]:
+    out = {}
+    for key in keys.KEYS:
+        section, name = key.path.split(".")
+        section_model = RunConfig.model_fields[section].annotation
+        out[key.option] = section_model.model_fields[name].description or ""
+    return out
+
+
+def render_env(cfg: RunConfig, catalog: Catalog | None = None) -> str:
+    """config.env text for ``cfg``: one commented line per setting, the rest in TRAINER_EXTRA_ARGS.
+
+    Options with a config.env key are written as ``KEY='value'``; ``false`` values and options without a key go
+    to TRAINER_EXTRA_ARGS as ``--option=value`` (SimpleTuner drops ``KEY=false`` lines).
+    """
+    catalog = catalog or load_catalog()
+    env_key = catalog.env_key_for()
+    notes = _descriptions()
+    lines = [f"# SimpleTuner {catalog.simpletuner_version} config written by sd3tune {__version__}.",
+             "# Check it with `sd3tune check RUN_DIR`; train with `sd3tune train RUN_DIR`.", ""]
+    extra: list[str] = []
+    for option, value in keys.to_simpletuner_args(cfg).items():
+        key = env_key.get(option)
+        if key is None or value is False or (isinstance(value, str) and value.lower() == "false"):
+            text = _text(value)
+            if not text or any(ch.isspace() or ch in "'\"\\$`" for ch in text):
+                raise UnsafeValueError(
+                    f"config.env: --{option} value {text!r} must go in TRAINER_EXTRA_ARGS, which SimpleTuner splits on "
+                    "spaces and which cannot hold quotes", hint="use a value without spaces or quotes, or --format json")
+            extra.append(f"--{option}={text}")
+            continue
+        if notes.get(option):
+            lines.append(f"# {notes[option]}")
+        lines.append(envfile.format_line(key, _text(value)))
+    lines.append("# Options without a config.env key, and every false flag (SimpleTuner drops KEY=false lines).")
+    lines.append(envfile.format_line(keys.EXTRA_ARGS_KEY, " ".join(extra)))
+    return "\n".join(lines) + "\n"
+
+
+def render_json(cfg: RunConfig) -> str:
+    return json.dumps(keys.to_simpletuner_args(cfg), indent=2) + "\n"
+
+
+def render_backends(backends: list[ImageBackend | TextEmbedsBackend]) -> str:
+    return json.dumps(dump_backends(backends), indent=2) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+
+@dataclass
+class LoadedRun:
+    """A run as read from disk: the typed models (None when invalid) and every finding on the way."""
+
+    paths: RunPaths
+    format: Format | None = None
+    config: RunConfig | None = None
+    backends: list[ImageBackend | TextEmbedsBackend] | None = None
+    args: dict[str, Any] = field(default_factory=dict)  # SimpleTuner options as the files set them
+    sources: dict[str, str] = field(default_factory=dict)  # option -> "KEY" / "TRAINER_EXTRA_ARGS --opt" / json key
+    findings: list[Finding] = field(default_factory=list)
+
+
+def _coerce_bool_options(args: dict[str, Any], catalog: Catalog) -> None:
+    for option, value in list(args.items()):
+        opt = catalog.option(option)
+        if opt is not None and opt.kind == "bool" and isinstance(value, str):
+            parsed = keys.parse_bool_word(value)
+            if parsed is not None:
+                args[option] = parsed
+
+
+def _read_env(run: LoadedRun, catalog: Catalog) -> None:
+    name = keys.ENV_FILE
+    try:
+        text = run.paths.env.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        run.findings.append(error(name, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})",
+                                  "save the file as UTF-8"))
+        return
+    entries, malformed = envfile.parse_env_text(text)
+    for bad in malformed:
+        run.findings.append(error(name, f"line {bad.line}", f"not a KEY=VALUE line, SimpleTuner skips it: {bad.text!r}",
+                                  "write KEY='value' or start the line with #"))
+    for entry in entries:
+        if entry.append and entry.key != keys.EXTRA_ARGS_KEY:
+            run.findings.append(error(name, f"line {entry.line}",
+                                      f"'+=' makes SimpleTuner treat this line as an append to {entry.key!r}",
+                                      "values must not contain '+='; use KEY='value'"))
+    for key, (value, line) in envfile.resolve(entries).items():
+        where = f"{key} (line {line})"
+        if key == keys.EXTRA_ARGS_KEY:
+            _read_extra_args(run, catalog, value, where)
+            continue
+        option = catalog.env_keys.get(key)
+        if option is None:
+            close = catalog.closest_env_key(key)
+            run.findings.append(error(name, where, "unknown key; SimpleTuner silently ignores it",
+                                      f"did you mean {close}?" if close else
+                                      f"put SimpleTuner options in {keys.EXTRA_ARGS_KEY} as --option=value"))
+            continue
+        opt = catalog.option(option)
+        lowered = value.lower()
+        if lowered == "false":
+            if opt is not None and opt.default is True:
+                run.findings.append(error(name, where, f"SimpleTuner drops '{key}=false', so --{option} stays ON",
+                                          f"remove the line and add --{option}=false to {keys.EXTRA_ARGS_KEY}"))
+            else:
+                run.findings.append(warning(name, where, f"SimpleTuner drops '{key}=false' (off is already the default)",
+                                            "remove the line"))
+            continue
+        if lowered == "true" and opt is not None and opt.kind != "bool":
+            run.findings.append(error(name, where, f"--{option} takes a value, but 'true' makes SimpleTuner pass it "
+                                                   "without one", f"set {key} to a {opt.kind} value"))
+            continue
+        _set_arg(run, option, value, where)
+
+
+def _read_extra_args(run: LoadedRun, catalog: Catalog, value: str, where: str) -> None:
+    for word in value.split():
+        if not word.startswith("--"):
+            run.findings.append(error(keys.ENV_FILE, where, f"{word!r} is not an --option",
+                                      "write each option as --option=value"))
+            continue
+        option, sep, raw = word[2:].partition("=")
+        opt = catalog.option(option)
+        if opt is None:
+            close = catalog.closest_option(option)
+            run.findings.append(error(keys.ENV_FILE, where, f"unknown SimpleTuner option --{option}",
+                                      f"did you mean --{close}?" if close else "see `simpletuner train --help`"))
+            continue
+        if not sep:
+            if opt.kind != "bool":
+                run.findings.append(error(keys.ENV_FILE, where, f"--{option} needs a value", f"write --{option}=VALUE"))
+                continue
+            raw = "true"
+        _set_arg(run, opt.name, raw, f"{where} --{option}")
+
+
+def _set_arg(run: LoadedRun, option: str, value: Any, source: str) -> None:
+    if option in run.args:
+        run.findings.append(warning(run.paths_name(), source,
+                                    f"--{option} is also set by {run.sources[option]}; this later value wins",
+                                    "keep one of them"))
+    run.args[option] = value
+    run.sources[option] = source
+
+
+def _paths_name(self: LoadedRun) -> str:
+    return keys.ENV_FILE if self.format == "env" else keys.JSON_FILE
+
+
+LoadedRun.paths_name = _paths_name  # type: ignore[attr-defined]
+
+
+def _read_json_config(run: LoadedRun, catalog: Catalog) -> None:
+    name = keys.JSON_FILE
+    data = _load_json(run, run.paths.json, name)
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        run.findings.append(error(name, "", "must be a JSON object of option: value", "see `sd3tune init --format json`"))
+        return
+    for raw_key, value in data.items():
+        option = raw_key.lstrip("-")
+        opt = catalog.option(option)
+        if opt is None:
+            close = catalog.closest_option(option)
+            run.findings.append(error(name, raw_key, "unknown SimpleTuner option; SimpleTuner ignores it silently",
+                                      f"did you mean {close}?" if close else "remove it"))
+            continue
+        if isinstance(value, str) and opt.kind == "bool" and keys.parse_bool_word(value) is not None:
+            run.findings.append(error(name, raw_key, f"the string {value!r} is not a boolean for SimpleTuner "
+                                                     "('false' strings are dropped or read as true)",
+                                      f"write {raw_key}: {value.strip().lower() in keys.TRUE_WORDS and 'true' or 'false'}"
+                                      " without quotes"))
+            continue
+        if value is None:
+            continue
+        _set_arg(run, opt.name, value, raw_key)
+
+
+def _load_json(run: LoadedRun, path: Path, name: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        run.findings.append(error(name, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}",
+                                  "fix the syntax (a trailing comma or a missing quote is typical)"))
+    except UnicodeDecodeError:
+        run.findings.append(error(name, "", "not UTF-8 text", "save the file as UTF-8"))
+    return None
+
+
+def _source_key(run: LoadedRun, option: str | None, loc: tuple) -> str:
+    if option and option in run.sources:
+        return run.sources[option]
+    if option:
+        key = load_catalog().env_key_for().get(option) if run.format == "env" else None
+        return key or option
+    return ".".join(str(p) for p in loc)
+
+
+def _validate_config(run: LoadedRun, catalog: Catalog) -> None:
+    args = dict(run.args)
+    # What SimpleTuner does with an option the file leaves out is SimpleTuner's default, not sd3tune's.
+    for key in keys.KEYS:
+        if key.option not in args:
+            opt = catalog.option(key.option)
+            args[key.option] = opt.default if opt is not None else None
+    nested = keys.from_simpletuner_args(args)
+    for section, values in nested.items():
+        if isinstance(values, dict) and section != "extra":
+            nested[section] = {k: v for k, v in values.items() if v is not None or _nullable(section, k)}
+    try:
+        run.config = RunConfig.model_validate(nested)
+    except ValidationError as exc:
+        for err in exc.errors():
+            option = keys.option_for_path(err["loc"])
+            where = _source_key(run, option, err["loc"])
+            if err["type"] == "missing":
+                run.findings.append(error(run.paths_name(), where, "is required but not set",
+                                          f"set it (sd3tune init writes it)"))
+                continue
+            given = err.get("input")
+            run.findings.append(error(run.paths_name(), where, f"{given!r}: {err['msg']}", _choice_hint(err)))
+
+
+def _nullable(section: str, name: str) -> bool:
+    model = RunConfig.model_fields[section].annotation
+    field_info = model.model_fields.get(name)
+    return field_info is not None and not field_info.is_required() and "None" in str(field_info.annotation)
+
+
+def _choice_hint(err: dict) -> str:
+    expected = (err.get("ctx") or {}).get("expected")
+    return f"use one of {expected}" if expected else ""
+
+
+def _read_backends(run: LoadedRun) -> None:
+    name = keys.BACKENDS_FILE
+    if not run.paths.backends.is_file():
+        run.findings.append(error(name, "", f"{run.paths.backends} is missing", "run `sd3tune init` to write it"))
+        return
+    data = _load_json(run, run.paths.backends, name)
+    if data is None:
+        return
+    if not isinstance(data, list):
+        run.findings.append(error(name, "", "must be a JSON list of datasets", "see `sd3tune init`"))
+        return
+    try:
+        run.backends = BACKENDS.validate_python(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = list(err["loc"])
+            index = loc[0] if loc else "?"
+            ident = data[index].get("id", f"#{index}") if isinstance(index, int) and isinstance(data[index], dict) else index
+            path = [str(p) for p in loc[2:]] if len(loc) > 1 else []
+            where = f"{ident}" + (f".{'.'.join(path)}" if path else "")
+            if err["type"] == "extra_forbidden":
+                from difflib import get_close_matches
+
+                model = TextEmbedsBackend if loc[1:2] == ["text_embeds"] else ImageBackend
+                close = get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.6)
+                run.findings.append(error(name, where, "unknown key; SimpleTuner silently ignores it",
+                                          f"did you mean {close[0]}?" if close else "remove it"))
+            elif err["type"] == "bool_type" and isinstance(err.get("input"), str):
+                run.findings.append(error(name, where, f"the string {err['input']!r} is not a boolean; SimpleTuner "
+                                                       "treats any non-empty string as true", "write true or false "
+                                                                                              "without quotes"))
+            elif err["type"] == "missing":
+                run.findings.append(error(name, where, "is required", "see `sd3tune init` for a complete entry"))
+            else:
+                run.findings.append(error(name, where, f"{err.get('input')!r}: {err['msg']}", _choice_hint(err)))
+
+
+def read_run(run_dir: str | Path, catalog: Catalog | None = None) -> LoadedRun:
+    """Read a run folder into typed models. Problems become findings; nothing raises for a user mistake."""
+    catalog = catalog or load_catalog()
+    run = LoadedRun(paths=RunPaths(Path(run_dir)))
+    paths = run.paths
+    present = [p for p in (paths.json, paths.toml, paths.env) if p.is_file()]
+    if not paths.root.is_dir():
+        run.findings.append(error(str(paths.root), "", "run folder does not exist",
+                                  "create one with `sd3tune init RUN_DIR --data DATA_DIR`"))
+        return run
+    if not present:
+        run.findings.append(error(str(paths.config_dir), "", "no config.env or config.json",
+                                  "create them with `sd3tune init RUN_DIR --data DATA_DIR`"))
+        return run
+    if len(present) > 1:
+        names = " and ".join(p.name for p in present)
+        run.findings.append(error(keys.CONFIG_DIR, present[0].name,
+                                  f"{names} both exist; SimpleTuner silently reads only {present[0].name} "
+                                  "(json > toml > env)", "delete the one you do not use"))
+    if paths.toml in present and len(present) == 1:
+        run.findings.append(error(keys.TOML_FILE, "", "sd3tune reads config.env or config.json, not TOML",
+                                  "convert it, or re-create the run with `sd3tune init`"))
+        return run
+    run.format = "json" if paths.json in present else "env"
+    if run.format == "env":
+        _read_env(run, catalog)
+    else:
+        _read_json_config(run, catalog)
+    _coerce_bool_options(run.args, catalog)
+    _validate_config(run, catalog)
+    _read_backends(run)
+    return run

@@ -1,0 +1,195 @@
+"""How SimpleTuner is launched: ``accelerate launch <simpletuner>/train.py`` as data (argv + env + cwd), built by a
+pure function, and a runner that streams its output into a log and a progress callback.
+
+SimpleTuner reads ``config/config.env`` relative to its working directory and also reads every mapped key
+(``MODEL_NAME``, ``OUTPUT_DIR``, ``ENV``...) from the process environment, so the child gets a scrubbed
+environment: an allow-list of system and credential variables, never a SimpleTuner key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+from sd3tune.errors import Sd3tuneError
+from sd3tune.simpletuner import keys
+from sd3tune.simpletuner.catalog import load_catalog
+from sd3tune.simpletuner.compat import SITE_DIR
+
+# Variables the child may inherit: system basics, GPU/NCCL plumbing, Hub and W&B credentials and caches.
+PASSTHROUGH = {
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TERM", "TZ", "TMPDIR", "COLUMNS",
+    "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES",
+    "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF",
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER",
+    "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "XDG_CACHE_HOME",
+    "WANDB_API_KEY", "WANDB_MODE", "WANDB_ENTITY", "WANDB_DIR", "WANDB_BASE_URL",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+    "http_proxy", "https_proxy", "no_proxy", "VIRTUAL_ENV",
+}
+PASSTHROUGH_PREFIXES = ("LC_", "NCCL_", "MASTER_", "ACCELERATE_LOG")
+
+
+def train_script() -> Path:
+    """SimpleTuner's ``train.py`` (its ``simpletuner-train`` console script is broken in 4.10.1)."""
+    spec = importlib.util.find_spec("simpletuner")
+    if spec is None or spec.origin is None:
+        raise Sd3tuneError("SimpleTuner is not installed in this environment", hint="run `uv sync` in the sd3tune folder")
+    return Path(spec.origin).parent / "train.py"
+
+
+def child_environment(environ: Mapping[str, str], config_format: str) -> dict[str, str]:
+    """The training process's environment: the allow-list from ``environ``, minus any SimpleTuner key."""
+    forbidden = set(load_catalog().env_keys) | {keys.EXTRA_ARGS_KEY, "ENV", "SIMPLETUNER_ENV",
+                                                  "SIMPLETUNER_ENVIRONMENT", "CONFIG_PATH", "CONFIG_TYPE",
+                                                  "SIMPLETUNER_CONFIG_BACKEND"}
+    env = {k: v for k, v in environ.items()
+           if (k in PASSTHROUGH or k.startswith(PASSTHROUGH_PREFIXES)) and k not in forbidden}
+    env.setdefault("PATH", os.defpath)
+    env[keys.CONFIG_BACKEND_VAR] = config_format
+    env["PYTHONPATH"] = str(SITE_DIR)  # compat fixes, applied in this process only
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+
+    def shell(self) -> str:
+        """A copy-pasteable shell line that runs exactly this launch."""
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        return f"cd {shlex.quote(str(self.cwd))} && env -i {env} {shlex.join(self.argv)}"
+
+
+def build_launch(run_dir: Path, config_format: str, mixed_precision: str, gpus: int = 1,
+                 accelerate_config: Path | None = None, extra_accelerate_args: Iterable[str] = (),
+                 environ: Mapping[str, str] | None = None, python: str | None = None) -> LaunchPlan:
+    """The exact ``accelerate launch`` command for a run (pure: reads nothing but its arguments)."""
+    if gpus < 1:
+        raise Sd3tuneError(f"--gpus {gpus} must be at least 1", hint="use --gpus 1 for one GPU")
+    argv = [python or sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config is not None:
+        argv += ["--config_file", str(accelerate_config)]
+        if gpus > 1:
+            argv += [f"--num_processes={gpus}"]
+    else:
+        argv += [f"--num_processes={gpus}", "--num_machines=1", f"--mixed_precision={mixed_precision}",
+                 "--dynamo_backend=no"]
+        if gpus > 1:
+            argv += ["--multi_gpu"]
+    argv += list(extra_accelerate_args)
+    argv.append(str(train_script()))
+    return LaunchPlan(argv, child_environment(os.environ if environ is None else environ, config_format),
+                      Path(run_dir).resolve())
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_STEP = re.compile(r"Steps:\s*\d+%\|[^|]*\|\s*(\d+)/(\d+)\s*\[([^<\]]*)<([^,\]]*)(?:,\s*([\d.]+)\s*(s/it|it/s))?"
+                   r"(?:[^\]]*?lr=([\d.e+-]+))?(?:[^\]]*?step_loss=([\d.e+-]+|nan))?")
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    elapsed: str
+    eta: str
+    seconds_per_step: float | None
+    loss: float | None
+    lr: float | None
+
+
+def parse_progress(line: str) -> Progress | None:
+    """Read SimpleTuner's tqdm line ``Epoch 1/1, Steps: 25%|..| 1/4 [00:09<00:29, 9.82s/it, lr=.., step_loss=..]``."""
+    m = _STEP.search(_ANSI.sub("", line))
+    if not m:
+        return None
+    rate = float(m.group(5)) if m.group(5) else None
+    if rate is not None and m.group(6) == "it/s":
+        rate = 1.0 / rate if rate else None
+    return Progress(int(m.group(1)), int(m.group(2)), m.group(3).strip(), m.group(4).strip(), rate,
+                    float(m.group(8)) if m.group(8) else None, float(m.group(7)) if m.group(7) else None)
+
+
+def clean_line(line: str) -> str:
+    return _ANSI.sub("", line).strip()
+
+
+@dataclass
+class RunOutcome:
+    returncode: int
+    interrupted: bool
+    last_progress: Progress | None
+    tail: list[str] = field(default_factory=list)
+
+
+def run_plan(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress], None] | None = None,
+             on_line: Callable[[str], None] | None = None, tail_lines: int = 25) -> RunOutcome:
+    """Run the plan; all output goes to ``log_path``; progress lines are parsed and reported.
+
+    Ctrl-C sends SIGINT to the training process group, waits for it to stop, and reports ``interrupted``.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    last: Progress | None = None
+    tail: list[str] = []
+    interrupted = False
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env=plan.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        assert proc.stdout is not None
+        buffer = b""
+        try:
+            while True:
+                chunk = proc.stdout.read1(65536)  # type: ignore[attr-defined]
+                if not chunk:
+                    break
+                log.write(chunk)
+                log.flush()
+                buffer += chunk
+                *pieces, buffer = re.split(rb"[\r\n]", buffer)
+                for piece in pieces:
+                    text = piece.decode("utf-8", "replace")
+                    progress = parse_progress(text)
+                    if progress is not None:
+                        if last is None or (progress.step, progress.loss) != (last.step, last.loss):
+                            last = progress
+                            if on_progress:
+                                on_progress(progress)
+                        continue
+                    cleaned = clean_line(text)
+                    if cleaned:
+                        tail = (tail + [cleaned])[-tail_lines:]
+                        if on_line:
+                            on_line(cleaned)
+            proc.wait()
+        except KeyboardInterrupt:
+            interrupted = True
+            _stop(proc)
+    return RunOutcome(proc.returncode if not interrupted else 130, interrupted, last, tail)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

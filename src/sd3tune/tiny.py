@@ -104,6 +104,9 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+    from sd3tune.inference import quiet_libraries
+
+    quiet_libraries()
     out = Path(out_dir)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as td:

@@ -156,7 +156,7 @@ class ProgressPrinter:
                 self.stream.write("\n")
         else:
             pct = 100 * p.step // max(1, p.total)
-            if pct // 5 == self.last_pct // 5 and p.step < p.total:
+            if pct // 5 == self.last_pct // 5:
                 return
             self.last_pct = pct
             self.stream.write(line + "\n")

@@ -1,0 +1,165 @@
+"""`sd3tune generate`: SD3 (+ LoRA) samples through diffusers, with train/inference parity and PNG provenance."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from sd3tune.config.models import SD3M
+from sd3tune.errors import Sd3tuneError
+from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, LoraSource, SamplerSettings, chunks, free_name,
+                               load_pipeline, png_metadata, provenance, resolve_lora, run_images, slug)
+from sd3tune.fsutil import atomic_write_bytes
+from sd3tune.simpletuner import keys
+
+
+@dataclass
+class GenerateOptions:
+    prompts: list[str] = field(default_factory=list)
+    prompts_file: Path | None = None
+    model: str | None = None
+    lora: Path | None = None
+    scale: float = 1.0
+    seed: int = 0
+    num_images: int = 1
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    negative: str | None = None
+    out: Path = Path("samples")
+    device: str = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    max_sequence_length: int | None = None
+    shift: float | None = None
+    drop_t5: bool = False
+    offload: Literal["none", "model", "sequential"] = "none"
+    batch_size: int = 4
+
+
+@dataclass
+class GeneratedImage:
+    path: Path
+    prompt: str
+    seed: int
+
+
+@dataclass
+class GenerateResult:
+    images: list[GeneratedImage]
+    notes: list[str]
+    load_seconds: float
+    seconds: float
+
+
+def read_prompts(opts: GenerateOptions) -> list[str]:
+    prompts = list(opts.prompts)
+    if opts.prompts_file is not None:
+        if not opts.prompts_file.is_file():
+            raise Sd3tuneError(f"prompts file {opts.prompts_file} does not exist", hint="one prompt per line")
+        prompts += [line.strip() for line in opts.prompts_file.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise Sd3tuneError("no prompt given", hint="pass --prompt TEXT or --prompts-file FILE")
+    return prompts
+
+
+def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[str, SamplerSettings, list[str]]:
+    """Merge flags with the run's training settings; say when a flag overrides the run."""
+    notes: list[str] = []
+    cfg = lora.config if lora else None
+    model = opts.model or (lora.base_model if lora else None) or SD3M
+    if opts.model and lora and lora.base_model and opts.model != lora.base_model:
+        notes.append(f"--model {opts.model} overrides the run's base model {lora.base_model}")
+    s = SamplerSettings()
+    run_len = None
+    if lora is not None and "sd3tune.t5_max_length" in lora.metadata:
+        run_len = int(lora.metadata["sd3tune.t5_max_length"])
+    elif cfg is not None:
+        run_len = keys.SD3_T5_MAX_LENGTH  # SimpleTuner caps SD3's T5 at 154 tokens in training
+    if opts.max_sequence_length is not None:
+        s.max_sequence_length = opts.max_sequence_length
+        if run_len and opts.max_sequence_length != run_len:
+            notes.append(f"--max-sequence-length {opts.max_sequence_length} overrides the T5 length {run_len} the "
+                         "LoRA was trained with")
+    elif run_len:
+        s.max_sequence_length = run_len
+        notes.append(f"T5 length {run_len} (as SimpleTuner trained the LoRA)")
+    else:
+        s.max_sequence_length = DIFFUSERS_T5_DEFAULT
+    run_shift = cfg.timesteps.schedule_shift if cfg else (
+        float(lora.metadata["sd3tune.flow_schedule_shift"]) if lora and "sd3tune.flow_schedule_shift" in lora.metadata
+        else None)
+    if opts.shift is not None:
+        s.shift = opts.shift
+        if run_shift is not None and run_shift != opts.shift:
+            notes.append(f"--shift {opts.shift} overrides the run's schedule shift {run_shift}")
+    else:
+        s.shift = run_shift
+    if lora and abs(lora.alpha_over_rank - 1.0) > 1e-9:
+        notes.append(f"LoRA scale multiplied by alpha/rank = {lora.alpha_over_rank:g} from training")
+    side = cfg.data.resolution if cfg and cfg.data.resolution_type != "area" else 1024
+    s.width = opts.width or side
+    s.height = opts.height or side
+    for name, v in (("width", s.width), ("height", s.height)):
+        if v < 64 or v % SIZE_MULTIPLE:
+            raise Sd3tuneError(f"--{name} {v} must be a multiple of {SIZE_MULTIPLE} and at least 64",
+                               hint="e.g. 1024, 1152 or 768")
+    if opts.steps is not None:
+        if opts.steps < 1:
+            raise Sd3tuneError(f"--steps {opts.steps} must be at least 1")
+        s.steps = opts.steps
+    if opts.guidance is not None:
+        if opts.guidance < 0:
+            raise Sd3tuneError(f"--guidance {opts.guidance} must not be negative")
+        s.guidance = opts.guidance
+    s.negative = opts.negative
+    return model, s, notes
+
+
+def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], None] | None = None,
+                 progress: bool = True) -> GenerateResult:
+    prompts = read_prompts(opts)
+    if opts.num_images < 1:
+        raise Sd3tuneError(f"--num-images {opts.num_images} must be at least 1")
+    if opts.scale < 0:
+        raise Sd3tuneError(f"--scale {opts.scale} must not be negative", hint="0 gives the base model")
+    lora = resolve_lora(opts.lora) if opts.lora is not None else None
+    model, settings, notes = resolve_settings(opts, lora)
+    if opts.drop_t5:
+        notes.append("T5 dropped (--drop-t5): lower memory, weaker prompt following")
+    t0 = time.perf_counter()
+    pipe = load_pipeline(model, device=opts.device, dtype=opts.dtype, lora=lora, drop_t5=opts.drop_t5,
+                         offload=opts.offload, shift=settings.shift)
+    weight = pipe.set_lora_scale(opts.scale)
+    load_seconds = time.perf_counter() - t0
+    opts.out.mkdir(parents=True, exist_ok=True)
+    seeds = [opts.seed + i for i in range(opts.num_images)]
+    total = len(prompts) * len(seeds)
+    images: list[GeneratedImage] = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="img", desc="generating", disable=not progress)
+    t1 = time.perf_counter()
+    for index, prompt in enumerate(prompts):
+        for batch in chunks(seeds, max(1, opts.batch_size)):
+            for seed, image in zip(batch, run_images(pipe, prompt, batch, settings)):
+                path = free_name(opts.out, f"{index:03d}-{slug(prompt)}-s{seed}")
+                _save_png(image, path, provenance(pipe, prompt, seed, settings, opts.scale, weight))
+                item = GeneratedImage(path, prompt, seed)
+                images.append(item)
+                bar.update(1)
+                if on_image:
+                    on_image(item)
+    bar.close()
+    return GenerateResult(images, notes, load_seconds, time.perf_counter() - t1)
+
+
+def _save_png(image, path: Path, fields: dict) -> None:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_metadata(fields))
+    atomic_write_bytes(path, buf.getvalue())

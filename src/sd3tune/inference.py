@@ -1,0 +1,295 @@
+"""SD3 (+ LoRA) inference through diffusers: finding a run's LoRA, train/inference parity, deterministic seeds,
+PNG provenance. Used by `sd3tune generate`, `quickstart` and `evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from sd3tune import __version__
+from sd3tune.config.models import SD3M, RunConfig
+from sd3tune.errors import Sd3tuneError
+from sd3tune.simpletuner import keys
+from sd3tune.simpletuner.files import read_run
+
+DIFFUSERS_T5_DEFAULT = 256  # StableDiffusion3Pipeline's max_sequence_length default
+SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2
+
+
+@dataclass
+class LoraSource:
+    """A LoRA file and, when it came from a run, the run's training settings."""
+
+    file: Path
+    run_dir: Path | None = None
+    config: RunConfig | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def alpha_over_rank(self) -> float:
+        if self.config is not None:
+            return self.config.lora.effective_alpha / self.config.lora.rank
+        if "sd3tune.lora_alpha" in self.metadata and "sd3tune.lora_rank" in self.metadata:
+            return float(self.metadata["sd3tune.lora_alpha"]) / float(self.metadata["sd3tune.lora_rank"])
+        return 1.0
+
+    @property
+    def base_model(self) -> str | None:
+        if self.config is not None:
+            return self.config.model.name_or_path
+        return self.metadata.get("sd3tune.base_model")
+
+
+def _find_run_root(path: Path) -> Path | None:
+    for candidate in [path, *path.parents][:5]:
+        if (candidate / keys.CONFIG_DIR / keys.ENV_FILE).is_file() or (candidate / keys.CONFIG_DIR / keys.JSON_FILE).is_file():
+            return candidate
+    return None
+
+
+def latest_lora_in(output_dir: Path) -> Path | None:
+    final = output_dir / keys.LORA_WEIGHT_NAME
+    if final.is_file():
+        return final
+    ckpts = sorted((p for p in output_dir.glob(f"{keys.CHECKPOINT_PREFIX}*") if (p / keys.LORA_WEIGHT_NAME).is_file()),
+                   key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
+    return ckpts[-1] / keys.LORA_WEIGHT_NAME if ckpts else None
+
+
+def read_safetensors_header(file: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """The safetensors header: (``__metadata__``, tensor name -> dtype/shape), reading only the header."""
+    import struct
+
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise Sd3tuneError(f"{file} is not a safetensors file", hint="pass a .safetensors LoRA")
+        (size,) = struct.unpack("<Q", head)
+        if size > 100_000_000:
+            raise Sd3tuneError(f"{file} is not a safetensors file", hint="pass a .safetensors LoRA")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise Sd3tuneError(f"{file} is not a safetensors file", hint="pass a .safetensors LoRA") from None
+    return dict(header.get("__metadata__") or {}), {k: v for k, v in header.items() if k != "__metadata__"}
+
+
+def resolve_lora(spec: Path) -> LoraSource:
+    """Accept a run folder, an output/checkpoint folder, or a .safetensors file."""
+    spec = spec.expanduser()
+    if not spec.exists():
+        raise Sd3tuneError(f"LoRA {spec} does not exist", hint="pass a run folder, a checkpoint folder or a .safetensors file")
+    if spec.is_dir():
+        run_root = _find_run_root(spec)
+        file = None
+        if run_root is not None and spec == run_root:
+            loaded = read_run(run_root)
+            out = Path(loaded.config.paths.output_dir) if loaded.config else run_root / "output"
+            file = latest_lora_in(out)
+        else:
+            file = latest_lora_in(spec)
+        if file is None:
+            raise Sd3tuneError(f"no {keys.LORA_WEIGHT_NAME} under {spec}",
+                               hint="train first (`sd3tune train RUN_DIR`), or pass the .safetensors file")
+    else:
+        file = spec
+    metadata, _ = read_safetensors_header(file)
+    run_root = _find_run_root(file.parent)
+    config = read_run(run_root).config if run_root is not None else None
+    return LoraSource(file=file.resolve(), run_dir=run_root, config=config, metadata=metadata)
+
+
+def check_lora_fits(source: LoraSource, transformer_config: dict[str, Any]) -> None:
+    """Refuse a LoRA whose keys or shapes do not belong to this SD3 transformer."""
+    _, tensors = read_safetensors_header(source.file)
+    names = list(tensors)
+    if not names or not all(n.startswith("transformer.") for n in names):
+        other = next((n for n in names if not n.startswith("transformer.")), "no tensors")
+        raise Sd3tuneError(f"{source.file} is not an SD3 transformer LoRA (found key {other!r})",
+                           hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
+    width = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    layers = transformer_config["num_layers"]
+    for name, info in tensors.items():
+        m = re.search(r"transformer_blocks\.(\d+)\.", name)
+        if m and int(m.group(1)) >= layers:
+            raise Sd3tuneError(f"{source.file} has block {m.group(1)} but this model has {layers} blocks",
+                               hint="the LoRA was trained for another model; pass the right --model")
+        if name.endswith("lora_A.weight") and ".attn.to_" in name and info["shape"][1] != width:
+            raise Sd3tuneError(f"{source.file} was trained for a transformer of width {info['shape'][1]}, this model's "
+                               f"is {width}", hint="the LoRA belongs to another model; pass the right --model")
+
+
+def quiet_libraries() -> None:
+    """Keep diffusers/transformers to errors and no loading bars: sd3tune prints its own progress."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device != "auto":
+        if device == "cuda" and not torch.cuda.is_available():
+            raise Sd3tuneError("--device cuda but no CUDA GPU is visible", hint="use --device auto or cpu")
+        if device == "mps" and not torch.backends.mps.is_available():
+            raise Sd3tuneError("--device mps but MPS is not available", hint="use --device auto or cpu")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if dtype != "auto":
+        return table[dtype]
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.float32
+
+
+@dataclass
+class SamplerSettings:
+    steps: int = 28
+    guidance: float = 7.0
+    width: int = 1024
+    height: int = 1024
+    negative: str | None = None
+    max_sequence_length: int = DIFFUSERS_T5_DEFAULT
+    shift: float | None = None
+
+
+@dataclass
+class Pipeline:
+    """A loaded StableDiffusion3Pipeline plus what generate needs to know about it."""
+
+    pipe: Any
+    model: str
+    device: str
+    dtype: Any
+    lora: LoraSource | None = None
+    adapter: str | None = None
+
+    def set_lora_scale(self, scale: float) -> float:
+        """Set the LoRA strength (alpha/rank from training folded in); returns the effective adapter weight."""
+        if self.lora is None or self.adapter is None:
+            return 0.0
+        weight = scale * self.lora.alpha_over_rank
+        self.pipe.set_adapters([self.adapter], adapter_weights=[weight])
+        return weight
+
+
+def load_pipeline(model: str, device: str = "auto", dtype: str = "auto", lora: LoraSource | None = None,
+                  drop_t5: bool = False, offload: Literal["none", "model", "sequential"] = "none",
+                  shift: float | None = None) -> Pipeline:
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    local = Path(model).expanduser()
+    if (model.startswith((".", "/", "~")) or local.exists()) and not (local / "model_index.json").is_file():
+        raise Sd3tuneError(f"{model} is not a diffusers model folder (no model_index.json)",
+                           hint="pass an SD3 diffusers folder or the Hub id " + SD3M)
+    quiet_libraries()
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if drop_t5:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(local) if local.exists() else model, **kwargs)
+    except OSError as exc:
+        raise Sd3tuneError(f"cannot load {model}: {str(exc).splitlines()[0]}",
+                           hint="check the id/path; gated Hub models need `hf auth login` and accepted terms") from None
+    if shift is not None and getattr(pipe.scheduler.config, "shift", None) != shift:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
+    adapter = None
+    if lora is not None:
+        check_lora_fits(lora, dict(pipe.transformer.config))
+        adapter = "sd3tune"
+        pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, adapter_name=adapter)
+    if offload == "model":
+        pipe.enable_model_cpu_offload()
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload()
+    else:
+        pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    return Pipeline(pipe, model, dev, torch_dtype, lora, adapter)
+
+
+def run_images(p: Pipeline, prompt: str, seeds: list[int], s: SamplerSettings, output_type: str = "pil"):
+    """One pipeline call for all ``seeds`` of a prompt (batched CFG); image i depends only on seeds[i]."""
+    import torch
+
+    gen_device = "cpu" if p.device == "mps" else p.device
+    generators = [torch.Generator(gen_device).manual_seed(seed) for seed in seeds]
+    kwargs: dict[str, Any] = dict(prompt=prompt, num_images_per_prompt=len(seeds), generator=generators,
+                                  num_inference_steps=s.steps, guidance_scale=s.guidance, width=s.width,
+                                  height=s.height, output_type=output_type)
+    if s.negative:
+        kwargs["negative_prompt"] = s.negative
+    if p.pipe.text_encoder_3 is not None:
+        kwargs["max_sequence_length"] = s.max_sequence_length
+    with torch.inference_mode():
+        return p.pipe(**kwargs).images
+
+
+def png_metadata(fields: dict[str, Any]):
+    """PNG text chunks: one per field (``sd3tune:<name>``), a JSON blob, and an A1111-style ``parameters``."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for k, v in fields.items():
+        info.add_text(f"sd3tune:{k}", "" if v is None else str(v))
+    info.add_text("sd3tune", json.dumps(fields, sort_keys=True))
+    neg = fields.get("negative_prompt") or ""
+    info.add_text("parameters", f"{fields.get('prompt')}\nNegative prompt: {neg}\nSteps: {fields.get('steps')}, "
+                                f"CFG scale: {fields.get('guidance')}, Seed: {fields.get('seed')}, "
+                                f"Size: {fields.get('width')}x{fields.get('height')}, Model: {fields.get('model')}")
+    return info
+
+
+def slug(text: str, limit: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text.lower()).strip("-")
+    return (s[:limit].rstrip("-")) or "image"
+
+
+def free_name(folder: Path, stem: str) -> Path:
+    candidate = folder / f"{stem}.png"
+    n = 2
+    while candidate.exists():
+        candidate = folder / f"{stem}-{n}.png"
+        n += 1
+    return candidate
+
+
+def provenance(p: Pipeline, prompt: str, seed: int, s: SamplerSettings, scale: float, weight: float) -> dict[str, Any]:
+    return {"prompt": prompt, "negative_prompt": s.negative, "seed": seed, "steps": s.steps, "guidance": s.guidance,
+            "width": s.width, "height": s.height, "model": p.model,
+            "lora": str(p.lora.file) if p.lora else None, "lora_scale": scale if p.lora else None,
+            "lora_adapter_weight": weight if p.lora else None, "max_sequence_length": s.max_sequence_length,
+            "scheduler_shift": getattr(p.pipe.scheduler.config, "shift", None), "dtype": str(p.dtype).replace("torch.", ""),
+            "device": p.device, "sd3tune_version": __version__}
+
+
+def chunks(seq: list[int], size: int) -> Iterator[list[int]]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]

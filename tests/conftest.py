@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny offline SD3, a captioned image folder, and one real SimpleTuner-trained run.
+
+The tiny model and the trained run are built once per test session (the training takes ~25 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from sd3tune.tiny import build_tiny_sd3
+
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def concept_data(tmp_path_factory) -> Path:
+    from sd3tune.tiny import make_concept_images
+
+    return make_concept_images(tmp_path_factory.mktemp("data") / "concepts", count=8, size=64)
+
+
+@pytest.fixture()
+def data_copy(tmp_path, concept_data) -> Path:
+    """A private copy of the image folder that a test may break."""
+    import shutil
+
+    return Path(shutil.copytree(concept_data, tmp_path / "images"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model, concept_data) -> Path:
+    """A run trained for real through SimpleTuner on the tiny model (20 steps, 64 px, CPU)."""
+    from sd3tune.commands.init import InitOptions, run_init
+    from sd3tune.commands.quickstart import TINY_BACKEND, TINY_OVERRIDES, TRIGGER
+    from sd3tune.commands.train import TrainOptions, run_train
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run_init(InitOptions(run_dir=run_dir, data=concept_data, model=str(tiny_model), trigger=TRIGGER, steps=20,
+                         overrides={**TINY_OVERRIDES, "checkpoints": {"step_interval": 10}},
+                         image_backend_overrides=TINY_BACKEND))
+    result = run_train(TrainOptions(run_dir=run_dir))
+    assert result.lora is not None and result.lora.is_file()
+    return run_dir
+
+
+@pytest.fixture()
+def tiny_init_options(tmp_path, tiny_model, data_copy):
+    """InitOptions for a CPU-sized run in a fresh folder (not yet written)."""
+    from sd3tune.commands.init import InitOptions
+    from sd3tune.commands.quickstart import TINY_BACKEND, TINY_OVERRIDES, TRIGGER
+
+    return InitOptions(run_dir=tmp_path / "run", data=data_copy, model=str(tiny_model), trigger=TRIGGER, steps=4,
+                       overrides={**TINY_OVERRIDES, "checkpoints": {"step_interval": 2}},
+                       image_backend_overrides=TINY_BACKEND)

@@ -1,0 +1,32 @@
+"""Test helpers: run the real `sd3tune` command line in a subprocess, as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+def sd3tune(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd=None) -> CliResult:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env.pop("SD3TUNE_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "sd3tune", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def assert_one_line_user_error(result: CliResult, *needles: str) -> None:
+    assert result.code == 2, (result.code, result.out, result.err)
+    assert "Traceback" not in result.err and "Traceback" not in result.out
+    lines = [line for line in result.err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])

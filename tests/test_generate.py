@@ -1,0 +1,94 @@
+"""`sd3tune generate` on the tiny SD3 and the LoRA trained by SimpleTuner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import assert_one_line_user_error, sd3tune
+from PIL import Image
+
+from sd3tune.commands.generate import GenerateOptions, run_generate
+
+PROMPT = "sd3tune-style, concept art of a castle"
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+
+
+def gen(out: Path, **kw) -> list[Path]:
+    opts = GenerateOptions(prompts=kw.pop("prompts", [PROMPT]), out=out, steps=6, num_images=2, **kw)
+    return [i.path for i in run_generate(opts, progress=False).images]
+
+
+@pytest.fixture(scope="module")
+def lora_images(trained_run, tmp_path_factory):
+    return gen(tmp_path_factory.mktemp("lora"), lora=trained_run)
+
+
+def test_same_seed_gives_identical_images(trained_run, lora_images, tmp_path):
+    again = gen(tmp_path, lora=trained_run)
+    assert [pixels(a).tobytes() for a in again] == [pixels(b).tobytes() for b in lora_images]
+    assert pixels(lora_images[0]).tobytes() != pixels(lora_images[1]).tobytes()  # seed 0 vs seed 1
+
+
+def test_scale_zero_equals_the_base_model_and_the_lora_changes_the_image(trained_run, tiny_model, lora_images,
+                                                                         tmp_path):
+    zero = gen(tmp_path / "zero", lora=trained_run, scale=0.0)
+    base = gen(tmp_path / "base", model=str(tiny_model), width=64, height=64, max_sequence_length=154)
+    for z, b in zip(zero, base):
+        assert np.array_equal(pixels(z), pixels(b))
+    diff = np.mean([np.abs(pixels(a) - pixels(b)).mean() for a, b in zip(lora_images, base)])
+    assert diff >= 1.0, f"LoRA moved the image by only {diff:.3f}/255"
+
+
+def test_png_metadata_records_how_the_image_was_made(trained_run, lora_images):
+    text = Image.open(lora_images[1]).text
+    assert text["sd3tune:prompt"] == PROMPT and text["sd3tune:seed"] == "1"
+    blob = json.loads(text["sd3tune"])
+    assert blob["lora"].endswith("pytorch_lora_weights.safetensors") and blob["lora_scale"] == 1.0
+    assert blob["max_sequence_length"] == 154 and blob["scheduler_shift"] == 3.0 and blob["steps"] == 6
+    assert "Seed: 1" in text["parameters"]
+
+
+def test_prompts_file_makes_a_grid_in_one_call(trained_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# my prompts\nsd3tune-style, a robot\n\nsd3tune-style, a forest\n")
+    r = sd3tune("generate", "--lora", trained_run, "--prompts-file", prompts, "-n", "2", "--steps", "2",
+                "--out", tmp_path / "out")
+    assert r.code == 0, r.err
+    files = sorted((tmp_path / "out").glob("*.png"))
+    assert len(files) == 4 and len(r.out.split()) == 4
+    assert "T5 length 154" in r.err
+
+
+def test_checkpoint_folder_is_accepted_as_lora(trained_run, tmp_path):
+    paths = gen(tmp_path, lora=trained_run / "output" / "checkpoint-10")
+    assert "checkpoint-10" in Image.open(paths[0]).text["sd3tune:lora"]
+
+
+def test_existing_images_are_never_overwritten(trained_run, tmp_path):
+    first = gen(tmp_path, lora=trained_run)
+    second = gen(tmp_path, lora=trained_run)
+    assert set(first).isdisjoint(second) and all(p.is_file() for p in first + second)
+
+
+def test_user_errors(trained_run, tiny_model, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+
+    assert_one_line_user_error(sd3tune("generate", "--lora", tmp_path / "nope", "-p", "x"), "does not exist")
+    assert_one_line_user_error(sd3tune("generate", "--lora", trained_run, "-p", "x", "--width", "100"), "--width")
+    assert_one_line_user_error(sd3tune("generate", "--lora", trained_run), "no prompt")
+    other = tmp_path / "other.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 1536),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(1536, 4)}, str(other))
+    assert_one_line_user_error(sd3tune("generate", "--model", tiny_model, "--lora", other, "-p", "x"),
+                               "width 1536")
+    unet = tmp_path / "unet.safetensors"
+    save_file({"unet.down_blocks.0.lora_A.weight": torch.zeros(4, 8)}, str(unet))
+    assert_one_line_user_error(sd3tune("generate", "--model", tiny_model, "--lora", unet, "-p", "x"),
+                               "not an SD3 transformer LoRA")

@@ -1,0 +1,92 @@
+"""`sd3tune init` as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from helpers import assert_one_line_user_error, sd3tune
+
+from sd3tune.config.models import SD3M
+from sd3tune.simpletuner.files import read_run
+
+
+def test_init_writes_sd3m_lora_configs_that_read_back(tmp_path, data_copy):
+    run = tmp_path / "run"
+    r = sd3tune("init", run, "--data", data_copy, "--trigger", "myst")
+    assert r.code == 0, r.err
+    assert (run / "config" / "config.env").is_file() and (run / "config" / "multidatabackend.json").is_file()
+    loaded = read_run(run)
+    assert loaded.findings == []
+    assert loaded.config.model.name_or_path == SD3M and loaded.config.model.model_type == "lora"
+    assert loaded.config.model.family == "sd3"
+    image = loaded.backends[0]
+    assert image.instance_data_dir == str(data_copy.resolve()) and image.caption_strategy == "textfile"
+    assert loaded.backends[1].dataset_type == "text_embeds" and loaded.backends[1].default is True
+    manifest = json.loads((run / "sd3tune.json").read_text())
+    assert manifest["init"]["versions"]["simpletuner"] == "4.10.1"
+
+
+def test_second_init_without_force_refuses_and_changes_nothing(tmp_path, data_copy):
+    run = tmp_path / "run"
+    assert sd3tune("init", run, "--data", data_copy).code == 0
+    before = {p: p.read_bytes() for p in (run / "config").iterdir()}
+    r = sd3tune("init", run, "--data", data_copy, "--rank", "64", "--format", "json")
+    assert_one_line_user_error(r, "already exists", "--force")
+    assert {p: p.read_bytes() for p in (run / "config").iterdir()} == before
+
+
+def test_force_switching_format_removes_the_shadowing_file(tmp_path, data_copy):
+    run = tmp_path / "run"
+    assert sd3tune("init", run, "--data", data_copy, "--format", "json").code == 0
+    assert sd3tune("init", run, "--data", data_copy, "--force").code == 0
+    assert not (run / "config" / "config.json").exists()  # it would silently win over config.env
+    assert read_run(run).format == "env"
+
+
+def test_prompt_with_shell_metacharacters_is_inert_when_sourced(tmp_path, data_copy):
+    run = tmp_path / "run"
+    sentinel = tmp_path / "pwned"
+    prompt = f"myst, a castle $(touch {sentinel}) `touch {sentinel}` & \"moon\"; night"
+    assert sd3tune("init", run, "--data", data_copy, "--validation-prompt", prompt).code == 0
+    out = subprocess.run(["bash", "-c", f'set -a; source "{run}/config/config.env"; printf %s "$VALIDATION_PROMPT"'],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout == prompt and not sentinel.exists()
+    assert read_run(run).config.validation.prompt == prompt
+
+
+def test_presets_and_flags_reach_the_config(tmp_path, data_copy):
+    run = tmp_path / "run"
+    assert sd3tune("init", run, "--data", data_copy, "--preset", "80gb", "--rank", "32", "--steps", "2000",
+                   "--resolution", "768").code == 0
+    cfg = read_run(run).config
+    assert (cfg.optim.train_batch_size, cfg.lora.rank, cfg.optim.max_train_steps, cfg.optim.num_train_epochs) == \
+        (4, 32, 2000, 0)
+    assert cfg.data.resolution == 768 and cfg.validation.resolution == "768x768"
+
+
+def test_uncaptioned_images_with_a_trigger_use_it_as_instance_prompt(tmp_path, data_copy):
+    for caption in data_copy.glob("*.txt"):
+        caption.unlink()
+    run = tmp_path / "run"
+    r = sd3tune("init", run, "--data", data_copy, "--trigger", "myst")
+    assert r.code == 0
+    image = read_run(run).backends[0]
+    assert image.caption_strategy == "instance_prompt" and image.instance_prompt == "myst"
+
+
+def test_user_errors_are_one_line_and_write_nothing(tmp_path, data_copy):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--data", tmp_path / "missing"], "does not exist"),
+        (["--data", empty], "no readable images"),
+        (["--data", data_copy, "--rank", "0"], "rank"),
+        (["--data", data_copy, "--preset", "8gb"], "unknown preset"),
+        (["--data", data_copy, "--format", "yaml"], "--format"),
+        (["--data", data_copy, "--validation-prompt", "it's $5"], "VALIDATION_PROMPT"),
+    ]
+    for i, (args, needle) in enumerate(cases):
+        run = tmp_path / f"run{i}"
+        assert_one_line_user_error(sd3tune("init", run, *args), needle)
+        assert not (run / "config").exists()

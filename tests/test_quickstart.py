@@ -1,0 +1,26 @@
+"""`sd3tune quickstart`: the whole offline loop, as the README's first command runs it."""
+
+from __future__ import annotations
+
+import re
+
+from helpers import assert_one_line_user_error, sd3tune
+
+from sd3tune.inference import read_safetensors_header
+
+
+def test_quickstart_runs_the_whole_loop(tmp_path):
+    folder = tmp_path / "qs"
+    r = sd3tune("quickstart", folder)
+    assert r.code == 0, r.err[-3000:]
+    lora = folder / "run" / "output" / "pytorch_lora_weights.safetensors"
+    _, tensors = read_safetensors_header(lora)
+    assert any(".attn.to_q.lora_A." in k for k in tensors)
+    assert len(list((folder / "samples" / "base").glob("*.png"))) == 2
+    assert len(list((folder / "samples" / "lora").glob("*.png"))) == 2
+    assert (folder / "samples" / "compare.png").is_file()
+    diff = float(re.search(r"mean \|pixel difference\| = ([\d.]+) / 255", r.out).group(1))
+    assert diff >= 1.0
+    assert re.search(r"done in [\d.]+ s", r.out)
+    # a second run into the same folder is refused unless --force
+    assert_one_line_user_error(sd3tune("quickstart", folder), "not empty", "--force")

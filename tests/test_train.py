@@ -1,0 +1,91 @@
+"""`sd3tune train` end to end: the real SimpleTuner through accelerate on the tiny SD3, on CPU."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+from helpers import assert_one_line_user_error, sd3tune
+
+from sd3tune.commands.init import run_init
+from sd3tune.inference import read_safetensors_header
+
+
+def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):
+    lora = trained_run / "output" / "pytorch_lora_weights.safetensors"
+    meta, tensors = read_safetensors_header(lora)
+    assert tensors and all(k.startswith("transformer.transformer_blocks.") for k in tensors)
+    a = tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]["shape"]
+    b = tensors["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"]["shape"]
+    assert a == [16, 32] and b == [32, 16]  # rank 16 on the tiny model's 32-wide attention
+    assert meta["sd3tune.lora_rank"] == "16" and meta["sd3tune.t5_max_length"] == "154"
+    assert meta["sd3tune.steps"] == "20"
+    manifest = json.loads((trained_run / "sd3tune.json").read_text())
+    assert manifest["trainings"][-1]["status"] == "ok" and manifest["trainings"][-1]["exit_code"] == 0
+    assert (trained_run / "output" / "checkpoint-10").is_dir()
+
+
+def test_diffusers_loads_the_lora(trained_run, tiny_model):
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_model, dtype=torch.float32)
+    pipe.load_lora_weights(trained_run / "output", weight_name="pytorch_lora_weights.safetensors", adapter_name="t")
+    assert "t" in pipe.get_list_adapters()["transformer"]
+
+
+def test_existing_checkpoints_need_resume(trained_run):
+    assert_one_line_user_error(sd3tune("train", trained_run), "checkpoint-20", "--resume")
+
+
+def test_dry_run_command_trains_when_run_by_hand_and_resume_continues(tiny_init_options):
+    """The printed command, pasted into a shell, trains; `train --resume` then continues from its checkpoint."""
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    r = sd3tune("train", run, "--dry-run")
+    assert r.code == 0 and not (run / "output").exists()
+    line = r.out.strip().splitlines()[-1]
+    assert "accelerate.commands.launch" in line and "CONFIG_BACKEND=env" in line
+    subprocess.run(["bash", "-c", line], check=True, capture_output=True, timeout=600)
+    assert (run / "output" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "output" / "checkpoint-4").is_dir()
+
+    env_file = run / "config" / "config.env"
+    env_file.write_text(env_file.read_text().replace("MAX_NUM_STEPS='4'", "MAX_NUM_STEPS='6'"))
+    r = sd3tune("train", run, "--resume")
+    assert r.code == 0, r.err[-3000:]
+    assert "step 6/6" in r.err
+    manifest = json.loads((run / "sd3tune.json").read_text())
+    assert manifest["trainings"][-1]["resume"] is True and manifest["trainings"][-1]["steps"] == 6
+
+
+def test_stray_shell_variables_do_not_leak_into_the_run(tiny_init_options):
+    run_init(tiny_init_options)
+    r = sd3tune("train", tiny_init_options.run_dir, "--dry-run",
+                env={"MODEL_NAME": "evil/model", "OUTPUT_DIR": "/tmp/evil", "ENV": "prod", "HF_TOKEN": "hf_x"})
+    words = shlex.split(r.out.strip().splitlines()[-1].split(" && ", 1)[1])
+    assert not any(w.startswith(("MODEL_NAME=", "OUTPUT_DIR=", "ENV=")) for w in words)
+    assert "HF_TOKEN=hf_x" in words
+
+
+def test_failing_simpletuner_exit_code_and_log_are_reported(tiny_init_options, tiny_model, tmp_path):
+    """A model whose weights are garbage passes the preflight (structure is fine) and fails inside SimpleTuner."""
+    import shutil
+
+    broken = Path(shutil.copytree(tiny_model, tmp_path / "broken-model"))
+    for weights in (broken / "transformer").glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
+    tiny_init_options.model = str(broken)
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    r = sd3tune("train", run)
+    assert r.code not in (0, 2), r.err[-2000:]  # SimpleTuner's failure, not a preflight error
+    error_lines = [line for line in r.err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "SimpleTuner exited with code" in error_lines[0]
+    assert "see the full log" in error_lines[0]
+    logs = list((run / "logs").glob("train-*.log"))
+    assert logs and logs[0].stat().st_size > 0
+    manifest = json.loads((run / "sd3tune.json").read_text())
+    assert manifest["trainings"][-1]["status"] == "failed"

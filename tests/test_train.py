@@ -83,7 +83,7 @@ def test_failing_simpletuner_exit_code_and_log_are_reported(tiny_init_options, t
     r = sd3tune("train", run)
     assert r.code not in (0, 2), r.err[-2000:]  # SimpleTuner's failure, not a preflight error
     error_lines = [line for line in r.err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "SimpleTuner exited with code" in error_lines[0]
+    assert len(error_lines) == 1 and "SimpleTuner exited with code 1: OSError" in error_lines[0]
     assert "see the full log" in error_lines[0]
     logs = list((run / "logs").glob("train-*.log"))
     assert logs and logs[0].stat().st_size > 0

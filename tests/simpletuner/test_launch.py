@@ -78,3 +78,13 @@ def test_progress_lines_are_parsed(line, step, total, loss, rate):
 
 def test_other_lines_are_not_progress():
     assert parse_progress("Loading captions: 100%|████| 8/8 [00:00<00:00]") is None
+
+
+def test_failure_reason_is_the_childs_exception_not_accelerates():
+    from sd3tune.simpletuner.launch import failure_reason
+
+    lines = ["Traceback (most recent call last):", "OSError: Unable to load weights from x.safetensors",
+             "Traceback (most recent call last):", '  File "launch.py", line 999, in simple_launcher',
+             "subprocess.CalledProcessError: Command '[...]' returned non-zero exit status 1."]
+    assert failure_reason(lines) == "OSError: Unable to load weights from x.safetensors"
+    assert failure_reason(["something odd"]) == "something odd"

@@ -52,11 +52,16 @@ def _dataset_id(folder: Path) -> str:
     return ident or "images"
 
 
+# The flag behind a setting, so that errors name what the user typed.
+FLAGS = {"lora.rank": "--rank", "data.resolution": "--resolution", "optim.max_train_steps": "--steps",
+         "model.name_or_path": "--model", "validation.prompt": "--validation-prompt", "validation.resolution": "--resolution"}
+
+
 def _raise_validation(exc: ValidationError, source: str) -> None:
     findings = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        findings.append(error(source, key, f"{err.get('input')!r}: {err['msg']}"))
+        findings.append(error(source, FLAGS.get(key, key), f"{err.get('input')!r}: {err['msg']}"))
     first = findings[0]
     raise ConfigError(f"{first.key}: {first.message}", hint="see `sd3tune init --help` for valid values",
                       findings=findings)

@@ -13,7 +13,7 @@ from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
 from sd3tune.findings import errors_in
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.launch import LaunchPlan, Progress, build_launch, run_plan
+from sd3tune.simpletuner.launch import LaunchPlan, Progress, build_launch, failure_reason, run_plan
 from sd3tune.simpletuner.files import RunPaths
 
 
@@ -113,7 +113,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
                              hint=f"continue with `sd3tune train {opts.run_dir} --resume`", exit_code=130)
     if outcome.returncode != 0:
         update_manifest(paths.root, "trainings", {**entry, "status": "failed"}, append=True)
-        detail = " | ".join(outcome.tail[-3:])
+        detail = failure_reason(outcome.tail)
         raise TrainingFailed(f"SimpleTuner exited with code {outcome.returncode}: {detail}",
                              hint=f"see the full log {log}", exit_code=outcome.returncode)
     lora = Path(cfg.paths.output_dir) / keys.LORA_WEIGHT_NAME

@@ -125,6 +125,18 @@ def parse_progress(line: str) -> Progress | None:
                     float(m.group(8)) if m.group(8) else None, float(m.group(7)) if m.group(7) else None)
 
 
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)):\s*(.*)$")
+
+
+def failure_reason(lines: list[str]) -> str:
+    """The child's last exception line (``OSError: ...``), skipping accelerate's own wrapper error."""
+    for line in reversed(lines):
+        m = _EXCEPTION.match(line.strip())
+        if m and "CalledProcessError" not in m.group(1):
+            return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}".strip()
+    return lines[-1] if lines else "no output"
+
+
 def clean_line(line: str) -> str:
     return _ANSI.sub("", line).strip()
 
@@ -138,7 +150,7 @@ class RunOutcome:
 
 
 def run_plan(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress], None] | None = None,
-             on_line: Callable[[str], None] | None = None, tail_lines: int = 25) -> RunOutcome:
+             on_line: Callable[[str], None] | None = None, tail_lines: int = 80) -> RunOutcome:
     """Run the plan; all output goes to ``log_path``; progress lines are parsed and reported.
 
     Ctrl-C sends SIGINT to the training process group, waits for it to stop, and reports ``interrupted``.

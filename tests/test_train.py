@@ -89,3 +89,44 @@ def test_failing_simpletuner_exit_code_and_log_are_reported(tiny_init_options, t
     assert logs and logs[0].stat().st_size > 0
     manifest = json.loads((run / "sd3tune.json").read_text())
     assert manifest["trainings"][-1]["status"] == "failed"
+
+
+def _processes_in(folder: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if Path(proc / "cwd").resolve() == folder.resolve():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_ctrl_c_stops_the_training_cleanly(tiny_init_options):
+    import os
+    import signal
+    import sys
+    import time
+
+    tiny_init_options.steps = 100_000
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    proc = subprocess.Popen([sys.executable, "-m", "sd3tune", "train", str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:  # wait until SimpleTuner is inside its training loop
+        logs = list((run / "logs").glob("train-*.log"))
+        if logs and "Steps:" in logs[0].read_text(errors="replace"):
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert _processes_in(run) == []
+    manifest = json.loads((run / "sd3tune.json").read_text())
+    assert manifest["trainings"][-1]["status"] == "interrupted"

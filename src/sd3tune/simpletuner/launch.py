@@ -194,14 +194,31 @@ def run_plan(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress],
     return RunOutcome(proc.returncode if not interrupted else 130, interrupted, last, tail)
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover - a reused id owned by someone else
+        return False
+    return True
+
+
 def _stop(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGINT, 30), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+    """Stop the launcher and every process it started (its own session): SIGINT, then SIGTERM, then SIGKILL."""
+    import time
+
+    pgid = proc.pid  # start_new_session=True made the launcher its group's leader
+    for sig, grace in ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(pgid, sig)
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                proc.wait()
+            if proc.returncode is not None and not _group_alive(pgid):
+                return
+            time.sleep(0.1)
+    proc.wait()

@@ -15,11 +15,11 @@ from typing import Annotated, Optional
 import typer
 
 from sd3tune import __version__
+from sd3tune.commands.evaluate import evaluate_cmd
 from sd3tune.errors import Sd3tuneError
 
 app = typer.Typer(
     name="sd3tune",
-    help="Fine-tune Stable Diffusion 3 Medium with LoRA on your own images (SimpleTuner + diffusers).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -45,8 +45,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False) -> None:
-    """Fine-tune Stable Diffusion 3 Medium with LoRA on your own images.
+    """Fine-tune Stable Diffusion 3 Medium with LoRA on your own images (SimpleTuner + diffusers).
 
+    \b
     examples:
       sd3tune quickstart /tmp/demo           # the whole loop offline on a tiny model
       sd3tune init runs/art --data ~/art --trigger myst
@@ -71,6 +72,7 @@ def init_cmd(
 ) -> None:
     """Scaffold a run: SimpleTuner config.env (or config.json) and multidatabackend.json.
 
+    \b
     examples:
       sd3tune init runs/art --data ~/art --trigger myst
       sd3tune init runs/art --data ~/art --preset 80gb --steps 2000 --format json
@@ -95,6 +97,7 @@ def check_cmd(
 ) -> None:
     """Validate a run's config and data before any model loads (exit 0: clean or warnings, 2: errors).
 
+    \b
     examples:
       sd3tune check runs/art
       sd3tune check runs/art --json | jq .errors
@@ -121,6 +124,7 @@ def train_cmd(
     Arguments after `--` go to `accelerate launch`. The run is checked first and nothing
     is launched when it has errors.
 
+    \b
     examples:
       sd3tune train runs/art
       sd3tune train runs/art --dry-run
@@ -163,6 +167,7 @@ def generate_cmd(
 ) -> None:
     """Generate images with SD3 Medium (+ a LoRA); PNGs carry their settings in text chunks.
 
+    \b
     examples:
       sd3tune generate --lora runs/art --prompt "myst, a lighthouse at dusk" -n 4
       sd3tune generate --lora runs/art --prompts-file prompts.txt --scale 0.8 --seed 7
@@ -191,6 +196,9 @@ def generate_cmd(
                f"{result.load_seconds:.1f} s loading", err=True)
 
 
+app.command("evaluate")(evaluate_cmd)
+
+
 @app.command("quickstart")
 def quickstart_cmd(
     folder: Annotated[Path, typer.Argument(help="Folder for the tiny model, data, run and samples.")] = Path("sd3tune-quickstart"),
@@ -199,6 +207,7 @@ def quickstart_cmd(
 ) -> None:
     """The whole loop offline in about a minute: tiny random SD3, init, SimpleTuner training, samples.
 
+    \b
     examples:
       sd3tune quickstart /tmp/demo
     """
@@ -212,6 +221,7 @@ def quickstart_cmd(
     typer.echo(f"LoRA vs base, same seeds: mean |pixel difference| = {result.mean_abs_diff:.2f} / 255")
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
     typer.echo(f"done in {result.seconds:.1f} s ({parts})")
+    typer.echo(f"next: sd3tune evaluate {result.folder / 'run'} --out {result.folder / 'eval'}")
 
 
 def main(argv: list[str] | None = None) -> None:

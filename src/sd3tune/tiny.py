@@ -174,3 +174,37 @@ def make_concept_images(out_dir: str | Path, count: int = 8, size: int = 64, tri
         subject = _SUBJECTS[i % len(_SUBJECTS)]
         (out / f"concept_{i:02d}.txt").write_text(f"{trigger}, concept art of a {subject}, warm light\n")
     return out
+
+
+def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random transformers CLIP (text + vision) with the real CLIP tokenizer, saved to ``out_dir``, offline.
+
+    For tests and the offline quickstart only: its numbers move when images move, but mean nothing perceptually.
+    """
+    import tempfile
+
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from sd3tune.inference import quiet_libraries
+
+    quiet_libraries()
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as td, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tok = _write_clip_tokenizer(Path(td) / "tokenizer", pad_token="<|endoftext|>")
+        config = CLIPConfig(
+            text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+                             eos_token_id=49407, pad_token_id=49407),
+            vision_config=dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=4),
+            projection_dim=32)
+        model = CLIPModel(config).eval()
+        processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                                                     crop_size={"height": image_size,
+                                                                                "width": image_size}),
+                                  tokenizer=tok)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+    return out

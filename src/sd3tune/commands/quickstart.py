@@ -40,17 +40,22 @@ class QuickstartResult:
 
 
 def tiny_run(folder: Path, steps: int = 20, force: bool = False) -> tuple[Path, Path]:
-    """Build the tiny model, the images and an initialised run under ``folder``; return (model, run_dir)."""
-    from sd3tune.tiny import build_tiny_sd3, make_concept_images
+    """Build the tiny model (+ a tiny CLIP for `evaluate`), the images and an initialised run under ``folder``;
+    return (model, run_dir). The run's manifest names the tiny CLIP, so `sd3tune evaluate RUN` works offline."""
+    from sd3tune.manifest import update_manifest
+    from sd3tune.tiny import build_tiny_clip, build_tiny_sd3, make_concept_images
 
-    model, data, run_dir = folder / "model", folder / "data", folder / "run"
+    model, data, run_dir, clip = folder / "model", folder / "data", folder / "run", folder / "clip"
     if not (model / "model_index.json").is_file():
         build_tiny_sd3(model)
+    if not (clip / "config.json").is_file():
+        build_tiny_clip(clip)
     if not data.is_dir():
         make_concept_images(data, count=8, size=64, trigger=TRIGGER)
     run_init(InitOptions(run_dir=run_dir, data=data, model=str(model), trigger=TRIGGER, steps=steps, force=force,
                          overrides={**TINY_OVERRIDES, "checkpoints": {"step_interval": max(1, steps // 2)}},
                          image_backend_overrides=TINY_BACKEND))
+    update_manifest(run_dir, "defaults", {"clip_model": str(clip)})
     return model, run_dir
 
 

@@ -1,0 +1,409 @@
+"""`sd3tune evaluate`: a fixed prompt x seed grid for the base model, the LoRA and (optionally) each checkpoint,
+from ONE pipeline load, scored with CLIP-based metrics; writes metrics.json, a contact sheet and a report.
+
+One load: the pipeline is loaded once with the run's LoRA (adapter ``sd3tune``); each checkpoint's LoRA is loaded
+into the same pipeline as another adapter (``pipe.load_lora_weights(..., adapter_name=...)``), and each model is
+selected with ``set_adapters`` (the base model is the LoRA at weight 0, exactly the base weights).
+
+Top-level imports stay light (no torch/diffusers/transformers): the CLI imports this module to register the command.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from sd3tune.errors import Sd3tuneError
+from sd3tune.evaluation import DEFAULT_CLIP
+from sd3tune.manifest import read_manifest
+
+CHECKPOINT_CHOICES = ("latest", "all")
+EVAL_DIR = "eval"  # default --out, inside the run folder
+
+
+@dataclass
+class EvaluateOptions:
+    run_dir: Path
+    prompts_file: Path | None = None  # one prompt per line; "neutral: ..." marks a neutral prompt
+    seeds: int = 4  # seeds 0..N-1 for every prompt and model
+    checkpoints: str = "latest"  # latest: base vs the run's LoRA; all: also every checkpoint-N
+    model: str | None = None  # base model (default: the run's)
+    clip_model: str | None = None  # default: the run's manifest "defaults.clip_model", else DEFAULT_CLIP
+    out: Path | None = None  # default RUN_DIR/eval
+    steps: int | None = None
+    guidance: float | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 4
+    lora: Path | None = None  # Python API only: evaluate this LoRA (file/folder) instead of the run's latest
+    lora_scale: float = 1.0  # Python API only: LoRA strength for the LoRA and checkpoint columns
+
+
+@dataclass
+class EvaluateResult:
+    out: Path
+    metrics_file: Path
+    sheet: Path
+    report: Path
+    report_html: Path
+    metrics: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Candidate:
+    label: str
+    title: str
+    kind: str
+    step: int | None
+    file: Path | None
+    adapter: str | None
+
+
+def _check_options(opts: EvaluateOptions) -> None:
+    if opts.checkpoints not in CHECKPOINT_CHOICES:
+        raise Sd3tuneError(f"--checkpoints {opts.checkpoints!r} is not one of {', '.join(CHECKPOINT_CHOICES)}",
+                           hint="latest compares base and the LoRA; all adds every checkpoint-N of the run")
+    if opts.seeds < 1:
+        raise Sd3tuneError(f"--seeds {opts.seeds} must be at least 1", hint="2 or more also measures diversity")
+    if opts.batch_size < 1:
+        raise Sd3tuneError(f"--batch-size {opts.batch_size} must be at least 1")
+    if opts.lora_scale < 0:
+        raise Sd3tuneError(f"LoRA scale {opts.lora_scale} must not be negative", hint="0 gives the base model")
+    for name, value, allowed in (("--device", opts.device, ("auto", "cuda", "mps", "cpu")),
+                                 ("--dtype", opts.dtype, ("auto", "bf16", "fp16", "fp32"))):
+        if value not in allowed:
+            raise Sd3tuneError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+
+
+def _read_run(run_dir: Path):
+    from sd3tune.findings import errors_in
+    from sd3tune.simpletuner import keys
+    from sd3tune.simpletuner.files import read_run
+
+    run_dir = run_dir.expanduser()
+    if not run_dir.is_dir():
+        raise Sd3tuneError(f"run folder {run_dir} does not exist",
+                           hint="pass the folder made by `sd3tune init` and trained with `sd3tune train`")
+    if not (run_dir / keys.CONFIG_DIR).is_dir():
+        for parent in list(run_dir.resolve().parents)[:4]:
+            if (parent / keys.CONFIG_DIR).is_dir():
+                raise Sd3tuneError(f"{run_dir} is inside the run folder {parent}", hint=f"pass {parent}")
+    loaded = read_run(run_dir)
+    if loaded.config is None:
+        problems = errors_in(loaded.findings)
+        first = problems[0].render() if problems else "its config cannot be read"
+        raise Sd3tuneError(f"{run_dir} is not a readable sd3tune run: {first}",
+                           hint=f"`sd3tune check {run_dir}` lists every problem")
+    return run_dir.resolve(), loaded
+
+
+def _output_dir(run_dir: Path, config) -> Path:
+    out = Path(config.paths.output_dir).expanduser()
+    return out if out.is_absolute() else run_dir / out
+
+
+def _step_of(path: Path) -> int | None:
+    from sd3tune.simpletuner import keys
+
+    name = path.name
+    if name.startswith(keys.CHECKPOINT_PREFIX) and name[len(keys.CHECKPOINT_PREFIX):].isdigit():
+        return int(name[len(keys.CHECKPOINT_PREFIX):])
+    return None
+
+
+def _candidates(opts: EvaluateOptions, run_dir: Path, config, lora, notes: list[str]) -> list[_Candidate]:
+    from sd3tune.simpletuner import keys
+
+    step = _step_of(lora.file.parent)
+    title = "LoRA" if step is None else f"LoRA (checkpoint-{step})"
+    out = [_Candidate("base", "base", "base", None, None, None),
+           _Candidate("lora", title, "lora", step, lora.file, "sd3tune")]
+    if opts.checkpoints == "all":
+        found = []
+        for folder in _output_dir(run_dir, config).glob(f"{keys.CHECKPOINT_PREFIX}*"):
+            s, file = _step_of(folder), folder / keys.LORA_WEIGHT_NAME
+            if s is not None and file.is_file() and file.resolve() != lora.file:
+                found.append((s, file.resolve()))
+        if not found:
+            notes.append("--checkpoints all: the run has no other checkpoint-N folder with a LoRA")
+        for s, file in sorted(found):
+            out.append(_Candidate(f"checkpoint-{s}", f"checkpoint-{s}", "checkpoint", s, file, f"ckpt_{s}"))
+    return out
+
+
+def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult:
+    """Generate the grid for every model with one pipeline load, score it, and write metrics.json, the contact
+    sheet and the report into ``opts.out`` (default ``RUN_DIR/eval``). User mistakes raise Sd3tuneError before
+    any model loads."""
+    from sd3tune import __version__
+    from sd3tune.commands.generate import GenerateOptions, resolve_settings
+    from sd3tune.evaluation import (ClipModel, ImageFiles, default_prompts, read_prompts_file, relpath,
+                                    training_set)
+    from sd3tune.inference import resolve_lora
+    from sd3tune.manifest import now, read_manifest
+
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    _check_options(opts)
+    run_dir, loaded = _read_run(opts.run_dir)
+    config = loaded.config
+    trigger = (read_manifest(run_dir).get("init") or {}).get("trigger")
+    lora = resolve_lora(opts.lora if opts.lora is not None else run_dir)
+    if lora.config is None:  # a bare .safetensors: the run's settings apply
+        lora = replace(lora, config=config, run_dir=run_dir)
+    notes: list[str] = []
+    candidates = _candidates(opts, run_dir, config, lora, notes)
+    train = training_set(loaded.backends)
+    if opts.prompts_file is not None:
+        prompts = read_prompts_file(opts.prompts_file, trigger)
+    else:
+        prompts = default_prompts(config.validation.prompt, train.captions, trigger)
+    model, settings, setting_notes = resolve_settings(
+        GenerateOptions(model=opts.model, steps=opts.steps, guidance=opts.guidance), lora)
+    notes += setting_notes
+    seeds = list(range(opts.seeds))
+    out = (opts.out if opts.out is not None else run_dir / EVAL_DIR).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise Sd3tuneError(f"--out {out} is a file", hint="pass a folder")
+
+    clip_spec = opts.clip_model
+    if clip_spec is None:
+        clip_spec = read_manifest(run_dir).get("defaults", {}).get("clip_model") or DEFAULT_CLIP
+        if clip_spec != DEFAULT_CLIP:
+            notes.append(f"CLIP model {clip_spec} from the run's sd3tune.json (--clip-model overrides)")
+    opts = replace(opts, clip_model=clip_spec)
+    t = time.perf_counter()
+    clip = ClipModel.load(clip_spec)  # before the SD3 load: a wrong --clip-model fails in seconds
+    timings["load_clip"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    models, device, dtype = _generate(opts, model, lora, settings, prompts, seeds, candidates, out, progress)
+    timings["generate"] = time.perf_counter() - t
+
+    from sd3tune.evaluation import compute_metrics, pick_best
+
+    t = time.perf_counter()
+    clip.to(device)
+    result = compute_metrics(models, prompts, seeds, ImageFiles(train.images), clip, progress=progress)
+    best = pick_best(models, result.models)
+    timings["metrics"] = time.perf_counter() - t
+    notes += result.notes
+    if train.total > len(train.images):
+        notes.append(f"{len(train.images)} of {train.total} training images used (evenly spaced)")
+
+    from sd3tune.manifest import package_versions
+
+    data: dict[str, Any] = {
+        "sd3tune_version": __version__,
+        "created": now(),
+        "run_dir": str(run_dir),
+        "out": str(out),
+        "model": model,
+        "lora": {"file": str(lora.file), "alpha_over_rank": lora.alpha_over_rank, "scale": opts.lora_scale},
+        "checkpoints": opts.checkpoints,
+        "clip_model": {"name": clip.name, "requested": opts.clip_model, "source": clip.source},
+        "sampler": asdict(settings),
+        "seeds": seeds,
+        "prompts": [{"text": p.text, "kind": p.kind} for p in prompts],
+        "trigger": trigger,
+        "training_images": {"folders": [str(f) for f in train.folders], "used": len(train.images),
+                            "total": train.total},
+        "device": device,
+        "dtype": dtype,
+        "models": {m.label: {"title": m.title, "kind": m.kind, "step": m.step,
+                             "lora_file": str(m.lora_file) if m.lora_file else None,
+                             "adapter_weight": m.adapter_weight, "metrics": result.models[m.label],
+                             "images": [[relpath(p, out) for p in row] for row in m.paths]}
+                   for m in models},
+        "best": best,
+        "reference": result.reference,
+        "kid": result.kid,
+        "definitions": _definitions(),
+        "per_image": result.per_image,
+        "notes": notes,
+        "versions": package_versions("diffusers", "transformers", "torch", "torchmetrics", "peft"),
+    }
+    timings["total"] = time.perf_counter() - start
+    data["timings"] = timings
+    paths = _write_outputs(out, data, models, prompts, settings)
+    _record_in_manifest(run_dir, out, data)
+    return EvaluateResult(out, paths["metrics"], paths["sheet"], paths["report"], paths["html"], data, notes,
+                          time.perf_counter() - start)
+
+
+def _definitions() -> dict[str, str]:
+    from sd3tune.evaluation import DEFINITIONS
+
+    return dict(DEFINITIONS)
+
+
+def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds, candidates: list[_Candidate],
+              out: Path, progress: bool):
+    """Load the pipeline once (the run's LoRA + one adapter per checkpoint) and make every model's grid."""
+    import gc
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from sd3tune.evaluation import ModelImages
+    from sd3tune.inference import LoraSource, check_lora_fits, chunks, load_pipeline, provenance, run_images
+
+    pipe = load_pipeline(model, device=opts.device, dtype=opts.dtype, lora=lora, shift=settings.shift)
+    transformer_config = dict(pipe.pipe.transformer.config)
+    for c in candidates:
+        if c.kind == "checkpoint":
+            assert c.file is not None and c.adapter is not None
+            check_lora_fits(LoraSource(c.file, lora.run_dir, lora.config), transformer_config)
+            with warnings.catch_warnings():  # peft warns that a second adapter joins the first: intended here
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                pipe.pipe.load_lora_weights(str(c.file.parent), weight_name=c.file.name, adapter_name=c.adapter)
+    weight = opts.lora_scale * lora.alpha_over_rank
+    models: list[ModelImages] = []
+    total = len(candidates) * len(prompts) * len(seeds)
+    with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar:
+        for c in candidates:
+            w = 0.0 if c.kind == "base" else weight
+            pipe.pipe.set_adapters(["sd3tune" if c.kind == "base" else c.adapter], adapter_weights=[w])
+            grid, grid_paths = [], []
+            for index, prompt in enumerate(prompts):
+                row, row_paths = [], []
+                for batch in chunks(seeds, opts.batch_size):
+                    for seed, image in zip(batch, run_images(pipe, prompt.text, batch, settings)):
+                        fields = provenance(pipe, prompt.text, seed, settings, opts.lora_scale, w)
+                        fields.update(lora=str(c.file) if c.file else None,
+                                      lora_scale=None if c.kind == "base" else opts.lora_scale,
+                                      lora_adapter_weight=w, evaluate_model=c.label)
+                        path = out / "images" / c.label / f"{index:02d}-s{seed}.png"
+                        _save_png(image, path, fields)
+                        row.append(image)
+                        row_paths.append(path)
+                        bar.update(1)
+                grid.append(row)
+                grid_paths.append(row_paths)
+            models.append(ModelImages(c.label, c.title, c.kind, c.step, c.file, w, grid, grid_paths))  # type: ignore[arg-type]
+    device, dtype = pipe.device, str(pipe.dtype).replace("torch.", "")
+    del pipe
+    gc.collect()
+    _empty_cache(device)
+    return models, device, dtype
+
+
+def _empty_cache(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    elif device == "mps":
+        torch.mps.empty_cache()
+
+
+def _save_png(image, path: Path, fields: dict) -> None:
+    from sd3tune.fsutil import atomic_write_bytes
+    from sd3tune.inference import png_metadata
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_metadata(fields))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _write_outputs(out: Path, data: dict[str, Any], models, prompts, settings) -> dict[str, Path]:
+    from sd3tune.evaluation import dumps, render_html, render_markdown
+    from sd3tune.fsutil import atomic_write_bytes, atomic_write_text
+    from sd3tune.sheets import contact_sheet
+
+    paths = {"metrics": out / "metrics.json", "sheet": out / "contact_sheet.png", "report": out / "report.md",
+             "html": out / "report.html"}
+    rows = [[m.images[p][0] for m in models] for p in range(len(prompts))]
+    labels = [f"{i + 1}. ({p.kind}) {p.text}" for i, p in enumerate(prompts)]
+    cell = 256 if max(settings.width, settings.height) >= 256 else 128
+    sheet = contact_sheet(rows, labels, [m.title for m in models], cell=cell)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    atomic_write_bytes(paths["sheet"], buf.getvalue())
+    atomic_write_text(paths["report"], render_markdown(data, paths["sheet"].name))
+    atomic_write_text(paths["html"], render_html(data, paths["sheet"].name))
+    atomic_write_text(paths["metrics"], dumps(data))  # last: its presence means the evaluation finished
+    return paths
+
+
+def _record_in_manifest(run_dir: Path, out: Path, data: dict[str, Any]) -> None:
+    from sd3tune.manifest import update_manifest
+
+    best = data["best"]["label"]
+    try:
+        update_manifest(run_dir, "evaluations", {
+            "created": data["created"], "out": str(out), "metrics": str(out / "metrics.json"),
+            "clip_model": data["clip_model"]["name"], "models": list(data["models"]), "best": best,
+        }, append=True)
+    except OSError:  # a read-only run folder: the evaluation itself is complete in ``out``
+        pass
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A compact plain-text table: one line per model, mean ± std of each metric."""
+    from sd3tune.evaluation import TABLE_COLUMNS, fmt
+
+    width = max([len("model")] + [len(m["title"]) + 2 for m in metrics["models"].values()]) + 2
+    cols = [(k, title, d, max(len(title), 16) + 2) for k, title, d in TABLE_COLUMNS]
+    lines = ["model".ljust(width) + "".join(title.ljust(w) for _, title, _, w in cols)]
+    for label, m in metrics["models"].items():
+        mark = " *" if label == metrics["best"]["label"] else ""
+        lines.append((m["title"] + mark).ljust(width)
+                     + "".join(fmt(m["metrics"][k], d).ljust(w) for k, _, d, w in cols))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def evaluate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (trained with `sd3tune train`).")],
+    prompts: Annotated[Optional[Path], typer.Option(
+        "--prompts", help="Prompts file, one per line; 'neutral: TEXT' marks a neutral prompt (default: the run's "
+                          "validation prompt and 3 captions, plus 3 neutral prompts).")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per prompt (0..N-1), the same for every model.")] = 4,
+    checkpoints: Annotated[str, typer.Option(
+        "--checkpoints", help="latest: base vs the LoRA; all: also every checkpoint-N of the run.")] = "latest",
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Base model: Hub id or local diffusers folder (default: the run's model).")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(
+        "--clip-model", help=f"CLIP for the metrics: Hub id or local transformers folder (default: the run's, "
+                             f"else {DEFAULT_CLIP}).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: RUN_DIR/eval).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (default 28).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="CFG scale (default 7.0).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cuda, mps or cpu.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
+) -> None:
+    """Compare the base model, the LoRA and its checkpoints on a fixed prompt x seed grid (one model load).
+
+    Writes metrics.json (CLIP score, style similarity, diversity, KID, neutral-prompt drift: mean and std per
+    model, and the best checkpoint), contact_sheet.png and report.md / report.html.
+
+    \b
+    examples:
+      sd3tune evaluate runs/art
+      sd3tune evaluate runs/art --checkpoints all --seeds 8 --out runs/art/eval-all
+      sd3tune evaluate runs/art --prompts prompts.txt --clip-model ~/models/clip-vit-large-patch14
+    """
+    result = run_evaluate(EvaluateOptions(
+        run_dir=run_dir, prompts_file=prompts, seeds=seeds, checkpoints=checkpoints, model=model,
+        clip_model=clip_model, out=out, steps=steps, guidance=guidance, device=device, dtype=dtype,
+        batch_size=batch_size))
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(format_table(result.metrics))
+    best = result.metrics["best"]
+    typer.echo(f"best: {best['label']} (* above; rule in metrics.json 'best.rule')")
+    typer.echo(f"metrics: {result.metrics_file}")
+    typer.echo(f"grid:    {result.sheet}")
+    typer.echo(f"report:  {result.report} ({result.report_html.name} beside it)")
+    typer.echo(f"done in {result.seconds:.1f} s", err=True)

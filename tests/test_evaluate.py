@@ -1,0 +1,285 @@
+"""`sd3tune evaluate` on the SimpleTuner-trained tiny run, scored with a tiny random CLIP built offline.
+
+Real components throughout: diffusers generates, torchmetrics computes KID, transformers runs the CLIP model that is
+loaded from a folder exactly as a Hub CLIP would be. Sizes are tiny: 64 px, 4 steps, 2 prompts x 2 seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from sd3tune.commands.evaluate import EvaluateOptions, evaluate_cmd, format_table, run_evaluate
+from sd3tune.errors import Sd3tuneError
+from sd3tune.evaluation import METRIC_ORDER, read_prompts_file
+
+STEPS = 4
+SEEDS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    from sd3tune.tiny import build_tiny_clip
+
+    return build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("# one concept prompt (has the trigger) and one neutral prompt (has not)\n"
+                    "sd3tune-style, concept art of a castle\n"
+                    "a photo of a red apple on a table\n", encoding="utf-8")
+    return path
+
+
+def _opts(run_dir: Path, clip: Path, prompts: Path, out: Path, **kw) -> EvaluateOptions:
+    return EvaluateOptions(run_dir=run_dir, prompts_file=prompts, seeds=SEEDS, steps=STEPS, clip_model=str(clip),
+                           out=out, device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, trained_run, tiny_clip, prompts_file):
+    """One evaluation of base, LoRA and both checkpoints (checkpoint-10, checkpoint-20) from one pipeline load."""
+    out = tmp_path_factory.mktemp("eval") / "all"
+    return run_evaluate(_opts(trained_run, tiny_clip, prompts_file, out, checkpoints="all"), progress=False)
+
+
+def _means(result, label: str) -> dict[str, float]:
+    return {k: result.metrics["models"][label]["metrics"][k]["mean"] for k in METRIC_ORDER}
+
+
+@pytest.mark.e2e
+def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_run, tiny_clip):
+    from PIL import Image
+
+    data = json.loads(evaluated.metrics_file.read_text())
+    assert data == json.loads(json.dumps(evaluated.metrics))  # the file is what the API returned
+    assert list(data["models"]) == ["base", "lora", "checkpoint-10", "checkpoint-20"]
+    for label in ("base", "lora"):
+        for metric in METRIC_ORDER:
+            stat = data["models"][label]["metrics"][metric]
+            assert isinstance(stat["mean"], float) and math.isfinite(stat["mean"]), (label, metric, stat)
+            assert math.isfinite(stat["std"]) and stat["n"] >= 1
+    assert data["models"]["base"]["metrics"]["drift"]["mean"] == 0.0  # drift is measured against the base
+    assert data["models"]["lora"]["metrics"]["clip_score"]["n"] == 2 * SEEDS
+    assert data["models"]["lora"]["metrics"]["style_similarity"]["n"] == SEEDS  # concept prompt only
+    assert data["models"]["lora"]["metrics"]["diversity"]["n"] == 2  # one seed pair per prompt
+    # provenance
+    assert data["sd3tune_version"] and data["seeds"] == [0, 1] and data["sampler"]["steps"] == STEPS
+    assert data["lora"]["file"].endswith("output/pytorch_lora_weights.safetensors")
+    assert data["clip_model"]["name"] == str(tiny_clip.resolve()) and data["clip_model"]["source"] == "local folder"
+    assert [p["kind"] for p in data["prompts"]] == ["concept", "neutral"]
+    assert data["training_images"]["used"] == 8
+    assert data["kid"]["subset_size"] == SEEDS and "CLIP" in data["kid"]["feature"]
+    # best checkpoint: a LoRA candidate, chosen by the stated rule
+    assert data["best"]["label"] in ("lora", "checkpoint-10", "checkpoint-20")
+    assert "z-score" in data["best"]["rule"] and "later training step" in data["best"]["rule"]
+    # the grid: rows prompts, columns base | LoRA | checkpoints
+    sheet = Image.open(evaluated.sheet)
+    assert sheet.size == (220 + 4 * (128 + 4) + 4, 22 + 2 * (128 + 4) + 4)
+    report = evaluated.report.read_text()
+    assert "| model | CLIP score" in report and "](contact_sheet.png)" in report
+    assert data["best"]["rule"] in report and "Inception" in report
+    assert "<table>" in evaluated.report_html.read_text()
+    # every image is on disk with its provenance
+    first = evaluated.out / data["models"]["checkpoint-10"]["images"][0][0]
+    fields = json.loads(Image.open(first).text["sd3tune"])
+    assert fields["evaluate_model"] == "checkpoint-10" and fields["lora"].endswith(
+        "checkpoint-10/pytorch_lora_weights.safetensors") and fields["seed"] == 0
+    # the run remembers its evaluations
+    manifest = json.loads((trained_run / "sd3tune.json").read_text())
+    assert any(e["out"] == str(evaluated.out) for e in manifest["evaluations"])
+    assert "LoRA" in format_table(data) and "*" in format_table(data)
+
+
+@pytest.mark.e2e
+def test_metrics_respond_to_the_lora(evaluated, trained_run, tiny_clip, prompts_file, tmp_path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    base, lora = _means(evaluated, "base"), _means(evaluated, "lora")
+    assert base != lora  # the trained LoRA already moves the numbers
+
+    tensors = load_file(str(trained_run / "output" / "pytorch_lora_weights.safetensors"))
+    boosted = {k: v * 10 if "lora_B" in k else v for k, v in tensors.items()}
+    assert any("lora_B" in k for k in tensors)
+    file = tmp_path / "boosted" / "lora_x10.safetensors"
+    file.parent.mkdir()
+    save_file(boosted, str(file))
+    other = run_evaluate(_opts(trained_run, tiny_clip, prompts_file, tmp_path / "out", lora=file), progress=False)
+
+    assert list(other.metrics["models"]) == ["base", "lora"]
+    # the base column does not depend on which LoRA (or how many adapters) the pipeline holds: deterministic
+    assert _means(other, "base") == pytest.approx(base, abs=1e-5)
+    changed = _means(other, "lora")
+    for metric in ("style_similarity", "kid", "neutral_style_similarity", "drift"):  # continuous, never clipped
+        assert changed[metric] != pytest.approx(lora[metric], abs=1e-6), metric
+    per_image = [(r["clip_score"], r["style_similarity"]) for r in other.metrics["per_image"] if r["model"] == "lora"]
+    assert per_image != [(r["clip_score"], r["style_similarity"]) for r in evaluated.metrics["per_image"]
+                         if r["model"] == "lora"]
+    a = np.asarray(Image.open(evaluated.out / "images" / "lora" / "00-s0.png"), np.float32)
+    b = np.asarray(Image.open(tmp_path / "out" / "images" / "lora" / "00-s0.png"), np.float32)
+    assert np.abs(a - b).mean() > 1.0
+
+
+@pytest.mark.e2e
+def test_clip_score_matches_torchmetrics(evaluated, tiny_clip):
+    """Our per-image CLIP score is torchmetrics' CLIPScore formula (run here through torchmetrics itself)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    class Unwrapped(torch.nn.Module):  # torchmetrics 1.9 expects tensors, transformers 5 returns output objects
+        def __init__(self, model) -> None:
+            super().__init__()
+            self.model, self.config = model, model.config
+
+        def get_image_features(self, pixel_values):
+            return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
+        def get_text_features(self, input_ids, attention_mask):
+            return self.model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    data = evaluated.metrics
+    checked = 0
+    for record in data["per_image"]:
+        if record["model"] not in ("base", "lora"):
+            continue
+        path = evaluated.out / data["models"][record["model"]]["images"][record["prompt_index"]][
+            data["seeds"].index(record["seed"])]
+        image = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+        metric = CLIPScore(model_name_or_path=lambda: (Unwrapped(model), processor))
+        with torch.inference_mode():
+            expected = float(metric(image, data["prompts"][record["prompt_index"]]["text"]))
+        assert record["clip_score"] == pytest.approx(max(expected, 0.0), abs=1e-3)
+        checked += 1
+    assert checked == 2 * 2 * SEEDS
+
+
+@pytest.mark.e2e
+def test_cli_command_prints_the_table_and_paths(trained_run, tiny_clip, tmp_path):
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    app.command("evaluate")(evaluate_cmd)
+    out = tmp_path / "cli"
+    # no --prompts: the run's validation prompt and 3 training captions, plus the 3 built-in neutral prompts
+    result = CliRunner().invoke(app, ["evaluate", str(trained_run), "--seeds", "2", "--steps", str(STEPS),
+                                      "--clip-model", str(tiny_clip), "--out", str(out), "--device", "cpu",
+                                      "--checkpoints", "latest"])
+    assert result.exit_code == 0, result.output
+    assert f"metrics: {out / 'metrics.json'}" in result.output
+    assert "contact_sheet.png" in result.output and "report.md" in result.output
+    assert "CLIP score" in result.output and "base" in result.output and "best: lora" in result.output
+    data = json.loads((out / "metrics.json").read_text())
+    assert list(data["models"]) == ["base", "lora"] and data["best"]["label"] == "lora"
+    kinds = [p["kind"] for p in data["prompts"]]
+    assert kinds == ["concept"] * 4 + ["neutral"] * 3
+    assert all("sd3tune-style" in p["text"] for p in data["prompts"][:4])
+    assert all(math.isfinite(data["models"]["lora"]["metrics"][k]["mean"]) for k in METRIC_ORDER)
+
+
+# ----------------------------------------------------------------------------------------------- user errors
+
+
+@pytest.fixture()
+def untrained_run(tiny_init_options) -> Path:
+    from sd3tune.commands.init import run_init
+
+    run_init(tiny_init_options)
+    return tiny_init_options.run_dir
+
+
+@pytest.mark.parametrize("case", ["missing_run", "no_lora", "bad_checkpoints", "missing_clip", "clip_not_a_model",
+                                  "clip_not_on_hub", "missing_prompts", "zero_seeds"])
+def test_user_errors_are_one_line_with_a_hint(case, request, tmp_path, prompts_file):
+    run = tmp_path / "nope"
+    kw: dict = {}
+    clip = tmp_path / "no-clip-here"
+    if case in ("bad_checkpoints", "missing_clip", "clip_not_a_model", "clip_not_on_hub", "missing_prompts",
+                "zero_seeds"):
+        run = request.getfixturevalue("trained_run")
+    if case == "no_lora":
+        run = request.getfixturevalue("untrained_run")
+    if case in ("no_lora", "missing_run", "missing_prompts", "zero_seeds", "bad_checkpoints"):
+        clip = request.getfixturevalue("tiny_clip")
+    if case == "bad_checkpoints":
+        kw["checkpoints"] = "best"
+    if case == "clip_not_a_model":
+        clip = tmp_path / "empty"
+        clip.mkdir()
+    if case == "clip_not_on_hub":
+        clip = "sd3tune-tests/no-such-clip"  # the tests are offline (HF_HUB_OFFLINE=1): a Hub id cannot load
+    if case == "zero_seeds":
+        kw["seeds"] = 0
+    prompts = tmp_path / "missing.txt" if case == "missing_prompts" else prompts_file
+    opts = EvaluateOptions(run_dir=run, prompts_file=prompts, clip_model=str(clip), out=tmp_path / "out", steps=STEPS,
+                           device="cpu", **{"seeds": SEEDS, **kw})
+    with pytest.raises(Sd3tuneError) as info:
+        run_evaluate(opts, progress=False)
+    err = info.value
+    assert err.exit_code == 2 and err.hint and "\n" not in err.one_line()
+    expected = {"missing_run": "does not exist", "no_lora": "no pytorch_lora_weights", "bad_checkpoints": "'best'",
+                "missing_clip": "--clip-model", "clip_not_a_model": "no config.json",
+                "clip_not_on_hub": "cannot load CLIP model sd3tune-tests/no-such-clip",
+                "missing_prompts": "prompts file", "zero_seeds": "--seeds 0"}[case]
+    assert expected in err.message
+    assert not (tmp_path / "out").exists()  # nothing written, no model loaded
+
+
+def test_cli_user_error_is_an_sd3tune_error_with_exit_code_2(tmp_path, tiny_clip):
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    app.command("evaluate")(evaluate_cmd)
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "missing-run"), "--checkpoints", "every",
+                                      "--clip-model", str(tiny_clip)])
+    assert isinstance(result.exception, Sd3tuneError)
+    assert result.exception.exit_code == 2 and "--checkpoints 'every'" in result.exception.one_line()
+
+
+def test_prompt_files_mark_neutral_prompts(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# comment\nmyst, a lighthouse\na plain chair\nneutral: myst-free street\n\n", encoding="utf-8")
+    kinds = [(p.text, p.kind) for p in read_prompts_file(path, trigger="myst")]
+    assert kinds == [("myst, a lighthouse", "concept"), ("a plain chair", "neutral"), ("myst-free street", "neutral")]
+    assert [p.kind for p in read_prompts_file(path, trigger=None)] == ["concept", "concept", "neutral"]
+    empty = tmp_path / "e.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(Sd3tuneError, match="no prompts"):
+        read_prompts_file(empty, trigger=None)
+
+
+def test_default_prompts_and_best_rule():
+    from sd3tune.evaluation import ModelImages, default_prompts, pick_best
+
+    prompts = default_prompts("myst, a castle", ["myst, a dog", "myst, a dog", "myst, a cat", "myst, a tree",
+                                                 "myst, a car"], "myst")
+    concept = [p.text for p in prompts if p.kind == "concept"]
+    assert concept[0] == "myst, a castle" and len(concept) == 4 and len(set(concept)) == 4
+    assert sum(p.kind == "neutral" for p in prompts) == 3
+    with pytest.raises(Sd3tuneError):
+        default_prompts(None, [], None)
+
+    def model(label, kind, step):
+        return ModelImages(label, label, kind, step, None, 1.0, [])
+
+    models = [model("base", "base", None), model("lora", "lora", None), model("checkpoint-10", "checkpoint", 10),
+              model("checkpoint-20", "checkpoint", 20)]
+
+    def m(clip, style):
+        return {"clip_score": {"mean": clip}, "style_similarity": {"mean": style}}
+
+    metrics = {"base": m(99.0, 0.99), "lora": m(20.0, 0.5), "checkpoint-10": m(30.0, 0.6),
+               "checkpoint-20": m(25.0, 0.55)}
+    assert pick_best(models, metrics)["label"] == "checkpoint-10"  # base is never a candidate
+    tie = {"base": m(1.0, 0.1), "lora": m(20.0, 0.5), "checkpoint-10": m(20.0, 0.5), "checkpoint-20": m(20.0, 0.5)}
+    assert pick_best(models, tie)["label"] == "lora"  # ties go to the later step; the final LoRA is the last

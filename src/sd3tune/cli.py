@@ -227,7 +227,9 @@ def quickstart_cmd(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line and exit code 2 for user errors, tracebacks only with SD3TUNE_DEBUG=1."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(n) is returned, not raised, without standalone mode
+            sys.exit(code)
     except Sd3tuneError as exc:
         if os.environ.get("SD3TUNE_DEBUG"):
             raise

@@ -1,29 +1,59 @@
-"""`sd3tune check`: validate a run folder and preflight its data, in well under a second, with no torch import."""
+"""`sd3tune check`: validate a run folder and preflight its data in well under a second, with no torch import.
+
+Text output: every error, then every warning, as ``file:key: problem — fix``, then a one-line summary and the
+verdict. ``--json`` prints the same as one JSON object (``ok``, ``errors``, ``warnings``, ``summary``).
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from sd3tune.checks import CheckReport, check_run
+from sd3tune.checks import CheckReport, Summary, check_run
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def render_summary(s: Summary) -> str:
+    if not s.images:
+        return "summary: no usable training images found"
+    parts = [f"{_plural(s.images, 'image')}"]
+    if s.usable != s.images:
+        parts[0] += f" ({s.usable} usable)"
+    buckets = ", ".join(f"{k}: {v}" for k, v in s.buckets.items())
+    parts.append(f"{_plural(len(s.buckets), 'bucket')} [{buckets}]" if s.buckets else "no bucket")
+    if s.samples_per_epoch != s.usable:
+        parts.append(f"{s.samples_per_epoch} samples/epoch with repeats")
+    if s.effective_batch:
+        parts.append(f"effective batch {s.effective_batch}")
+    if s.steps and s.steps_per_epoch:
+        parts.append(f"{_plural(s.steps, 'step')} = {s.epochs:g} epoch{'' if s.epochs == 1 else 's'} of "
+                     f"{_plural(s.steps_per_epoch, 'step')}")
+    if s.gpu_memory_gb is not None:
+        preset = f", preset {s.preset}" if s.preset else ""
+        parts.append(f"est. GPU memory ~{s.gpu_memory_gb:g} GB{preset}")
+    if s.cache_gb is not None:
+        parts.append(f"caches ~{s.cache_gb:g} GB")
+    return "summary: " + "; ".join(parts)
 
 
 def render_report(report: CheckReport) -> str:
-    lines = []
-    errors = [f for f in report.findings if f.severity == "error"]
-    warnings = [f for f in report.findings if f.severity == "warning"]
+    lines = [f"checked {report.run.paths.root}" + (f" ({report.run.format} config)" if report.run.format else "")]
+    errors, warnings = report.errors, report.warnings
     if errors:
-        lines.append(f"{len(errors)} error(s):")
+        lines.append(f"{_plural(len(errors), 'error')}:")
         lines += [f"  {f.render()}" for f in errors]
     if warnings:
-        lines.append(f"{len(warnings)} warning(s):")
+        lines.append(f"{_plural(len(warnings), 'warning')}:")
         lines += [f"  {f.render()}" for f in warnings]
-    s = report.summary
-    if s.images:
-        buckets = ", ".join(f"{k} ({v})" for k, v in sorted(s.buckets.items()))
-        lines.append(f"summary: {s.images} images in {len(s.buckets)} bucket(s) [{buckets}]; {s.steps} steps = "
-                     f"{s.epochs} epochs of {s.steps_per_epoch} steps; est. GPU memory ~{s.gpu_memory_gb} GB")
-    lines.append("ok" if report.ok else "check failed: fix the errors above, then run `sd3tune check` again")
+    lines.append(render_summary(report.summary))
+    if report.ok:
+        lines.append("ok" + (" (with warnings)" if warnings else ""))
+    else:
+        lines.append(f"check failed: fix the {_plural(len(errors), 'error')} above, then run `sd3tune check "
+                     f"{report.run.paths.root}` again")
     return "\n".join(lines)
 
 

@@ -20,7 +20,6 @@ import typer
 
 from sd3tune.errors import Sd3tuneError
 from sd3tune.evaluation import DEFAULT_CLIP
-from sd3tune.manifest import read_manifest
 
 CHECKPOINT_CHOICES = ("latest", "all")
 EVAL_DIR = "eval"  # default --out, inside the run folder

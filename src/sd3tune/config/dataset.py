@@ -31,6 +31,8 @@ class ImageBackend(_Backend):
     target_downsample_size: int | float | None = Field(None, gt=0, description="Size large images are reduced to.")
     crop: StrictBool = Field(False, description="Crop images to the bucket instead of resizing.")
     crop_aspect: Literal["square", "preserve", "random", "closest"] = Field("square", description="Crop shape.")
+    crop_aspect_buckets: list[float] | None = Field(
+        None, description="Aspect ratios to crop to (needed by crop_aspect random and closest).")
     crop_style: Literal["random", "center", "centre", "corner", "face"] = Field("random", description="Crop position.")
     repeats: int = Field(0, ge=0, description="Extra passes over this dataset per epoch.")
     probability: float = Field(1.0, gt=0, le=1, description="Chance this dataset is sampled for a batch.")

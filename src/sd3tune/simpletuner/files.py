@@ -136,6 +136,7 @@ class LoadedRun:
     args: dict[str, Any] = field(default_factory=dict)  # SimpleTuner options as the files set them
     sources: dict[str, str] = field(default_factory=dict)  # option -> "KEY" / "TRAINER_EXTRA_ARGS --opt" / json key
     findings: list[Finding] = field(default_factory=list)
+    config_read: bool = False  # the config file itself could be read and parsed
 
 
 def _coerce_bool_options(args: dict[str, Any], catalog: Catalog) -> None:
@@ -147,14 +148,18 @@ def _coerce_bool_options(args: dict[str, Any], catalog: Catalog) -> None:
                 args[option] = parsed
 
 
-def _read_env(run: LoadedRun, catalog: Catalog) -> None:
+def _read_env(run: LoadedRun, catalog: Catalog) -> bool:
+    """Read config.env into ``run.args``; False when the file itself could not be read."""
     name = keys.ENV_FILE
     try:
         text = run.paths.env.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         run.findings.append(error(name, "", f"not UTF-8 text ({exc.reason} at byte {exc.start})",
                                   "save the file as UTF-8"))
-        return
+        return False
+    except OSError as exc:
+        run.findings.append(error(name, "", f"cannot be read: {exc.strerror}", "check the file's permissions"))
+        return False
     entries, malformed = envfile.parse_env_text(text)
     for bad in malformed:
         run.findings.append(error(name, f"line {bad.line}", f"not a KEY=VALUE line, SimpleTuner skips it: {bad.text!r}",
@@ -171,10 +176,15 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> None:
             continue
         option = catalog.env_keys.get(key)
         if option is None:
+            as_option = catalog.option(key.lower())
             close = catalog.closest_env_key(key)
-            run.findings.append(error(name, where, "unknown key; SimpleTuner silently ignores it",
-                                      f"did you mean {close}?" if close else
-                                      f"put SimpleTuner options in {keys.EXTRA_ARGS_KEY} as --option=value"))
+            if as_option is not None:
+                hint = f"this option has no config.env key: add --{as_option.name}=VALUE to {keys.EXTRA_ARGS_KEY}"
+            elif close:
+                hint = f"did you mean {close}?"
+            else:
+                hint = f"put SimpleTuner options in {keys.EXTRA_ARGS_KEY} as --option=value"
+            run.findings.append(error(name, where, "unknown key; SimpleTuner silently ignores it", hint))
             continue
         opt = catalog.option(option)
         lowered = value.lower()
@@ -191,6 +201,7 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> None:
                                                    "without one", f"set {key} to a {opt.kind} value"))
             continue
         _set_arg(run, option, value, where)
+    return True
 
 
 def _read_extra_args(run: LoadedRun, catalog: Catalog, value: str, where: str) -> None:
@@ -230,14 +241,15 @@ def _paths_name(self: LoadedRun) -> str:
 LoadedRun.paths_name = _paths_name  # type: ignore[attr-defined]
 
 
-def _read_json_config(run: LoadedRun, catalog: Catalog) -> None:
+def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
+    """Read config.json into ``run.args``; False when it could not be read or parsed."""
     name = keys.JSON_FILE
     data = _load_json(run, run.paths.json, name)
     if data is None:
-        return
+        return False
     if not isinstance(data, dict):
         run.findings.append(error(name, "", "must be a JSON object of option: value", "see `sd3tune init --format json`"))
-        return
+        return False
     for raw_key, value in data.items():
         option = raw_key.lstrip("-")
         opt = catalog.option(option)
@@ -255,6 +267,7 @@ def _read_json_config(run: LoadedRun, catalog: Catalog) -> None:
         if value is None:
             continue
         _set_arg(run, opt.name, value, raw_key)
+    return True
 
 
 def _load_json(run: LoadedRun, path: Path, name: str) -> Any:
@@ -265,6 +278,8 @@ def _load_json(run: LoadedRun, path: Path, name: str) -> Any:
                                   "fix the syntax (a trailing comma or a missing quote is typical)"))
     except UnicodeDecodeError:
         run.findings.append(error(name, "", "not UTF-8 text", "save the file as UTF-8"))
+    except OSError as exc:
+        run.findings.append(error(name, "", f"cannot be read: {exc.strerror}", "check the file's permissions"))
     return None
 
 
@@ -281,7 +296,7 @@ def _validate_config(run: LoadedRun, catalog: Catalog) -> None:
     args = dict(run.args)
     # What SimpleTuner does with an option the file leaves out is SimpleTuner's default, not sd3tune's.
     for key in keys.KEYS:
-        if key.option not in args:
+        if key.option not in args and key.option not in keys.REQUIRED_OPTIONS:  # those are reported as "not set"
             opt = catalog.option(key.option)
             args[key.option] = opt.default if opt is not None else None
     nested = keys.from_simpletuner_args(args)
@@ -298,8 +313,7 @@ def _validate_config(run: LoadedRun, catalog: Catalog) -> None:
                 run.findings.append(error(run.paths_name(), where, "is required but not set",
                                           f"set it (sd3tune init writes it)"))
                 continue
-            given = err.get("input")
-            run.findings.append(error(run.paths_name(), where, f"{given!r}: {err['msg']}", _choice_hint(err)))
+            run.findings.append(_value_finding(run.paths_name(), where, err))
 
 
 def _nullable(section: str, name: str) -> bool:
@@ -308,9 +322,18 @@ def _nullable(section: str, name: str) -> bool:
     return field_info is not None and not field_info.is_required() and "None" in str(field_info.annotation)
 
 
-def _choice_hint(err: dict) -> str:
-    expected = (err.get("ctx") or {}).get("expected")
-    return f"use one of {expected}" if expected else ""
+def _value_finding(file: str, where: str, err: dict) -> Finding:
+    """A pydantic error as a finding; a bad choice names the closest valid one and lists them once."""
+    given = err.get("input")
+    if err["type"] == "literal_error":
+        import re
+        from difflib import get_close_matches
+
+        choices = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        close = get_close_matches(str(given), choices, n=1)
+        hint = (f"did you mean {close[0]}? " if close else "") + f"valid: {', '.join(choices)}"
+        return error(file, where, f"{given!r} is not a valid choice", hint)
+    return error(file, where, f"{given!r}: {err['msg']}")
 
 
 def _read_backends(run: LoadedRun) -> None:
@@ -347,7 +370,7 @@ def _read_backends(run: LoadedRun) -> None:
             elif err["type"] == "missing":
                 run.findings.append(error(name, where, "is required", "see `sd3tune init` for a complete entry"))
             else:
-                run.findings.append(error(name, where, f"{err.get('input')!r}: {err['msg']}", _choice_hint(err)))
+                run.findings.append(_value_finding(name, where, err))
 
 
 def read_run(run_dir: str | Path, catalog: Catalog | None = None) -> LoadedRun:
@@ -374,11 +397,9 @@ def read_run(run_dir: str | Path, catalog: Catalog | None = None) -> LoadedRun:
                                   "convert it, or re-create the run with `sd3tune init`"))
         return run
     run.format = "json" if paths.json in present else "env"
-    if run.format == "env":
-        _read_env(run, catalog)
-    else:
-        _read_json_config(run, catalog)
-    _coerce_bool_options(run.args, catalog)
-    _validate_config(run, catalog)
+    run.config_read = _read_env(run, catalog) if run.format == "env" else _read_json_config(run, catalog)
+    if run.config_read:  # a file that could not be read would only yield made-up follow-on errors
+        _coerce_bool_options(run.args, catalog)
+        _validate_config(run, catalog)
     _read_backends(run)
     return run

@@ -35,6 +35,20 @@ LORA_KEY_PREFIX = "transformer.transformer_blocks."
 RESOLVED_CONFIG_NAME = "simpletuner_config.json"  # fully resolved args SimpleTuner writes to OUTPUT_DIR
 CHECKPOINT_PREFIX = "checkpoint-"
 
+# Options a run must set explicitly: SimpleTuner's defaults for them are wrong for an SD3M LoRA or missing.
+REQUIRED_OPTIONS = {
+    "model_type": "set MODEL_TYPE='lora'",
+    "model_family": "set MODEL_FAMILY='sd3'",
+    "pretrained_model_name_or_path": "set MODEL_NAME='stabilityai/stable-diffusion-3-medium-diffusers' "
+                                     "(without it SimpleTuner trains SD3.5 Medium, not SD3 Medium)",
+    "output_dir": "set OUTPUT_DIR to a folder for the LoRA and checkpoints",
+    "data_backend_config": "set DATALOADER_CONFIG to the multidatabackend.json path",
+}
+
+# Variables SimpleTuner reads from the process environment besides its mapped config.env keys.
+CONFIG_ENV_VARS = ("ENV", "SIMPLETUNER_ENV", "SIMPLETUNER_ENVIRONMENT", "CONFIG_PATH", "CONFIG_TYPE", "CONFIG_BACKEND",
+                   "SIMPLETUNER_CONFIG_BACKEND", EXTRA_ARGS_KEY)
+
 # Known upstream bugs (see compat.py for those fixed in the child process).
 BROKEN_OPTIONS = {
     "use_dora": "USE_DORA=true fails in SimpleTuner 4.10.1 with peft 0.21 (init_lora_weights='default' rejected)",

@@ -49,9 +49,7 @@ def train_script() -> Path:
 
 def child_environment(environ: Mapping[str, str], config_format: str) -> dict[str, str]:
     """The training process's environment: the allow-list from ``environ``, minus any SimpleTuner key."""
-    forbidden = set(load_catalog().env_keys) | {keys.EXTRA_ARGS_KEY, "ENV", "SIMPLETUNER_ENV",
-                                                  "SIMPLETUNER_ENVIRONMENT", "CONFIG_PATH", "CONFIG_TYPE",
-                                                  "SIMPLETUNER_CONFIG_BACKEND"}
+    forbidden = set(load_catalog().env_keys) | set(keys.CONFIG_ENV_VARS)
     env = {k: v for k, v in environ.items()
            if (k in PASSTHROUGH or k.startswith(PASSTHROUGH_PREFIXES)) and k not in forbidden}
     env.setdefault("PATH", os.defpath)

@@ -1,0 +1,476 @@
+"""`sd3tune check` (and the same check at the start of `train`): a catalog of broken runs, each caught in seconds.
+
+Every case starts from a valid run written by `run_init`, breaks one thing in the written files or the data
+folder, and asserts: exit code 2, the culprit key or file is named, no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from helpers import sd3tune
+from typer.testing import CliRunner
+
+from sd3tune.cli import app
+from sd3tune.commands.init import run_init
+
+runner = CliRunner()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def env_path(run: Path) -> Path:
+    return run / "config" / "config.env"
+
+
+def json_path(run: Path) -> Path:
+    return run / "config" / "config.json"
+
+
+def backends_path(run: Path) -> Path:
+    return run / "config" / "multidatabackend.json"
+
+
+def env_set(run: Path, key: str, value: str) -> None:
+    """Set KEY='value' in config.env (replacing the line, or appending one)."""
+    text = env_path(run).read_text()
+    line = f"{key}='{value}'"
+    new, n = re.subn(rf"^{key}=.*$", lambda m: line, text, flags=re.M)
+    env_path(run).write_text(new if n else text + line + "\n")
+
+
+def env_del(run: Path, key: str) -> None:
+    text = env_path(run).read_text()
+    env_path(run).write_text(re.sub(rf"^{key}=.*\n", "", text, flags=re.M))
+
+
+def env_line(run: Path, line: str) -> None:
+    env_path(run).write_text(env_path(run).read_text() + line + "\n")
+
+
+def extra_args(run: Path, old: str, new: str) -> None:
+    """Edit TRAINER_EXTRA_ARGS (replace ``old`` by ``new``; old '' appends)."""
+    text = env_path(run).read_text()
+    m = re.search(r"^TRAINER_EXTRA_ARGS='(.*)'$", text, flags=re.M)
+    assert m, text
+    args = m.group(1)
+    args = args.replace(old, new) if old else f"{args} {new}"
+    env_path(run).write_text(text[:m.start(1)] + args + text[m.end(1):])
+
+
+def json_edit(path: Path, fn: Callable) -> None:
+    data = json.loads(path.read_text())
+    result = fn(data)
+    path.write_text(json.dumps(data if result is None else result, indent=2))
+
+
+def image_backend(data: list) -> dict:
+    return next(b for b in data if b.get("dataset_type") != "text_embeds")
+
+
+def backend_set(run: Path, **values) -> None:
+    json_edit(backends_path(run), lambda d: image_backend(d).update(values))
+
+
+def fake_model(tmp: Path, class_name: str, parts: tuple[str, ...] = ()) -> Path:
+    folder = tmp / f"fake-{class_name}"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name, "transformer": ["x", "y"]}))
+    for p in parts:
+        (folder / p).mkdir()
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------- the catalog
+# (id, config format, break(run, data, tmp) -> optional other path to check, strings the output must contain)
+
+Case = tuple[str, str, Callable[[Path, Path, Path], Path | None], tuple[str, ...]]
+
+CASES: list[Case] = [
+    # config.env: types, unknown keys, choices, syntax
+    ("env-wrong-type-int", "env", lambda r, d, t: env_set(r, "TRAIN_BATCH_SIZE", "two"), ("TRAIN_BATCH_SIZE",)),
+    ("env-wrong-type-float", "env", lambda r, d, t: env_set(r, "LEARNING_RATE", "fast"), ("LEARNING_RATE",)),
+    ("env-wrong-type-extra-arg", "env", lambda r, d, t: extra_args(r, "", "--aspect_bucket_rounding=two"),
+     ("aspect_bucket_rounding", "not an integer")),
+    ("env-typo-key", "env", lambda r, d, t: env_line(r, "LEARNING_RAT='1e-4'"), ("LEARNING_RAT", "LEARNING_RATE")),
+    ("env-typo-extra-arg", "env", lambda r, d, t: extra_args(r, "", "--lora_rnk=8"), ("--lora_rnk", "lora_rank")),
+    ("env-bad-choice", "env", lambda r, d, t: env_set(r, "LR_SCHEDULE", "cosinus"), ("LR_SCHEDULE", "cosine")),
+    ("env-bad-choice-extra-arg", "env", lambda r, d, t: extra_args(r, "", "--lora_type=loraa"),
+     ("lora_type", "standard")),
+    ("env-bad-model-family", "env", lambda r, d, t: env_set(r, "MODEL_FAMILY", "sdxl"), ("MODEL_FAMILY",)),
+    ("env-malformed-line", "env", lambda r, d, t: env_line(r, "this line has no equals sign"), ("config.env:line ",)),
+    ("env-plus-equals", "env", lambda r, d, t: env_set(r, "VALIDATION_PROMPT", "a+=b"), ("config.env:line ", "+=")),
+    ("env-not-utf8", "env", lambda r, d, t: env_path(r).write_bytes(b"MODEL_TYPE='\xff\xfe'\n"), ("config.env",)),
+    ("env-lora-rank-zero", "env", lambda r, d, t: extra_args(r, "--lora_rank=16", "--lora_rank=0"), ("lora_rank",)),
+    ("env-validation-resolution-garbage", "env", lambda r, d, t: env_set(r, "VALIDATION_RESOLUTION", "big"),
+     ("VALIDATION_RESOLUTION",)),
+    # the SimpleTuner traps
+    ("trap-key-false-dropped", "env", lambda r, d, t: env_line(r, "USE_GRADIENT_CHECKPOINTING=false"),
+     ("USE_GRADIENT_CHECKPOINTING", "stays ON", "TRAINER_EXTRA_ARGS")),
+    ("trap-extra-args-split-on-spaces", "env", lambda r, d, t: extra_args(r, "", "--tracker_run_name=my run"),
+     ("TRAINER_EXTRA_ARGS", "'run'")),
+    ("trap-validation-megapixels", "env", lambda r, d, t: env_set(r, "VALIDATION_RESOLUTION", "64"),
+     ("VALIDATION_RESOLUTION", "megapixels")),
+    ("trap-optimizer-adamw", "env", lambda r, d, t: env_set(r, "OPTIMIZER", "adamw"), ("OPTIMIZER", "torch-adamw")),
+    ("trap-no-model-name", "env", lambda r, d, t: env_del(r, "MODEL_NAME"), ("MODEL_NAME", "SD3.5")),
+    ("trap-use-dora", "env", lambda r, d, t: env_line(r, "USE_DORA='true'"), ("USE_DORA",)),
+    ("trap-steps-and-epochs", "env", lambda r, d, t: env_set(r, "NUM_EPOCHS", "3"), ("NUM_EPOCHS", "MAX_NUM_STEPS")),
+    ("trap-steps-with-default-epochs", "env", lambda r, d, t: env_del(r, "NUM_EPOCHS"), ("NUM_EPOCHS=0",)),
+    ("trap-json-shadows-env", "env", lambda r, d, t: json_path(r).write_text("{}"), ("config.json", "config.env")),
+    ("trap-typo-dataset-key", "env", lambda r, d, t: backend_set(r, repeat=2), ("repeat", "repeats")),
+    ("trap-false-string-in-dataset", "env", lambda r, d, t: backend_set(r, crop="false"), ("crop",)),
+    # steps
+    ("steps-nothing-to-train", "env", lambda r, d, t: env_set(r, "MAX_NUM_STEPS", "0"), ("MAX_NUM_STEPS",)),
+    ("steps-negative", "env", lambda r, d, t: env_set(r, "MAX_NUM_STEPS", "-5"), ("MAX_NUM_STEPS",)),
+    # run folder and config files
+    ("no-config-file", "env", lambda r, d, t: env_path(r).unlink(), ("config.env",)),
+    ("only-toml-config", "env", lambda r, d, t: [env_path(r).rename(r / "config" / "config.toml")],
+     ("config.toml", "not TOML")),
+    ("run-dir-missing", "env", lambda r, d, t: t / "no-such-run", ("no-such-run", "does not exist")),
+    ("dataloader-config-elsewhere", "env", lambda r, d, t: env_set(r, "DATALOADER_CONFIG", str(t / "nope.json")),
+     ("DATALOADER_CONFIG", "nope.json")),
+    ("output-dir-is-a-file", "env",
+     lambda r, d, t: ((t / "afile").write_text("x"), env_set(r, "OUTPUT_DIR", str(t / "afile")))[-1],
+     ("OUTPUT_DIR",)),
+    # base model
+    ("model-missing-local", "env", lambda r, d, t: env_set(r, "MODEL_NAME", str(t / "models" / "sd3")),
+     ("MODEL_NAME", "does not exist")),
+    ("model-not-diffusers", "env", lambda r, d, t: env_set(r, "MODEL_NAME", str(d)),
+     ("MODEL_NAME", "model_index.json")),
+    ("model-not-sd3", "env",
+     lambda r, d, t: env_set(r, "MODEL_NAME", str(fake_model(t, "StableDiffusionXLPipeline"))),
+     ("MODEL_NAME", "StableDiffusionXLPipeline")),
+    ("model-incomplete", "env",
+     lambda r, d, t: env_set(r, "MODEL_NAME", str(fake_model(t, "StableDiffusion3Pipeline", ("transformer",)))),
+     ("MODEL_NAME", "vae/")),
+    # config.json
+    ("json-syntax-error", "json", lambda r, d, t: json_path(r).write_text('{\n  "lora_rank": 16,\n}\n'),
+     ("config.json:line 3",)),
+    ("json-not-an-object", "json", lambda r, d, t: json_path(r).write_text("[]"), ("config.json",)),
+    ("json-false-string", "json", lambda r, d, t: json_edit(json_path(r), lambda c: c.update(
+        gradient_checkpointing="False")), ("gradient_checkpointing", "'False'")),
+    ("json-typo-key", "json", lambda r, d, t: json_edit(json_path(r), lambda c: c.update(learnng_rate=1e-4)),
+     ("learnng_rate", "learning_rate")),
+    ("json-wrong-type", "json", lambda r, d, t: json_edit(json_path(r), lambda c: c.update(train_batch_size="2x")),
+     ("train_batch_size",)),
+    ("json-bool-for-int-extra", "json", lambda r, d, t: json_edit(json_path(r), lambda c: c.update(
+        aspect_bucket_rounding=True)), ("aspect_bucket_rounding",)),
+    ("json-steps-and-epochs", "json", lambda r, d, t: json_edit(json_path(r), lambda c: c.update(num_train_epochs=2)),
+     ("num_train_epochs",)),
+    ("json-optimizer-adamw", "json", lambda r, d, t: json_edit(json_path(r), lambda c: c.update(optimizer="adamw")),
+     ("optimizer", "torch-adamw")),
+    # multidatabackend.json
+    ("backends-syntax-error", "env", lambda r, d, t: backends_path(r).write_text('[\n  {"id": "x",}\n]\n'),
+     ("multidatabackend.json:line 2",)),
+    ("backends-not-a-list", "env", lambda r, d, t: backends_path(r).write_text("{}"), ("multidatabackend.json",)),
+    ("backends-missing", "env", lambda r, d, t: backends_path(r).unlink(), ("multidatabackend.json",)),
+    ("backends-typo-required-key", "env", lambda r, d, t: json_edit(backends_path(r), lambda b: image_backend(
+        b).update(instance_data_dri=image_backend(b).pop("instance_data_dir"))), ("instance_data_dri",)),
+    ("backends-bad-choice", "env", lambda r, d, t: backend_set(r, caption_strategy="textfiles"),
+     ("caption_strategy", "textfile")),
+    ("backends-no-text-embeds", "env", lambda r, d, t: json_edit(backends_path(r), lambda b: [image_backend(b)]),
+     ("multidatabackend.json", "text_embeds")),
+    ("backends-duplicate-id", "env", lambda r, d, t: json_edit(backends_path(r), lambda b: b[1].update(
+        id=image_backend(b)["id"])), ("more than one dataset",)),
+    ("backends-unknown-text-embeds", "env", lambda r, d, t: backend_set(r, text_embeds="nope"),
+     ("text_embeds", "nope")),
+    ("backends-max-size-without-target", "env", lambda r, d, t: backend_set(r, maximum_image_size=1024),
+     ("maximum_image_size", "target_downsample_size")),
+    ("backends-area-minimum-megapixels", "env",
+     lambda r, d, t: backend_set(r, resolution_type="area", resolution=0.25, minimum_image_size=64),
+     ("minimum_image_size", "megapixels")),
+    # data folder
+    ("data-missing", "env", lambda r, d, t: backend_set(r, instance_data_dir=str(t / "gone")),
+     ("instance_data_dir", "gone")),
+    ("data-empty", "env", lambda r, d, t: (shutil.rmtree(d), d.mkdir()), ("instance_data_dir", "no readable images")),
+    ("data-corrupt-image", "env", lambda r, d, t: (d / "concept_03.png").write_bytes(b"not a png at all"),
+     ("concept_03.png",)),
+    ("data-truncated-image", "env", lambda r, d, t: (d / "concept_05.png").write_bytes(
+        (d / "concept_05.png").read_bytes()[:200]), ("concept_05.png",)),
+    ("data-empty-image-file", "env", lambda r, d, t: (d / "concept_02.png").write_bytes(b""), ("concept_02.png",)),
+    ("captions-all-missing", "env", lambda r, d, t: [p.unlink() for p in d.glob("*.txt")],
+     ("caption_strategy", ".txt")),
+    ("captions-one-missing", "env", lambda r, d, t: (d / "concept_04.txt").unlink(), ("concept_04.txt",)),
+    ("caption-not-utf8", "env", lambda r, d, t: (d / "concept_01.txt").write_bytes("caf\xe9".encode("latin-1")),
+     ("concept_01.txt", "UTF-8")),
+    ("instance-prompt-missing", "env", lambda r, d, t: backend_set(r, caption_strategy="instance_prompt"),
+     ("instance_prompt",)),
+    ("too-few-images-for-batch", "env", lambda r, d, t: env_set(r, "TRAIN_BATCH_SIZE", "16"), ("TRAIN_BATCH_SIZE",)),
+    ("batch-times-accumulation-too-large", "env", lambda r, d, t: env_set(r, "GRADIENT_ACCUMULATION_STEPS", "8"),
+     ("GRADIENT_ACCUMULATION_STEPS", "effective batch 16")),
+    ("all-images-below-minimum-size", "env", lambda r, d, t: backend_set(r, minimum_image_size=128),
+     ("minimum_image_size", "all 8")),
+]
+
+
+@pytest.fixture()
+def make_run(tiny_init_options):
+    def make(fmt: str = "env") -> tuple[Path, Path]:
+        tiny_init_options.format = fmt
+        run_init(tiny_init_options)
+        return tiny_init_options.run_dir, tiny_init_options.data
+
+    return make
+
+
+def check(run: Path, *args: str, env: dict | None = None):
+    start = time.perf_counter()
+    result = runner.invoke(app, ["check", str(run), *args], env=env)
+    elapsed = time.perf_counter() - start
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    return result, elapsed
+
+
+@pytest.mark.parametrize("fmt", ["env", "json"])
+def test_a_run_from_init_passes(make_run, fmt):
+    run, _ = make_run(fmt)
+    result, _ = check(run)
+    assert result.exit_code == 0, result.output
+    assert result.output.rstrip().splitlines()[-1].startswith("ok")
+    assert "error" not in result.output.lower().replace("0 error", "")
+    assert "summary: 8 images; 1 bucket [64x64: 8]" in result.output
+    assert "4 steps = 1 epoch of 4 steps" in result.output
+
+
+@pytest.mark.parametrize("case_id, fmt, breaker, needles", CASES, ids=[c[0] for c in CASES])
+def test_a_broken_run_fails_naming_the_culprit(make_run, tmp_path, case_id, fmt, breaker, needles):
+    run, data = make_run(fmt)
+    other = breaker(run, data, tmp_path)
+    target = other if isinstance(other, Path) else run
+    result, elapsed = check(target)
+    assert result.exit_code == 2, result.output
+    errors = _section(result.output, "error")
+    for needle in needles:
+        assert needle in errors, f"{needle!r} not among the errors:\n{result.output}"
+    assert "check failed" in result.output
+    assert elapsed < 5, f"check took {elapsed:.1f} s"
+
+
+def _section(output: str, kind: str) -> str:
+    """The finding lines under the "N error(s):" (or warning) heading."""
+    lines, inside = [], False
+    for line in output.splitlines():
+        if re.match(rf"^\d+ {kind}s?:$", line):
+            inside = True
+            continue
+        if inside and not line.startswith("  "):
+            inside = False
+        if inside:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def test_findings_are_file_key_problem_fix_lines(make_run):
+    run, _ = make_run()
+    env_set(run, "OPTIMIZER", "adamw")
+    result, _ = check(run)
+    line = next(line for line in result.output.splitlines() if "OPTIMIZER" in line)
+    assert re.match(r"^  config\.env:OPTIMIZER \(line \d+\): .+ — .+$", line), line
+
+
+def test_every_problem_is_reported_at_once(make_run, tmp_path):
+    run, data = make_run()
+    env_set(run, "OPTIMIZER", "adamw")
+    env_set(run, "TRAIN_BATCH_SIZE", "two")  # an invalid value must not hide the other config checks
+    env_set(run, "MODEL_NAME", str(tmp_path / "missing-model"))
+    env_line(run, "LEARNIN_RATE='1e-4'")
+    (data / "concept_04.txt").unlink()
+    (data / "concept_03.png").write_bytes(b"garbage")
+    backend_set(run, repeat=2)
+    result, _ = check(run)
+    assert result.exit_code == 2
+    errors = _section(result.output, "error")
+    for needle in ("OPTIMIZER", "TRAIN_BATCH_SIZE", "MODEL_NAME", "LEARNIN_RATE", "concept_04.txt", "concept_03.png",
+                   "repeat"):
+        assert needle in errors, (needle, result.output)
+    assert re.search(r"^\d+ errors:$", result.output, flags=re.M)
+
+
+def test_json_output_lists_errors_warnings_and_summary(make_run):
+    run, data = make_run()
+    result, _ = check(run, "--json")
+    report = json.loads(result.output)
+    assert result.exit_code == 0 and report["ok"] is True and report["errors"] == []
+    assert {"images", "buckets", "steps", "steps_per_epoch", "epochs", "gpu_memory_gb"} <= set(report["summary"])
+    assert report["summary"]["images"] == 8 and report["summary"]["buckets"] == {"64x64": 8}
+    assert report["summary"]["steps"] == 4 and report["summary"]["epochs"] == 1.0
+
+    env_set(run, "OPTIMIZER", "adamw")
+    (data / "concept_04.txt").write_text("")
+    result, _ = check(run, "--json")
+    report = json.loads(result.output)
+    assert result.exit_code == 2 and report["ok"] is False
+    assert [e["key"].split(" ")[0] for e in report["errors"]] == ["OPTIMIZER"]
+    assert set(report["errors"][0]) == {"severity", "file", "key", "message", "hint"}
+    assert any("empty" in w["message"] for w in report["warnings"])
+
+
+def test_warnings_alone_exit_zero(make_run):
+    run, _ = make_run()
+    env_set(run, "LEARNING_RATE", "0.01")  # high, but legal
+    result, _ = check(run, env={"MODEL_NAME": "someone/else"})  # a stray variable SimpleTuner would read
+    assert result.exit_code == 0, result.output
+    warnings = _section(result.output, "warning")
+    assert "LEARNING_RATE" in warnings and "environment:MODEL_NAME" in warnings
+    assert result.output.rstrip().endswith("ok (with warnings)")
+
+
+def test_token_overflow_of_captions_and_prompts_warns(make_run):
+    run, data = make_run()
+    (data / "concept_00.txt").write_text(" ".join(["a very detailed painting of an old stone castle"] * 10))
+    (data / "concept_01.txt").write_text(" ".join(["castle"] * 200))
+    extra_args(run, "--validation_disable=true", "--validation_disable=false")
+    env_set(run, "VALIDATION_PROMPT", " ".join(["a misty lighthouse at dusk"] * 20))
+    result, _ = check(run)
+    assert result.exit_code == 0, result.output
+    warnings = _section(result.output, "warning")
+    assert "images.caption_strategy: 1 captions exceed about 154 T5 tokens" in warnings
+    assert "captions exceed CLIP's 77 tokens" in warnings
+    assert re.search(r"VALIDATION_PROMPT \(line \d+\): about \d+ CLIP tokens", warnings)
+    assert "VALIDATION_STEPS" in warnings  # 250 > 4 steps: no validation image would be made
+
+
+def test_lora_alpha_other_than_rank_warns(make_run):
+    run, _ = make_run()
+    extra_args(run, "--lora_alpha=16.0", "--lora_alpha=4")
+    result, _ = check(run)
+    assert result.exit_code == 0
+    assert "TRAINER_EXTRA_ARGS (line 69) --lora_alpha: alpha 4 != rank 16" in _section(result.output, "warning")
+
+
+def test_summary_reports_memory_for_the_preset_and_warns_when_it_does_not_fit(make_run):
+    import sd3tune.checks as checks
+
+    run, _ = make_run()
+    report = checks.check_run(run)
+    assert report.summary.preset == "24gb" and 4 < report.summary.gpu_memory_gb < 24
+    assert checks.gpu_memory_estimate(1, 1024**2, False, False) == 10.8  # PERFORMANCE.md: SimpleTuner, batch 1
+    assert checks.gpu_memory_estimate(4, 1024**2, False, False) == 28.0
+    assert checks.gpu_memory_estimate(1, 1024**2, True, False) == 10.6
+    env_set(run, "RESOLUTION", "1024")
+    backend_set(run, resolution=1024)
+    env_set(run, "TRAIN_BATCH_SIZE", "4")
+    result, _ = check(run)
+    assert "does not fit the 24gb preset" in _section(result.output, "warning")
+
+
+def test_bucket_smaller_than_batch_is_dropped_with_a_warning(make_run, tmp_path):
+    """Images of an odd aspect ratio land in their own bucket; with a minimum size set SimpleTuner drops it."""
+    from PIL import Image
+
+    run, data = make_run()
+    backend_set(run, crop=False)
+    Image.new("RGB", (128, 64)).save(data / "wide.png")
+    (data / "wide.txt").write_text("a wide one")
+    result, _ = check(run)
+    assert result.exit_code == 0, result.output
+    assert "1 images sit in aspect buckets smaller than the batch" in result.output
+    assert "[64x64: 8]" in result.output
+
+
+def test_disk_space_for_caches_is_checked(make_run, monkeypatch):
+    import sd3tune.checks as checks
+
+    run, _ = make_run()
+    monkeypatch.setattr(checks.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    report = checks.check_run(run)
+    assert not report.ok
+    assert any(f.key == "cache_dir" and "GiB" in f.message for f in report.errors)
+
+
+def test_unreadable_config_file_is_a_finding_not_a_traceback(make_run, monkeypatch):
+    import pathlib
+
+    import sd3tune.checks as checks
+
+    run, _ = make_run()
+    read_text = pathlib.Path.read_text
+
+    def deny(self, *args, **kwargs):
+        if self.name == "config.env":
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", deny)
+    report = checks.check_run(run)
+    assert [f.render() for f in report.errors] == ["config.env: cannot be read: Permission denied — check the "
+                                                   "file's permissions"]
+
+
+def test_a_bug_in_one_rule_is_reported_and_the_other_rules_still_run(make_run, monkeypatch):
+    import sd3tune.checks as checks
+
+    def broken(ctx):
+        raise KeyError("boom")
+
+    run, _ = make_run()
+    env_set(run, "OPTIMIZER", "adamw")
+    monkeypatch.delenv("SD3TUNE_DEBUG", raising=False)
+    monkeypatch.setattr(checks, "RULES", (broken, *checks.RULES))
+    report = checks.check_run(run)
+    assert any(f.key == "broken" and "internal error" in f.message for f in report.errors)
+    assert any("OPTIMIZER" in f.key for f in report.errors)
+
+
+def test_train_refuses_a_broken_run_before_launching(make_run, monkeypatch):
+    from sd3tune.commands.train import TrainOptions, run_train
+    from sd3tune.errors import ConfigError
+    from sd3tune.simpletuner import launch
+
+    def no_launch(*a, **k):
+        raise AssertionError("SimpleTuner was launched")
+
+    monkeypatch.setattr(launch, "run_plan", no_launch)
+    monkeypatch.setattr("sd3tune.commands.train.run_plan", no_launch)
+    run, _ = make_run()
+    env_set(run, "OPTIMIZER", "adamw")
+    with pytest.raises(ConfigError) as info:
+        run_train(TrainOptions(run_dir=run))
+    assert "OPTIMIZER" in str(info.value) and any("OPTIMIZER" in f.key for f in info.value.findings)
+    assert not (run / "logs").exists() and not (run / "output").exists()
+
+
+def test_real_process_output_names_the_culprits_without_traceback(make_run):
+    run, data = make_run()
+    ok = sd3tune("check", run)
+    assert ok.code == 0 and "Traceback" not in ok.out + ok.err and ok.out.rstrip().endswith("ok (with warnings)")
+    (data / "concept_03.png").write_bytes(b"garbage")
+    env_set(run, "OPTIMIZER", "adamw")
+    bad = sd3tune("check", run)
+    assert "Traceback" not in bad.out + bad.err
+    assert "concept_03.png" in bad.out and "OPTIMIZER" in bad.out and "check failed" in bad.out
+    train = sd3tune("train", run)
+    assert train.code == 2 and "Traceback" not in train.out + train.err
+    assert "OPTIMIZER" in train.err and not (run / "logs").exists()
+
+
+def test_real_process_check_exits_2_on_errors(make_run):
+    run, _ = make_run()
+    env_set(run, "OPTIMIZER", "adamw")
+    assert sd3tune("check", run).code == 2
+
+
+def test_check_imports_no_torch(make_run):
+    """The whole `sd3tune check` path (CLI included) runs without torch, diffusers, transformers or SimpleTuner."""
+    run, _ = make_run()
+    code = ("import sys\n"
+            "from sd3tune.cli import main\n"
+            "try:\n"
+            f"    main(['check', {str(run)!r}])\n"
+            "except SystemExit as exc:\n"
+            "    assert not exc.code, exc.code\n"
+            "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'simpletuner', 'accelerate') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "print('clean')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stdout + proc.stderr

@@ -1,0 +1,118 @@
+"""The header-only image scan: sizes, captions, corrupt files, buckets and token estimates."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sd3tune.datascan import (
+    ImageInfo, assign_buckets, bucket_of, estimate_clip_tokens, estimate_t5_tokens, list_images, scan_folder,
+    too_small,
+)
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    img = Image.effect_noise((300, 200), 40).convert("RGB")
+    for fmt in ("png", "jpg", "webp"):
+        img.save(tmp_path / f"ok.{fmt}")
+        data = (tmp_path / f"ok.{fmt}").read_bytes()
+        (tmp_path / f"truncated.{fmt}").write_bytes(data[: len(data) * 2 // 3])
+        (tmp_path / f"trailing.{fmt}").write_bytes(data + b"\0extra" * 500)  # legal: decoders stop at the end marker
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90°: SimpleTuner applies exif_transpose
+    img.save(tmp_path / "rotated.jpg", exif=exif)
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "ok.txt").write_text("first caption\n\nsecond caption\n")
+    (tmp_path / "trailing.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "rotated.txt").write_text("")
+    (tmp_path / "notes.md").write_text("not an image")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    img.save(tmp_path / ".ipynb_checkpoints" / "skipped.png")
+    (tmp_path / "sub").mkdir()
+    img.save(tmp_path / "sub" / "nested.png")
+    return tmp_path
+
+
+def test_scan_reads_sizes_captions_and_names_every_broken_file(folder):
+    scan = scan_folder(folder)
+    sizes = {i.path.name: (i.width, i.height) for i in scan.images}
+    assert sizes == {"ok.png": (300, 200), "ok.jpg": (300, 200), "ok.webp": (300, 200), "trailing.png": (300, 200),
+                     "trailing.jpg": (300, 200), "trailing.webp": (300, 200), "rotated.jpg": (200, 300),
+                     "nested.png": (300, 200)}
+    bad = {p.name for p, _ in scan.corrupt}
+    assert bad == {"truncated.png", "truncated.jpg", "truncated.webp", "garbage.png", "empty.png", "trailing.txt"}
+    by_name = {i.path.name: i for i in scan.images}
+    assert by_name["ok.png"].captions == ["first caption", "second caption"]
+    assert by_name["nested.png"].caption is None and by_name["rotated.jpg"].caption == ""
+    assert {i.path.name for i in scan.uncaptioned} >= {"nested.png"}
+    assert "rotated.jpg" in {i.path.name for i in scan.empty_captions}
+
+
+def test_listing_follows_simpletuner_walk(folder):
+    names = {p.name for p in list_images(folder)}
+    assert "nested.png" in names and "skipped.png" not in names and "notes.md" not in names
+
+
+def test_minimum_size_mirrors_simpletuner_units():
+    small = ImageInfo(Path("x.png"), 600, 400, None)
+    assert too_small(small, 512, "pixel") and not too_small(small, 400, "pixel")
+    # pixel_area: an edge above 10 becomes an area (512² = 0.26 MP > 0.24 MP)
+    assert too_small(small, 512, "pixel_area") and not too_small(small, 480, "pixel_area")
+    assert not too_small(small, 0.2, "area") and too_small(small, 0.3, "area")
+    assert too_small(small, 0.15, "area", crop_square=True) is False  # 387 px square fits 600x400
+    assert too_small(small, 0.2, "area", crop_square=True)  # a 447 px square does not
+    assert too_small(ImageInfo(Path("x.png"), 1000, 200, None), 0.16, "area", crop_square=True)
+
+
+def test_buckets_for_sd3():
+    assert bucket_of(1024, 1024, 1024, "pixel_area") == (1024, 1024)
+    assert bucket_of(1536, 1024, 1024, "pixel_area") == (1280, 832)
+    assert bucket_of(1500, 1000, 1024, "pixel") == (1536, 1024)
+    assert bucket_of(1500, 1000, 64, "pixel", crop_square=True) == (64, 64)
+    assert all(side % 64 == 0 for side in bucket_of(777, 1333, 768, "pixel_area"))
+
+
+def test_buckets_match_simpletuners_own_code(tmp_path):
+    """The same sizes through SimpleTuner 4.10.1's MultiaspectImage (imports torch: ~10 s)."""
+    pytest.importorskip("simpletuner")
+    from types import SimpleNamespace
+
+    from sd3tune.simpletuner.compat import install
+
+    install()
+    from simpletuner.helpers.multiaspect.image import MultiaspectImage
+    from simpletuner.helpers.training.state_tracker import StateTracker
+
+    StateTracker.set_args(SimpleNamespace(aspect_bucket_alignment=64, aspect_bucket_rounding=2,
+                                          output_dir=str(tmp_path)))
+    rng = random.Random(0)
+    for resolution, rtype in [(1024, "pixel"), (512, "pixel"), (1024, "pixel_area"), (768, "pixel_area"),
+                              (1.0, "area")]:
+        StateTracker.aspect_resolution_map = {}
+        sizes = [(rng.randint(64, 4000), rng.randint(64, 4000)) for _ in range(300)]
+        theirs = []
+        for w, h in sizes:
+            aspect = MultiaspectImage.calculate_image_aspect_ratio((w, h))
+            if rtype == "pixel":
+                target, _, _ = MultiaspectImage.calculate_new_size_by_pixel_edge(aspect, resolution, (w, h))
+            else:
+                mp = resolution * resolution / 1e6 if rtype == "pixel_area" else resolution
+                target, _, _ = MultiaspectImage.calculate_new_size_by_pixel_area(aspect, mp, (w, h))
+            theirs.append(tuple(target))
+        ours = assign_buckets(sizes, resolution, rtype)
+        if rtype == "pixel":  # no size map: compare each image's own target
+            ours = [bucket_of(w, h, resolution, rtype) for w, h in sizes]
+        assert ours == theirs, rtype
+
+
+def test_token_estimates_are_in_the_right_range():
+    short = "sd3tune-style, concept art of a castle on a hill"
+    assert 8 <= estimate_clip_tokens(short) <= 20 and 8 <= estimate_t5_tokens(short) <= 25
+    long = " ".join(["a very detailed painting of an old stone castle"] * 10)
+    assert estimate_clip_tokens(long) > 77 and estimate_t5_tokens(long) < 154
+    assert estimate_t5_tokens(" ".join(["castle"] * 200)) > 154

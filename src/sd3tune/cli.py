@@ -164,6 +164,7 @@ def generate_cmd(
     drop_t5: Annotated[bool, typer.Option("--drop-t5", help="Load no T5 encoder (~9 GB less memory).")] = False,
     offload: Annotated[str, typer.Option("--offload", help="none, model (CPU offload) or sequential (least memory).")] = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
+    compile_: Annotated[bool, typer.Option("--compile", help="Compile the transformer blocks (CUDA only): ~16 s once, then ~20% faster per image; pays off from ~50 images at 1024 px.")] = False,
 ) -> None:
     """Generate images with SD3 Medium (+ a LoRA); PNGs carry their settings in text chunks.
 
@@ -186,7 +187,7 @@ def generate_cmd(
         prompts=list(prompt or []), prompts_file=prompts_file, model=model, lora=lora, scale=scale, seed=seed,
         num_images=num_images, steps=steps, guidance=guidance, width=width, height=height, negative=negative, out=out,
         device=device, dtype=dtype, max_sequence_length=max_sequence_length, shift=shift,  # type: ignore[arg-type]
-        drop_t5=drop_t5, offload=offload, batch_size=batch_size))  # type: ignore[arg-type]
+        drop_t5=drop_t5, offload=offload, batch_size=batch_size, compile=compile_))  # type: ignore[arg-type]
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     for image in result.images:

@@ -139,7 +139,12 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
             vae=vae, text_encoder=clip(), tokenizer=tok1, text_encoder_2=clip(), tokenizer_2=tok2,
             text_encoder_3=te3, tokenizer_3=tok3,
         )
-        pipe.save_pretrained(out, safe_serialization=True)
+        return save_pipeline(pipe, out)
+
+
+def save_pipeline(pipe, out: Path) -> Path:
+    """Save an SD3 pipeline as a diffusers folder that SimpleTuner loads like the real SD3 Medium."""
+    pipe.save_pretrained(out, safe_serialization=True)
     # SimpleTuner and the real SD3M folder name the fast T5 tokenizer class (an alias in transformers 5).
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())

@@ -87,3 +87,18 @@ def test_backends_json_points_at_the_data_and_has_a_default_text_embeds():
     assert data[0]["instance_data_dir"] == "/DATA/art" and data[0]["type"] == "local"
     assert data[1] == {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
                        "cache_dir": "/RUN/cache/text"}
+
+
+def test_options_simpletuners_env_loader_skips_go_to_extra_args(tmp_path):
+    """TRAINER_DYNAMO_BACKEND is in SimpleTuner's env map but its loader drops it: compile must go in extra args."""
+    cfg, backends = reference_run()
+    cfg = cfg.model_copy(update={"extra": {"dynamo_backend": "inductor"}})
+    text = render_env(cfg)
+    assert "DYNAMO_BACKEND=" not in text
+    assert "--dynamo_backend=inductor" in next(line for line in text.splitlines()
+                                              if line.startswith("TRAINER_EXTRA_ARGS="))
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.env").write_text(text + "TRAINER_DYNAMO_BACKEND='inductor'\n")
+    (tmp_path / "config" / "multidatabackend.json").write_text(render_backends(backends))
+    findings = read_run(tmp_path).findings
+    assert [(f.key.split(" ")[0], "--dynamo_backend" in f.hint) for f in findings] == [("TRAINER_DYNAMO_BACKEND", True)]

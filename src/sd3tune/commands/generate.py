@@ -37,6 +37,7 @@ class GenerateOptions:
     drop_t5: bool = False
     offload: Literal["none", "model", "sequential"] = "none"
     batch_size: int = 4
+    compile: bool = False  # per-block torch.compile on CUDA: ~16 s once, then ~20% faster images (H100)
 
 
 @dataclass
@@ -132,12 +133,16 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
         notes.append("T5 dropped (--drop-t5): lower memory, weaker prompt following")
     t0 = time.perf_counter()
     pipe = load_pipeline(model, device=opts.device, dtype=opts.dtype, lora=lora, drop_t5=opts.drop_t5,
-                         offload=opts.offload, shift=settings.shift)
+                         offload=opts.offload, shift=settings.shift, compile=opts.compile)
+    notes += pipe.notes
     weight = pipe.set_lora_scale(opts.scale)
     load_seconds = time.perf_counter() - t0
     opts.out.mkdir(parents=True, exist_ok=True)
     seeds = [opts.seed + i for i in range(opts.num_images)]
     total = len(prompts) * len(seeds)
+    if opts.compile and pipe.device == "cuda" and opts.offload == "none" and total < 50:
+        notes.append(f"--compile for {total} image(s): on an H100 at 1024 px compiling (~16 s) pays off from "
+                     "~50 images")
     images: list[GeneratedImage] = []
     from tqdm.auto import tqdm
 

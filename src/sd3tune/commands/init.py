@@ -113,7 +113,7 @@ def build_run(opts: InitOptions) -> InitResult:
     flags: dict[str, dict[str, Any]] = {"model": {"name_or_path": opts.model}, "validation": {"prompt": prompt}}
     if opts.resolution is not None:
         flags["data"] = {"resolution": opts.resolution}
-        side = opts.resolution
+        side = max(opts.resolution, 128)  # smaller numbers are read as megapixels by SimpleTuner
         flags["validation"]["resolution"] = f"{side}x{side}"
     if opts.rank is not None:
         flags["lora"] = {"rank": opts.rank}

@@ -175,6 +175,12 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> bool:
             _read_extra_args(run, catalog, value, where)
             continue
         option = catalog.env_keys.get(key)
+        if key in keys.ENV_LOADER_SKIPS:
+            skipped = keys.ENV_LOADER_SKIPS[key]
+            run.findings.append(error(name, where, f"SimpleTuner's env loader ignores this key (it treats --{skipped} "
+                                                   "as an accelerate flag)",
+                                      f"add --{skipped}={value} to {keys.EXTRA_ARGS_KEY} instead"))
+            continue
         if option is None:
             as_option = catalog.option(key.lower())
             close = catalog.closest_env_key(key)
@@ -311,7 +317,7 @@ def _validate_config(run: LoadedRun, catalog: Catalog) -> None:
             where = _source_key(run, option, err["loc"])
             if err["type"] == "missing":
                 run.findings.append(error(run.paths_name(), where, "is required but not set",
-                                          f"set it (sd3tune init writes it)"))
+                                          "set it (sd3tune init writes it)"))
                 continue
             run.findings.append(_value_finding(run.paths_name(), where, err))
 

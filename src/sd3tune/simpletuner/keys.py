@@ -35,6 +35,10 @@ LORA_KEY_PREFIX = "transformer.transformer_blocks."
 RESOLVED_CONFIG_NAME = "simpletuner_config.json"  # fully resolved args SimpleTuner writes to OUTPUT_DIR
 CHECKPOINT_PREFIX = "checkpoint-"
 
+# Options SimpleTuner's env loader skips even though its env map names a key for them (it treats them as
+# accelerate flags): TRAINER_DYNAMO_BACKEND / TRAINING_DYNAMO_BACKEND lines are silently ignored.
+ENV_LOADER_SKIPS = {"TRAINER_DYNAMO_BACKEND": "dynamo_backend", "TRAINING_DYNAMO_BACKEND": "dynamo_backend"}
+
 # Options a run must set explicitly: SimpleTuner's defaults for them are wrong for an SD3M LoRA or missing.
 REQUIRED_OPTIONS = {
     "model_type": "set MODEL_TYPE='lora'",

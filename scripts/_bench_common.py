@@ -1,0 +1,412 @@
+"""Shared pieces of the sd3tune benchmarks (bench_train.py, bench_generate.py).
+
+Importable (``from _bench_common import ...`` with scripts/ on sys.path) and runnable, so that heavy work can go
+to a fresh process whose memory is measured on its own:
+
+  python scripts/_bench_common.py build-model OUT --size {tiny,sd3m}
+  python scripts/_bench_common.py anchor-train --model DIR --resolution 1024 --batch 1 --json OUT.json
+
+``build-model`` writes a diffusers folder with RANDOM weights, fully offline: ``tiny`` is sd3tune's tiny SD3 (CPU
+tests), ``sd3m`` has SD3 Medium's real transformer (2.03 B parameters) and VAE, and text encoders with SD3 Medium's
+output widths but 2 layers (speed does not depend on the weights' values; PERFORMANCE.md).
+
+``anchor-train`` is the plain diffusers + peft LoRA loop that PERFORMANCE.md calls the anchor: the diffusers
+dreambooth-lora-sd3 attention targets, rank 16, fp32 LoRA parameters, bf16 autocast, torch AdamW, latents and
+text embeddings given (cached), no gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SCRIPTS = Path(__file__).resolve().parent
+REPO = SCRIPTS.parent
+SHARED_ANCHOR = REPO.parent / "shared" / "bench" / "anchor_sd3m.py"
+NOT_ACCEPTANCE = "tiny/CPU: not an acceptance number"
+GIB = 2**30
+
+# The anchor's LoRA targets (diffusers' train_dreambooth_lora_sd3.py defaults; PERFORMANCE.md anchor rows).
+ANCHOR_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                  "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
+
+# stabilityai/stable-diffusion-3-medium-diffusers: transformer and VAE configs.
+SD3M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+SD3M_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+                use_quant_conv=False, use_post_quant_conv=False)
+
+
+# ------------------------------------------------------------------------------------------------ environment
+
+def offline_env() -> None:
+    """Nothing a benchmark does may reach the Hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU (does not create a CUDA context in this process)."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def gpu_index() -> str:
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
+    return first if first.isdigit() else "0"
+
+
+def gpu_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", gpu_index()],
+                             capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def device_label(cuda: bool) -> str:
+    if cuda:
+        return gpu_name()
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def resolve_size(size: str, cuda: bool) -> str:
+    if size == "auto":
+        return "sd3m" if cuda else "tiny"
+    return size
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+def _gpu_used_mib() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                              "-i", gpu_index()], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    try:
+        return float(out.stdout.strip().splitlines()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def _rss_bytes(which: str) -> float | None:
+    import psutil
+
+    me = psutil.Process()
+    procs = me.children(recursive=True) if which == "children" else [me]
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return float(total)
+
+
+class PeakMemory:
+    """Samples memory in a background thread while a phase runs.
+
+    ``gpu``: memory in use on the GPU (nvidia-smi, whole device) above what was in use when sampling started, so it
+    counts the CUDA context and the allocator's cache of whatever runs. ``children``: summed RSS of this process's
+    subprocesses (accelerate + SimpleTuner, the anchor). ``self``: this process's RSS.
+    """
+
+    def __init__(self, kind: str, interval: float = 0.2) -> None:
+        self.kind = kind
+        self.interval = interval
+        self.peak: float | None = None
+        self.base = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> float | None:
+        if self.kind == "gpu":
+            mib = _gpu_used_mib()
+            return None if mib is None else mib * 2**20
+        return _rss_bytes(self.kind)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.kind == "gpu":
+            self.base = self._sample() or 0.0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            value = self._sample()
+            if value is not None:
+                self.peak = value if self.peak is None else max(self.peak, value)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def gib(self) -> float | None:
+        return None if self.peak is None else round((self.peak - self.base) / GIB, 2)
+
+    @property
+    def how(self) -> str:
+        return {"gpu": "nvidia-smi, whole GPU, above idle", "children": "RSS of the child processes",
+                "self": "RSS of this process"}[self.kind]
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+class Report:
+    """Prints ``key: value`` lines as results arrive and keeps them for the final JSON line / file."""
+
+    def __init__(self, json_path: Path | None = None) -> None:
+        self.data: dict[str, Any] = {}
+        self.json_path = json_path
+
+    def __call__(self, key: str, value: Any, note: str = "") -> Any:
+        self.data[key] = value
+        print(f"{key}: {value}" + (f"  ({note})" if note else ""), flush=True)
+        self.save()
+        return value
+
+    def save(self) -> None:
+        if self.json_path is not None:
+            self.json_path.parent.mkdir(parents=True, exist_ok=True)
+            self.json_path.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+
+    def finish(self) -> None:
+        self.save()
+        print("RESULT " + json.dumps(self.data, default=str), flush=True)
+
+
+def ratio(value: float | None, anchor: float | None) -> float | None:
+    if not value or not anchor:
+        return None
+    return round(value / anchor, 3)
+
+
+def verdict(ok: bool | None, label: str = "") -> str:
+    """PASS/FAIL against an acceptance target, or ``label`` when this run is not an acceptance measurement."""
+    if label:
+        return label
+    if ok is None:
+        return "n/a"
+    return "PASS" if ok else "FAIL"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def run_self(args: list[str], timeout: float | None = None, log: Path | None = None) -> subprocess.CompletedProcess:
+    """Run this file in a fresh interpreter (``build-model``, ``anchor-train``), output to ``log`` when given."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    if log is None:
+        return subprocess.run(cmd, timeout=timeout, check=False)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        return subprocess.run(cmd, timeout=timeout, check=False, stdout=fh, stderr=subprocess.STDOUT)
+
+
+# ------------------------------------------------------------------------------------------------ model + data
+
+def ensure_model(work: Path, size: str) -> tuple[Path, float, bool]:
+    """The random model folder for ``size`` under ``work`` (built in a subprocess once, then reused)."""
+    folder = work / f"model-{size}"
+    if (folder / "model_index.json").is_file():
+        return folder, 0.0, False
+    if folder.exists():
+        shutil.rmtree(folder)
+    t = time.perf_counter()
+    log = work / f"build-model-{size}.log"
+    proc = run_self(["build-model", str(folder), "--size", size], log=log)
+    if proc.returncode != 0 or not (folder / "model_index.json").is_file():
+        sys.stderr.write(log.read_text()[-4000:])
+        raise SystemExit(f"building the {size} model failed (exit {proc.returncode}); log: {log}")
+    return folder, time.perf_counter() - t, True
+
+
+def build_model(out: Path, size: str) -> Path:
+    offline_env()
+    if size == "tiny":
+        from sd3tune.tiny import build_tiny_sd3
+
+        return build_tiny_sd3(out)
+    return build_sd3m_random(out)
+
+
+def build_sd3m_random(out: Path) -> Path:
+    """SD3-Medium-sized StableDiffusion3Pipeline with random weights (built on the GPU when there is one)."""
+    import tempfile
+
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from sd3tune.inference import quiet_libraries
+    from sd3tune.tiny import _write_clip_tokenizer, _write_t5_tokenizer, save_pipeline
+
+    quiet_libraries()
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with tempfile.TemporaryDirectory() as td:
+        tok1 = _write_clip_tokenizer(Path(td) / "tokenizer", pad_token="<|endoftext|>")
+        tok2 = _write_clip_tokenizer(Path(td) / "tokenizer_2", pad_token="!")
+        tok3 = _write_t5_tokenizer(Path(td) / "tokenizer_3")
+
+        def clip(width: int, heads: int, act: str) -> CLIPTextModelWithProjection:
+            cfg = CLIPTextConfig(vocab_size=len(tok1), hidden_size=width, intermediate_size=4 * width,
+                                 num_hidden_layers=2, num_attention_heads=heads, max_position_embeddings=77,
+                                 projection_dim=width, hidden_act=act, layer_norm_eps=1e-5, bos_token_id=49406,
+                                 eos_token_id=49407, pad_token_id=1)
+            return CLIPTextModelWithProjection(cfg).eval()
+
+        with torch.device(dev):
+            te1 = clip(768, 12, "quick_gelu")    # CLIP-L width
+            te2 = clip(1280, 20, "gelu")         # CLIP-G width
+            te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=4096, d_kv=64, d_ff=10240, num_layers=2,
+                                          num_heads=64, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                          is_encoder_decoder=False, use_cache=False, pad_token_id=0,
+                                          eos_token_id=1, decoder_start_token_id=0)).eval()  # T5-XXL width
+            transformer = SD3Transformer2DModel(**SD3M_TRANSFORMER)
+            vae = AutoencoderKL(**SD3M_VAE)
+        bf16 = torch.bfloat16
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer.to(bf16), scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000,
+                                                                                        shift=3.0),
+            vae=vae, text_encoder=te1.to(bf16), tokenizer=tok1, text_encoder_2=te2.to(bf16), tokenizer_2=tok2,
+            text_encoder_3=te3.to(bf16), tokenizer_3=tok3)
+        return save_pipeline(pipe, out)
+
+
+def ensure_data(work: Path, count: int, size: int) -> Path:
+    """``count`` captioned synthetic images of ``size`` px (reused when already there)."""
+    from sd3tune.tiny import make_concept_images
+
+    folder = work / f"data-{count}x{size}"
+    if len(list(folder.glob("*.png"))) != count:
+        if folder.exists():
+            shutil.rmtree(folder)
+        make_concept_images(folder, count=count, size=size)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------ anchor: training
+
+def anchor_train(model: Path, resolution: int, batch: int, rank: int, text_tokens: int, warmup: int, steps: int
+                 ) -> dict[str, Any]:
+    """The plain diffusers + peft LoRA step (PERFORMANCE.md's anchor), timed in this process."""
+    t_start = time.perf_counter()
+    offline_env()
+    import torch
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    dt = torch.bfloat16 if cuda else torch.float32
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    torch.manual_seed(0)
+    tr = SD3Transformer2DModel.from_pretrained(str(model), subfolder="transformer", dtype=dt).to(dev)
+    tr.requires_grad_(False)
+    tr.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=ANCHOR_TARGETS))
+    params = [p for p in tr.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    cfg = tr.config
+    lat = resolution // 8
+    x = torch.randn(batch, cfg.in_channels, lat, lat, device=dev, dtype=dt)
+    text = torch.randn(batch, text_tokens, cfg.joint_attention_dim, device=dev, dtype=dt)
+    pooled = torch.randn(batch, cfg.pooled_projection_dim, device=dev, dtype=dt)
+    timesteps = torch.rand(batch, device=dev) * 1000
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step() -> None:
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
+            out = tr(x, text, pooled, timesteps, return_dict=False)[0]
+        loss = (out.float() - x.float()).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    sync()
+    first = time.perf_counter() - t_start
+    for _ in range(max(0, warmup - 1)):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    result: dict[str, Any] = {
+        "s_per_step": round((time.perf_counter() - t) / steps, 4), "time_to_first_step_s": round(first, 1),
+        "lora_params_M": round(sum(p.numel() for p in params) / 1e6, 2), "targets": len(ANCHOR_TARGETS),
+        "rank": rank, "text_tokens": text_tokens, "resolution": resolution, "batch": batch,
+        "dtype": str(dt).replace("torch.", ""), "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+    }
+    if cuda:
+        result["torch_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        result["torch_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build-model", help="write a random diffusers SD3 folder")
+    b.add_argument("out", type=Path)
+    b.add_argument("--size", choices=["tiny", "sd3m"], default="tiny")
+    a = sub.add_parser("anchor-train", help="time the plain diffusers + peft LoRA step")
+    a.add_argument("--model", type=Path, required=True)
+    a.add_argument("--resolution", type=int, default=1024)
+    a.add_argument("--batch", type=int, default=1)
+    a.add_argument("--rank", type=int, default=16)
+    a.add_argument("--text-tokens", type=int, default=154)
+    a.add_argument("--warmup", type=int, default=3)
+    a.add_argument("--steps", type=int, default=10)
+    a.add_argument("--json", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.cmd == "build-model":
+        build_model(args.out, args.size)
+        print(f"built {args.size} model in {args.out}")
+        return 0
+    result = anchor_train(args.model, args.resolution, args.batch, args.rank, args.text_tokens, args.warmup,
+                          args.steps)
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(SCRIPTS))
+    raise SystemExit(main())

@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Time `sd3tune generate` (one load, batched seeds, batched CFG, optional per-block compile) against a plain
+diffusers StableDiffusion3Pipeline (eager, one image per call), in the same process on the same machine.
+
+On a CUDA host: an SD3-Medium-sized model with random weights (no download; cached in --work), 1024x1024, 28 steps,
+CFG 7, T5 length 256. Without a GPU: the tiny random SD3 at 64 px, so CI keeps the script working (numbers labelled
+"tiny/CPU: not an acceptance number"). Printed per variant:
+
+  s_per_image            steady state: images after the first batch (sd3tune: includes writing the PNG)
+  time_to_first_image_s  from the call to the first image written (loading, compiling, first batch)
+  peak_mem_gib           torch's peak allocated GPU memory in that phase (CPU: this process's RSS)
+  ratio_s_per_image      s_per_image / anchor's
+
+Variants (--variants): default (`sd3tune generate` as shipped) and compile (`--compile`: per-block torch.compile;
+ignored with a note on CPU). Target on an H100: <= 1.1 s per 1024x1024 image.
+
+examples:
+  python scripts/bench_generate.py                                  # CPU: tiny; CUDA: SD3M size, default + compile
+  python scripts/bench_generate.py --images 24 --batch-size 4 --json /tmp/gen.json
+  python scripts/bench_generate.py --lora /tmp/sd3tune-bench/runs/default   # with the LoRA bench_train trained
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import (NOT_ACCEPTANCE, PeakMemory, Report, cuda_available, device_label,  # noqa: E402
+                           ensure_model, median, offline_env, ratio, resolve_size, verdict)
+
+TARGET_S_PER_IMAGE_H100 = 1.1
+PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert city, concept art",
+           "a lighthouse at dusk, oil painting", "a spaceship over a forest, concept art"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["auto", "tiny", "sd3m"], default="auto",
+                    help="model size: auto = sd3m on CUDA, tiny on CPU")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/sd3tune-bench"), help="where the random model is cached")
+    ap.add_argument("--variants", default=None, help="comma-separated: default, compile (CUDA default: both; "
+                                                     "CPU: default)")
+    ap.add_argument("--images", type=int, default=None, help="images per sd3tune variant (sd3m 12, tiny 6); the "
+                                                             "first batch is warm-up")
+    ap.add_argument("--batch-size", type=int, default=None, help="sd3tune generate --batch-size (sd3m 4, tiny 2)")
+    ap.add_argument("--anchor-images", type=int, default=None, help="timed anchor images after one warm-up "
+                                                                    "(sd3m 3, tiny 2)")
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--guidance", type=float, default=7.0)
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (sd3m 1024, tiny 64)")
+    ap.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens, the same for both")
+    ap.add_argument("--lora", type=Path, default=None, help="a LoRA (run folder or .safetensors) for both sides")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    return ap.parse_args(argv)
+
+
+class Phase:
+    """Peak memory of one phase: torch's allocator on CUDA, this process's RSS on CPU."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.poller = None if cuda else PeakMemory("self")
+
+    def __enter__(self) -> "Phase":
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.poller.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.poller is not None:
+            self.poller.__exit__(*exc)
+
+    @property
+    def gib(self) -> float | None:
+        import torch
+
+        if self.cuda:
+            return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        return self.poller.gib
+
+    @property
+    def how(self) -> str:
+        return "torch peak allocated" if self.cuda else "RSS of this process"
+
+
+def sync(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def run_anchor(args: argparse.Namespace, model: Path, res: int, cuda: bool, report: Report) -> float | None:
+    """Plain diffusers: load, then one pipeline call per image (eager, CFG batched by diffusers)."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from sd3tune.inference import quiet_libraries
+
+    quiet_libraries()
+    dev = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    n = args.anchor_images or (3 if cuda else 2)
+    with Phase(cuda) as phase:
+        t0 = time.perf_counter()
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(model), dtype=dtype)
+        if args.lora is not None:
+            from sd3tune.inference import resolve_lora
+
+            lora = resolve_lora(args.lora)
+            pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, adapter_name="bench")
+        pipe.to(dev)
+        pipe.set_progress_bar_config(disable=True)
+        load_s = time.perf_counter() - t0
+
+        def one(i: int):
+            gen = torch.Generator(dev).manual_seed(i)
+            with torch.inference_mode():
+                return pipe(prompt=PROMPTS[i % len(PROMPTS)], generator=gen, num_inference_steps=args.steps,
+                            guidance_scale=args.guidance, width=res, height=res,
+                            max_sequence_length=args.max_sequence_length, output_type="pil").images[0]
+
+        one(0)
+        sync(cuda)
+        first = time.perf_counter() - t0
+        times = []
+        for i in range(1, n + 1):
+            sync(cuda)
+            t = time.perf_counter()
+            one(i)
+            sync(cuda)
+            times.append(time.perf_counter() - t)
+    report("anchor.source", "diffusers StableDiffusion3Pipeline, eager, one image per call, PIL output (no PNG)")
+    report("anchor.load_s", round(load_s, 1))
+    report("anchor.time_to_first_image_s", round(first, 1))
+    report("anchor.peak_mem_gib", phase.gib, phase.how)
+    del pipe
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return report("anchor.s_per_image", round(median(times), 4), f"median of {n}")
+
+
+def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda: bool, out: Path,
+                report: Report) -> dict[str, Any]:
+    from sd3tune.commands.generate import GenerateOptions, run_generate
+
+    n = args.images or (12 if cuda else 6)
+    bs = args.batch_size or (4 if cuda else 2)
+    if n <= bs:
+        raise SystemExit(f"--images {n} must exceed --batch-size {bs}: the first batch is the warm-up")
+    arrivals: list[float] = []
+    opts = GenerateOptions(prompts=[PROMPTS[0]], model=str(model), lora=args.lora, num_images=n, batch_size=bs,
+                           steps=args.steps, guidance=args.guidance, width=res, height=res,
+                           max_sequence_length=args.max_sequence_length, out=out / name, compile=name == "compile")
+    with Phase(cuda) as phase:
+        t0 = time.perf_counter()
+        result = run_generate(opts, on_image=lambda _img: arrivals.append(time.perf_counter() - t0), progress=False)
+    p = f"{name}."
+    report(p + "notes", result.notes)
+    report(p + "images", f"{n} in batches of {bs} (CFG batch {2 * bs})")
+    report(p + "load_s", round(result.load_seconds, 1))
+    first = report(p + "time_to_first_image_s", round(arrivals[0], 1))
+    # Per-image time of each batch after the first (a batch's images arrive together), median over batches.
+    ends = [arrivals[min(i + bs, n) - 1] for i in range(0, n, bs)]
+    sizes = [min(bs, n - i) for i in range(0, n, bs)]
+    per_image = [(ends[k] - ends[k - 1]) / sizes[k] for k in range(1, len(ends))]
+    s_per_image = median(per_image)
+    report(p + "first_batch_s", round(ends[0] - result.load_seconds, 1), "includes any compile")
+    report(p + "peak_mem_gib", phase.gib, phase.how)
+    # The PNG + provenance write is part of sd3tune's per-image time; measure it alone.
+    from PIL import Image
+
+    from sd3tune.inference import png_metadata
+
+    image = Image.open(result.images[-1].path).convert("RGB")
+    t = time.perf_counter()
+    image.save(io.BytesIO(), format="PNG", pnginfo=png_metadata({"prompt": PROMPTS[0], "seed": 0}))
+    png_s = report(p + "png_write_s", round(time.perf_counter() - t, 4), "one image, inside s_per_image")
+    report(p + "s_per_image_without_png", round(s_per_image - png_s, 4), "estimate: s_per_image - png_write_s")
+    return {"s_per_image": report(p + "s_per_image", round(s_per_image, 4),
+                                  f"median over batches 2..{len(ends)}, images {bs + 1}..{n}"),
+            "time_to_first_image_s": first}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    offline_env()
+    args.work = args.work.expanduser().resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    cuda = cuda_available()
+    size = resolve_size(args.size, cuda)
+    if size == "sd3m" and not cuda:
+        print("note: SD3M size on CPU is very slow (minutes per image)", flush=True)
+    names = [v.strip() for v in (args.variants or ("default,compile" if cuda else "default")).split(",") if v.strip()]
+    unknown = [v for v in names if v not in ("default", "compile")]
+    if unknown or not names:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from default, compile")
+    res = args.resolution or (1024 if size == "sd3m" else 64)
+    report = Report(args.json)
+    report("bench", "generate")
+    report("device", device_label(cuda))
+    report("size", size, "SD3-Medium-sized random weights" if size == "sd3m" else NOT_ACCEPTANCE)
+    model, build_s, built = ensure_model(args.work, size)
+    report("model", str(model))
+    report("model_build_s", round(build_s, 1), "built now" if built else "reused from --work")
+    report("config", {"resolution": res, "steps": args.steps, "guidance": args.guidance,
+                      "max_sequence_length": args.max_sequence_length, "lora": str(args.lora) if args.lora else None})
+    import torch
+
+    report("torch", torch.__version__)
+    anchor = run_anchor(args, model, res, cuda, report)
+    acceptance = cuda and size == "sd3m" and res == 1024 and args.steps == 28
+    label = "" if acceptance else (NOT_ACCEPTANCE if not cuda or size == "tiny"
+                                   else "not the acceptance configuration (1024 px, 28 steps)")
+    h100 = "H100" in device_label(cuda)
+    with tempfile.TemporaryDirectory(dir=args.work) as td:
+        for name in names:
+            out = run_variant(name, args, model, res, cuda, Path(td), report)
+            report(f"{name}.ratio_s_per_image", ratio(out["s_per_image"], anchor), label or "sd3tune / anchor")
+            if label:
+                report(f"{name}.verdict", verdict(None, label))
+            elif h100:
+                report(f"{name}.verdict", verdict(out["s_per_image"] <= TARGET_S_PER_IMAGE_H100),
+                       f"target <= {TARGET_S_PER_IMAGE_H100} s/image on an H100")
+            else:
+                report(f"{name}.verdict", "n/a: the 1.1 s/image target is for an H100; compare the ratio")
+    report.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

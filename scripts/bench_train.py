@@ -1,0 +1,330 @@
+#!/usr/bin/env python
+"""Time sd3tune's LoRA training step (SimpleTuner, with the `sd3tune init` defaults) against the plain
+diffusers + peft loop (the anchor of ../shared/PERFORMANCE.md), in the same command on the same machine.
+
+On a CUDA host it builds an SD3-Medium-sized model with random weights (no download; cached in --work), writes
+1024 px images, runs the anchor in a fresh process, then `sd3tune init` + `sd3tune train` (through the Python API,
+i.e. the real `accelerate launch` of SimpleTuner) for each variant, and prints per variant:
+
+  s_per_step            steady-state seconds per step (arrival time of SimpleTuner's progress lines, after --warmup)
+  time_to_first_step_s  from `sd3tune train` starting to step 1 done (imports, model load, caching, compile)
+  peak_mem_gib          peak GPU memory in use (nvidia-smi, whole device, above idle); on CPU: RSS of the processes
+  ratio_s_per_step      s_per_step / anchor s_per_step (acceptance: <= 0.9 at 1024 px, batch 1)
+
+Without a GPU it runs the same path at tiny size (64 px, tiny random SD3) so CI keeps it working; those ratios
+are printed with the label "tiny/CPU: not an acceptance number".
+
+Variants (--variants, comma-separated): default (exactly what `sd3tune init --preset P` writes), and on top of it
+regional (inductor, per-block compile), regional-cudagraphs (+ dynamo_mode=reduce-overhead), inductor (whole model).
+
+examples:
+  python scripts/bench_train.py                                     # CPU: tiny; CUDA: SD3M size, default variant
+  python scripts/bench_train.py --variants default,regional,regional-cudagraphs --json /tmp/train.json
+  python scripts/bench_train.py --extra attention_mechanism=diffusers   # any SimpleTuner option, every variant
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import (NOT_ACCEPTANCE, SHARED_ANCHOR, PeakMemory, Report, cuda_available,  # noqa: E402
+                           device_label, ensure_data, ensure_model, offline_env, ratio, resolve_size, run_self,
+                           verdict)
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "regional": {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True},
+    "regional-cudagraphs": {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True,
+                            "dynamo_mode": "reduce-overhead"},
+    "inductor": {"dynamo_backend": "inductor"},
+}
+# What SimpleTuner resolved (OUTPUT_DIR/simpletuner_config.json): proves which settings the run really used.
+RESOLVED = ["optimizer", "grad_clip_method", "max_grad_norm", "lora_dropout", "lora_rank", "gradient_checkpointing",
+            "mixed_precision", "train_batch_size", "resolution", "attention_mechanism", "dynamo_backend",
+            "dynamo_mode", "dynamo_use_regional_compilation"]
+TARGET_RATIO = 0.9
+TARGET_FIRST_STEP_S = 60.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["auto", "tiny", "sd3m"], default="auto",
+                    help="model size: auto = sd3m on CUDA, tiny on CPU")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/sd3tune-bench"),
+                    help="working folder: the random model and images are built once here and reused")
+    ap.add_argument("--variants", default="default", help=f"comma-separated, from {', '.join(VARIANTS)}")
+    ap.add_argument("--extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="a SimpleTuner option added to every variant (repeatable)")
+    ap.add_argument("--preset", default=None, help="sd3tune init preset (default: init's default)")
+    ap.add_argument("--format", choices=["env", "json"], default="env",
+                    help="config file sd3tune init writes (init's default: env)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per run (sd3m 40, tiny 12)")
+    ap.add_argument("--warmup", type=int, default=None, help="steps left out of s/step (sd3m 10, tiny 4)")
+    ap.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's)")
+    ap.add_argument("--resolution", type=int, default=None, help="pixels (sd3m 1024, tiny 64)")
+    ap.add_argument("--images", type=int, default=None, help="training images (sd3m 16, tiny 8)")
+    ap.add_argument("--anchor", choices=["ours", "shared", "none"], default="ours",
+                    help="ours: the plain loop in _bench_common.py; shared: ../shared/bench/anchor_sd3m.py")
+    ap.add_argument("--anchor-text-tokens", type=int, default=154,
+                    help="text tokens of the anchor's step (PERFORMANCE.md anchor: 77 + 77)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    return ap.parse_args(argv)
+
+
+def _value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def init_variant(name: str, extra: dict[str, Any], args: argparse.Namespace, model: Path, data: Path, size: str,
+                 steps: int, resolution: int) -> tuple[Path, Any]:
+    """`sd3tune init` for one variant: the preset's defaults plus only what a benchmark needs."""
+    from sd3tune.commands.init import InitOptions, run_init
+    from sd3tune.commands.quickstart import TINY_BACKEND, TINY_OVERRIDES
+    from sd3tune.config.presets import DEFAULT_PRESET, merge
+
+    run_dir = args.work / "runs" / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    bench = {"validation": {"enabled": False},  # no sampling, no preview decoder from the Hub
+             "checkpoints": {"step_interval": 100 * steps},  # no checkpoint inside the timed steps
+             "data": {"resolution": resolution}}
+    if args.batch is not None:
+        bench["optim"] = {"train_batch_size": args.batch}
+    if extra:
+        bench["extra"] = dict(extra)
+    overrides = merge(TINY_OVERRIDES, bench) if size == "tiny" else bench
+    result = run_init(InitOptions(run_dir=run_dir, data=data, model=str(model), preset=args.preset or DEFAULT_PRESET,
+                                  steps=steps, overrides=overrides, format=args.format,
+                                  image_backend_overrides=TINY_BACKEND if size == "tiny" else {}, force=True))
+    return run_dir, result.config
+
+
+def run_anchor(args: argparse.Namespace, model: Path, size: str, cfg: Any, mem_kind: str, report: Report,
+               warmup: int) -> float | None:
+    batch, resolution, rank = cfg.optim.train_batch_size, cfg.data.resolution, cfg.lora.rank
+    out = args.work / "anchor"
+    out.mkdir(parents=True, exist_ok=True)
+    if args.anchor == "shared":
+        if not SHARED_ANCHOR.is_file():
+            report("anchor.error", f"{SHARED_ANCHOR} not found; use --anchor ours")
+            return None
+        import subprocess
+
+        cmd = [sys.executable, str(SHARED_ANCHOR), "--skip-gen", "--out", str(out)]
+        cmd += ["--tiny"] if size == "tiny" else []
+        with PeakMemory(mem_kind) as mem:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        data = json.loads((out / "anchor.json").read_text()) if (out / "anchor.json").is_file() else {}
+        key = f"train_bs{batch}_nockpt_s_per_step"
+        if proc.returncode != 0 or key not in data:
+            report("anchor.error", f"shared anchor failed or has no {key}: {proc.stderr[-500:]}")
+            return None
+        report("anchor.source", f"{SHARED_ANCHOR} (its own resolution: 1024 px, or 64 px with --tiny)")
+        report("anchor.peak_mem_gib", mem.gib, mem.how)
+        return report("anchor.s_per_step", data[key])
+    result_path = out / "anchor.json"
+    result_path.unlink(missing_ok=True)
+    t = time.perf_counter()
+    with PeakMemory(mem_kind) as mem:
+        proc = run_self(["anchor-train", "--model", str(model), "--resolution", str(resolution), "--batch", str(batch),
+                         "--rank", str(rank), "--text-tokens", str(args.anchor_text_tokens),
+                         "--warmup", str(min(warmup, 5)), "--steps", "20" if size == "sd3m" else "4",
+                         "--json", str(result_path)], log=out / "anchor.log")
+    if proc.returncode != 0 or not result_path.is_file():
+        report("anchor.error", f"exit {proc.returncode}; log: {out / 'anchor.log'}")
+        sys.stderr.write((out / "anchor.log").read_text()[-3000:])
+        return None
+    data = json.loads(result_path.read_text())
+    report("anchor.source", "plain diffusers + peft loop (_bench_common.py anchor-train), fresh process")
+    report("anchor.recipe", f"{data['targets']} attention targets, rank {data['rank']}, fp32 LoRA params, "
+                            f"{data['dtype']} compute, torch AdamW, {data['text_tokens']} text tokens, "
+                            f"{data['resolution']} px, batch {data['batch']}, no gradient checkpointing")
+    report("anchor.time_to_first_step_s", data["time_to_first_step_s"], "anchor start (imports, load) to step 1 done")
+    report("anchor.wall_s", round(time.perf_counter() - t, 1))
+    report("anchor.peak_mem_gib", mem.gib, mem.how)
+    for key in ("torch_peak_allocated_gib", "torch_peak_reserved_gib"):
+        if key in data:
+            report(f"anchor.{key}", data[key])
+    return report("anchor.s_per_step", data["s_per_step"])
+
+
+def steady_seconds_per_step(marks: dict[int, float], total: int, warmup: int) -> float | None:
+    """Seconds per step between the first progress line at or after ``warmup`` and the last one before the end
+    (the final line can arrive only when the bar closes, after the LoRA is saved)."""
+    points = sorted((s, t) for s, t in marks.items() if s >= 1)
+    body = [p for p in points if p[0] < total] or points
+    start = next((p for p in body if p[0] >= warmup), None)
+    if start is None or not body or body[-1][0] <= start[0]:
+        return None
+    end = body[-1]
+    return (end[1] - start[1]) / (end[0] - start[0])
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def log_highlights(log: Path | None, limit: int = 6) -> list[str]:
+    """SimpleTuner's lines about compilation and attention, to see what the run really did."""
+    if log is None or not log.is_file():
+        return []
+    found: list[str] = []
+    pattern = re.compile(r"Torch Dynamo|kohaku|attention backend|recompil|done compiling", re.I)
+    for line in re.split(r"[\r\n]", log.read_text(errors="replace")):
+        line = _ANSI.sub("", line).strip()
+        if pattern.search(line) and line not in found and not line.startswith("Extra args"):
+            found.append(line[:200])
+            if len(found) >= limit:
+                break
+    return found
+
+
+def not_applied(requested: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
+    """Requested SimpleTuner options that the run did not end up with (e.g. silently dropped config keys)."""
+    def norm(v: Any) -> str:
+        return str(v).strip().lower()
+
+    return {k: resolved.get(k) for k, v in requested.items() if norm(resolved.get(k)) != norm(v)}
+
+
+def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, report: Report, warmup: int
+                ) -> dict[str, Any]:
+    from sd3tune.commands.train import TrainOptions, run_train
+    from sd3tune.errors import Sd3tuneError
+
+    marks: dict[int, float] = {}
+    t0 = time.perf_counter()
+
+    def on_progress(p) -> None:
+        marks.setdefault(p.step, time.perf_counter() - t0)
+
+    out: dict[str, Any] = {}
+    error = None
+    result = None
+    with PeakMemory(mem_kind) as mem:
+        try:
+            result = run_train(TrainOptions(run_dir=run_dir), on_progress=on_progress)
+        except Sd3tuneError as exc:
+            error = exc.one_line()
+    p = f"{name}."
+    if error is not None:
+        out["error"] = report(p + "error", error)
+        logs = sorted((run_dir / "logs").glob("train-*.log"))
+        if logs:
+            report(p + "log", str(logs[-1]))
+        return out
+    assert result is not None
+    total = result.last.total if result.last else max(marks or {0: 0})
+    report(p + "log", str(result.log))
+    resolved_path = run_dir / "output" / "simpletuner_config.json"
+    if resolved_path.is_file():
+        resolved = json.loads(resolved_path.read_text())
+        report(p + "simpletuner_resolved", {k: resolved.get(k) for k in RESOLVED})
+        dropped = not_applied(extra, resolved)
+        if dropped:
+            out["error"] = report(p + "error", f"SimpleTuner did not apply {sorted(dropped)} (it resolved "
+                                               f"{dropped}); the timings below are not this variant's")
+    for i, line in enumerate(log_highlights(result.log)):
+        report(p + f"log_line_{i}", line)
+    report(p + "steps", total)
+    if 0 in marks:
+        report(p + "startup_s", round(marks[0], 1), "`sd3tune train` start to SimpleTuner's step 0 (imports, load, "
+                                                    "caching)")
+    firsts = [t for s, t in marks.items() if s >= 1]
+    if firsts:
+        out["time_to_first_step_s"] = report(p + "time_to_first_step_s", round(min(firsts), 1))
+        if 0 in marks:
+            report(p + "first_step_s", round(min(firsts) - marks[0], 2), "step 1 alone (compiles happen here)")
+    sps = steady_seconds_per_step(marks, total, warmup)
+    out["s_per_step"] = report(p + "s_per_step", None if sps is None else round(sps, 4),
+                               f"steady state, steps {warmup}..{total - 1}")
+    if result.last and result.last.seconds_per_step:
+        report(p + "tqdm_s_per_step", round(result.last.seconds_per_step, 4),
+               "SimpleTuner's smoothed rate, for comparison")
+    report(p + "wall_s", round(result.seconds, 1))
+    out["peak_mem_gib"] = report(p + "peak_mem_gib", mem.gib, mem.how)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    offline_env()
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    extra_all = {}
+    for item in args.extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--extra {item!r} must be KEY=VALUE")
+        extra_all[key.strip()] = _value(value.strip())
+    args.work = args.work.expanduser().resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    cuda = cuda_available()
+    size = resolve_size(args.size, cuda)
+    acceptance = cuda and size == "sd3m"
+    report = Report(args.json)
+    report("bench", "train")
+    report("device", device_label(cuda))
+    report("size", size, "SD3-Medium-sized random weights" if size == "sd3m" else NOT_ACCEPTANCE)
+    steps = args.steps or (40 if size == "sd3m" else 12)
+    warmup = args.warmup if args.warmup is not None else (10 if size == "sd3m" else 4)
+    resolution = args.resolution or (1024 if size == "sd3m" else 64)
+    if warmup >= steps - 1:
+        raise SystemExit(f"--warmup {warmup} leaves nothing to time in {steps} steps")
+
+    model, build_s, built = ensure_model(args.work, size)
+    report("model", str(model))
+    report("model_build_s", round(build_s, 1), "built now" if built else "reused from --work")
+    data = ensure_data(args.work, args.images or (16 if size == "sd3m" else 8), resolution)
+
+    runs = {name: init_variant(name, {**VARIANTS[name], **extra_all}, args, model, data, size, steps, resolution)
+            for name in names}
+    cfg = runs[names[0]][1]
+    report("config", {"preset": args.preset or "default", "format": args.format, "resolution": cfg.data.resolution,
+                      "batch": cfg.optim.train_batch_size, "rank": cfg.lora.rank, "steps": steps, "warmup": warmup,
+                      "optimizer": cfg.optim.optimizer, "grad_clip": cfg.optim.grad_clip_method,
+                      "lora_dropout": cfg.lora.dropout, "gradient_checkpointing": cfg.precision.gradient_checkpointing,
+                      "mixed_precision": cfg.precision.mixed_precision, "extra": cfg.extra})
+    mem_kind = "gpu" if cuda else "children"
+    anchor = None if args.anchor == "none" else run_anchor(args, model, size, cfg, mem_kind, report, warmup)
+
+    failed = False
+    label = "" if acceptance else NOT_ACCEPTANCE
+    if acceptance and (cfg.data.resolution, cfg.optim.train_batch_size) != (1024, 1):
+        acceptance, label = False, "not the acceptance configuration (1024 px, batch 1)"
+    for name in names:
+        run_dir, run_cfg = runs[name]  # every extra option init wrote (variant's and preset's) must reach SimpleTuner
+        out = run_variant(name, run_dir, dict(run_cfg.extra), mem_kind, report, warmup)
+        if "error" in out:
+            failed = True
+            if "s_per_step" not in out:
+                continue
+        r = report(f"{name}.ratio_s_per_step", ratio(out.get("s_per_step"), anchor),
+                   label or f"sd3tune / anchor, target <= {TARGET_RATIO}")
+        first = out.get("time_to_first_step_s")
+        report(f"{name}.verdict_step", verdict(None if r is None else r <= TARGET_RATIO, label))
+        report(f"{name}.verdict_first_step", verdict(None if first is None else first <= TARGET_FIRST_STEP_S, label))
+    report.finish()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

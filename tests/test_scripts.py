@@ -1,0 +1,86 @@
+"""The benchmark scripts keep working: each runs at tiny size on CPU as a user would run it (a subprocess) and
+prints the keys the README promises. The numbers themselves are not checked here (tiny/CPU timings say nothing
+about the acceptance targets, and the scripts say so)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+NOT_ACCEPTANCE = "tiny/CPU: not an acceptance number"
+
+
+def run_script(name: str, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("SD3TUNE_DEBUG", None)
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(lines[-1][len("RESULT "):]) if lines else {}
+    return proc, result
+
+
+def positive(result: dict, key: str) -> float:
+    value = result.get(key)
+    assert isinstance(value, (int, float)) and value > 0, (key, value)
+    return value
+
+
+@pytest.fixture(scope="module")
+def bench_work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+@pytest.fixture(scope="module")
+def train_bench(bench_work):
+    return run_script("bench_train.py", "--size", "tiny", "--work", str(bench_work), "--steps", "8", "--warmup", "3",
+                      "--json", str(bench_work / "train.json"), timeout=420)
+
+
+@pytest.mark.e2e
+def test_bench_train_runs_at_tiny_size(train_bench, bench_work):
+    proc, result = train_bench
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert result["bench"] == "train" and result["size"] == "tiny"
+    for key in ("anchor.s_per_step", "default.s_per_step", "default.time_to_first_step_s", "default.peak_mem_gib",
+                "default.ratio_s_per_step"):
+        positive(result, key)
+    assert result["default.verdict_step"] == NOT_ACCEPTANCE
+    assert f"default.ratio_s_per_step: {result['default.ratio_s_per_step']}  ({NOT_ACCEPTANCE})" in proc.stdout
+    # The defaults PERFORMANCE.md chose are what SimpleTuner really ran with.
+    resolved = result["default.simpletuner_resolved"]
+    assert resolved["optimizer"] == "torch-adamw"
+    assert resolved["grad_clip_method"] == "norm"
+    assert resolved["lora_dropout"] == 0.0
+    assert json.loads((bench_work / "train.json").read_text())["default.s_per_step"] == result["default.s_per_step"]
+    assert (bench_work / "runs" / "default" / "output" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.e2e
+def test_bench_generate_runs_at_tiny_size(train_bench, bench_work):
+    # Reuses the tiny model bench_train built, and generates with the LoRA it trained.
+    proc, result = run_script("bench_generate.py", "--size", "tiny", "--work", str(bench_work), "--variants",
+                              "default,compile", "--images", "4", "--batch-size", "2", "--steps", "8",
+                              "--anchor-images", "1", "--lora", str(bench_work / "runs" / "default"), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert result["bench"] == "generate" and result["model_build_s"] == 0.0  # reused, not rebuilt
+    for key in ("anchor.s_per_image", "anchor.time_to_first_image_s", "default.s_per_image",
+                "default.time_to_first_image_s", "default.peak_mem_gib", "default.ratio_s_per_image",
+                "compile.s_per_image"):
+        positive(result, key)
+    assert result["default.verdict"] == NOT_ACCEPTANCE
+    assert any("--compile ignored on cpu" in note for note in result["compile.notes"]), result["compile.notes"]
+
+
+def test_bench_cli_help_is_fast_and_light():
+    proc, result = run_script("bench_cli.py", "--runs", "5", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert result["verdict_help_time"] == "PASS" and result["help_ratio"] <= 1.5
+    for key in ("help_imports", "check_imports"):
+        assert not {"torch", "diffusers", "simpletuner"} & set(result[key]), (key, result[key])

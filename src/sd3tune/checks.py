@@ -31,7 +31,7 @@ from sd3tune.config.presets import PRESETS
 from sd3tune.findings import Finding, error, errors_in, warning
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
-from sd3tune.simpletuner.files import LoadedRun, RunPaths, read_run
+from sd3tune.simpletuner.files import LoadedRun, RunPaths, config_from_args, read_run, with_simpletuner_defaults
 
 BACKENDS = keys.BACKENDS_FILE
 REQUIRED = keys.REQUIRED_OPTIONS
@@ -203,32 +203,22 @@ def _dedupe(findings: list[Finding]) -> list[Finding]:
     return out
 
 
-def _nullable(section: str, name: str) -> bool:
-    model = RunConfig.model_fields[section].annotation
-    info = model.model_fields.get(name)
-    return info is not None and not info.is_required() and "None" in str(info.annotation)
-
-
 def best_effort_config(run: LoadedRun, catalog: Catalog) -> tuple[RunConfig | None, set[str]]:
     """``run.config``, or when it failed validation, the config without its invalid values (for the cross-checks,
     which then skip rules that involve the options returned as bad). Those values are already reported."""
     if run.config is not None or run.format is None:
         return run.config, set()
-    args = dict(run.args)
-    for key in keys.KEYS:
-        if key.option not in args:
-            opt = catalog.option(key.option)
-            args[key.option] = opt.default if opt is not None else None
+    args = with_simpletuner_defaults(run.args, catalog)
+    for option in keys.REQUIRED_OPTIONS:  # reported as "not set"; use SimpleTuner's default for the cross-checks
+        if option not in args:
+            opt = catalog.option(option)
+            args[option] = opt.default if opt is not None else None
     args["output_dir"] = args.get("output_dir") or str(run.paths.output)
     args["data_backend_config"] = args.get("data_backend_config") or str(run.paths.backends)
     bad: set[str] = set()
     for _ in range(len(keys.KEYS) + 8):
-        nested = keys.from_simpletuner_args(args)
-        for section, values in nested.items():
-            if isinstance(values, dict) and section != "extra":
-                nested[section] = {k: v for k, v in values.items() if v is not None or _nullable(section, k)}
         try:
-            return RunConfig.model_validate(nested), bad
+            return config_from_args(args), bad
         except ValidationError as exc:
             dropped = False
             for err in exc.errors():

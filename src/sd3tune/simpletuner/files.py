@@ -138,6 +138,10 @@ class LoadedRun:
     findings: list[Finding] = field(default_factory=list)
     config_read: bool = False  # the config file itself could be read and parsed
 
+    def paths_name(self) -> str:
+        """The config file's name, for findings."""
+        return keys.JSON_FILE if self.format == "json" else keys.ENV_FILE
+
 
 def _coerce_bool_options(args: dict[str, Any], catalog: Catalog) -> None:
     for option, value in list(args.items()):
@@ -240,13 +244,6 @@ def _set_arg(run: LoadedRun, option: str, value: Any, source: str) -> None:
     run.sources[option] = source
 
 
-def _paths_name(self: LoadedRun) -> str:
-    return keys.ENV_FILE if self.format == "env" else keys.JSON_FILE
-
-
-LoadedRun.paths_name = _paths_name  # type: ignore[attr-defined]
-
-
 def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
     """Read config.json into ``run.args``; False when it could not be read or parsed."""
     name = keys.JSON_FILE
@@ -298,19 +295,29 @@ def _source_key(run: LoadedRun, option: str | None, loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def _validate_config(run: LoadedRun, catalog: Catalog) -> None:
-    args = dict(run.args)
-    # What SimpleTuner does with an option the file leaves out is SimpleTuner's default, not sd3tune's.
+def with_simpletuner_defaults(args: dict[str, Any], catalog: Catalog) -> dict[str, Any]:
+    """``args`` plus SimpleTuner's default for every mapped option the files leave out (what the run really does),
+    except the required ones, which are reported as "not set" instead."""
+    out = dict(args)
     for key in keys.KEYS:
-        if key.option not in args and key.option not in keys.REQUIRED_OPTIONS:  # those are reported as "not set"
+        if key.option not in out and key.option not in keys.REQUIRED_OPTIONS:
             opt = catalog.option(key.option)
-            args[key.option] = opt.default if opt is not None else None
+            out[key.option] = opt.default if opt is not None else None
+    return out
+
+
+def config_from_args(args: dict[str, Any]) -> RunConfig:
+    """Validate SimpleTuner options into a RunConfig (raises pydantic's ValidationError)."""
     nested = keys.from_simpletuner_args(args)
     for section, values in nested.items():
         if isinstance(values, dict) and section != "extra":
             nested[section] = {k: v for k, v in values.items() if v is not None or _nullable(section, k)}
+    return RunConfig.model_validate(nested)
+
+
+def _validate_config(run: LoadedRun, catalog: Catalog) -> None:
     try:
-        run.config = RunConfig.model_validate(nested)
+        run.config = config_from_args(with_simpletuner_defaults(run.args, catalog))
     except ValidationError as exc:
         for err in exc.errors():
             option = keys.option_for_path(err["loc"])

@@ -60,9 +60,11 @@ def test_prompts_file_makes_a_grid_in_one_call(trained_run, tmp_path):
     r = sd3tune("generate", "--lora", trained_run, "--prompts-file", prompts, "-n", "2", "--steps", "2",
                 "--out", tmp_path / "out")
     assert r.code == 0, r.err
-    files = sorted((tmp_path / "out").glob("*.png"))
+    files = sorted((tmp_path / "out").glob("0*.png"))
     assert len(files) == 4 and len(r.out.split()) == 4
     assert "T5 length 154" in r.err
+    grid = Image.open(tmp_path / "out" / "grid.png")  # rows: prompts, columns: seeds
+    assert grid.height > grid.width / 2 and "grid:" in r.err
 
 
 def test_checkpoint_folder_is_accepted_as_lora(trained_run, tmp_path):

@@ -192,6 +192,8 @@ def generate_cmd(
         typer.echo(f"note: {note}", err=True)
     for image in result.images:
         typer.echo(str(image.path))
+    if result.grid is not None:
+        typer.echo(f"grid: {result.grid}", err=True)
     n = len(result.images)
     typer.echo(f"{n} image(s) in {result.seconds:.1f} s ({result.seconds / max(n, 1):.2f} s/image) after "
                f"{result.load_seconds:.1f} s loading", err=True)

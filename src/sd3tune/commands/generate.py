@@ -38,6 +38,7 @@ class GenerateOptions:
     offload: Literal["none", "model", "sequential"] = "none"
     batch_size: int = 4
     compile: bool = False  # per-block torch.compile on CUDA: ~16 s once, then ~20% faster images (H100)
+    grid: bool = True  # also write a prompt x seed contact sheet when there is more than one image
 
 
 @dataclass
@@ -53,6 +54,7 @@ class GenerateResult:
     notes: list[str]
     load_seconds: float
     seconds: float
+    grid: Path | None = None
 
 
 def read_prompts(opts: GenerateOptions) -> list[str]:
@@ -159,7 +161,26 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
                 if on_image:
                     on_image(item)
     bar.close()
-    return GenerateResult(images, notes, load_seconds, time.perf_counter() - t1)
+    seconds = time.perf_counter() - t1
+    grid = _write_grid(opts.out, prompts, seeds, images) if opts.grid and len(images) > 1 else None
+    return GenerateResult(images, notes, load_seconds, seconds, grid)
+
+
+def _write_grid(out: Path, prompts: list[str], seeds: list[int], images: list[GeneratedImage]) -> Path:
+    """A contact sheet: one row per prompt, one column per seed."""
+    import io
+
+    from PIL import Image
+
+    from sd3tune.sheets import contact_sheet
+
+    rows = [[Image.open(i.path) for i in images[r * len(seeds):(r + 1) * len(seeds)]] for r in range(len(prompts))]
+    sheet = contact_sheet(rows, prompts, [f"seed {s}" for s in seeds])
+    path = free_name(out, "grid")
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def _save_png(image, path: Path, fields: dict) -> None:

@@ -31,9 +31,9 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Base model: Hu
                                                                  "(default: the run's model, else SD3 Medium).")]
 
 
-def _echo_findings(findings, stream=sys.stderr) -> None:
+def _echo_findings(findings) -> None:
     for f in findings:
-        typer.echo(f"{f.severity}: {f.render()}", err=stream is sys.stderr)
+        typer.echo(f"{f.severity}: {f.render()}", err=True)
 
 
 def _version(value: bool) -> None:

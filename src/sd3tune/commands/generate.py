@@ -58,12 +58,12 @@ class GenerateResult:
 
 
 def read_prompts(opts: GenerateOptions) -> list[str]:
+    """--prompt values, then the prompts file (same format as `evaluate --prompts`: # comments, neutral: prefix)."""
+    from sd3tune.evaluation import read_prompts_file
+
     prompts = list(opts.prompts)
     if opts.prompts_file is not None:
-        if not opts.prompts_file.is_file():
-            raise Sd3tuneError(f"prompts file {opts.prompts_file} does not exist", hint="one prompt per line")
-        prompts += [line.strip() for line in opts.prompts_file.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and not line.lstrip().startswith("#")]
+        prompts += [p.text for p in read_prompts_file(opts.prompts_file, trigger=None)]
     if not prompts:
         raise Sd3tuneError("no prompt given", hint="pass --prompt TEXT or --prompts-file FILE")
     return prompts

@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Collection, Iterator, Literal
 
 from sd3tune import __version__
 from sd3tune.config.models import SD3M, RunConfig
@@ -294,10 +294,11 @@ def slug(text: str, limit: int = 40) -> str:
     return (s[:limit].rstrip("-")) or "image"
 
 
-def free_name(folder: Path, stem: str) -> Path:
+def free_name(folder: Path, stem: str, taken: Collection[Path] = ()) -> Path:
+    """``folder/stem.png``, or ``stem-2.png``... when that file exists (or is ``taken`` by a pending write)."""
     candidate = folder / f"{stem}.png"
     n = 2
-    while candidate.exists():
+    while candidate.exists() or candidate in taken:
         candidate = folder / f"{stem}-{n}.png"
         n += 1
     return candidate

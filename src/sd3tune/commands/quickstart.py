@@ -88,7 +88,7 @@ def run_quickstart(folder: Path, steps: int = 20, force: bool = False,
     grids = {}
     for tag, scale in (("base", 0.0), ("lora", 1.0)):
         result = run_generate(GenerateOptions(prompts=PROMPTS, lora=run_dir, scale=scale, out=samples / tag,
-                                              num_images=1, steps=8, seed=0), progress=False)
+                                              num_images=1, steps=8, seed=0, grid=False), progress=False)
         grids[tag] = result.images
     timings["generate"] = time.perf_counter() - t
     from PIL import Image

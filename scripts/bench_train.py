@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd3tune.simpletuner import keys  # noqa: E402
 from _bench_common import (NOT_ACCEPTANCE, SHARED_ANCHOR, PeakMemory, Report, cuda_available,  # noqa: E402
                            device_label, ensure_data, ensure_model, offline_env, ratio, resolve_size, run_self,
                            verdict)
@@ -231,7 +232,7 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
     assert result is not None
     total = result.last.total if result.last else max(marks or {0: 0})
     report(p + "log", str(result.log))
-    resolved_path = run_dir / "output" / "simpletuner_config.json"
+    resolved_path = run_dir / "output" / keys.RESOLVED_CONFIG_NAME
     if resolved_path.is_file():
         resolved = json.loads(resolved_path.read_text())
         report(p + "simpletuner_resolved", {k: resolved.get(k) for k in RESOLVED})

@@ -31,7 +31,6 @@ MEGAPIXEL_THRESHOLD = 128  # VALIDATION_RESOLUTION / RESOLUTION integers below t
 
 # LoRA layout SimpleTuner writes for SD3 (PEFT keys, image-stream attention by default, no alpha stored).
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LORA_KEY_PREFIX = "transformer.transformer_blocks."
 RESOLVED_CONFIG_NAME = "simpletuner_config.json"  # fully resolved args SimpleTuner writes to OUTPUT_DIR
 CHECKPOINT_PREFIX = "checkpoint-"
 

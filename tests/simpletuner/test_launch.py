@@ -87,3 +87,16 @@ def test_failure_reason_is_the_childs_exception_not_accelerates():
              "subprocess.CalledProcessError: Command '[...]' returned non-zero exit status 1."]
     assert failure_reason(lines) == "OSError: Unable to load weights from x.safetensors"
     assert failure_reason(["something odd"]) == "something odd"
+
+
+@pytest.mark.parametrize("line, phase", [
+    ("[RANK 0] 2026-11-25 21:47:10,746 [INFO] Loading CLIP-G/14 text encoder", "loading the text encoders"),
+    ("[INFO] Executing VAE cache update..", "caching VAE latents"),
+    ("[INFO] Loading diffusion model from /m", "loading the SD3 transformer"),
+    ("[INFO] [RANK 0] Saving current state to /runs/a/output/checkpoint-10", "saving checkpoint-10"),
+    ("[INFO] Model components unloaded successfully.", None),
+])
+def test_log_lines_that_start_a_phase_are_named(line, phase):
+    from sd3tune.simpletuner.launch import phase_of
+
+    assert phase_of(line) == phase

@@ -13,7 +13,7 @@ from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
 from sd3tune.findings import errors_in
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.launch import LaunchPlan, Progress, build_launch, failure_reason, run_plan
+from sd3tune.simpletuner.launch import LaunchPlan, Progress, build_launch, failure_reason, phase_of, run_plan
 from sd3tune.simpletuner.files import RunPaths
 
 
@@ -101,7 +101,15 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     if on_status:
         on_status(f"launching SimpleTuner ({opts.gpus} process(es)); full log: {log}")
     start = time.perf_counter()
-    outcome = run_plan(plan, log, on_progress=on_progress)
+    last_phase: list[str] = []
+
+    def on_line(line: str) -> None:
+        phase = phase_of(line)
+        if phase and on_status and phase not in last_phase[-1:]:
+            last_phase.append(phase)
+            on_status(f"SimpleTuner: {phase} ({time.perf_counter() - start:.0f} s)")
+
+    outcome = run_plan(plan, log, on_progress=on_progress, on_line=on_line)
     result.seconds = time.perf_counter() - start
     result.last = outcome.last_progress
     entry = {"started": stamp, "finished": now(), "seconds": round(result.seconds, 1), "exit_code": outcome.returncode,

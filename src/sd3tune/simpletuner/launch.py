@@ -123,6 +123,26 @@ def parse_progress(line: str) -> Progress | None:
                     float(m.group(8)) if m.group(8) else None, float(m.group(7)) if m.group(7) else None)
 
 
+# SimpleTuner's log lines that start a phase worth telling the user about (the minute before step 1 on SD3M).
+PHASES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"Loading AutoencoderKL"), "loading the VAE"),
+    (re.compile(r"Loading (CLIP|T5).* text encoder"), "loading the text encoders"),
+    (re.compile(r"Initialise text embed pre-computation|Pre-computing null embedding"), "caching text embeddings"),
+    (re.compile(r"Executing VAE cache update|Creating VAE latent cache"), "caching VAE latents"),
+    (re.compile(r"Loading diffusion model"), "loading the SD3 transformer"),
+    (re.compile(r"Saving current state to (\S+)"), "saving {0}"),
+)
+
+
+def phase_of(line: str) -> str | None:
+    """A short description of the phase a SimpleTuner log line starts, or None."""
+    for pattern, text in PHASES:
+        m = pattern.search(line)
+        if m:
+            return text.format(*(Path(g).name for g in m.groups()))
+    return None
+
+
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)):\s*(.*)$")
 
 

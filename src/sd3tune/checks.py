@@ -28,14 +28,12 @@ from sd3tune.datascan import (
     megapixels, minimum_megapixels, scan_folder, too_small,
 )
 from sd3tune.config.presets import PRESETS
-from sd3tune.findings import Finding, error, errors_in, warning
+from sd3tune.findings import Finding, choice_error, error, errors_in, warning
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
 from sd3tune.simpletuner.files import LoadedRun, RunPaths, config_from_args, read_run, with_simpletuner_defaults
 
 BACKENDS = keys.BACKENDS_FILE
-REQUIRED = keys.REQUIRED_OPTIONS
-CONFIG_ENV_VARS = keys.CONFIG_ENV_VARS
 MAX_LISTED = 5  # file names quoted in one finding
 PRESET_GB = {name: int(name.removesuffix("gb")) for name in PRESETS}  # card memory each init preset is made for
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -169,7 +167,7 @@ def check_run(run_dir: str | Path, gpus: int = 1) -> CheckReport:
     ctx.backends, ctx.backends_partial = best_effort_backends(run)
     if not unreadable:
         # A required key that is missing is reported once, by check_required, with its fix.
-        missing = {ctx.where(o) for o in REQUIRED if o not in run.args} if run.format else set()
+        missing = {ctx.where(o) for o in keys.REQUIRED_OPTIONS if o not in run.args} if run.format else set()
         findings = [f for f in findings if not (f.file == ctx.file and f.key in missing)]
     for rule in RULES:
         findings += _guarded(rule, ctx)
@@ -269,7 +267,7 @@ def check_required(ctx: Context) -> list[Finding]:
     if ctx.run.format is None or ctx.config_unreadable:
         return []
     return [error(ctx.file, ctx.where(option), "is not set", hint)
-            for option, hint in REQUIRED.items() if option not in ctx.run.args]
+            for option, hint in keys.REQUIRED_OPTIONS.items() if option not in ctx.run.args]
 
 
 def check_extra_options(ctx: Context) -> list[Finding]:
@@ -299,16 +297,10 @@ def check_extra_options(ctx: Context) -> list[Finding]:
             except ValueError:
                 out.append(error(ctx.file, where, f"{text!r} is not a number", f"write --{option}=NUMBER"))
         if opt.choices and not isinstance(value, bool) and text not in opt.choices and len(out) == before:
-            out.append(_choice_error(ctx.file, where, text, opt.choices))
+            out.append(choice_error(ctx.file, where, text, opt.choices, cutoff=0.5))
         if option in keys.BROKEN_OPTIONS and value is True:
             out.append(error(ctx.file, where, keys.BROKEN_OPTIONS[option], f"remove --{option} (use plain LoRA)"))
     return out
-
-
-def _choice_error(file: str, where: str, text: str, choices: tuple[str, ...] | list[str]) -> Finding:
-    close = difflib.get_close_matches(text, list(choices), n=1, cutoff=0.5)
-    hint = (f"did you mean {close[0]}? " if close else "") + f"valid: {', '.join(choices)}"
-    return error(file, where, f"{text!r} is not a valid choice", hint)
 
 
 def check_traps(ctx: Context) -> list[Finding]:
@@ -328,7 +320,7 @@ def check_traps(ctx: Context) -> list[Finding]:
     if ctx.valid("base_model_precision") and bmp and bmp.choices:
         value = cfg.precision.base_model_precision
         if value not in bmp.choices:
-            out.append(_choice_error(f, ctx.where("base_model_precision"), value, bmp.choices))
+            out.append(choice_error(f, ctx.where("base_model_precision"), value, bmp.choices, cutoff=0.5))
         elif value.endswith("-quanto"):
             out.append(warning(f, ctx.where("base_model_precision"),
                                f"{value} died at the first training step with torch 2.11 (SIMPLETUNER_NOTES.md)",
@@ -544,7 +536,7 @@ def _existing_ancestor(path: Path) -> Path | None:
 
 def check_environment(ctx: Context) -> list[Finding]:
     """Stray shell variables SimpleTuner would read (sd3tune train scrubs them; a manual launch would not)."""
-    names = set(ctx.catalog.env_keys) | set(CONFIG_ENV_VARS)
+    names = set(ctx.catalog.env_keys) | set(keys.CONFIG_ENV_VARS)
     stray = sorted(k for k in names if k in os.environ)
     if not stray:
         return []

@@ -30,5 +30,14 @@ def warning(file: str, key: str, message: str, hint: str = "") -> Finding:
     return Finding("warning", file, key, message, hint)
 
 
+def choice_error(file: str, key: str, value: str, choices, cutoff: float = 0.6) -> Finding:
+    """``value`` is not one of ``choices``: name the closest one, then list them all."""
+    from difflib import get_close_matches
+
+    close = get_close_matches(value, list(choices), n=1, cutoff=cutoff)
+    hint = (f"did you mean {close[0]}? " if close else "") + f"valid: {', '.join(choices)}"
+    return error(file, key, f"{value!r} is not a valid choice", hint)
+
+
 def errors_in(findings: list[Finding]) -> list[Finding]:
     return [f for f in findings if f.severity == "error"]

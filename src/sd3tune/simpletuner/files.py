@@ -15,7 +15,7 @@ from sd3tune import __version__
 from sd3tune.config.dataset import BACKENDS, ImageBackend, TextEmbedsBackend, dump_backends
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import UnsafeValueError
-from sd3tune.findings import Finding, error, warning
+from sd3tune.findings import Finding, choice_error, error, warning
 from sd3tune.simpletuner import envfile, keys
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
 
@@ -340,12 +340,9 @@ def _value_finding(file: str, where: str, err: dict) -> Finding:
     given = err.get("input")
     if err["type"] == "literal_error":
         import re
-        from difflib import get_close_matches
 
         choices = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
-        close = get_close_matches(str(given), choices, n=1)
-        hint = (f"did you mean {close[0]}? " if close else "") + f"valid: {', '.join(choices)}"
-        return error(file, where, f"{given!r} is not a valid choice", hint)
+        return choice_error(file, where, str(given), choices)
     return error(file, where, f"{given!r}: {err['msg']}")
 
 

@@ -176,11 +176,6 @@ def generate_cmd(
     """
     from sd3tune.commands.generate import GenerateOptions, run_generate
 
-    for name, value, allowed in (("--device", device, ("auto", "cuda", "mps", "cpu")),
-                                 ("--dtype", dtype, ("auto", "bf16", "fp16", "fp32")),
-                                 ("--offload", offload, ("none", "model", "sequential"))):
-        if value not in allowed:
-            raise Sd3tuneError(f"{name} {value!r} is not one of {', '.join(allowed)}")
     if height is None and width is not None:
         height = width
     result = run_generate(GenerateOptions(

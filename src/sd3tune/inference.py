@@ -123,6 +123,19 @@ def check_lora_fits(source: LoraSource, transformer_config: dict[str, Any]) -> N
                                f"is {width}", hint="the LoRA belongs to another model; pass the right --model")
 
 
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+OFFLOADS = ("none", "model", "sequential")
+
+
+def check_runtime_choices(device: str, dtype: str, offload: str = "none") -> None:
+    """Refuse a --device / --dtype / --offload value before anything loads."""
+    for name, value, allowed in (("--device", device, DEVICES), ("--dtype", dtype, DTYPES),
+                                 ("--offload", offload, OFFLOADS)):
+        if value not in allowed:
+            raise Sd3tuneError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+
+
 def quiet_libraries() -> None:
     """Keep diffusers/transformers to errors and no loading bars: sd3tune prints its own progress."""
     import warnings

@@ -75,10 +75,9 @@ def _check_options(opts: EvaluateOptions) -> None:
         raise Sd3tuneError(f"--batch-size {opts.batch_size} must be at least 1")
     if opts.lora_scale < 0:
         raise Sd3tuneError(f"LoRA scale {opts.lora_scale} must not be negative", hint="0 gives the base model")
-    for name, value, allowed in (("--device", opts.device, ("auto", "cuda", "mps", "cpu")),
-                                 ("--dtype", opts.dtype, ("auto", "bf16", "fp16", "fp32"))):
-        if value not in allowed:
-            raise Sd3tuneError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+    from sd3tune.inference import check_runtime_choices
+
+    check_runtime_choices(opts.device, opts.dtype)
 
 
 def _read_run(run_dir: Path):

@@ -9,7 +9,8 @@ from typing import Callable, Literal
 
 from sd3tune.config.models import SD3M
 from sd3tune.errors import Sd3tuneError
-from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, LoraSource, SamplerSettings, chunks, free_name,
+from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, LoraSource, SamplerSettings, check_runtime_choices,
+                               chunks, free_name,
                                load_pipeline, png_metadata, provenance, resolve_lora, run_images, slug)
 from sd3tune.fsutil import atomic_write_bytes
 from sd3tune.simpletuner import keys
@@ -124,6 +125,7 @@ def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[st
 
 def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], None] | None = None,
                  progress: bool = True) -> GenerateResult:
+    check_runtime_choices(opts.device, opts.dtype, opts.offload)
     prompts = read_prompts(opts)
     if opts.num_images < 1:
         raise Sd3tuneError(f"--num-images {opts.num_images} must be at least 1")

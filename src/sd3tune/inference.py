@@ -287,6 +287,17 @@ def run_images(p: Pipeline, prompt: str, seeds: list[int], s: SamplerSettings, o
         return p.pipe(**kwargs).images
 
 
+def save_png(image, path: Path, fields: dict[str, Any] | None = None) -> None:
+    """Write a PIL image as PNG atomically, with provenance text chunks when ``fields`` are given."""
+    import io
+
+    from sd3tune.fsutil import atomic_write_bytes
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_metadata(fields) if fields is not None else None)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def png_metadata(fields: dict[str, Any]):
     """PNG text chunks: one per field (``sd3tune:<name>``), a JSON blob, and an A1111-style ``parameters``."""
     from PIL.PngImagePlugin import PngInfo

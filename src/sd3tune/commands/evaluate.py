@@ -10,7 +10,6 @@ Top-level imports stay light (no torch/diffusers/transformers): the CLI imports 
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -251,7 +250,7 @@ def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds,
     from tqdm.auto import tqdm
 
     from sd3tune.evaluation import ModelImages
-    from sd3tune.inference import LoraSource, check_lora_fits, chunks, load_pipeline, provenance, run_images
+    from sd3tune.inference import LoraSource, check_lora_fits, chunks, load_pipeline, provenance, run_images, save_png
 
     pipe = load_pipeline(model, device=opts.device, dtype=opts.dtype, lora=lora, shift=settings.shift)
     transformer_config = dict(pipe.pipe.transformer.config)
@@ -279,7 +278,7 @@ def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds,
                                       lora_scale=None if c.kind == "base" else opts.lora_scale,
                                       lora_adapter_weight=w, evaluate_model=c.label)
                         path = out / "images" / c.label / f"{index:02d}-s{seed}.png"
-                        _save_png(image, path, fields)
+                        save_png(image, path, fields)
                         row.append(image)
                         row_paths.append(path)
                         bar.update(1)
@@ -302,18 +301,10 @@ def _empty_cache(device: str) -> None:
         torch.mps.empty_cache()
 
 
-def _save_png(image, path: Path, fields: dict) -> None:
-    from sd3tune.fsutil import atomic_write_bytes
-    from sd3tune.inference import png_metadata
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=png_metadata(fields))
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _write_outputs(out: Path, data: dict[str, Any], models, prompts, settings) -> dict[str, Path]:
     from sd3tune.evaluation import dumps, render_html, render_markdown
-    from sd3tune.fsutil import atomic_write_bytes, atomic_write_text
+    from sd3tune.fsutil import atomic_write_text
+    from sd3tune.inference import save_png
     from sd3tune.sheets import contact_sheet
 
     paths = {"metrics": out / "metrics.json", "sheet": out / "contact_sheet.png", "report": out / "report.md",
@@ -322,9 +313,7 @@ def _write_outputs(out: Path, data: dict[str, Any], models, prompts, settings) -
     labels = [f"{i + 1}. ({p.kind}) {p.text}" for i, p in enumerate(prompts)]
     cell = 256 if max(settings.width, settings.height) >= 256 else 128
     sheet = contact_sheet(rows, labels, [m.title for m in models], cell=cell)
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    atomic_write_bytes(paths["sheet"], buf.getvalue())
+    save_png(sheet, paths["sheet"])
     atomic_write_text(paths["report"], render_markdown(data, paths["sheet"].name))
     atomic_write_text(paths["html"], render_html(data, paths["sheet"].name))
     atomic_write_text(paths["metrics"], dumps(data))  # last: its presence means the evaluation finished

@@ -10,9 +10,7 @@ from typing import Callable, Literal
 from sd3tune.config.models import SD3M
 from sd3tune.errors import Sd3tuneError
 from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, LoraSource, SamplerSettings, check_runtime_choices,
-                               chunks, free_name,
-                               load_pipeline, png_metadata, provenance, resolve_lora, run_images, slug)
-from sd3tune.fsutil import atomic_write_bytes
+                               chunks, free_name, load_pipeline, provenance, resolve_lora, run_images, save_png, slug)
 from sd3tune.simpletuner import keys
 
 
@@ -164,7 +162,7 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
                     taken.add(path)
                     item = GeneratedImage(path, prompt, seed)
                     fields = provenance(pipe, prompt, seed, settings, opts.scale, weight)
-                    pending.append((item, writer.submit(_save_png, image, path, fields)))
+                    pending.append((item, writer.submit(save_png, image, path, fields)))
                     bar.update(1)
         for item, future in pending:
             future.result()
@@ -179,8 +177,6 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
 
 def _write_grid(out: Path, prompts: list[str], seeds: list[int], images: list[GeneratedImage]) -> Path:
     """A contact sheet: one row per prompt, one column per seed."""
-    import io
-
     from PIL import Image
 
     from sd3tune.sheets import contact_sheet
@@ -188,15 +184,5 @@ def _write_grid(out: Path, prompts: list[str], seeds: list[int], images: list[Ge
     rows = [[Image.open(i.path) for i in images[r * len(seeds):(r + 1) * len(seeds)]] for r in range(len(prompts))]
     sheet = contact_sheet(rows, prompts, [f"seed {s}" for s in seeds])
     path = free_name(out, "grid")
-    buf = io.BytesIO()
-    sheet.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(sheet, path)
     return path
-
-
-def _save_png(image, path: Path, fields: dict) -> None:
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=png_metadata(fields))
-    atomic_write_bytes(path, buf.getvalue())

@@ -93,6 +93,7 @@ def run_quickstart(folder: Path, steps: int = 20, force: bool = False,
     timings["generate"] = time.perf_counter() - t
     from PIL import Image
 
+    from sd3tune.inference import save_png
     from sd3tune.sheets import contact_sheet
 
     base = [Image.open(i.path) for i in grids["base"]]
@@ -100,7 +101,7 @@ def run_quickstart(folder: Path, steps: int = 20, force: bool = False,
     diff = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
                           for a, b in zip(base, lora)]))
     sheet_path = samples / "compare.png"
-    contact_sheet([[a, b] for a, b in zip(base, lora)], PROMPTS, ["base", "LoRA"], cell=128).save(sheet_path)
+    save_png(contact_sheet([[a, b] for a, b in zip(base, lora)], PROMPTS, ["base", "LoRA"], cell=128), sheet_path)
     assert trained.lora is not None
     return QuickstartResult(folder, trained.lora, [i.path for i in grids["base"] + grids["lora"]], sheet_path, diff,
                             time.perf_counter() - start, timings)

@@ -71,7 +71,7 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
 def stamp_lora(lora: Path, metadata: dict[str, str]) -> None:
     """Add sd3tune provenance to the LoRA's safetensors header (atomic rewrite, tensors unchanged)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from sd3tune.fsutil import atomic_write_bytes
 
@@ -79,12 +79,7 @@ def stamp_lora(lora: Path, metadata: dict[str, str]) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = dict(f.metadata() or {})
     meta.update(metadata)
-    tmp = lora.with_name(f".{lora.name}.stamp")
-    save_file(tensors, str(tmp), metadata=meta)
-    try:
-        atomic_write_bytes(lora, tmp.read_bytes())
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(lora, save(tensors, metadata=meta))
 
 
 def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = None,

@@ -96,12 +96,13 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     if on_status:
         on_status(f"launching SimpleTuner ({opts.gpus} process(es)); full log: {log}")
     start = time.perf_counter()
-    last_phase: list[str] = []
+    last_phase = None
 
     def on_line(line: str) -> None:
+        nonlocal last_phase
         phase = phase_of(line)
-        if phase and on_status and phase not in last_phase[-1:]:
-            last_phase.append(phase)
+        if phase and on_status and phase != last_phase:
+            last_phase = phase
             on_status(f"SimpleTuner: {phase} ({time.perf_counter() - start:.0f} s)")
 
     outcome = run_plan(plan, log, on_progress=on_progress, on_line=on_line)

@@ -234,9 +234,7 @@ def _stop(proc: subprocess.Popen) -> None:
             break
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                proc.wait()
-            if proc.returncode is not None and not _group_alive(pgid):
+            if proc.poll() is not None and not _group_alive(pgid):
                 return
             time.sleep(0.1)
     proc.wait()

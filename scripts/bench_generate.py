@@ -11,13 +11,22 @@ CFG 7, T5 length 256. Without a GPU: the tiny random SD3 at 64 px, so CI keeps t
   peak_mem_gib           torch's peak allocated GPU memory in that phase (CPU: this process's RSS)
   ratio_s_per_image      s_per_image / anchor's
 
-Variants (--variants): default (`sd3tune generate` as shipped) and compile (`--compile`: per-block torch.compile;
-ignored with a note on CPU). Target on an H100: <= 1.1 s per 1024x1024 image.
+Variants (--variants): default (`sd3tune generate` as shipped), compile (`--compile`: per-block torch.compile;
+ignored with a note on CPU), and cudnn / compile-cudnn (the same with PyTorch's scaled-dot-product attention told
+to prefer cuDNN's kernel over FlashAttention-2; CUDA only; torch 2.11 on an H100 already picks cuDNN, so there it
+changes nothing). Each variant after default also reports how far its
+images are from default's at the same seeds (mean |pixel difference| out of 255). Target on an H100: <= 1.1 s per
+1024x1024 image.
+
+--anchor-json FILE takes the anchor from ../shared/bench/anchor_sd3m.py's anchor.json (its
+gen_1024_28steps_cfg_s row), written by that script earlier in the same command on the same machine, instead
+of timing the plain pipeline here.
 
 examples:
   python scripts/bench_generate.py                                  # CPU: tiny; CUDA: SD3M size, default + compile
   python scripts/bench_generate.py --images 24 --batch-size 4 --json /tmp/gen.json
   python scripts/bench_generate.py --lora /tmp/sd3tune-bench/runs/default   # with the LoRA bench_train trained
+  python ../shared/bench/anchor_sd3m.py --out /tmp && python scripts/bench_generate.py --anchor-json /tmp/anchor.json
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from _bench_common import (NOT_ACCEPTANCE, PeakMemory, Report, cuda_available, d
                            ensure_model, median, offline_env, ratio, resolve_size, verdict)
 
 TARGET_S_PER_IMAGE_H100 = 1.1
+VARIANTS = ("default", "compile", "cudnn", "compile-cudnn")
 PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert city, concept art",
            "a lighthouse at dusk, oil painting", "a spaceship over a forest, concept art"]
 
@@ -45,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--size", choices=["auto", "tiny", "sd3m"], default="auto",
                     help="model size: auto = sd3m on CUDA, tiny on CPU")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sd3tune-bench"), help="where the random model is cached")
-    ap.add_argument("--variants", default=None, help="comma-separated: default, compile (CUDA default: both; "
-                                                     "CPU: default)")
+    ap.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(VARIANTS)} (CUDA default: "
+                                                     "default,compile; CPU: default)")
     ap.add_argument("--images", type=int, default=None, help="images per sd3tune variant (sd3m 12, tiny 6); the "
                                                              "first batch is warm-up")
     ap.add_argument("--batch-size", type=int, default=None, help="sd3tune generate --batch-size (sd3m 4, tiny 2)")
@@ -57,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=None, help="pixels (sd3m 1024, tiny 64)")
     ap.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens, the same for both")
     ap.add_argument("--lora", type=Path, default=None, help="a LoRA (run folder or .safetensors) for both sides")
+    ap.add_argument("--anchor-json", type=Path, default=None,
+                    help="anchor_sd3m.py's anchor.json from the same command: use its generation row as the anchor")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     return ap.parse_args(argv)
 
@@ -154,6 +166,45 @@ def run_anchor(args: argparse.Namespace, model: Path, res: int, cuda: bool, repo
     return report("anchor.s_per_image", round(median(times), 4), f"median of {n}")
 
 
+def shared_anchor(path: Path, report: Report) -> float | None:
+    """The generation row of ../shared/bench/anchor_sd3m.py (same machine, same command)."""
+    import json
+
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    value = data.get("gen_1024_28steps_cfg_s")
+    if value is None:
+        report("anchor.error", f"{path} has no gen_1024_28steps_cfg_s row (did anchor_sd3m.py run with --skip-gen?)")
+        return None
+    report("anchor.source", f"anchor_sd3m.py ({path}): diffusers StableDiffusion3Pipeline, eager, prompt embeddings "
+                            "given, 1024 px, 28 steps, CFG batch 2, PIL output")
+    for key in ("gpu", "torch", "matmul_bf16_tflops", "gen_transformer_only_s", "vae_decode_s", "gen_peak_gib"):
+        if key in data:
+            report(f"anchor.{key}", data[key])
+    return report("anchor.s_per_image", value, "median of 3")
+
+
+def attention_preference(name: str, cuda: bool):
+    """cudnn variants: scaled-dot-product attention prefers cuDNN's kernel (then flash, efficient, math)."""
+    import contextlib
+
+    if not (cuda and name.endswith("cudnn")):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel(order, set_priority=True)
+
+
+def mean_abs_diff(a: list[Path], b: list[Path]) -> float:
+    """Mean |pixel difference| (0..255) between two lists of images made at the same seeds."""
+    import numpy as np
+    from PIL import Image
+
+    diffs = [np.abs(np.asarray(Image.open(x).convert("RGB"), dtype=np.float32)
+                    - np.asarray(Image.open(y).convert("RGB"), dtype=np.float32)).mean() for x, y in zip(a, b)]
+    return round(float(np.mean(diffs)), 3)
+
+
 def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda: bool, out: Path,
                 report: Report) -> dict[str, Any]:
     from sd3tune.commands.generate import GenerateOptions, run_generate
@@ -165,12 +216,16 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
     arrivals: list[float] = []
     opts = GenerateOptions(prompts=[PROMPTS[0]], model=str(model), lora=args.lora, num_images=n, batch_size=bs,
                            steps=args.steps, guidance=args.guidance, width=res, height=res,
-                           max_sequence_length=args.max_sequence_length, out=out / name, compile=name == "compile")
-    with Phase(cuda) as phase:
+                           max_sequence_length=args.max_sequence_length, out=out / name,
+                           compile=name.startswith("compile"))
+    with Phase(cuda) as phase, attention_preference(name, cuda):
         t0 = time.perf_counter()
         result = run_generate(opts, on_image=lambda _img: arrivals.append(time.perf_counter() - t0), progress=False)
     p = f"{name}."
-    report(p + "notes", result.notes)
+    notes = list(result.notes)
+    if name.endswith("cudnn") and not cuda:
+        notes.append("cuDNN attention preference ignored on CPU")
+    report(p + "notes", notes)
     report(p + "images", f"{n} in batches of {bs} (CFG batch {2 * bs})")
     report(p + "load_s", round(result.load_seconds, 1))
     first = report(p + "time_to_first_image_s", round(arrivals[0], 1))
@@ -193,7 +248,7 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
     report(p + "s_per_image_without_png", round(s_per_image - png_s, 4), "estimate: s_per_image - png_write_s")
     return {"s_per_image": report(p + "s_per_image", round(s_per_image, 4),
                                   f"median over batches 2..{len(ends)}, images {bs + 1}..{n}"),
-            "time_to_first_image_s": first}
+            "time_to_first_image_s": first, "images": [i.path for i in result.images]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     if size == "sd3m" and not cuda:
         print("note: SD3M size on CPU is very slow (minutes per image)", flush=True)
     names = [v.strip() for v in (args.variants or ("default,compile" if cuda else "default")).split(",") if v.strip()]
-    unknown = [v for v in names if v not in ("default", "compile")]
+    unknown = [v for v in names if v not in VARIANTS]
     if unknown or not names:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from default, compile")
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     res = args.resolution or (1024 if size == "sd3m" else 64)
     report = Report(args.json)
     report("bench", "generate")
@@ -222,14 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     report("torch", torch.__version__)
-    anchor = run_anchor(args, model, res, cuda, report)
+    anchor = shared_anchor(args.anchor_json, report) if args.anchor_json else run_anchor(args, model, res, cuda, report)
     acceptance = cuda and size == "sd3m" and res == 1024 and args.steps == 28
     label = "" if acceptance else (NOT_ACCEPTANCE if not cuda or size == "tiny"
                                    else "not the acceptance configuration (1024 px, 28 steps)")
     h100 = "H100" in device_label(cuda)
     with tempfile.TemporaryDirectory(dir=args.work) as td:
+        made: dict[str, list[Path]] = {}
         for name in names:
             out = run_variant(name, args, model, res, cuda, Path(td), report)
+            made[name] = out["images"]
+            if name != "default" and "default" in made:
+                report(f"{name}.mean_abs_diff_vs_default", mean_abs_diff(made["default"], out["images"]),
+                       "same seeds; 0..255")
             report(f"{name}.ratio_s_per_image", ratio(out["s_per_image"], anchor), label or "sd3tune / anchor")
             if label:
                 report(f"{name}.verdict", verdict(None, label))

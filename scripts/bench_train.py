@@ -15,7 +15,15 @@ Without a GPU it runs the same path at tiny size (64 px, tiny random SD3) so CI 
 are printed with the label "tiny/CPU: not an acceptance number".
 
 Variants (--variants, comma-separated): default (exactly what `sd3tune init --preset P` writes), and on top of it
-regional (inductor, per-block compile), regional-cudagraphs (+ dynamo_mode=reduce-overhead), inductor (whole model).
+regional (inductor, per-block compile), regional-cudagraphs (+ dynamo_mode=reduce-overhead), inductor (whole model),
+prefetch (dataloader_prefetch: batches fetched on a background thread), regional-cudagraphs-prefetch,
+regional-cudagraphs-py (Inductor's Python wrapper instead of SimpleTuner's default C++ one, which also turns CUDA
+graphs off: "skipping cudagraphs due to cpp wrapper enabled"), regional-cudagraphs-py-prefetch,
+regional-cgbackend (torch's "cudagraphs" backend per block: CUDA graphs without Inductor code generation).
+Each variant compiles with an empty compile cache of its own (what a first run sees); --warm-cache shares one.
+
+--anchor-json FILE takes the anchor from ../shared/bench/anchor_sd3m.py's anchor.json (its
+train_bs<batch>_nockpt_s_per_step row), written by that script earlier in the same command on the same machine.
 
 examples:
   python scripts/bench_train.py                                     # CPU: tiny; CUDA: SD3M size, default variant
@@ -46,11 +54,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "regional-cudagraphs": {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True,
                             "dynamo_mode": "reduce-overhead"},
     "inductor": {"dynamo_backend": "inductor"},
+    "prefetch": {"dataloader_prefetch": True},
+    "regional-cudagraphs-prefetch": {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True,
+                                     "dynamo_mode": "reduce-overhead", "dataloader_prefetch": True},
+    # SimpleTuner makes Inductor emit a C++ wrapper by default (compiled per graph); the Python one compiles faster
+    "regional-cudagraphs-py": {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True,
+                               "dynamo_mode": "reduce-overhead", "dynamo_wrapper": "python"},
+    "regional-cudagraphs-py-prefetch": {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True,
+                                        "dynamo_mode": "reduce-overhead", "dynamo_wrapper": "python",
+                                        "dataloader_prefetch": True},
+    # torch's "cudagraphs" backend: CUDA graphs per block without Inductor code generation (short compile)
+    "regional-cgbackend": {"dynamo_backend": "cudagraphs", "dynamo_use_regional_compilation": True},
 }
 # What SimpleTuner resolved (OUTPUT_DIR/simpletuner_config.json): proves which settings the run really used.
 RESOLVED = ["optimizer", "grad_clip_method", "max_grad_norm", "lora_dropout", "lora_rank", "gradient_checkpointing",
             "mixed_precision", "train_batch_size", "resolution", "attention_mechanism", "dynamo_backend",
-            "dynamo_mode", "dynamo_use_regional_compilation"]
+            "dynamo_mode", "dynamo_use_regional_compilation", "dynamo_wrapper", "dataloader_prefetch", "compress_disk_cache"]
 TARGET_RATIO = 0.9
 TARGET_FIRST_STEP_S = 60.0
 
@@ -74,8 +93,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--images", type=int, default=None, help="training images (sd3m 16, tiny 8)")
     ap.add_argument("--anchor", choices=["ours", "shared", "none"], default="ours",
                     help="ours: the plain loop in _bench_common.py; shared: ../shared/bench/anchor_sd3m.py")
+    ap.add_argument("--anchor-json", type=Path, default=None,
+                    help="anchor_sd3m.py's anchor.json from the same command: use its training row as the anchor")
     ap.add_argument("--anchor-text-tokens", type=int, default=154,
                     help="text tokens of the anchor's step (PERFORMANCE.md anchor: 77 + 77)")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="share PyTorch's compile cache between variants and runs (default: a cold one per variant)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     return ap.parse_args(argv)
 
@@ -121,6 +144,18 @@ def run_anchor(args: argparse.Namespace, model: Path, size: str, cfg: Any, mem_k
     batch, resolution, rank = cfg.optim.train_batch_size, cfg.data.resolution, cfg.lora.rank
     out = args.work / "anchor"
     out.mkdir(parents=True, exist_ok=True)
+    if args.anchor_json is not None:
+        data = json.loads(args.anchor_json.read_text()) if args.anchor_json.is_file() else {}
+        key = f"train_bs{batch}_nockpt_s_per_step"
+        if key not in data:
+            report("anchor.error", f"{args.anchor_json} has no {key} row (did anchor_sd3m.py run with --skip-train?)")
+            return None
+        report("anchor.source", f"anchor_sd3m.py ({args.anchor_json}): plain diffusers + peft loop, 8 attention "
+                                "targets, rank 16, 1024 px, 154 text tokens, torch AdamW, no checkpointing")
+        for k in ("gpu", "torch", "matmul_bf16_tflops", f"train_bs{batch}_nockpt_peak_gib"):
+            if k in data:
+                report(f"anchor.{k}", data[k])
+        return report("anchor.s_per_step", data[key])
     if args.anchor == "shared":
         if not SHARED_ANCHOR.is_file():
             report("anchor.error", f"{SHARED_ANCHOR} not found; use --anchor ours")
@@ -180,19 +215,23 @@ def steady_seconds_per_step(marks: dict[int, float], total: int, warmup: int) ->
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def log_highlights(log: Path | None, limit: int = 6) -> list[str]:
-    """SimpleTuner's lines about compilation and attention, to see what the run really did."""
+def log_highlights(log: Path | None, limit: int = 8) -> tuple[list[str], int]:
+    """SimpleTuner's lines about compilation, CUDA graphs and attention (to see what the run really did), and how
+    many graphs Inductor compiled."""
     if log is None or not log.is_file():
-        return []
+        return [], 0
     found: list[str] = []
-    pattern = re.compile(r"Torch Dynamo|kohaku|attention backend|recompil|done compiling", re.I)
+    compiled = 0
+    pattern = re.compile(r"Torch Dynamo|kohaku|attention backend|native SDPA|skipping cudagraphs|cudagraph.*(skip|disabl)"
+                         r"|recompil|TorchInductor wrapper", re.I)
     for line in re.split(r"[\r\n]", log.read_text(errors="replace")):
         line = _ANSI.sub("", line).strip()
-        if pattern.search(line) and line not in found and not line.startswith("Extra args"):
-            found.append(line[:200])
-            if len(found) >= limit:
-                break
-    return found
+        if "done compiling" in line:
+            compiled += 1
+        elif pattern.search(line) and line[:200] not in found and not line.startswith("Extra args"):
+            if len(found) < limit:
+                found.append(line[:200])
+    return found, compiled
 
 
 def not_applied(requested: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
@@ -201,6 +240,16 @@ def not_applied(requested: dict[str, Any], resolved: dict[str, Any]) -> dict[str
         return str(v).strip().lower()
 
     return {k: resolved.get(k) for k, v in requested.items() if norm(resolved.get(k)) != norm(v)}
+
+
+def cold_compile_cache(run_dir: Path) -> None:
+    """Point Inductor's and Triton's caches at an empty folder of this run (the child inherits them), so a variant's
+    compile time is what a first run sees, not a cache hit left by the variant before."""
+    import os
+
+    cache = run_dir / "compile-cache"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
 
 
 def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, report: Report, warmup: int
@@ -214,15 +263,21 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
     def on_progress(p) -> None:
         marks.setdefault(p.step, time.perf_counter() - t0)
 
+    phases: list[str] = []  # where the start-up time goes: SimpleTuner's phases as `sd3tune train` names them
+
+    def on_status(text: str) -> None:
+        phases.append(f"{time.perf_counter() - t0:.1f}s {text}")
+
     out: dict[str, Any] = {}
     error = None
     result = None
     with PeakMemory(mem_kind) as mem:
         try:
-            result = run_train(TrainOptions(run_dir=run_dir), on_progress=on_progress)
+            result = run_train(TrainOptions(run_dir=run_dir), on_progress=on_progress, on_status=on_status)
         except Sd3tuneError as exc:
             error = exc.one_line()
     p = f"{name}."
+    report(p + "phases", phases)
     if error is not None:
         out["error"] = report(p + "error", error)
         logs = sorted((run_dir / "logs").glob("train-*.log"))
@@ -240,8 +295,10 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
         if dropped:
             out["error"] = report(p + "error", f"SimpleTuner did not apply {sorted(dropped)} (it resolved "
                                                f"{dropped}); the timings below are not this variant's")
-    for i, line in enumerate(log_highlights(result.log)):
+    lines, compiled = log_highlights(result.log)
+    for i, line in enumerate(lines):
         report(p + f"log_line_{i}", line)
+    report(p + "inductor_graphs_compiled", compiled)
     report(p + "steps", total)
     if 0 in marks:
         report(p + "startup_s", round(marks[0], 1), "`sd3tune train` start to SimpleTuner's step 0 (imports, load, "
@@ -305,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                       "lora_dropout": cfg.lora.dropout, "gradient_checkpointing": cfg.precision.gradient_checkpointing,
                       "mixed_precision": cfg.precision.mixed_precision, "extra": cfg.extra})
     mem_kind = "gpu" if cuda else "children"
+    report("compile_cache", "shared (--warm-cache)" if args.warm_cache else "cold: an empty one per variant")
     anchor = None if args.anchor == "none" else run_anchor(args, model, size, cfg, mem_kind, report, warmup)
 
     failed = False
@@ -313,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         acceptance, label = False, "not the acceptance configuration (1024 px, batch 1)"
     for name in names:
         run_dir, run_cfg = runs[name]  # every extra option init wrote (variant's and preset's) must reach SimpleTuner
+        if not args.warm_cache:
+            cold_compile_cache(run_dir)
         out = run_variant(name, run_dir, dict(run_cfg.extra), mem_kind, report, warmup)
         if "error" in out:
             failed = True

@@ -348,6 +348,19 @@ def test_lora_alpha_other_than_rank_warns(make_run):
     assert "TRAINER_EXTRA_ARGS (line 69) --lora_alpha: alpha 4 != rank 16" in _section(result.output, "warning")
 
 
+def test_cuda_graphs_with_the_cpp_wrapper_warn(make_run):
+    # measured on an H100: SimpleTuner's default C++ Inductor wrapper skips CUDA graphs, so reduce-overhead does nothing
+    run, _ = make_run()
+    extra_args(run, "", "--dynamo_backend=inductor --dynamo_mode=reduce-overhead")
+    result, _ = check(run)
+    assert result.exit_code == 0
+    assert re.search(r"--dynamo_mode: dynamo_mode=reduce-overhead asks for CUDA graphs.* — add --dynamo_wrapper=python",
+                     _section(result.output, "warning"))
+    extra_args(run, "", "--dynamo_wrapper=python")
+    result, _ = check(run)
+    assert "CUDA graphs" not in result.output
+
+
 def test_summary_reports_memory_for_the_preset_and_warns_when_it_does_not_fit(make_run):
     import sd3tune.checks as checks
 

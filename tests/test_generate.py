@@ -94,3 +94,47 @@ def test_user_errors(trained_run, tiny_model, tmp_path):
     save_file({"unet.down_blocks.0.lora_A.weight": torch.zeros(4, 8)}, str(unet))
     assert_one_line_user_error(sd3tune("generate", "--model", tiny_model, "--lora", unet, "-p", "x"),
                                "not an SD3 transformer LoRA")
+
+
+def test_each_image_is_reported_as_soon_as_it_is_written(tiny_model, tmp_path, monkeypatch):
+    # A caller (progress display, benchmark) hears of batch 1's images while batch 2 is still to be made.
+    import threading
+
+    import sd3tune.commands.generate as generate
+
+    first_batch_written = threading.Event()
+    seen: list[tuple[Path, bool]] = []
+    calls = []
+    real_run_images = generate.run_images
+
+    def run_images(*args, **kwargs):
+        if calls:  # the second batch waits for the writer thread to report the first batch's images
+            assert first_batch_written.wait(timeout=60), "no image was reported before the last batch"
+        calls.append(args[2])
+        return real_run_images(*args, **kwargs)
+
+    def on_image(item):
+        seen.append((item.path, item.path.is_file()))
+        if len(seen) == 2:
+            first_batch_written.set()
+
+    monkeypatch.setattr(generate, "run_images", run_images)
+    opts = GenerateOptions(prompts=[PROMPT], model=str(tiny_model), out=tmp_path, steps=2, num_images=4,
+                           batch_size=2, width=64, height=64)
+    result = run_generate(opts, on_image=on_image, progress=False)
+    assert calls == [[0, 1], [2, 3]]
+    assert [p for p, _ in seen] == [i.path for i in result.images] and all(exists for _, exists in seen)
+
+
+def test_compile_fast_path_fuses_the_lora_into_the_weights_without_changing_the_image(trained_run, lora_images,
+                                                                                       tmp_path):
+    result = run_generate(GenerateOptions(prompts=[PROMPT], out=tmp_path, steps=6, num_images=2, lora=trained_run,
+                                          compile=True), progress=False)
+    assert any("LoRA fused" in n for n in result.notes)
+    assert any("not compiled on cpu" in n for n in result.notes)  # compiling only pays off on a GPU
+    fused = [i.path for i in result.images]
+    # the LoRA moves these images by >= 1/255 (test above); fusing it (and q/k/v) only rounds differently
+    for a, b in zip(fused, lora_images):
+        assert np.abs(pixels(a) - pixels(b)).mean() < 0.25
+    assert json.loads(Image.open(fused[0]).text["sd3tune"])["fused"] is True
+    assert json.loads(Image.open(lora_images[0]).text["sd3tune"])["fused"] is False

@@ -58,6 +58,7 @@ def test_bench_train_runs_at_tiny_size(train_bench, bench_work):
     assert resolved["optimizer"] == "torch-adamw"
     assert resolved["grad_clip_method"] == "norm"
     assert resolved["lora_dropout"] == 0.0
+    assert resolved["compress_disk_cache"] is False
     assert json.loads((bench_work / "train.json").read_text())["default.s_per_step"] == result["default.s_per_step"]
     assert (bench_work / "runs" / "default" / "output" / "pytorch_lora_weights.safetensors").is_file()
 
@@ -75,7 +76,32 @@ def test_bench_generate_runs_at_tiny_size(train_bench, bench_work):
                 "compile.s_per_image"):
         positive(result, key)
     assert result["default.verdict"] == NOT_ACCEPTANCE
-    assert any("--compile ignored on cpu" in note for note in result["compile.notes"]), result["compile.notes"]
+    assert "LoRA fused into the transformer weights" in result["compile.notes"], result["compile.notes"]
+    assert any("not compiled on cpu" in note for note in result["compile.notes"]), result["compile.notes"]
+    assert result["compile.mean_abs_diff_vs_default"] < 0.5  # fusing the LoRA only rounds differently
+
+
+@pytest.mark.e2e
+def test_bench_generate_takes_the_anchor_from_anchor_sd3m_json(train_bench, bench_work, tmp_path):
+    anchor = tmp_path / "anchor.json"
+    anchor.write_text(json.dumps({"gpu": "test card", "gen_1024_28steps_cfg_s": 0.5}))
+    proc, result = run_script("bench_generate.py", "--size", "tiny", "--work", str(bench_work), "--variants",
+                              "default", "--images", "2", "--batch-size", "1", "--steps", "2",
+                              "--anchor-json", str(anchor), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert result["anchor.s_per_image"] == 0.5 and result["anchor.gpu"] == "test card"
+    assert "anchor.time_to_first_image_s" not in result  # no anchor of its own was timed
+    assert result["default.ratio_s_per_image"] == round(result["default.s_per_image"] / 0.5, 3)
+
+
+def test_bench_cache_read_times_simpletuners_gzip_and_plain_reads():
+    proc, result = run_script("bench_cache_read.py", "--repeats", "3", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for dtype in ("float32", "bfloat16"):
+        for kind in ("gzip", "plain"):
+            positive(result, f"{dtype}.{kind}.ms_per_step")
+            positive(result, f"{dtype}.{kind}.mib_per_step")
+        positive(result, f"{dtype}.gzip_over_plain")
 
 
 def test_bench_cli_reports_start_up_and_imports_stay_light():

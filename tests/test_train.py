@@ -27,6 +27,16 @@ def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):
     assert (trained_run / "output" / "checkpoint-10").is_dir()
 
 
+def test_caches_are_written_uncompressed(trained_run):
+    # gzip-compressed caches cost 20-35 ms of reads per 1024 px step (scripts/bench_cache_read.py); sd3tune turns
+    # SimpleTuner's compression off with a false flag, which only works through TRAINER_EXTRA_ARGS
+    resolved = json.loads((trained_run / "output" / "simpletuner_config.json").read_text())
+    assert resolved["compress_disk_cache"] is False
+    caches = sorted((trained_run / "cache").rglob("*.pt"))
+    assert any("vae" in p.parts for p in caches) and any("text" in p.parts for p in caches)
+    assert all(p.read_bytes()[:2] != b"\x1f\x8b" for p in caches)  # no gzip magic
+
+
 def test_diffusers_loads_the_lora(trained_run, tiny_model):
     import torch
     from diffusers import StableDiffusion3Pipeline

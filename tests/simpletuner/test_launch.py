@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from sd3tune.simpletuner.launch import build_launch, parse_progress, train_scrip
 
 ENV = {"PATH": "/usr/bin", "HOME": "/home/u", "HF_TOKEN": "hf_secret", "WANDB_API_KEY": "wb",
        "MODEL_NAME": "stray/model", "OUTPUT_DIR": "/stray", "ENV": "prod", "TRAINER_EXTRA_ARGS": "--x",
-       "TORCH_NUM_THREADS": "3", "CONFIG_PATH": "/elsewhere", "NCCL_DEBUG": "INFO", "RANDOM_VAR": "1"}
+       "TORCH_NUM_THREADS": "3", "CONFIG_PATH": "/elsewhere", "NCCL_DEBUG": "INFO", "RANDOM_VAR": "1",
+       "TORCHINDUCTOR_CACHE_DIR": "/cache/inductor", "TRITON_CACHE_DIR": "/cache/triton", "TORCH_LOGS": "recompiles"}
 
 
 def plan(**kw):
@@ -52,8 +54,18 @@ def test_environment_is_scrubbed_of_simpletuner_keys_but_keeps_credentials():
                   "RANDOM_VAR"):
         assert stray not in env
     assert env["HF_TOKEN"] == "hf_secret" and env["WANDB_API_KEY"] == "wb" and env["NCCL_DEBUG"] == "INFO"
+    # the compiler's own settings reach the child (TORCH_NUM_THREADS above is SimpleTuner's key and stays out)
+    assert (env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"], env["TORCH_LOGS"]) == (
+        "/cache/inductor", "/cache/triton", "recompiles")
     assert env["CONFIG_BACKEND"] == "json"
     assert env["PYTHONPATH"] == str(SITE_DIR) and (SITE_DIR / "sitecustomize.py").is_file()
+
+
+def test_users_pythonpath_is_kept_after_the_compat_folder():
+    # packages installed with `pip install --target DIR` (PYTHONPATH=DIR) must stay importable by SimpleTuner
+    env = build_launch(Path("/runs/a"), "env", "bf16", environ={"PYTHONPATH": f"/opt/site{os.pathsep}{os.pathsep}/src"},
+                       python="/py").env
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(SITE_DIR), "/opt/site", "/src"]
 
 
 def test_shell_line_is_copy_pasteable():

@@ -1,8 +1,9 @@
 """Hardware presets for `sd3tune init --preset`. Each is a set of overrides on RunConfig's defaults.
 
-Speed-relevant defaults shared by all presets (RunConfig defaults) come from PERFORMANCE.md, measured on one
-H100 with SD3-Medium-sized weights at 1024 px, batch 1: SimpleTuner's own defaults (adamw_bf16, value clipping,
-LoRA dropout 0.1) take 0.45 s/step; torch-adamw + norm clipping + no dropout take 0.28 s/step (1.6x faster).
+Speed-relevant defaults shared by all presets (RunConfig defaults), measured on one H100 with SD3-Medium-sized
+weights at 1024 px, batch 1: SimpleTuner's own defaults (adamw_bf16, value clipping, LoRA dropout 0.1) take
+0.45 s/step (PERFORMANCE.md); torch-adamw + norm clipping + no dropout took 0.20 s/step through sd3tune
+(scripts/README.md). Uncompressed caches (compress_disk_cache=false) take the gzip reads off each step.
 """
 
 from __future__ import annotations

@@ -36,7 +36,9 @@ PASSTHROUGH = {
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
     "http_proxy", "https_proxy", "no_proxy", "VIRTUAL_ENV",
 }
-PASSTHROUGH_PREFIXES = ("LC_", "NCCL_", "MASTER_", "ACCELERATE_LOG")
+# ... and PyTorch's compiler settings (TORCHINDUCTOR_CACHE_DIR keeps compiled kernels across runs, TORCH_LOGS, ...).
+PASSTHROUGH_PREFIXES = ("LC_", "NCCL_", "MASTER_", "ACCELERATE_LOG", "TORCHINDUCTOR_", "TORCHDYNAMO_", "TRITON_",
+                        "TORCH_")
 
 
 def train_script() -> Path:
@@ -54,7 +56,10 @@ def child_environment(environ: Mapping[str, str], config_format: str) -> dict[st
            if (k in PASSTHROUGH or k.startswith(PASSTHROUGH_PREFIXES)) and k not in forbidden}
     env.setdefault("PATH", os.defpath)
     env[keys.CONFIG_BACKEND_VAR] = config_format
-    env["PYTHONPATH"] = str(SITE_DIR)  # compat fixes, applied in this process only
+    # compat fixes first (applied in the training process only), then the user's own PYTHONPATH, if any: packages
+    # installed with `pip install --target DIR` must stay importable by SimpleTuner
+    env["PYTHONPATH"] = os.pathsep.join([str(SITE_DIR), *[p for p in environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                          if p]])
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -112,3 +112,21 @@ def test_bench_cli_reports_start_up_and_imports_stay_light():
     assert proc.returncode == (0 if result["verdict_help_time"] == "PASS" else 1), proc.stdout + proc.stderr
     for key in ("help_imports", "check_imports"):
         assert not {"torch", "diffusers", "simpletuner"} & set(result[key]), (key, result[key])
+
+
+@pytest.mark.e2e
+def test_bench_suite_runs_the_anchor_then_the_benchmarks_within_a_deadline(train_bench, bench_work, tmp_path):
+    anchor = tmp_path / "anchor.py"  # stands in for ../shared/bench/anchor_sd3m.py: writes OUT/anchor.json
+    anchor.write_text("import json, sys\nout = sys.argv[sys.argv.index('--out') + 1]\n"
+                      "json.dump({'gpu': 'test card', 'gen_1024_28steps_cfg_s': 0.25}, open(out + '/anchor.json', 'w'))\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "PY": sys.executable, "SIZE": "tiny", "WORK": str(bench_work), "TRAIN": "",
+           "GEN": "default", "GEN_ARGS": "--images 2 --batch-size 1 --steps 2"}
+    proc = subprocess.run(["bash", str(SCRIPTS / "bench_suite.sh"), str(anchor), str(out), "300"], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "=== anchor exit 0" in proc.stdout and "=== generate exit 0" in proc.stdout
+    assert "=== train" not in proc.stdout  # TRAIN="" skips the stage
+    result = json.loads(next(line for line in (out / "generate.log").read_text().splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["anchor.s_per_image"] == 0.25 and result["default.s_per_image"] > 0

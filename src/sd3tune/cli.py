@@ -176,8 +176,6 @@ def generate_cmd(
     """
     from sd3tune.commands.generate import GenerateOptions, run_generate
 
-    if height is None and width is not None:
-        height = width
     result = run_generate(GenerateOptions(
         prompts=list(prompt or []), prompts_file=prompts_file, model=model, lora=lora, scale=scale, seed=seed,
         num_images=num_images, steps=steps, guidance=guidance, width=width, height=height, negative=negative, out=out,

@@ -369,7 +369,7 @@ def compute_metrics(models: Sequence[ModelImages], prompts: Sequence[EvalPrompt]
         embeddings[m.label] = clip.image_embeddings(flat, batch_size, f"CLIP {m.label}", progress).view(
             n_prompts, n_seeds, -1)
 
-    kid_info, kid_values = _kid(models, concept, n_seeds, real_images, clip, notes, batch_size, progress)
+    kid_info, kid_values = _kid(models, concept, n_seeds, real, embeddings, clip.name, notes)
 
     base = models[0].label
     out: dict[str, dict[str, Any]] = {}
@@ -396,48 +396,42 @@ def compute_metrics(models: Sequence[ModelImages], prompts: Sequence[EvalPrompt]
     return MetricsResult(out, per_image, reference, kid_info, notes)
 
 
-def _kid(models: Sequence[ModelImages], concept: list[int], n_seeds: int, real_images: Sequence[Any],
-         clip: ClipModel, notes: list[str], batch_size: int, progress: bool) -> tuple[dict, dict]:
-    """KID of each model's concept-prompt images against the training images (real features extracted once)."""
+def _kid(models: Sequence[ModelImages], concept: list[int], n_seeds: int, real: Any, embeddings: dict[str, Any],
+         clip_name: str, notes: list[str]) -> tuple[dict, dict]:
+    """KID of each model's concept-prompt images against the training images, on the CLIP embeddings already
+    computed for the other metrics (``real``: [N, d]; ``embeddings[label]``: [prompts, seeds, d])."""
     import warnings
 
     import torch
     from torchmetrics.image.kid import KernelInceptionDistance
-    from tqdm.auto import tqdm
 
+    n_real = len(real)
     n_fake = len(concept) * n_seeds
-    subset = min(len(real_images), n_fake, KID_MAX_SUBSET)
-    info = {"feature": f"CLIP image embeddings of {clip.name}, L2-normalised", "subsets": KID_SUBSETS,
-            "subset_size": subset, "degree": 3, "gamma": 1.0, "real_images": len(real_images),
+    subset = min(n_real, n_fake, KID_MAX_SUBSET)
+    info = {"feature": f"CLIP image embeddings of {clip_name}, L2-normalised", "subsets": KID_SUBSETS,
+            "subset_size": subset, "degree": 3, "gamma": 1.0, "real_images": n_real,
             "fake_images_per_model": n_fake, "seed": 0}
     if subset < 2:
         notes.append(f"KID needs at least 2 concept-prompt images and 2 training images (have {n_fake} and "
-                     f"{len(real_images)}): not computed")
+                     f"{n_real}): not computed")
         return info, {}
     if subset < 50:
         notes.append(f"KID on {subset}-image subsets: a rough estimate (more concept prompts or --seeds narrow it)")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        kid = KernelInceptionDistance(feature=clip.feature_module(), subsets=KID_SUBSETS, subset_size=subset,
+        warnings.simplefilter("ignore")  # the features are given: KID's own feature network is the identity
+        kid = KernelInceptionDistance(feature=torch.nn.Identity(), subsets=KID_SUBSETS, subset_size=subset,
                                       gamma=1.0, reset_real_features=False)
     values: dict[str, dict] = {}
     with torch.inference_mode():
-        total = len(real_images) + n_fake * len(models)
-        with tqdm(total=total, unit="img", desc="KID features", disable=not progress) as bar:
-            for i in range(0, len(real_images), batch_size):
-                batch = list(real_images[i:i + batch_size])
-                kid.update(clip.pixel_values(batch), real=True)
-                bar.update(len(batch))
-            for m in models:
-                fake = [m.images[p][s] for p in concept for s in range(n_seeds)]
-                for i in range(0, len(fake), batch_size):
-                    kid.update(clip.pixel_values(fake[i:i + batch_size]), real=False)
-                    bar.update(len(fake[i:i + batch_size]))
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)  # the same random subsets for every model
-                    mean, std = kid.compute()
-                values[m.label] = {"mean": float(mean), "std": float(std), "n": KID_SUBSETS}
-                kid.reset()  # keeps the real features
+        kid.update(real, real=True)
+        for m in models:
+            e = embeddings[m.label]
+            kid.update(e[concept].reshape(-1, e.shape[-1]), real=False)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # the same random subsets for every model
+                mean, std = kid.compute()
+            values[m.label] = {"mean": float(mean), "std": float(std), "n": KID_SUBSETS}
+            kid.reset()  # keeps the real features
     return info, values
 
 

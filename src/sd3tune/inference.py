@@ -14,7 +14,7 @@ from sd3tune import __version__
 from sd3tune.config.models import SD3M, RunConfig
 from sd3tune.errors import Sd3tuneError
 from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.files import read_run
+from sd3tune.simpletuner.files import checkpoints, read_run
 
 DIFFUSERS_T5_DEFAULT = 256  # StableDiffusion3Pipeline's max_sequence_length default
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2
@@ -55,9 +55,8 @@ def latest_lora_in(output_dir: Path) -> Path | None:
     final = output_dir / keys.LORA_WEIGHT_NAME
     if final.is_file():
         return final
-    ckpts = sorted((p for p in output_dir.glob(f"{keys.CHECKPOINT_PREFIX}*") if (p / keys.LORA_WEIGHT_NAME).is_file()),
-                   key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else -1)
-    return ckpts[-1] / keys.LORA_WEIGHT_NAME if ckpts else None
+    ckpts = [p / keys.LORA_WEIGHT_NAME for p in checkpoints(output_dir) if (p / keys.LORA_WEIGHT_NAME).is_file()]
+    return ckpts[-1] if ckpts else None
 
 
 def read_safetensors_header(file: Path) -> tuple[dict[str, str], dict[str, Any]]:
@@ -83,13 +82,12 @@ def resolve_lora(spec: Path) -> LoraSource:
     spec = spec.expanduser()
     if not spec.exists():
         raise Sd3tuneError(f"LoRA {spec} does not exist", hint="pass a run folder, a checkpoint folder or a .safetensors file")
+    loaded = None
     if spec.is_dir():
         run_root = _find_run_root(spec)
-        file = None
         if run_root is not None and spec == run_root:
             loaded = read_run(run_root)
-            out = Path(loaded.config.paths.output_dir) if loaded.config else run_root / "output"
-            file = latest_lora_in(out)
+            file = latest_lora_in(loaded.output_dir() or run_root / "output")
         else:
             file = latest_lora_in(spec)
         if file is None:
@@ -99,28 +97,40 @@ def resolve_lora(spec: Path) -> LoraSource:
         file = spec
     metadata, _ = read_safetensors_header(file)
     run_root = _find_run_root(file.parent)
-    config = read_run(run_root).config if run_root is not None else None
+    if loaded is None or run_root is None or loaded.paths.root.resolve() != run_root.resolve():
+        loaded = read_run(run_root) if run_root is not None else None
+    config = loaded.config if loaded is not None else None
     return LoraSource(file=file.resolve(), run_dir=run_root, config=config, metadata=metadata)
 
 
-def check_lora_fits(source: LoraSource, transformer_config: dict[str, Any]) -> None:
+def check_lora_fits(file: Path, transformer_config: dict[str, Any]) -> None:
     """Refuse a LoRA whose keys or shapes do not belong to this SD3 transformer."""
-    _, tensors = read_safetensors_header(source.file)
+    _, tensors = read_safetensors_header(file)
     names = list(tensors)
     if not names or not all(n.startswith("transformer.") for n in names):
         other = next((n for n in names if not n.startswith("transformer.")), "no tensors")
-        raise Sd3tuneError(f"{source.file} is not an SD3 transformer LoRA (found key {other!r})",
+        raise Sd3tuneError(f"{file} is not an SD3 transformer LoRA (found key {other!r})",
                            hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
     width = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
     layers = transformer_config["num_layers"]
     for name, info in tensors.items():
         m = re.search(r"transformer_blocks\.(\d+)\.", name)
         if m and int(m.group(1)) >= layers:
-            raise Sd3tuneError(f"{source.file} has block {m.group(1)} but this model has {layers} blocks",
+            raise Sd3tuneError(f"{file} has block {m.group(1)} but this model has {layers} blocks",
                                hint="the LoRA was trained for another model; pass the right --model")
         if name.endswith("lora_A.weight") and ".attn.to_" in name and info["shape"][1] != width:
-            raise Sd3tuneError(f"{source.file} was trained for a transformer of width {info['shape'][1]}, this model's "
+            raise Sd3tuneError(f"{file} was trained for a transformer of width {info['shape'][1]}, this model's "
                                f"is {width}", hint="the LoRA belongs to another model; pass the right --model")
+
+
+def load_adapter(pipe: Any, file: Path, name: str) -> None:
+    """Load a LoRA file into the pipeline as adapter ``name``, after checking it fits this transformer."""
+    import warnings
+
+    check_lora_fits(file, dict(pipe.transformer.config))
+    with warnings.catch_warnings():  # peft warns when a second adapter joins the first: intended (evaluate)
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
 
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
@@ -203,14 +213,16 @@ class Pipeline:
     fused: bool = False  # the LoRA is folded into the weights (fast_path); its scale is fixed
     offload: str = "none"
 
-    def set_lora_scale(self, scale: float) -> float:
-        """Set the LoRA strength (alpha/rank from training folded in); returns the effective adapter weight."""
+    def set_lora_scale(self, scale: float, adapter: str | None = None) -> float:
+        """Make ``adapter`` (default: the run's LoRA) the active one at strength ``scale``, with the run's alpha/rank
+        folded in; returns the effective adapter weight."""
         if self.fused:
             raise RuntimeError("the LoRA is fused into the weights; its scale can no longer change")
-        if self.lora is None or self.adapter is None:
+        adapter = adapter or self.adapter
+        if self.lora is None or adapter is None:
             return 0.0
         weight = scale * self.lora.alpha_over_rank
-        self.pipe.set_adapters([self.adapter], adapter_weights=[weight])
+        self.pipe.set_adapters([adapter], adapter_weights=[weight])
         return weight
 
     def fast_path(self) -> list[str]:
@@ -262,9 +274,8 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto", lora: L
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
     adapter = None
     if lora is not None:
-        check_lora_fits(lora, dict(pipe.transformer.config))
         adapter = "sd3tune"
-        pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, adapter_name=adapter)
+        load_adapter(pipe, lora.file, adapter)
     if offload == "model":
         pipe.enable_model_cpu_offload()
     elif offload == "sequential":

@@ -101,36 +101,23 @@ def _read_run(run_dir: Path):
     return run_dir.resolve(), loaded
 
 
-def _output_dir(run_dir: Path, config) -> Path:
-    out = Path(config.paths.output_dir).expanduser()
-    return out if out.is_absolute() else run_dir / out
-
-
-def _step_of(path: Path) -> int | None:
+def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str]) -> list[_Candidate]:
     from sd3tune.simpletuner import keys
+    from sd3tune.simpletuner.files import checkpoint_step, checkpoints
 
-    name = path.name
-    if name.startswith(keys.CHECKPOINT_PREFIX) and name[len(keys.CHECKPOINT_PREFIX):].isdigit():
-        return int(name[len(keys.CHECKPOINT_PREFIX):])
-    return None
-
-
-def _candidates(opts: EvaluateOptions, run_dir: Path, config, lora, notes: list[str]) -> list[_Candidate]:
-    from sd3tune.simpletuner import keys
-
-    step = _step_of(lora.file.parent)
+    step = checkpoint_step(lora.file.parent)
     title = "LoRA" if step is None else f"LoRA (checkpoint-{step})"
     out = [_Candidate("base", "base", "base", None, None, None),
            _Candidate("lora", title, "lora", step, lora.file, "sd3tune")]
     if opts.checkpoints == "all":
         found = []
-        for folder in _output_dir(run_dir, config).glob(f"{keys.CHECKPOINT_PREFIX}*"):
-            s, file = _step_of(folder), folder / keys.LORA_WEIGHT_NAME
-            if s is not None and file.is_file() and file.resolve() != lora.file:
+        for folder in checkpoints(output_dir):
+            s, file = checkpoint_step(folder), folder / keys.LORA_WEIGHT_NAME
+            if file.is_file() and file.resolve() != lora.file:
                 found.append((s, file.resolve()))
         if not found:
             notes.append("--checkpoints all: the run has no other checkpoint-N folder with a LoRA")
-        for s, file in sorted(found):
+        for s, file in found:
             out.append(_Candidate(f"checkpoint-{s}", f"checkpoint-{s}", "checkpoint", s, file, f"ckpt_{s}"))
     return out
 
@@ -156,7 +143,7 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     if lora.config is None:  # a bare .safetensors: the run's settings apply
         lora = replace(lora, config=config, run_dir=run_dir)
     notes: list[str] = []
-    candidates = _candidates(opts, run_dir, config, lora, notes)
+    candidates = _candidates(opts, loaded.output_dir(), lora, notes)
     train = training_set(loaded.backends)
     if opts.prompts_file is not None:
         prompts = read_prompts_file(opts.prompts_file, trigger)
@@ -245,29 +232,23 @@ def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds,
               out: Path, progress: bool):
     """Load the pipeline once (the run's LoRA + one adapter per checkpoint) and make every model's grid."""
     import gc
-    import warnings
 
     from tqdm.auto import tqdm
 
     from sd3tune.evaluation import ModelImages
-    from sd3tune.inference import LoraSource, check_lora_fits, chunks, load_pipeline, provenance, run_images, save_png
+    from sd3tune.inference import chunks, load_adapter, load_pipeline, provenance, run_images, save_png
 
     pipe = load_pipeline(model, device=opts.device, dtype=opts.dtype, lora=lora, shift=settings.shift)
-    transformer_config = dict(pipe.pipe.transformer.config)
     for c in candidates:
         if c.kind == "checkpoint":
             assert c.file is not None and c.adapter is not None
-            check_lora_fits(LoraSource(c.file, lora.run_dir, lora.config), transformer_config)
-            with warnings.catch_warnings():  # peft warns that a second adapter joins the first: intended here
-                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-                pipe.pipe.load_lora_weights(str(c.file.parent), weight_name=c.file.name, adapter_name=c.adapter)
-    weight = opts.lora_scale * lora.alpha_over_rank
+            load_adapter(pipe.pipe, c.file, c.adapter)
     models: list[ModelImages] = []
     total = len(candidates) * len(prompts) * len(seeds)
     with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar:
         for c in candidates:
-            w = 0.0 if c.kind == "base" else weight
-            pipe.pipe.set_adapters(["sd3tune" if c.kind == "base" else c.adapter], adapter_weights=[w])
+            w = pipe.set_lora_scale(0.0 if c.kind == "base" else opts.lora_scale,
+                                    adapter=None if c.kind == "base" else c.adapter)
             grid, grid_paths = [], []
             for index, prompt in enumerate(prompts):
                 row, row_paths = [], []

@@ -104,7 +104,7 @@ def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[st
         notes.append(f"LoRA scale multiplied by alpha/rank = {lora.alpha_over_rank:g} from training")
     side = cfg.data.resolution if cfg and cfg.data.resolution_type != "area" else 1024
     s.width = opts.width or side
-    s.height = opts.height or side
+    s.height = opts.height or opts.width or side  # a width alone makes a square
     for name, v in (("width", s.width), ("height", s.height)):
         if v < 64 or v % SIZE_MULTIPLE:
             raise Sd3tuneError(f"--{name} {v} must be a multiple of {SIZE_MULTIPLE} and at least 64",

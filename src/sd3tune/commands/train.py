@@ -14,7 +14,7 @@ from sd3tune.findings import errors_in
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import LaunchPlan, Progress, build_launch, failure_reason, phase_of, run_plan
-from sd3tune.simpletuner.files import RunPaths
+from sd3tune.simpletuner.files import RunPaths, checkpoints
 
 
 @dataclass
@@ -36,12 +36,6 @@ class TrainResult:
     last: Progress | None = None
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob(f"{keys.CHECKPOINT_PREFIX}*") if p.is_dir()
-             and p.name[len(keys.CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(keys.CHECKPOINT_PREFIX):]))
-
-
 def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
     """Validate the run and build the launch (raises ConfigError with every finding on a broken run)."""
     report = check_run(opts.run_dir, gpus=opts.gpus)
@@ -54,9 +48,7 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
     if opts.accelerate_config is not None and not opts.accelerate_config.is_file():
         raise Sd3tuneError(f"accelerate config {opts.accelerate_config} does not exist",
                            hint="create one with `accelerate config --config_file FILE`")
-    output = Path(cfg.paths.output_dir)
-    if not output.is_absolute():
-        output = report.run.paths.root / output
+    output = report.run.output_dir()
     existing = checkpoints(output)
     if existing and not opts.resume:
         raise Sd3tuneError(f"{output} already holds {existing[-1].name}; SimpleTuner would silently resume from it",
@@ -120,9 +112,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         detail = failure_reason(outcome.tail)
         raise TrainingFailed(f"SimpleTuner exited with code {outcome.returncode}: {detail}",
                              hint=f"see the full log {log}", exit_code=outcome.returncode)
-    lora = Path(cfg.paths.output_dir) / keys.LORA_WEIGHT_NAME
-    if not lora.is_absolute():
-        lora = paths.root / lora
+    lora = report.run.output_dir() / keys.LORA_WEIGHT_NAME
     if not lora.is_file():
         raise TrainingFailed(f"SimpleTuner finished but wrote no {keys.LORA_WEIGHT_NAME} in {lora.parent}",
                              hint=f"see the full log {log}", exit_code=1)

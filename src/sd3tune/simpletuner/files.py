@@ -142,6 +142,26 @@ class LoadedRun:
         """The config file's name, for findings."""
         return keys.JSON_FILE if self.format == "json" else keys.ENV_FILE
 
+    def output_dir(self) -> Path | None:
+        """SimpleTuner's OUTPUT_DIR; a relative one is relative to the run folder (its working directory). None when
+        the config could not be read."""
+        if self.config is None:
+            return None
+        out = Path(self.config.paths.output_dir).expanduser()
+        return out if out.is_absolute() else self.paths.root / out
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """N for a ``checkpoint-N`` folder, else None."""
+    tail = folder.name[len(keys.CHECKPOINT_PREFIX):]
+    return int(tail) if folder.name.startswith(keys.CHECKPOINT_PREFIX) and tail.isdigit() else None
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders SimpleTuner wrote in ``output_dir``, oldest first."""
+    found = [p for p in output_dir.glob(f"{keys.CHECKPOINT_PREFIX}*") if p.is_dir() and checkpoint_step(p) is not None]
+    return sorted(found, key=checkpoint_step)
+
 
 def _coerce_bool_options(args: dict[str, Any], catalog: Catalog) -> None:
     for option, value in list(args.items()):

@@ -73,7 +73,7 @@ class CheckReport:
 
     @property
     def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
+        return errors_in(self.findings)
 
     @property
     def warnings(self) -> list[Finding]:
@@ -106,7 +106,7 @@ class Context:
 
     @property
     def file(self) -> str:
-        return keys.JSON_FILE if self.run.format == "json" else keys.ENV_FILE
+        return self.run.paths_name()
 
     def where(self, option: str) -> str:
         """The key a user edits for ``option``: its config.env line, TRAINER_EXTRA_ARGS entry or JSON key."""
@@ -178,7 +178,7 @@ def _config_unreadable(run: LoadedRun) -> str | None:
     """The config file's name when it could not be read or parsed at all (not UTF-8, invalid JSON, ...)."""
     if run.format is None or run.config_read:
         return None
-    return keys.JSON_FILE if run.format == "json" else keys.ENV_FILE
+    return run.paths_name()
 
 
 def _guarded(rule: Callable[[Context], list[Finding]], ctx: Context) -> list[Finding]:
@@ -498,7 +498,7 @@ def _check_hub_model(f: str, where: str, name: str, path: Path) -> list[Finding]
     if name != SD3M:
         return [warning(f, where, f"no local folder {path}: SimpleTuner will download {name} from the Hub",
                         "if you meant a local folder, fix the path")]
-    if name == SD3M and not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
                              or (Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
                                  / "token").is_file()):
         return [warning(f, where, f"{name} is gated and no Hugging Face token was found; the download (~10 GB) "
@@ -517,7 +517,7 @@ def check_paths(ctx: Context) -> list[Finding]:
         elif not target.is_file():
             out.append(error(f, ctx.where("data_backend_config"), f"{target} does not exist",
                              f"point it at {ours}"))
-        elif target.resolve() != ours.resolve():
+        else:
             out.append(error(f, ctx.where("data_backend_config"),
                              f"SimpleTuner would read {target}, but the run's datasets are in {ours}",
                              f"point it at {ours}"))
@@ -542,8 +542,7 @@ def _existing_ancestor(path: Path) -> Path | None:
 
 def check_environment(ctx: Context) -> list[Finding]:
     """Stray shell variables SimpleTuner would read (sd3tune train scrubs them; a manual launch would not)."""
-    names = set(ctx.catalog.env_keys) | set(keys.CONFIG_ENV_VARS)
-    stray = sorted(k for k in names if k in os.environ)
+    stray = sorted(k for k in ctx.catalog.environment_variables() if k in os.environ)
     if not stray:
         return []
     return [warning("environment", ", ".join(stray), "set in this shell; SimpleTuner reads them and they override "
@@ -884,7 +883,7 @@ def _check_disk(ctx: Context, datasets: list[_Dataset], text: list[TextEmbedsBac
     captions = set().union(*(d.captions for d in datasets))
     default = next((t for t in text if t.default), text[0] if text else None)
     if default is not None:
-        per_caption = ((77 + keys.SD3_T5_MAX_LENGTH) * 4096 + 2048) * width
+        per_caption = ((CLIP_MAX_TOKENS + T5_MAX_TOKENS) * 4096 + 2048) * width
         key = ctx.path(default.cache_dir)
         need[key] = need.get(key, 0) + (len(captions) + 2) * per_caption
     ctx.summary.cache_gb = round(sum(need.values()) / 2**30, 2)
@@ -898,13 +897,15 @@ def _check_disk(ctx: Context, datasets: list[_Dataset], text: list[TextEmbedsBac
         except OSError:
             continue
         prev = by_device.get(dev, (anchor, 0, []))
-        by_device[dev] = (prev[0], prev[1] + max(0, size - _folder_size(path)), prev[2] + [path])
+        by_device[dev] = (prev[0], prev[1] + size, prev[2] + [path])
     out = []
     for anchor, size, paths in by_device.values():
         try:
             free = shutil.disk_usage(anchor).free
         except OSError:
             continue
+        if free < size * 1.1:  # only then walk the caches: what is already there need not be written again
+            size = sum(max(0, need[p] - _folder_size(p)) for p in paths)
         if free < size * 1.1:
             out.append(error(BACKENDS, "cache_dir", f"caches ({', '.join(map(str, paths))}) need about "
                                                     f"{size / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free",

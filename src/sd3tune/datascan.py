@@ -22,14 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from sd3tune.simpletuner import keys
+
 # Extensions SimpleTuner lists as images (the common subset of what PIL opens).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
                   ".avif", ".jp2", ".j2k", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".ico")
 # Folders SimpleTuner's local backend never walks into (helpers/data_backend/local.py).
 SKIP_DIRS = {".Spotlight-V100", ".Trashes", ".fseventsd", ".TemporaryItems", ".zfs", ".ipynb_checkpoints"}
-SD3_ALIGNMENT = 64
+SD3_ALIGNMENT = keys.SD3_BUCKET_ALIGNMENT
 CLIP_MAX_TOKENS = 77  # including the start and end tokens
-T5_MAX_TOKENS = 154  # SimpleTuner's SD3 T5 length, including the end token
+T5_MAX_TOKENS = keys.SD3_T5_MAX_LENGTH  # SimpleTuner's SD3 T5 length, including the end token
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 _PNG_END = b"IEND\xaeB`\x82"
 

@@ -186,8 +186,6 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) ->
 
     For tests and the offline quickstart only: its numbers move when images move, but mean nothing perceptually.
     """
-    import tempfile
-
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 

@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from sd3tune.simpletuner import keys
+
 CATALOG_PATH = Path(__file__).with_name("catalog.json")
 
 
@@ -50,6 +52,11 @@ class Catalog:
     def env_key_for(self) -> dict[str, str]:
         """Option name -> the config.env KEY SimpleTuner maps to it (the first in sorted order)."""
         return self._env_key_for
+
+    def environment_variables(self) -> set[str]:
+        """Every variable SimpleTuner reads from the process environment: its config.env keys (read from the
+        environment too) and the ones that pick the config file."""
+        return set(self.env_keys) | set(keys.CONFIG_ENV_VARS)
 
     def closest_option(self, name: str) -> str | None:
         match = difflib.get_close_matches(name.lstrip("-"), list(self.options), n=1, cutoff=0.6)

@@ -51,7 +51,7 @@ def train_script() -> Path:
 
 def child_environment(environ: Mapping[str, str], config_format: str) -> dict[str, str]:
     """The training process's environment: the allow-list from ``environ``, minus any SimpleTuner key."""
-    forbidden = set(load_catalog().env_keys) | set(keys.CONFIG_ENV_VARS)
+    forbidden = load_catalog().environment_variables()
     env = {k: v for k, v in environ.items()
            if (k in PASSTHROUGH or k.startswith(PASSTHROUGH_PREFIXES)) and k not in forbidden}
     env.setdefault("PATH", os.defpath)

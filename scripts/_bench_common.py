@@ -200,6 +200,21 @@ class Report:
         print("RESULT " + json.dumps(self.data, default=str), flush=True)
 
 
+def anchor_row(path: Path, row: str, metric: str, recipe: str, report: Report, extra: tuple[str, ...] = ()
+               ) -> float | None:
+    """Report one row of ../shared/bench/anchor_sd3m.py's anchor.json (written in the same command, on the same
+    machine) as ``anchor.<metric>``, with the card it ran on; None (and ``anchor.error``) when the row is missing."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if row not in data:
+        report("anchor.error", f"{path} has no {row} row (was anchor_sd3m.py run with --skip-gen or --skip-train?)")
+        return None
+    report("anchor.source", f"anchor_sd3m.py ({path}): {recipe}")
+    for key in ("gpu", "torch", "matmul_bf16_tflops", *extra):
+        if key in data:
+            report(f"anchor.{key}", data[key])
+    return report(f"anchor.{metric}", data[row])
+
+
 def ratio(value: float | None, anchor: float | None) -> float | None:
     if not value or not anchor:
         return None

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import Report, median  # noqa: E402
+from _bench_common import Report, device_label, median  # noqa: E402
 
 LATENT = (16, 128, 128)          # SD3 VAE latent of a 1024 px image
 PROMPT = (1, 77 + 154, 4096)     # CLIP (77) + T5 (154) tokens, SD3's joint width
@@ -69,16 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20, help="timed reads of one step's files (median)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
-    import os
-    import platform
-
     import torch
     from simpletuner.helpers.data_backend.local import LocalDataBackend
 
     report = Report(args.json)
     report("bench", "cache_read")
-    report("device", f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
-                     f"{torch.get_num_threads()} torch threads")
+    report("device", f"{device_label(False)}, {torch.get_num_threads()} torch threads")
     report("per_step", f"1 latent {LATENT} + 2 text embeddings {PROMPT} + pooled {POOLED}")
     for dtype in (torch.float32, torch.bfloat16):
         tag = str(dtype).replace("torch.", "")

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import (NOT_ACCEPTANCE, PeakMemory, Report, cuda_available, device_label,  # noqa: E402
+from _bench_common import (NOT_ACCEPTANCE, PeakMemory, Report, anchor_row, cuda_available, device_label,  # noqa: E402
                            ensure_model, median, offline_env, ratio, resolve_size, verdict)
 
 TARGET_S_PER_IMAGE_H100 = 1.1
@@ -166,23 +166,6 @@ def run_anchor(args: argparse.Namespace, model: Path, res: int, cuda: bool, repo
     return report("anchor.s_per_image", round(median(times), 4), f"median of {n}")
 
 
-def shared_anchor(path: Path, report: Report) -> float | None:
-    """The generation row of ../shared/bench/anchor_sd3m.py (same machine, same command)."""
-    import json
-
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    value = data.get("gen_1024_28steps_cfg_s")
-    if value is None:
-        report("anchor.error", f"{path} has no gen_1024_28steps_cfg_s row (did anchor_sd3m.py run with --skip-gen?)")
-        return None
-    report("anchor.source", f"anchor_sd3m.py ({path}): diffusers StableDiffusion3Pipeline, eager, prompt embeddings "
-                            "given, 1024 px, 28 steps, CFG batch 2, PIL output")
-    for key in ("gpu", "torch", "matmul_bf16_tflops", "gen_transformer_only_s", "vae_decode_s", "gen_peak_gib"):
-        if key in data:
-            report(f"anchor.{key}", data[key])
-    return report("anchor.s_per_image", value, "median of 3")
-
-
 def attention_preference(name: str, cuda: bool):
     """cudnn variants: scaled-dot-product attention prefers cuDNN's kernel (then flash, efficient, math)."""
     import contextlib
@@ -267,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     res = args.resolution or (1024 if size == "sd3m" else 64)
     report = Report(args.json)
     report("bench", "generate")
-    report("device", device_label(cuda))
+    device = report("device", device_label(cuda))
     report("size", size, "SD3-Medium-sized random weights" if size == "sd3m" else NOT_ACCEPTANCE)
     model, build_s, built = ensure_model(args.work, size)
     report("model", str(model))
@@ -277,11 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     report("torch", torch.__version__)
-    anchor = shared_anchor(args.anchor_json, report) if args.anchor_json else run_anchor(args, model, res, cuda, report)
+    if args.anchor_json:
+        anchor = anchor_row(args.anchor_json, "gen_1024_28steps_cfg_s", "s_per_image",
+                            "diffusers StableDiffusion3Pipeline, eager, prompt embeddings given, 1024 px, 28 steps, "
+                            "CFG batch 2, PIL output; median of 3", report,
+                            ("gen_transformer_only_s", "vae_decode_s", "gen_peak_gib"))
+    else:
+        anchor = run_anchor(args, model, res, cuda, report)
     acceptance = cuda and size == "sd3m" and res == 1024 and args.steps == 28
     label = "" if acceptance else (NOT_ACCEPTANCE if not cuda or size == "tiny"
                                    else "not the acceptance configuration (1024 px, 28 steps)")
-    h100 = "H100" in device_label(cuda)
+    h100 = "H100" in device
     with tempfile.TemporaryDirectory(dir=args.work) as td:
         made: dict[str, list[Path]] = {}
         for name in names:

@@ -44,9 +44,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd3tune.simpletuner import keys  # noqa: E402
-from _bench_common import (NOT_ACCEPTANCE, SHARED_ANCHOR, PeakMemory, Report, cuda_available,  # noqa: E402
-                           device_label, ensure_data, ensure_model, offline_env, ratio, resolve_size, run_self,
-                           verdict)
+from sd3tune.simpletuner.launch import clean_line  # noqa: E402
+from _bench_common import (NOT_ACCEPTANCE, SHARED_ANCHOR, PeakMemory, Report, anchor_row,  # noqa: E402
+                           cuda_available, device_label, ensure_data, ensure_model, offline_env, ratio, resolve_size,
+                           run_self, verdict)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -69,7 +70,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 # What SimpleTuner resolved (OUTPUT_DIR/simpletuner_config.json): proves which settings the run really used.
 RESOLVED = ["optimizer", "grad_clip_method", "max_grad_norm", "lora_dropout", "lora_rank", "gradient_checkpointing",
             "mixed_precision", "train_batch_size", "resolution", "attention_mechanism", "dynamo_backend",
-            "dynamo_mode", "dynamo_use_regional_compilation", "dynamo_wrapper", "dataloader_prefetch", "compress_disk_cache"]
+            "dynamo_mode", "dynamo_use_regional_compilation", "dynamo_wrapper", "dataloader_prefetch",
+            "compress_disk_cache"]
 TARGET_RATIO = 0.9
 TARGET_FIRST_STEP_S = 60.0
 
@@ -144,18 +146,11 @@ def run_anchor(args: argparse.Namespace, model: Path, size: str, cfg: Any, mem_k
     batch, resolution, rank = cfg.optim.train_batch_size, cfg.data.resolution, cfg.lora.rank
     out = args.work / "anchor"
     out.mkdir(parents=True, exist_ok=True)
+    row = f"train_bs{batch}_nockpt_s_per_step"
+    recipe = ("plain diffusers + peft loop, 8 attention targets, rank 16, 1024 px (64 with --tiny), 154 text tokens, "
+              "torch AdamW, no checkpointing")
     if args.anchor_json is not None:
-        data = json.loads(args.anchor_json.read_text()) if args.anchor_json.is_file() else {}
-        key = f"train_bs{batch}_nockpt_s_per_step"
-        if key not in data:
-            report("anchor.error", f"{args.anchor_json} has no {key} row (did anchor_sd3m.py run with --skip-train?)")
-            return None
-        report("anchor.source", f"anchor_sd3m.py ({args.anchor_json}): plain diffusers + peft loop, 8 attention "
-                                "targets, rank 16, 1024 px, 154 text tokens, torch AdamW, no checkpointing")
-        for k in ("gpu", "torch", "matmul_bf16_tflops", f"train_bs{batch}_nockpt_peak_gib"):
-            if k in data:
-                report(f"anchor.{k}", data[k])
-        return report("anchor.s_per_step", data[key])
+        return anchor_row(args.anchor_json, row, "s_per_step", recipe, report, (f"train_bs{batch}_nockpt_peak_gib",))
     if args.anchor == "shared":
         if not SHARED_ANCHOR.is_file():
             report("anchor.error", f"{SHARED_ANCHOR} not found; use --anchor ours")
@@ -164,16 +159,14 @@ def run_anchor(args: argparse.Namespace, model: Path, size: str, cfg: Any, mem_k
 
         cmd = [sys.executable, str(SHARED_ANCHOR), "--skip-gen", "--out", str(out)]
         cmd += ["--tiny"] if size == "tiny" else []
+        (out / "anchor.json").unlink(missing_ok=True)
         with PeakMemory(mem_kind) as mem:
             proc = subprocess.run(cmd, capture_output=True, text=True)
-        data = json.loads((out / "anchor.json").read_text()) if (out / "anchor.json").is_file() else {}
-        key = f"train_bs{batch}_nockpt_s_per_step"
-        if proc.returncode != 0 or key not in data:
-            report("anchor.error", f"shared anchor failed or has no {key}: {proc.stderr[-500:]}")
+        if proc.returncode != 0:
+            report("anchor.error", f"{SHARED_ANCHOR} failed (exit {proc.returncode}): {proc.stderr[-500:]}")
             return None
-        report("anchor.source", f"{SHARED_ANCHOR} (its own resolution: 1024 px, or 64 px with --tiny)")
         report("anchor.peak_mem_gib", mem.gib, mem.how)
-        return report("anchor.s_per_step", data[key])
+        return anchor_row(out / "anchor.json", row, "s_per_step", recipe, report)
     result_path = out / "anchor.json"
     result_path.unlink(missing_ok=True)
     t = time.perf_counter()
@@ -212,9 +205,6 @@ def steady_seconds_per_step(marks: dict[int, float], total: int, warmup: int) ->
     return (end[1] - start[1]) / (end[0] - start[0])
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
 def log_highlights(log: Path | None, limit: int = 8) -> tuple[list[str], int]:
     """SimpleTuner's lines about compilation, CUDA graphs and attention (to see what the run really did), and how
     many graphs Inductor compiled."""
@@ -222,10 +212,10 @@ def log_highlights(log: Path | None, limit: int = 8) -> tuple[list[str], int]:
         return [], 0
     found: list[str] = []
     compiled = 0
-    pattern = re.compile(r"Torch Dynamo|kohaku|attention backend|native SDPA|skipping cudagraphs|cudagraph.*(skip|disabl)"
-                         r"|recompil|TorchInductor wrapper", re.I)
+    pattern = re.compile(r"Torch Dynamo|kohaku|attention backend|native SDPA|skipping cudagraphs"
+                         r"|cudagraph.*(skip|disabl)|recompil|TorchInductor wrapper", re.I)
     for line in re.split(r"[\r\n]", log.read_text(errors="replace")):
-        line = _ANSI.sub("", line).strip()
+        line = clean_line(line)
         if "done compiling" in line:
             compiled += 1
         elif pattern.search(line) and line[:200] not in found and not line.startswith("Extra args"):

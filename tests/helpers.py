@@ -15,11 +15,17 @@ class CliResult:
     err: str
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a command the tests run: offline, without SD3TUNE_DEBUG (which turns user errors into
+    tracebacks), plus ``extra``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra}
+    env.pop("SD3TUNE_DEBUG", None)
+    return env
+
+
 def sd3tune(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd=None) -> CliResult:
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    full_env.pop("SD3TUNE_DEBUG", None)
     proc = subprocess.run([sys.executable, "-m", "sd3tune", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd)
+                          env=child_env(**(env or {})), timeout=timeout, cwd=cwd)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 

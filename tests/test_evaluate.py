@@ -11,10 +11,10 @@ import math
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from sd3tune.commands.evaluate import EvaluateOptions, evaluate_cmd, format_table, run_evaluate
+from sd3tune.cli import app
+from sd3tune.commands.evaluate import EvaluateOptions, format_table, run_evaluate
 from sd3tune.errors import Sd3tuneError
 from sd3tune.evaluation import METRIC_ORDER, read_prompts_file
 
@@ -168,9 +168,6 @@ def test_clip_score_matches_torchmetrics(evaluated, tiny_clip):
 
 @pytest.mark.e2e
 def test_cli_command_prints_the_table_and_paths(trained_run, tiny_clip, tmp_path):
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    app.command("evaluate")(evaluate_cmd)
     out = tmp_path / "cli"
     # no --prompts: the run's validation prompt and 3 training captions, plus the 3 built-in neutral prompts
     result = CliRunner().invoke(app, ["evaluate", str(trained_run), "--seeds", "2", "--steps", str(STEPS),
@@ -237,9 +234,6 @@ def test_user_errors_are_one_line_with_a_hint(case, request, tmp_path, prompts_f
 
 
 def test_cli_user_error_is_an_sd3tune_error_with_exit_code_2(tmp_path, tiny_clip):
-    app = typer.Typer()
-    app.callback()(lambda: None)
-    app.command("evaluate")(evaluate_cmd)
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "missing-run"), "--checkpoints", "every",
                                       "--clip-model", str(tiny_clip)])
     assert isinstance(result.exception, Sd3tuneError)

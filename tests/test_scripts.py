@@ -5,22 +5,20 @@ about the acceptance targets, and the scripts say so)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import child_env
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 NOT_ACCEPTANCE = "tiny/CPU: not an acceptance number"
 
 
 def run_script(name: str, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.pop("SD3TUNE_DEBUG", None)
-    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True,
+                          env=child_env(), timeout=timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     result = json.loads(lines[-1][len("RESULT "):]) if lines else {}
     return proc, result
@@ -120,8 +118,8 @@ def test_bench_suite_runs_the_anchor_then_the_benchmarks_within_a_deadline(train
     anchor.write_text("import json, sys\nout = sys.argv[sys.argv.index('--out') + 1]\n"
                       "json.dump({'gpu': 'test card', 'gen_1024_28steps_cfg_s': 0.25}, open(out + '/anchor.json', 'w'))\n")
     out = tmp_path / "out"
-    env = {**os.environ, "PY": sys.executable, "SIZE": "tiny", "WORK": str(bench_work), "TRAIN": "",
-           "GEN": "default", "GEN_ARGS": "--images 2 --batch-size 1 --steps 2"}
+    env = child_env(PY=sys.executable, SIZE="tiny", WORK=str(bench_work), TRAIN="", GEN="default",
+                    GEN_ARGS="--images 2 --batch-size 1 --steps 2")
     proc = subprocess.run(["bash", str(SCRIPTS / "bench_suite.sh"), str(anchor), str(out), "300"], env=env,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

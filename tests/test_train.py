@@ -7,10 +7,11 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from helpers import assert_one_line_user_error, sd3tune
+from helpers import assert_one_line_user_error, child_env, sd3tune
 
 from sd3tune.commands.init import run_init
 from sd3tune.inference import read_safetensors_header
+from sd3tune.simpletuner import keys
 
 
 def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):
@@ -30,7 +31,7 @@ def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):
 def test_caches_are_written_uncompressed(trained_run):
     # gzip-compressed caches cost 20-35 ms of reads per 1024 px step (scripts/bench_cache_read.py); sd3tune turns
     # SimpleTuner's compression off with a false flag, which only works through TRAINER_EXTRA_ARGS
-    resolved = json.loads((trained_run / "output" / "simpletuner_config.json").read_text())
+    resolved = json.loads((trained_run / "output" / keys.RESOLVED_CONFIG_NAME).read_text())
     assert resolved["compress_disk_cache"] is False
     caches = sorted((trained_run / "cache").rglob("*.pt"))
     assert any("vae" in p.parts for p in caches) and any("text" in p.parts for p in caches)
@@ -114,7 +115,6 @@ def _processes_in(folder: Path) -> list[int]:
 
 
 def test_ctrl_c_stops_the_training_cleanly(tiny_init_options):
-    import os
     import signal
     import sys
     import time
@@ -123,7 +123,7 @@ def test_ctrl_c_stops_the_training_cleanly(tiny_init_options):
     run_init(tiny_init_options)
     run = tiny_init_options.run_dir
     proc = subprocess.Popen([sys.executable, "-m", "sd3tune", "train", str(run)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            stderr=subprocess.PIPE, text=True, env=child_env())
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait until SimpleTuner is inside its training loop
         logs = list((run / "logs").glob("train-*.log"))

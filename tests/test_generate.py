@@ -138,3 +138,23 @@ def test_compile_fast_path_fuses_the_lora_into_the_weights_without_changing_the_
         assert np.abs(pixels(a) - pixels(b)).mean() < 0.25
     assert json.loads(Image.open(fused[0]).text["sd3tune"])["fused"] is True
     assert json.loads(Image.open(lora_images[0]).text["sd3tune"])["fused"] is False
+
+
+def test_a_relative_output_dir_is_read_from_the_run_folder(trained_run, tmp_path, monkeypatch):
+    # SimpleTuner runs in the run folder, so OUTPUT_DIR='output' means RUN/output wherever sd3tune is started from
+    import re
+    import shutil
+
+    from sd3tune.inference import resolve_lora
+    from sd3tune.simpletuner import keys
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "config", run / "config")
+    env = run / "config" / "config.env"
+    env.write_text(re.sub(r"^OUTPUT_DIR=.*$", "OUTPUT_DIR='output'", env.read_text(), flags=re.M))
+    (run / "output").mkdir()
+    shutil.copy(trained_run / "output" / keys.LORA_WEIGHT_NAME, run / "output" / keys.LORA_WEIGHT_NAME)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert resolve_lora(run).file == (run / "output" / keys.LORA_WEIGHT_NAME).resolve()

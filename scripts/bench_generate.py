@@ -11,10 +11,9 @@ CFG 7, T5 length 256. Without a GPU: the tiny random SD3 at 64 px, so CI keeps t
   peak_mem_gib           torch's peak allocated GPU memory in that phase (CPU: this process's RSS)
   ratio_s_per_image      s_per_image / anchor's
 
-Variants (--variants): default (`sd3tune generate` as shipped), compile (`--compile`: per-block torch.compile;
-ignored with a note on CPU), and cudnn / compile-cudnn (the same with PyTorch's scaled-dot-product attention told
-to prefer cuDNN's kernel over FlashAttention-2; CUDA only; torch 2.11 on an H100 already picks cuDNN, so there it
-changes nothing). Each variant after default also reports how far its
+Variants (--variants): default (`sd3tune generate` as shipped) and compile (`--compile`: LoRA fused, per-block
+torch.compile of the transformer and the VAE decoder compiled; ignored with a note on CPU). Each variant after
+default also reports how far its
 images are from default's at the same seeds (mean |pixel difference| out of 255). Target on an H100: <= 1.1 s per
 1024x1024 image.
 
@@ -45,7 +44,7 @@ from _bench_common import (NOT_ACCEPTANCE, PeakMemory, Report, anchor_row, cuda_
                            ensure_model, median, offline_env, ratio, resolve_size, verdict)
 
 TARGET_S_PER_IMAGE_H100 = 1.1
-VARIANTS = ("default", "compile", "cudnn", "compile-cudnn")
+VARIANTS = ("default", "compile")
 PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert city, concept art",
            "a lighthouse at dusk, oil painting", "a spaceship over a forest, concept art"]
 
@@ -166,18 +165,6 @@ def run_anchor(args: argparse.Namespace, model: Path, res: int, cuda: bool, repo
     return report("anchor.s_per_image", round(median(times), 4), f"median of {n}")
 
 
-def attention_preference(name: str, cuda: bool):
-    """cudnn variants: scaled-dot-product attention prefers cuDNN's kernel (then flash, efficient, math)."""
-    import contextlib
-
-    if not (cuda and name.endswith("cudnn")):
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    return sdpa_kernel(order, set_priority=True)
-
-
 def mean_abs_diff(a: list[Path], b: list[Path]) -> float:
     """Mean |pixel difference| (0..255) between two lists of images made at the same seeds."""
     import numpy as np
@@ -200,14 +187,12 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
     opts = GenerateOptions(prompts=[PROMPTS[0]], model=str(model), lora=args.lora, num_images=n, batch_size=bs,
                            steps=args.steps, guidance=args.guidance, width=res, height=res,
                            max_sequence_length=args.max_sequence_length, out=out / name,
-                           compile=name.startswith("compile"))
-    with Phase(cuda) as phase, attention_preference(name, cuda):
+                           compile=name == "compile")
+    with Phase(cuda) as phase:
         t0 = time.perf_counter()
         result = run_generate(opts, on_image=lambda _img: arrivals.append(time.perf_counter() - t0), progress=False)
     p = f"{name}."
     notes = list(result.notes)
-    if name.endswith("cudnn") and not cuda:
-        notes.append("cuDNN attention preference ignored on CPU")
     report(p + "notes", notes)
     report(p + "images", f"{n} in batches of {bs} (CFG batch {2 * bs})")
     report(p + "load_s", round(result.load_seconds, 1))

@@ -9,8 +9,9 @@ from typing import Callable, Literal
 
 from sd3tune.config.models import SD3M
 from sd3tune.errors import Sd3tuneError
-from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, LoraSource, SamplerSettings, check_runtime_choices,
-                               chunks, free_name, load_pipeline, provenance, resolve_lora, run_images, save_png, slug)
+from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, ImageBatch, LoraSource, SamplerSettings,
+                               check_runtime_choices, chunks, free_name, load_pipeline, make_images, provenance,
+                               resolve_lora, save_png, slug)
 from sd3tune.simpletuner import keys
 
 
@@ -38,6 +39,10 @@ class GenerateOptions:
     batch_size: int = 4
     compile: bool = False  # fast path: LoRA fused into the weights, blocks compiled (CUDA); see Pipeline.fast_path
     grid: bool = True  # also write a prompt x seed contact sheet when there is more than one image
+
+
+# H200, 1024 px, batches of 4: --compile costs ~16 s once and saves ~0.37 s per image (scripts/README.md)
+COMPILE_PAYS_OFF = 45
 
 
 @dataclass
@@ -145,9 +150,9 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
     opts.out.mkdir(parents=True, exist_ok=True)
     seeds = [opts.seed + i for i in range(opts.num_images)]
     total = len(prompts) * len(seeds)
-    if opts.compile and pipe.device == "cuda" and opts.offload == "none" and total < 20:
-        notes.append(f"--compile for {total} image(s): on an H100 at 1024 px compiling (~6-15 s) pays off from "
-                     "~20 images")
+    if opts.compile and pipe.device == "cuda" and opts.offload == "none" and total < COMPILE_PAYS_OFF:
+        notes.append(f"--compile for {total} image(s): at 1024 px compiling (~15 s) pays off from "
+                     f"~{COMPILE_PAYS_OFF} images")
     images: list[GeneratedImage] = []
     from concurrent.futures import ThreadPoolExecutor
 
@@ -155,17 +160,19 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
 
     bar = tqdm(total=total, unit="img", desc="generating", disable=not progress)
     t1 = time.perf_counter()
-    # PNG encoding (~0.1 s for 1024 px) runs on a writer thread while the GPU makes the next batch.
+    # 8-bit conversion on the GPU, then PNG encoding (~0.1 s for 1024 px) on a writer thread while the GPU makes the
+    # next batch: the GPU never waits for the CPU between batches.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
         pending, taken = [], set()
         for index, prompt in enumerate(prompts):
             for batch in chunks(seeds, max(1, opts.batch_size)):
-                for seed, image in zip(batch, run_images(pipe, prompt, batch, settings)):
+                made = make_images(pipe, prompt, batch, settings)  # queued on the GPU; copied as it finishes
+                for i, seed in enumerate(batch):
                     path = free_name(opts.out, f"{index:03d}-{slug(prompt)}-s{seed}", taken)
                     taken.add(path)
                     item = GeneratedImage(path, prompt, seed)
                     fields = provenance(pipe, prompt, seed, settings, opts.scale, weight)
-                    pending.append((item, writer.submit(_write, image, item, fields, on_image)))
+                    pending.append((item, writer.submit(_write, made, i, item, fields, on_image)))
                     bar.update(1)
         for item, future in pending:
             future.result()
@@ -176,9 +183,11 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
     return GenerateResult(images, notes, load_seconds, seconds, grid)
 
 
-def _write(image, item: GeneratedImage, fields: dict, on_image: Callable[[GeneratedImage], None] | None) -> None:
-    """The writer thread's job: save one PNG, then tell ``on_image`` (in generation order, as each file lands)."""
-    save_png(image, item.path, fields)
+def _write(made: ImageBatch, index: int, item: GeneratedImage, fields: dict,
+           on_image: Callable[[GeneratedImage], None] | None) -> None:
+    """The writer thread's job: wait for image ``index`` of its batch, save it as PNG, then tell ``on_image`` (in
+    generation order, as each file lands)."""
+    save_png(made.pil(index), item.path, fields)
     if on_image:
         on_image(item)
 

@@ -14,12 +14,12 @@ i.e. the real `accelerate launch` of SimpleTuner) for each variant, and prints p
 Without a GPU it runs the same path at tiny size (64 px, tiny random SD3) so CI keeps it working; those ratios
 are printed with the label "tiny/CPU: not an acceptance number".
 
-Variants (--variants, comma-separated): default (exactly what `sd3tune init --preset P` writes), and on top of it
-regional (inductor, per-block compile), regional-cudagraphs (+ dynamo_mode=reduce-overhead), inductor (whole model),
-prefetch (dataloader_prefetch: batches fetched on a background thread), regional-cudagraphs-prefetch,
-regional-cudagraphs-py (Inductor's Python wrapper instead of SimpleTuner's default C++ one, which also turns CUDA
-graphs off: "skipping cudagraphs due to cpp wrapper enabled"), regional-cudagraphs-py-prefetch,
-regional-cgbackend (torch's "cudagraphs" backend per block: CUDA graphs without Inductor code generation).
+Variants (--variants, comma-separated): default (exactly what `sd3tune init --preset P` writes: eager, batches
+prefetched on a background thread), and, as SimpleTuner options on top of it: eager (no prefetch either: sd3tune's
+defaults before), eager-prefetch (= the default, spelled out), regional (per-block compile, no CUDA graphs),
+regional-cudagraphs (+ dynamo_mode=reduce-overhead), regional-cudagraphs-noprefetch, regional-cudagraphs-cpp
+(SimpleTuner's default C++ Inductor wrapper, which turns CUDA graphs off: "skipping cudagraphs due to cpp wrapper
+enabled"), inductor (the whole model compiled).
 Each variant compiles with an empty compile cache of its own (what a first run sees); --warm-cache shares one.
 
 --anchor-json FILE takes the anchor from ../shared/bench/anchor_sd3m.py's anchor.json (its
@@ -49,29 +49,27 @@ from _bench_common import (NOT_ACCEPTANCE, SHARED_ANCHOR, PeakMemory, Report, an
                            cuda_available, device_label, ensure_data, ensure_model, offline_env, ratio, resolve_size,
                            run_self, verdict)
 
+# Each variant: SimpleTuner options on top of what `sd3tune init` writes (default: nothing on top).
+_EAGER = {"dynamo_backend": "no"}
+_REGIONAL = {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True, "dynamo_wrapper": "python"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "regional": {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True},
-    "regional-cudagraphs": {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True,
-                            "dynamo_mode": "reduce-overhead"},
-    "inductor": {"dynamo_backend": "inductor"},
-    "prefetch": {"dataloader_prefetch": True},
-    "regional-cudagraphs-prefetch": {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True,
-                                     "dynamo_mode": "reduce-overhead", "dataloader_prefetch": True},
-    # SimpleTuner makes Inductor emit a C++ wrapper by default (compiled per graph); the Python one compiles faster
-    "regional-cudagraphs-py": {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True,
-                               "dynamo_mode": "reduce-overhead", "dynamo_wrapper": "python"},
-    "regional-cudagraphs-py-prefetch": {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True,
-                                        "dynamo_mode": "reduce-overhead", "dynamo_wrapper": "python",
-                                        "dataloader_prefetch": True},
-    # torch's "cudagraphs" backend: CUDA graphs per block without Inductor code generation (short compile)
-    "regional-cgbackend": {"dynamo_backend": "cudagraphs", "dynamo_use_regional_compilation": True},
+    "eager": {**_EAGER, "dataloader_prefetch": False},  # sd3tune's defaults before compiling and prefetching
+    "eager-prefetch": {**_EAGER, "dataloader_prefetch": True},
+    "regional": {**_REGIONAL, "dynamo_mode": "default", "dataloader_prefetch": True},  # no CUDA graphs
+    "regional-cudagraphs": {**_REGIONAL, "dynamo_mode": "reduce-overhead", "dataloader_prefetch": True},
+    "regional-cudagraphs-noprefetch": {**_REGIONAL, "dynamo_mode": "reduce-overhead", "dataloader_prefetch": False},
+    # SimpleTuner's own default wrapper: C++, which skips CUDA graphs and compiles ~3x longer (H100)
+    "regional-cudagraphs-cpp": {**_REGIONAL, "dynamo_mode": "reduce-overhead", "dynamo_wrapper": "cpp"},
+    "inductor": {**_REGIONAL, "dynamo_use_regional_compilation": False, "dynamo_mode": "default"},  # whole model
 }
 # What SimpleTuner resolved (OUTPUT_DIR/simpletuner_config.json): proves which settings the run really used.
 RESOLVED = ["optimizer", "grad_clip_method", "max_grad_norm", "lora_dropout", "lora_rank", "gradient_checkpointing",
             "mixed_precision", "train_batch_size", "resolution", "attention_mechanism", "dynamo_backend",
             "dynamo_mode", "dynamo_use_regional_compilation", "dynamo_wrapper", "dataloader_prefetch",
             "compress_disk_cache"]
+SPEED_OPTIONS = {"dynamo_backend", "dynamo_mode", "dynamo_use_regional_compilation", "dynamo_wrapper",
+                 "dataloader_prefetch", "compress_disk_cache"}
 TARGET_RATIO = 0.9
 TARGET_FIRST_STEP_S = 60.0
 
@@ -132,9 +130,8 @@ def init_variant(name: str, extra: dict[str, Any], args: argparse.Namespace, mod
              "data": {"resolution": resolution}}
     if args.batch is not None:
         bench["optim"] = {"train_batch_size": args.batch}
-    if extra:
-        bench["extra"] = dict(extra)
     overrides = merge(TINY_OVERRIDES, bench) if size == "tiny" else bench
+    overrides = merge(overrides, keys.from_simpletuner_args(extra))  # typed sections where sd3tune has a field
     result = run_init(InitOptions(run_dir=run_dir, data=data, model=str(model), preset=args.preset or DEFAULT_PRESET,
                                   steps=steps, overrides=overrides, format=args.format,
                                   image_backend_overrides=TINY_BACKEND if size == "tiny" else {}, force=True))
@@ -350,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                       "batch": cfg.optim.train_batch_size, "rank": cfg.lora.rank, "steps": steps, "warmup": warmup,
                       "optimizer": cfg.optim.optimizer, "grad_clip": cfg.optim.grad_clip_method,
                       "lora_dropout": cfg.lora.dropout, "gradient_checkpointing": cfg.precision.gradient_checkpointing,
-                      "mixed_precision": cfg.precision.mixed_precision, "extra": cfg.extra})
+                      "mixed_precision": cfg.precision.mixed_precision, "compile": cfg.compile.model_dump(),
+                      "prefetch": cfg.data.prefetch, "extra": cfg.extra})
     mem_kind = "gpu" if cuda else "children"
     report("compile_cache", "shared (--warm-cache)" if args.warm_cache else "cold: an empty one per variant")
     anchor = None if args.anchor == "none" else run_anchor(args, model, size, cfg, mem_kind, report, warmup)
@@ -360,10 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     if acceptance and (cfg.data.resolution, cfg.optim.train_batch_size) != (1024, 1):
         acceptance, label = False, "not the acceptance configuration (1024 px, batch 1)"
     for name in names:
-        run_dir, run_cfg = runs[name]  # every extra option init wrote (variant's and preset's) must reach SimpleTuner
+        run_dir, run_cfg = runs[name]  # the speed options and extras init wrote must all reach SimpleTuner
         if not args.warm_cache:
             cold_compile_cache(run_dir)
-        out = run_variant(name, run_dir, dict(run_cfg.extra), mem_kind, report, warmup)
+        wrote = {k: v for k, v in keys.to_simpletuner_args(run_cfg).items() if k in SPEED_OPTIONS or k in run_cfg.extra}
+        out = run_variant(name, run_dir, wrote, mem_kind, report, warmup)
         if "error" in out:
             failed = True
             if "s_per_step" not in out:

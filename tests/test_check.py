@@ -351,12 +351,13 @@ def test_lora_alpha_other_than_rank_warns(make_run):
 def test_cuda_graphs_with_the_cpp_wrapper_warn(make_run):
     # measured on an H100: SimpleTuner's default C++ Inductor wrapper skips CUDA graphs, so reduce-overhead does nothing
     run, _ = make_run()
-    extra_args(run, "", "--dynamo_backend=inductor --dynamo_mode=reduce-overhead")
+    extra_args(run, "--dynamo_backend=no", "--dynamo_backend=inductor")
+    extra_args(run, "--dynamo_wrapper=python", "--dynamo_wrapper=cpp")
     result, _ = check(run)
     assert result.exit_code == 0
-    assert re.search(r"--dynamo_mode: dynamo_mode=reduce-overhead asks for CUDA graphs.* — add --dynamo_wrapper=python",
-                     _section(result.output, "warning"))
-    extra_args(run, "", "--dynamo_wrapper=python")
+    assert re.search(r"--dynamo_wrapper: dynamo_mode=reduce-overhead asks for CUDA graphs.* — set "
+                     r"--dynamo_wrapper=python", _section(result.output, "warning"))
+    extra_args(run, "--dynamo_wrapper=cpp", "--dynamo_wrapper=python")
     result, _ = check(run)
     assert "CUDA graphs" not in result.output
 

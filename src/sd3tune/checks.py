@@ -335,12 +335,11 @@ def check_traps(ctx: Context) -> list[Finding]:
         elif any(s % keys.SD3_BUCKET_ALIGNMENT for s in sides):
             out.append(warning(f, ctx.where("validation_resolution"), f"{res!r} is not a multiple of 64",
                                "SD3 works in 64 px steps"))
-    mode, wrapper = str(cfg.extra.get("dynamo_mode", "")).lower(), str(cfg.extra.get("dynamo_wrapper", "cpp")).lower()
-    if mode in keys.CUDAGRAPH_DYNAMO_MODES and wrapper != "python" and \
-            str(cfg.extra.get("dynamo_backend", "")).lower() == "inductor":
-        out.append(warning(f, ctx.where("dynamo_mode"),
-                           f"dynamo_mode={mode} asks for CUDA graphs, but SimpleTuner's default C++ Inductor wrapper "
-                           "turns them off (and compiles ~3x longer)", "add --dynamo_wrapper=python"))
+    speed = cfg.compile
+    if speed.backend == "inductor" and speed.mode in keys.CUDAGRAPH_DYNAMO_MODES and speed.wrapper != "python":
+        out.append(warning(f, ctx.where("dynamo_wrapper"),
+                           f"dynamo_mode={speed.mode} asks for CUDA graphs, but the C++ Inductor wrapper turns them off "
+                           "(and compiles ~3x longer)", "set --dynamo_wrapper=python"))
     if ctx.valid("mixed_precision") and cfg.precision.mixed_precision == "fp16":
         out.append(warning(f, ctx.where("mixed_precision"), "SD3 overflows in fp16", "use bf16"))
     if ctx.valid("report_to") and cfg.tracking.report_to == "wandb" and not os.environ.get("WANDB_API_KEY") \

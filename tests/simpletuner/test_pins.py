@@ -41,3 +41,23 @@ def test_compat_makes_pin_memory_a_noop_without_an_accelerator():
             "t = torch.ones(2);"
             "assert torch.cuda.is_available() or t.pin_memory() is t")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compat_makes_the_prefetch_wait_block_instead_of_spinning():
+    """The pinned SimpleTuner busy-waits for prefetched batches; after the fix the wait costs no CPU time and still
+    returns the batch the loader thread delivers."""
+    code = """
+import importlib.util, threading, time
+name = "simpletuner.helpers.data_backend.runtime.batch_fetcher"
+assert "while self.queue.empty():" in open(importlib.util.find_spec(name).origin).read()  # the bug, in the pin
+from sd3tune.simpletuner.compat import install
+install()
+import simpletuner.helpers.data_backend.runtime.batch_fetcher as bf
+fetcher = bf.BatchFetcher(step=0, max_size=2)
+loader = threading.Timer(0.5, fetcher.queue.put, args=("batch-7",))  # the loader's work takes 0.5 s
+cpu0 = time.process_time(); loader.start()
+assert fetcher.next_response(7) == "batch-7" and fetcher.step == 7
+cpu = time.process_time() - cpu0
+assert cpu < 0.2, f"waiting for the batch burnt {cpu:.2f} s of CPU"
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -86,6 +86,24 @@ class DataSettings(_Section):
         False, description="gzip the latent and text-embedding caches (SimpleTuner's default: on). Off reads each "
                            "step's files ~20x faster (20-35 ms less per 1024 px step, scripts/bench_cache_read.py) "
                            "for 10-20% more disk.")
+    prefetch: StrictBool = Field(
+        True, description="Load the next batch on a background thread while the GPU trains on this one "
+                          "(H200, 1024 px: 0.257 -> 0.236 s/step).")
+
+
+class CompileSettings(_Section):
+    """torch.compile through SimpleTuner (accelerate's TorchDynamoPlugin). Off by default: on an H200 at 1024 px,
+    batch 1, compiling added 25-35 s before step 1 and made no step faster (eager 0.257 s, per-block 0.267, per-block
+    with CUDA graphs 0.271-0.274; scripts/README.md): SimpleTuner's own per-step work, not the transformer, bounds it."""
+
+    backend: Literal["no", "inductor"] = Field(
+        "no", description="torch.compile backend: no (eager PyTorch) or inductor (CUDA GPUs).")
+    regional: StrictBool = Field(
+        True, description="With inductor: compile one transformer block and reuse it for all 24 (seconds, not minutes).")
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "reduce-overhead", description="Inductor mode; reduce-overhead replays CUDA graphs (fewer kernel launches).")
+    wrapper: Literal["python", "cpp"] = Field(
+        "python", description="Inductor's wrapper code; SimpleTuner's cpp default skips CUDA graphs, compiles ~3x longer.")
 
 
 class CheckpointSettings(_Section):
@@ -137,6 +155,7 @@ class RunConfig(_Section):
     precision: PrecisionSettings = Field(default_factory=PrecisionSettings)
     timesteps: TimestepSettings = Field(default_factory=TimestepSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    compile: CompileSettings = Field(default_factory=CompileSettings)
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)

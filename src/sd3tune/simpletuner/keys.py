@@ -120,6 +120,12 @@ KEYS: tuple[Key, ...] = (
     # SimpleTuner gzips its caches by default; gunzipping a step's latent + 2 text embeddings cost its data thread
     # 21-34 ms per 1024 px step while the trainer waited for the batch (py-spy on an H100; bench_cache_read.py)
     Key("data.compress_disk_cache", "compress_disk_cache"),
+    Key("data.prefetch", "dataloader_prefetch"),
+    # SimpleTuner's env loader has no key for these: config.env carries them in TRAINER_EXTRA_ARGS
+    Key("compile.backend", "dynamo_backend"),
+    Key("compile.regional", "dynamo_use_regional_compilation"),
+    Key("compile.mode", "dynamo_mode"),
+    Key("compile.wrapper", "dynamo_wrapper"),
     Key("checkpoints.step_interval", "checkpoint_step_interval"),
     Key("checkpoints.total_limit", "checkpoints_total_limit"),
     Key("validation.enabled", "validation_disable", _invert, _invert),

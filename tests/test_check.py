@@ -348,6 +348,18 @@ def test_lora_alpha_other_than_rank_warns(make_run):
     assert "TRAINER_EXTRA_ARGS (line 69) --lora_alpha: alpha 4 != rank 16" in _section(result.output, "warning")
 
 
+def test_a_run_written_before_the_compile_and_prefetch_settings_still_checks_clean(make_run):
+    # SimpleTuner's defaults fill the gaps: dynamo_mode '' (unset) reads as torch.compile's default mode
+    run, _ = make_run()
+    for option in ("--dataloader_prefetch=true", "--dynamo_backend=no", "--dynamo_use_regional_compilation=true",
+                   "--dynamo_mode=reduce-overhead", "--dynamo_wrapper=python"):
+        extra_args(run, " " + option, "")
+    assert "dynamo" not in env_path(run).read_text()
+    result, _ = check(run)
+    assert result.exit_code == 0, result.output
+    assert "error" not in result.output
+
+
 def test_cuda_graphs_with_the_cpp_wrapper_warn(make_run):
     # measured on an H100: SimpleTuner's default C++ Inductor wrapper skips CUDA graphs, so reduce-overhead does nothing
     run, _ = make_run()

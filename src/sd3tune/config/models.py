@@ -96,8 +96,9 @@ class CompileSettings(_Section):
     batch 1, compiling added 25-35 s before step 1 and made no step faster (eager 0.257 s, per-block 0.267, per-block
     with CUDA graphs 0.271-0.274; scripts/README.md): SimpleTuner's own per-step work, not the transformer, bounds it."""
 
-    backend: Literal["no", "inductor"] = Field(
-        "no", description="torch.compile backend: no (eager PyTorch) or inductor (CUDA GPUs).")
+    backend: Literal["no", "inductor", "eager", "aot_eager", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                     "fx2trt", "onnxrt", "tensorrt", "ipex", "tvm", "hpu_backend"] = Field(
+        "no", description="torch.compile backend: no (eager PyTorch) or inductor (CUDA GPUs); SimpleTuner's others.")
     regional: StrictBool = Field(
         True, description="With inductor: compile one transformer block and reuse it for all 24 (seconds, not minutes).")
     mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(

@@ -67,6 +67,10 @@ def _invert(value: Any) -> Any:
     return (not value) if isinstance(value, bool) else value
 
 
+def _mode_from_st(mode: Any) -> Any:
+    return "default" if mode == "" else mode  # SimpleTuner's unset mode: torch.compile's default
+
+
 def _uniform_to_st(sampling: str) -> bool:
     return sampling == "uniform"
 
@@ -124,7 +128,7 @@ KEYS: tuple[Key, ...] = (
     # SimpleTuner's env loader has no key for these: config.env carries them in TRAINER_EXTRA_ARGS
     Key("compile.backend", "dynamo_backend"),
     Key("compile.regional", "dynamo_use_regional_compilation"),
-    Key("compile.mode", "dynamo_mode"),
+    Key("compile.mode", "dynamo_mode", None, _mode_from_st),
     Key("compile.wrapper", "dynamo_wrapper"),
     Key("checkpoints.step_interval", "checkpoint_step_interval"),
     Key("checkpoints.total_limit", "checkpoints_total_limit"),

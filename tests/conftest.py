@@ -39,14 +39,12 @@ def data_copy(tmp_path, concept_data) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, tiny_model, concept_data) -> Path:
     """A run trained for real through SimpleTuner on the tiny model (20 steps, 64 px, CPU)."""
-    from sd3tune.commands.init import InitOptions, run_init
-    from sd3tune.commands.quickstart import TINY_BACKEND, TINY_OVERRIDES, TRIGGER
+    from sd3tune.commands.init import run_init
+    from sd3tune.commands.quickstart import tiny_init_options
     from sd3tune.commands.train import TrainOptions, run_train
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    run_init(InitOptions(run_dir=run_dir, data=concept_data, model=str(tiny_model), trigger=TRIGGER, steps=20,
-                         overrides={**TINY_OVERRIDES, "checkpoints": {"step_interval": 10}},
-                         image_backend_overrides=TINY_BACKEND))
+    run_init(tiny_init_options(run_dir, concept_data, tiny_model, steps=20, checkpoint_every=10))
     result = run_train(TrainOptions(run_dir=run_dir))
     assert result.lora is not None and result.lora.is_file()
     return run_dir
@@ -55,9 +53,6 @@ def trained_run(tmp_path_factory, tiny_model, concept_data) -> Path:
 @pytest.fixture()
 def tiny_init_options(tmp_path, tiny_model, data_copy):
     """InitOptions for a CPU-sized run in a fresh folder (not yet written)."""
-    from sd3tune.commands.init import InitOptions
-    from sd3tune.commands.quickstart import TINY_BACKEND, TINY_OVERRIDES, TRIGGER
+    from sd3tune.commands.quickstart import tiny_init_options as options
 
-    return InitOptions(run_dir=tmp_path / "run", data=data_copy, model=str(tiny_model), trigger=TRIGGER, steps=4,
-                       overrides={**TINY_OVERRIDES, "checkpoints": {"step_interval": 2}},
-                       image_backend_overrides=TINY_BACKEND)
+    return options(tmp_path / "run", data_copy, tiny_model, steps=4, checkpoint_every=2)

@@ -28,6 +28,14 @@ TINY_OVERRIDES = {
 TINY_BACKEND = {"crop": True, "crop_aspect": "square"}
 
 
+def tiny_init_options(run_dir: Path, data: Path, model: Path, steps: int, checkpoint_every: int,
+                      force: bool = False) -> InitOptions:
+    """`sd3tune init` options of a CPU-sized run of the tiny model (the quickstart's, and the tests')."""
+    return InitOptions(run_dir=run_dir, data=data, model=str(model), trigger=TRIGGER, steps=steps, force=force,
+                       overrides={**TINY_OVERRIDES, "checkpoints": {"step_interval": checkpoint_every}},
+                       image_backend_overrides=TINY_BACKEND)
+
+
 @dataclass
 class QuickstartResult:
     folder: Path
@@ -52,9 +60,7 @@ def tiny_run(folder: Path, steps: int = 20, force: bool = False) -> tuple[Path, 
         build_tiny_clip(clip)
     if not data.is_dir():
         make_concept_images(data, count=8, size=64, trigger=TRIGGER)
-    run_init(InitOptions(run_dir=run_dir, data=data, model=str(model), trigger=TRIGGER, steps=steps, force=force,
-                         overrides={**TINY_OVERRIDES, "checkpoints": {"step_interval": max(1, steps // 2)}},
-                         image_backend_overrides=TINY_BACKEND))
+    run_init(tiny_init_options(run_dir, data, model, steps, checkpoint_every=max(1, steps // 2), force=force))
     update_manifest(run_dir, "defaults", {"clip_model": str(clip)})
     return model, run_dir
 

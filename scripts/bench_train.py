@@ -14,9 +14,9 @@ i.e. the real `accelerate launch` of SimpleTuner) for each variant, and prints p
 Without a GPU it runs the same path at tiny size (64 px, tiny random SD3) so CI keeps it working; those ratios
 are printed with the label "tiny/CPU: not an acceptance number".
 
-Variants (--variants, comma-separated): default (exactly what `sd3tune init --preset P` writes: eager, batches
-prefetched on a background thread), and, as SimpleTuner options on top of it: eager (no prefetch either: sd3tune's
-defaults before), eager-prefetch (= the default, spelled out), regional (per-block compile, no CUDA graphs),
+Variants (--variants, comma-separated): default (exactly what `sd3tune init --preset P` writes: eager, no
+prefetching, so seeded runs reproduce), and, as SimpleTuner options on top of it: eager (= the default, spelled
+out), eager-prefetch (batches loaded on a background thread), regional (per-block compile, no CUDA graphs),
 regional-cudagraphs (+ dynamo_mode=reduce-overhead), regional-cudagraphs-noprefetch, regional-cudagraphs-cpp
 (SimpleTuner's default C++ Inductor wrapper, which turns CUDA graphs off: "skipping cudagraphs due to cpp wrapper
 enabled"), inductor (the whole model compiled).
@@ -54,7 +54,7 @@ _EAGER = {"dynamo_backend": "no"}
 _REGIONAL = {"dynamo_backend": "inductor", "dynamo_use_regional_compilation": True, "dynamo_wrapper": "python"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
-    "eager": {**_EAGER, "dataloader_prefetch": False},  # sd3tune's defaults before compiling and prefetching
+    "eager": {**_EAGER, "dataloader_prefetch": False},
     "eager-prefetch": {**_EAGER, "dataloader_prefetch": True},
     "regional": {**_REGIONAL, "dynamo_mode": "default", "dataloader_prefetch": True},  # no CUDA graphs
     "regional-cudagraphs": {**_REGIONAL, "dynamo_mode": "reduce-overhead", "dataloader_prefetch": True},

@@ -28,6 +28,21 @@ def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):
     assert (trained_run / "output" / "checkpoint-10").is_dir()
 
 
+def test_the_same_seed_trains_the_same_lora(trained_run, tiny_model, concept_data, tmp_path):
+    # SimpleTuner's batch prefetching would make this fail (its loader thread and the trainer share the random
+    # generators), which is why sd3tune leaves it off by default
+    from safetensors.torch import load_file
+
+    from sd3tune.commands.quickstart import tiny_init_options
+    from sd3tune.commands.train import TrainOptions, run_train
+
+    run_init(tiny_init_options(tmp_path / "again", concept_data, tiny_model, steps=20, checkpoint_every=10))
+    again = load_file(str(run_train(TrainOptions(run_dir=tmp_path / "again")).lora))
+    first = load_file(str(trained_run / "output" / keys.LORA_WEIGHT_NAME))
+    assert again.keys() == first.keys()
+    assert all(again[k].equal(first[k]) for k in first)
+
+
 def test_caches_are_written_uncompressed(trained_run):
     # gzip-compressed caches cost 20-35 ms of reads per 1024 px step (scripts/bench_cache_read.py); sd3tune turns
     # SimpleTuner's compression off with a false flag, which only works through TRAINER_EXTRA_ARGS

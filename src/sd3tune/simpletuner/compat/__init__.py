@@ -8,7 +8,7 @@ imported eagerly: each fix is applied right after its target module is first imp
    Alias it to ``MultimodalCausalLMOutputWithPast`` when missing (our pin keeps it; this guards user upgrades).
 2. SimpleTuner's collate calls ``Tensor.pin_memory()`` unconditionally; without CUDA/MPS that dies with
    "Found no NVIDIA driver". Make it a no-op when no accelerator exists.
-3. With ``dataloader_prefetch`` (sd3tune's default), SimpleTuner's ``BatchFetcher.next_response`` waits for the next
+3. With ``dataloader_prefetch`` (opt-in: ``data.prefetch``), SimpleTuner's ``BatchFetcher.next_response`` waits for the next
    batch with ``while self.queue.empty(): continue``: the training thread spins, taking the GIL from the very thread
    that loads the batch (py-spy on an H200, SD3M at 1024 px: 10% of the training thread's samples in that loop).
    Block on the queue instead (with a timeout, so Ctrl-C still gets through).

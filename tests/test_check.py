@@ -348,6 +348,26 @@ def test_lora_alpha_other_than_rank_warns(make_run):
     assert "TRAINER_EXTRA_ARGS (line 69) --lora_alpha: alpha 4 != rank 16" in _section(result.output, "warning")
 
 
+def test_each_missing_required_key_is_reported_once_with_its_fix(make_run):
+    # both paths missing made pydantic report the whole `paths` section too, next to the two keys
+    run, _ = make_run()
+    env_del(run, "OUTPUT_DIR")
+    env_del(run, "DATALOADER_CONFIG")
+    result, _ = check(run)
+    assert result.exit_code == 2
+    errors = _section(result.output, "error").splitlines()
+    assert [e for e in errors if "OUTPUT_DIR" in e] == [
+        "  config.env:OUTPUT_DIR: is not set — set OUTPUT_DIR to a folder for the LoRA and checkpoints"]
+    assert len([e for e in errors if "DATALOADER_CONFIG" in e]) == 1
+    assert not [e for e in errors if "paths" in e or "required but not set" in e]
+    from sd3tune.config.models import RunConfig
+    from sd3tune.simpletuner import keys
+
+    required = [f"{name}.{sub}" for name, f in RunConfig.model_fields.items() if f.is_required()
+                for sub, g in f.annotation.model_fields.items() if g.is_required()]
+    assert required and all(keys.KEY_BY_PATH[path].option in keys.REQUIRED_OPTIONS for path in required)
+
+
 def test_a_run_written_before_the_compile_and_prefetch_settings_still_checks_clean(make_run):
     # SimpleTuner's defaults fill the gaps: dynamo_mode '' (unset) reads as torch.compile's default mode
     run, _ = make_run()

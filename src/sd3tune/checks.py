@@ -24,7 +24,7 @@ from sd3tune.config.dataset import BACKENDS as BACKEND_LIST
 from sd3tune.config.dataset import ImageBackend, TextEmbedsBackend
 from sd3tune.config.models import SD3M, RunConfig
 from sd3tune.datascan import (
-    CLIP_MAX_TOKENS, T5_MAX_TOKENS, ImageInfo, ScanResult, bucket_counts, estimate_clip_tokens, estimate_t5_tokens,
+    CLIP_MAX_TOKENS, T5_MAX_TOKENS, ScanResult, bucket_counts, estimate_clip_tokens, estimate_t5_tokens,
     megapixels, minimum_megapixels, scan_folder, too_small,
 )
 from sd3tune.config.presets import PRESETS
@@ -97,7 +97,6 @@ class Context:
     summary: Summary
     backends: list[ImageBackend | TextEmbedsBackend] | None = None  # run.backends, or the valid part of them
     backends_partial: bool = False  # some dataset entries were invalid (already reported) and are left out
-    config_unreadable: bool = False  # the config file could not be parsed: no config rule applies
     scans: dict[Path, ScanResult] = field(default_factory=dict)
 
     @property
@@ -131,8 +130,7 @@ class Context:
         return p if p.is_absolute() else self.root / p
 
     def flag(self, option: str) -> bool:
-        value = self.run.args.get(option)
-        return value is True or (isinstance(value, str) and keys.parse_bool_word(value) is True)
+        return self.run.args.get(option) is True  # the reader made every boolean option a bool
 
     def scan(self, folder: Path) -> ScanResult:
         key = folder.resolve()
@@ -156,29 +154,13 @@ def check_run(run_dir: str | Path, gpus: int = 1) -> CheckReport:
                                   "check the file's permissions"))
         return CheckReport(run, run.findings, Summary())
     findings = list(run.findings)
-    unreadable = _config_unreadable(run)
-    if unreadable:
-        # Nothing was read from the config file: report that, not the defaults' consequences.
-        findings = [f for f in findings if f.file != unreadable or not f.key or f.key.startswith("line ")]
-        cfg, bad = None, set()
-    else:
-        cfg, bad = best_effort_config(run, catalog)
-    ctx = Context(run, catalog, cfg, bad, max(1, gpus), Summary(), config_unreadable=bool(unreadable))
+    # Nothing read from a config file that could not be parsed (the reader says why): no config rule applies.
+    cfg, bad = best_effort_config(run, catalog) if run.config_read else (None, set())
+    ctx = Context(run, catalog, cfg, bad, max(1, gpus), Summary())
     ctx.backends, ctx.backends_partial = best_effort_backends(run)
-    if not unreadable:
-        # A required key that is missing is reported once, by check_required, with its fix.
-        missing = {ctx.where(o) for o in keys.REQUIRED_OPTIONS if o not in run.args} if run.format else set()
-        findings = [f for f in findings if not (f.file == ctx.file and f.key in missing)]
     for rule in RULES:
         findings += _guarded(rule, ctx)
     return CheckReport(run, _dedupe(findings), ctx.summary)
-
-
-def _config_unreadable(run: LoadedRun) -> str | None:
-    """The config file's name when it could not be read or parsed at all (not UTF-8, invalid JSON, ...)."""
-    if run.format is None or run.config_read:
-        return None
-    return run.paths_name()
 
 
 def _guarded(rule: Callable[[Context], list[Finding]], ctx: Context) -> list[Finding]:
@@ -207,12 +189,9 @@ def best_effort_config(run: LoadedRun, catalog: Catalog) -> tuple[RunConfig | No
     if run.config is not None or run.format is None:
         return run.config, set()
     args = with_simpletuner_defaults(run.args, catalog)
-    for option in keys.REQUIRED_OPTIONS:  # reported as "not set"; use SimpleTuner's default for the cross-checks
-        if option not in args:
-            opt = catalog.option(option)
-            args[option] = opt.default if opt is not None else None
-    args["output_dir"] = args.get("output_dir") or str(run.paths.output)
-    args["data_backend_config"] = args.get("data_backend_config") or str(run.paths.backends)
+    # unset required options are reported; RunConfig's defaults stand in (rules on paths check the option is set)
+    args.setdefault("output_dir", str(run.paths.output))
+    args.setdefault("data_backend_config", str(run.paths.backends))
     bad: set[str] = set()
     for _ in range(len(keys.KEYS) + 8):
         try:
@@ -260,14 +239,6 @@ def best_effort_backends(run: LoadedRun) -> tuple[list[ImageBackend | TextEmbeds
 
 
 # ----------------------------------------------------------------------------------------------- config rules
-
-
-def check_required(ctx: Context) -> list[Finding]:
-    """Keys SimpleTuner needs; without MODEL_NAME an sd3 run silently trains SD3.5 Medium."""
-    if ctx.run.format is None or ctx.config_unreadable:
-        return []
-    return [error(ctx.file, ctx.where(option), "is not set", hint)
-            for option, hint in keys.REQUIRED_OPTIONS.items() if option not in ctx.run.args]
 
 
 def check_extra_options(ctx: Context) -> list[Finding]:
@@ -557,9 +528,8 @@ class _Dataset:
     """One enabled image dataset after SimpleTuner's size filter and bucket pruning."""
 
     backend: ImageBackend
-    images: list[ImageInfo]
+    scanned: int  # images found in the folder, before any filter
     usable: Counter  # bucket (w, h) -> images left
-    repeats: int
     captions: set[str]
 
 
@@ -722,7 +692,7 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
                                             f"will be upscaled (blurry): {_names([i.path for i in upscaled], folder)}",
                            "use larger images or a lower resolution"))
     counts = bucket_counts(kept, res, rtype, crop_square)
-    return out, _Dataset(b, kept, counts, b.repeats, captions)
+    return out, _Dataset(b, len(scan.images), counts, captions)
 
 
 def _check_sizes(b: ImageBackend, res: float, rtype: str, minimum: float | None) -> list[Finding]:
@@ -786,14 +756,12 @@ def _check_batches(ctx: Context, datasets: list[_Dataset]) -> list[Finding]:
     is set), then refuses to start when a bucket cannot fill batch x accumulation x GPUs
     (metadata/backends/base.py ``_prune_small_buckets`` and ``split_buckets_between_processes``)."""
     cfg = ctx.cfg
-    if cfg is None or not datasets:
+    if cfg is None or not datasets or not ctx.valid("train_batch_size", "gradient_accumulation_steps"):
         return []
     out: list[Finding] = []
-    judge = ctx.valid("train_batch_size", "gradient_accumulation_steps")
     bs, accum = cfg.optim.train_batch_size, cfg.optim.gradient_accumulation_steps
     effective = bs * accum * ctx.gpus
-    if judge:
-        ctx.summary.effective_batch = effective
+    ctx.summary.effective_batch = effective
     batch_text = f"{ctx.key('train_batch_size')}={bs}"
     if accum > 1:
         batch_text += f" x {ctx.key('gradient_accumulation_steps')}={accum}"
@@ -802,12 +770,12 @@ def _check_batches(ctx: Context, datasets: list[_Dataset]) -> list[Finding]:
     oversubscribe = ctx.flag("allow_dataset_oversubscription")
     pruning = not ctx.flag("disable_bucket_pruning")
     for d in datasets:
-        b, mult = d.backend, d.repeats + 1
+        b, mult = d.backend, d.backend.repeats + 1
         _, _, minimum = _effective(ctx, b)
         before = dict(d.usable)
         if minimum and pruning:
             pruned = {k: n for k, n in d.usable.items() if n * mult < bs}
-            if pruned and judge:
+            if pruned:
                 lost = sum(pruned.values())
                 listed = ", ".join(f"{_bucket_name(k)} ({n})" for k, n in sorted(pruned.items()))
                 if lost < sum(d.usable.values()):
@@ -818,8 +786,6 @@ def _check_batches(ctx: Context, datasets: list[_Dataset]) -> list[Finding]:
                 for k in pruned:
                     del d.usable[k]
         failing = {k: n for k, n in d.usable.items() if n * mult < effective}
-        if not judge:
-            continue
         if not d.usable:
             listed = ", ".join(f"{_bucket_name(k)}: {n}" for k, n in sorted(before.items()))
             out.append(error(ctx.file, ctx.where("train_batch_size"),
@@ -831,7 +797,7 @@ def _check_batches(ctx: Context, datasets: list[_Dataset]) -> list[Finding]:
             listed = ", ".join(f"{_bucket_name(k)}: {n} x {mult}" for k, n in sorted(failing.items()))
             message = (f"dataset {b.id!r}: effective batch {effective} ({batch_text}) is larger than aspect "
                        f"bucket(s) {listed}; SimpleTuner refuses to start (zero usable batches)")
-            if oversubscribe and d.repeats == 0:
+            if oversubscribe and b.repeats == 0:
                 out.append(warning(ctx.file, ctx.where("train_batch_size"), message.replace(
                     "SimpleTuner refuses to start (zero usable batches)", "--allow_dataset_oversubscription repeats "
                                                                           "them to fit")))
@@ -847,10 +813,10 @@ def _check_batches(ctx: Context, datasets: list[_Dataset]) -> list[Finding]:
 def _summarise(ctx: Context, datasets: list[_Dataset]) -> None:
     """Images, buckets and the step arithmetic of SimpleTuner's trainer (len(sampler) per dataset, / accumulation)."""
     s, cfg = ctx.summary, ctx.cfg
-    s.images = sum(len(ctx.scan(ctx.path(d.backend.instance_data_dir)).images) for d in datasets) if datasets else 0
+    s.images = sum(d.scanned for d in datasets)
     # images counted once per dataset even when two datasets share a folder: that is what SimpleTuner trains on
     s.usable = sum(sum(d.usable.values()) for d in datasets)
-    s.samples_per_epoch = sum(sum(d.usable.values()) * (d.repeats + 1) for d in datasets)
+    s.samples_per_epoch = sum(sum(d.usable.values()) * (d.backend.repeats + 1) for d in datasets)
     buckets: Counter = Counter()
     for d in datasets:
         buckets.update({_bucket_name(k): n for k, n in d.usable.items()})
@@ -858,7 +824,8 @@ def _summarise(ctx: Context, datasets: list[_Dataset]) -> None:
     if cfg is None or not s.samples_per_epoch or not ctx.valid("train_batch_size", "gradient_accumulation_steps"):
         return
     bs, accum = cfg.optim.train_batch_size, cfg.optim.gradient_accumulation_steps
-    batches = sum(math.ceil(sum(d.usable.values()) * (d.repeats + 1) / ctx.gpus / bs) for d in datasets if d.usable)
+    batches = sum(math.ceil(sum(d.usable.values()) * (d.backend.repeats + 1) / ctx.gpus / bs)
+                  for d in datasets if d.usable)
     per_epoch = max(1, math.ceil(batches / accum))
     s.steps_per_epoch = per_epoch
     if ctx.valid("max_train_steps", "num_train_epochs"):
@@ -957,6 +924,6 @@ def _check_memory(ctx: Context) -> list[Finding]:
 
 
 RULES: tuple[Callable[[Context], list[Finding]], ...] = (
-    check_required, check_extra_options, check_traps, check_steps, check_training, check_model, check_paths,
+    check_extra_options, check_traps, check_steps, check_training, check_model, check_paths,
     check_backends, check_environment,
 )

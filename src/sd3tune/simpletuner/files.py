@@ -336,17 +336,17 @@ def config_from_args(args: dict[str, Any]) -> RunConfig:
 
 
 def _validate_config(run: LoadedRun, catalog: Catalog) -> None:
+    for option, hint in keys.REQUIRED_OPTIONS.items():  # without MODEL_NAME an sd3 run silently trains SD3.5
+        if option not in run.args:
+            run.findings.append(error(run.paths_name(), _source_key(run, option, ()), "is not set", hint))
     try:
         run.config = config_from_args(with_simpletuner_defaults(run.args, catalog))
     except ValidationError as exc:
         for err in exc.errors():
-            option = keys.option_for_path(err["loc"])
-            where = _source_key(run, option, err["loc"])
             if err["type"] == "missing":
-                run.findings.append(error(run.paths_name(), where, "is required but not set",
-                                          "set it (sd3tune init writes it)"))
-                continue
-            run.findings.append(_value_finding(run.paths_name(), where, err))
+                continue  # RunConfig's required fields are required options, reported just above
+            option = keys.option_for_path(err["loc"])
+            run.findings.append(_value_finding(run.paths_name(), _source_key(run, option, err["loc"]), err))
 
 
 def _nullable(section: str, name: str) -> bool:

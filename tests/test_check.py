@@ -325,6 +325,20 @@ def test_warnings_alone_exit_zero(make_run):
     assert result.output.rstrip().endswith("ok (with warnings)")
 
 
+def test_gated_sd3m_without_a_token_warns_and_a_token_in_the_xdg_cache_counts(make_run, tmp_path):
+    run, _ = make_run()
+    env_set(run, "MODEL_NAME", "stabilityai/stable-diffusion-3-medium-diffusers")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg"), "HF_HOME": None, "HF_HUB_CACHE": None, "HF_TOKEN": None,
+           "HUGGING_FACE_HUB_TOKEN": None, "HF_TOKEN_PATH": None, "HF_HUB_OFFLINE": None}
+    result, _ = check(run, env=env)
+    assert "is gated and no Hugging Face token was found" in _section(result.output, "warning")
+    token = tmp_path / "xdg" / "huggingface" / "token"  # where `hf auth login` writes it under XDG_CACHE_HOME
+    token.parent.mkdir(parents=True)
+    token.write_text("hf_x")
+    result, _ = check(run, env=env)
+    assert "no Hugging Face token was found" not in result.output
+
+
 def test_token_overflow_of_captions_and_prompts_warns(make_run):
     run, data = make_run()
     (data / "concept_00.txt").write_text(" ".join(["a very detailed painting of an old stone castle"] * 10))

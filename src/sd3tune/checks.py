@@ -451,11 +451,16 @@ def check_model(ctx: Context) -> list[Finding]:
     return out
 
 
+def _hf_home() -> Path:
+    """huggingface_hub's home folder, resolved the way it does (HF_HOME, else XDG_CACHE_HOME/huggingface)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser()
+
+
 def _hub_cache() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    return _hf_home() / "hub"
 
 
 def _check_hub_model(f: str, where: str, name: str, path: Path) -> list[Finding]:
@@ -468,9 +473,8 @@ def _check_hub_model(f: str, where: str, name: str, path: Path) -> list[Finding]
     if name != SD3M:
         return [warning(f, where, f"no local folder {path}: SimpleTuner will download {name} from the Hub",
                         "if you meant a local folder, fix the path")]
-    if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-                             or (Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
-                                 / "token").is_file()):
+    token_file = Path(os.environ.get("HF_TOKEN_PATH") or _hf_home() / "token").expanduser()
+    if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or token_file.is_file()):
         return [warning(f, where, f"{name} is gated and no Hugging Face token was found; the download (~10 GB) "
                                   "will fail", "accept the licence on its Hub page, then `hf auth login`")]
     return []

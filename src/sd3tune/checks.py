@@ -212,16 +212,10 @@ def best_effort_config(run: LoadedRun, catalog: Catalog) -> tuple[RunConfig | No
 def best_effort_backends(run: LoadedRun) -> tuple[list[ImageBackend | TextEmbedsBackend] | None, bool]:
     """``run.backends``, or when they failed validation, each dataset without its invalid keys (entries missing a
     required key are left out), so that the data checks still run. Returns (backends, partial)."""
-    if run.backends is not None:
+    if run.backends is not None or run.backend_entries is None:
         return run.backends, False
-    try:
-        data = json.loads(run.paths.backends.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None, False
-    if not isinstance(data, list):
-        return None, False
     out, partial = [], False
-    for entry in data:
+    for entry in run.backend_entries:
         entry = dict(entry) if isinstance(entry, dict) else {}
         for _ in range(len(entry) + 1):
             try:

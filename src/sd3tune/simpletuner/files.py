@@ -133,6 +133,7 @@ class LoadedRun:
     format: Format | None = None
     config: RunConfig | None = None
     backends: list[ImageBackend | TextEmbedsBackend] | None = None
+    backend_entries: list[Any] | None = None  # multidatabackend.json as parsed, when it is a JSON list
     args: dict[str, Any] = field(default_factory=dict)  # SimpleTuner options as the files set them
     sources: dict[str, str] = field(default_factory=dict)  # option -> "KEY" / "TRAINER_EXTRA_ARGS --opt" / json key
     findings: list[Finding] = field(default_factory=list)
@@ -377,6 +378,7 @@ def _read_backends(run: LoadedRun) -> None:
     if not isinstance(data, list):
         run.findings.append(error(name, "", "must be a JSON list of datasets", "see `sd3tune init`"))
         return
+    run.backend_entries = data
     try:
         run.backends = BACKENDS.validate_python(data)
     except ValidationError as exc:

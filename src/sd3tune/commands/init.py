@@ -17,6 +17,7 @@ from sd3tune.errors import ConfigError, Sd3tuneError
 from sd3tune.findings import Finding, error, warning
 from sd3tune.fsutil import atomic_write_text, refuse_existing
 from sd3tune.manifest import now, package_versions, update_manifest
+from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.files import RunPaths, render_backends, render_env, render_json
 
 
@@ -113,7 +114,7 @@ def build_run(opts: InitOptions) -> InitResult:
     flags: dict[str, dict[str, Any]] = {"model": {"name_or_path": opts.model}, "validation": {"prompt": prompt}}
     if opts.resolution is not None:
         flags["data"] = {"resolution": opts.resolution}
-        side = max(opts.resolution, 128)  # smaller numbers are read as megapixels by SimpleTuner
+        side = max(opts.resolution, keys.MEGAPIXEL_THRESHOLD)  # smaller numbers are read as megapixels
         flags["validation"]["resolution"] = f"{side}x{side}"
     if opts.rank is not None:
         flags["lora"] = {"rank": opts.rank}

@@ -10,7 +10,6 @@ from typing import Callable
 
 from sd3tune.checks import check_run
 from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
-from sd3tune.findings import errors_in
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import LaunchPlan, Progress, build_launch, failure_reason, phase_of, run_plan
@@ -39,7 +38,7 @@ class TrainResult:
 def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
     """Validate the run and build the launch (raises ConfigError with every finding on a broken run)."""
     report = check_run(opts.run_dir, gpus=opts.gpus)
-    errors = errors_in(report.findings)
+    errors = report.errors
     if errors:
         raise ConfigError(f"{len(errors)} problem(s) in {opts.run_dir}, first: {errors[0].render()}",
                           hint=f"run `sd3tune check {opts.run_dir}` for the full list", findings=report.findings)

@@ -107,12 +107,10 @@ def build_catalog_from_simpletuner() -> dict[str, Any]:
             "choices": [str(c) for c in action.choices] if action.choices else None,
             "aliases": longs[1:],
         }
-    from sd3tune.simpletuner.keys import ENV_LOADER_SKIPS
-
     env_keys = {}
     for key, arg in env_to_args_map.items():
         name = arg.lstrip("-").split("=", 1)[0]
-        if name in options and "=" not in arg and key not in ENV_LOADER_SKIPS:
+        if name in options and "=" not in arg and key not in keys.ENV_LOADER_SKIPS:
             env_keys[key] = name
     return {"simpletuner_version": version("simpletuner"), "options": dict(sorted(options.items())),
             "env_keys": dict(sorted(env_keys.items())), "optimizers": sorted(optimizer_choices)}

@@ -196,8 +196,8 @@ def untrained_run(tiny_init_options) -> Path:
     return tiny_init_options.run_dir
 
 
-@pytest.mark.parametrize("case", ["missing_run", "no_lora", "bad_checkpoints", "missing_clip", "clip_not_a_model",
-                                  "clip_not_on_hub", "missing_prompts", "zero_seeds"])
+@pytest.mark.parametrize("case", ["missing_run", "inside_run", "no_lora", "bad_checkpoints", "missing_clip",
+                                  "clip_not_a_model", "clip_not_on_hub", "missing_prompts", "zero_seeds"])
 def test_user_errors_are_one_line_with_a_hint(case, request, tmp_path, prompts_file):
     run = tmp_path / "nope"
     kw: dict = {}
@@ -207,7 +207,9 @@ def test_user_errors_are_one_line_with_a_hint(case, request, tmp_path, prompts_f
         run = request.getfixturevalue("trained_run")
     if case == "no_lora":
         run = request.getfixturevalue("untrained_run")
-    if case in ("no_lora", "missing_run", "missing_prompts", "zero_seeds", "bad_checkpoints"):
+    if case == "inside_run":  # the run's output folder instead of the run
+        run = request.getfixturevalue("trained_run") / "output"
+    if case in ("no_lora", "missing_run", "inside_run", "missing_prompts", "zero_seeds", "bad_checkpoints"):
         clip = request.getfixturevalue("tiny_clip")
     if case == "bad_checkpoints":
         kw["checkpoints"] = "best"
@@ -225,7 +227,7 @@ def test_user_errors_are_one_line_with_a_hint(case, request, tmp_path, prompts_f
         run_evaluate(opts, progress=False)
     err = info.value
     assert err.exit_code == 2 and err.hint and "\n" not in err.one_line()
-    expected = {"missing_run": "does not exist", "no_lora": "no pytorch_lora_weights", "bad_checkpoints": "'best'",
+    expected = {"missing_run": "does not exist", "inside_run": "is inside the run folder", "no_lora": "no pytorch_lora_weights", "bad_checkpoints": "'best'",
                 "missing_clip": "--clip-model", "clip_not_a_model": "no config.json",
                 "clip_not_on_hub": "cannot load CLIP model sd3tune-tests/no-such-clip",
                 "missing_prompts": "prompts file", "zero_seeds": "--seeds 0"}[case]

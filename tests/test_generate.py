@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,8 @@ from helpers import assert_one_line_user_error, sd3tune
 from PIL import Image
 
 from sd3tune.commands.generate import GenerateOptions, run_generate
+from sd3tune.inference import resolve_lora
+from sd3tune.simpletuner import keys
 
 PROMPT = "sd3tune-style, concept art of a castle"
 
@@ -142,12 +146,6 @@ def test_compile_fast_path_fuses_the_lora_into_the_weights_without_changing_the_
 
 def test_a_relative_output_dir_is_read_from_the_run_folder(trained_run, tmp_path, monkeypatch):
     # SimpleTuner runs in the run folder, so OUTPUT_DIR='output' means RUN/output wherever sd3tune is started from
-    import re
-    import shutil
-
-    from sd3tune.inference import resolve_lora
-    from sd3tune.simpletuner import keys
-
     run = tmp_path / "run"
     shutil.copytree(trained_run / "config", run / "config")
     env = run / "config" / "config.env"
@@ -158,6 +156,19 @@ def test_a_relative_output_dir_is_read_from_the_run_folder(trained_run, tmp_path
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert resolve_lora(run).file == (run / "output" / keys.LORA_WEIGHT_NAME).resolve()
+
+
+def test_a_run_whose_output_dir_is_elsewhere_keeps_its_training_settings(trained_run, tmp_path):
+    # generate --lora RUN must still use the run's resolution, alpha/rank and shift (it fell back to 1024 px)
+    run, out = tmp_path / "run", tmp_path / "outputs"
+    shutil.copytree(trained_run / "config", run / "config")
+    env = run / "config" / "config.env"
+    env.write_text(re.sub(r"^OUTPUT_DIR=.*$", f"OUTPUT_DIR='{out}'", env.read_text(), flags=re.M))
+    out.mkdir()
+    shutil.copy(trained_run / "output" / keys.LORA_WEIGHT_NAME, out / keys.LORA_WEIGHT_NAME)
+    lora = resolve_lora(run)
+    assert lora.file == (out / keys.LORA_WEIGHT_NAME).resolve()
+    assert lora.config is not None and lora.config.data.resolution == 64
 
 
 def test_pngs_match_diffusers_own_pil_output_pixel_for_pixel(tiny_model, tmp_path):

@@ -14,7 +14,7 @@ from sd3tune import __version__
 from sd3tune.config.models import SD3M, RunConfig
 from sd3tune.errors import Sd3tuneError
 from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.files import checkpoints, read_run
+from sd3tune.simpletuner.files import LoadedRun, checkpoints, read_run
 
 DIFFUSERS_T5_DEFAULT = 256  # StableDiffusion3Pipeline's max_sequence_length default
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2
@@ -25,7 +25,6 @@ class LoraSource:
     """A LoRA file and, when it came from a run, the run's training settings."""
 
     file: Path
-    run_dir: Path | None = None
     config: RunConfig | None = None
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -44,7 +43,8 @@ class LoraSource:
         return self.metadata.get("sd3tune.base_model")
 
 
-def _find_run_root(path: Path) -> Path | None:
+def find_run_root(path: Path) -> Path | None:
+    """The run folder (the one holding config/config.env or config/config.json) at ``path`` or up to 4 above."""
     for candidate in [path, *path.parents][:5]:
         if (candidate / keys.CONFIG_DIR / keys.ENV_FILE).is_file() or (candidate / keys.CONFIG_DIR / keys.JSON_FILE).is_file():
             return candidate
@@ -77,17 +77,18 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, str], dict[str, Any]]
     return dict(header.get("__metadata__") or {}), {k: v for k, v in header.items() if k != "__metadata__"}
 
 
-def resolve_lora(spec: Path) -> LoraSource:
-    """Accept a run folder, an output/checkpoint folder, or a .safetensors file."""
+def resolve_lora(spec: Path, run: LoadedRun | None = None) -> LoraSource:
+    """Accept a run folder, an output/checkpoint folder, or a .safetensors file. The training settings come from
+    ``run`` when the caller has read it already, else from the run folder at or above ``spec``."""
     spec = spec.expanduser()
     if not spec.exists():
         raise Sd3tuneError(f"LoRA {spec} does not exist", hint="pass a run folder, a checkpoint folder or a .safetensors file")
-    loaded = None
+    root = run.paths.root if run is not None else find_run_root(spec if spec.is_dir() else spec.parent)
+    if run is None and root is not None:
+        run = read_run(root)
     if spec.is_dir():
-        run_root = _find_run_root(spec)
-        if run_root is not None and spec == run_root:
-            loaded = read_run(run_root)
-            file = latest_lora_in(loaded.output_dir() or run_root / "output")
+        if run is not None and spec.resolve() == root.resolve():  # the run folder: its OUTPUT_DIR, wherever it is
+            file = latest_lora_in(run.output_dir() or spec / "output")
         else:
             file = latest_lora_in(spec)
         if file is None:
@@ -96,11 +97,7 @@ def resolve_lora(spec: Path) -> LoraSource:
     else:
         file = spec
     metadata, _ = read_safetensors_header(file)
-    run_root = _find_run_root(file.parent)
-    if loaded is None or run_root is None or loaded.paths.root.resolve() != run_root.resolve():
-        loaded = read_run(run_root) if run_root is not None else None
-    config = loaded.config if loaded is not None else None
-    return LoraSource(file=file.resolve(), run_dir=run_root, config=config, metadata=metadata)
+    return LoraSource(file=file.resolve(), config=run.config if run is not None else None, metadata=metadata)
 
 
 def check_lora_fits(file: Path, transformer_config: dict[str, Any]) -> None:

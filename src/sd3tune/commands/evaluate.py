@@ -81,6 +81,7 @@ def _check_options(opts: EvaluateOptions) -> None:
 
 def _read_run(run_dir: Path):
     from sd3tune.findings import errors_in
+    from sd3tune.inference import find_run_root
     from sd3tune.simpletuner import keys
     from sd3tune.simpletuner.files import read_run
 
@@ -89,9 +90,9 @@ def _read_run(run_dir: Path):
         raise Sd3tuneError(f"run folder {run_dir} does not exist",
                            hint="pass the folder made by `sd3tune init` and trained with `sd3tune train`")
     if not (run_dir / keys.CONFIG_DIR).is_dir():
-        for parent in list(run_dir.resolve().parents)[:4]:
-            if (parent / keys.CONFIG_DIR).is_dir():
-                raise Sd3tuneError(f"{run_dir} is inside the run folder {parent}", hint=f"pass {parent}")
+        parent = find_run_root(run_dir.resolve().parent)
+        if parent is not None:
+            raise Sd3tuneError(f"{run_dir} is inside the run folder {parent}", hint=f"pass {parent}")
     loaded = read_run(run_dir)
     if loaded.config is None:
         problems = errors_in(loaded.findings)
@@ -138,10 +139,11 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     _check_options(opts)
     run_dir, loaded = _read_run(opts.run_dir)
     config = loaded.config
-    trigger = (read_manifest(run_dir).get("init") or {}).get("trigger")
-    lora = resolve_lora(opts.lora if opts.lora is not None else run_dir)
+    manifest = read_manifest(run_dir)
+    trigger = (manifest.get("init") or {}).get("trigger")
+    lora = resolve_lora(opts.lora, None) if opts.lora is not None else resolve_lora(run_dir, loaded)
     if lora.config is None:  # a bare .safetensors: the run's settings apply
-        lora = replace(lora, config=config, run_dir=run_dir)
+        lora = replace(lora, config=config)
     notes: list[str] = []
     candidates = _candidates(opts, loaded.output_dir(), lora, notes)
     train = training_set(loaded.backends)
@@ -159,7 +161,7 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
 
     clip_spec = opts.clip_model
     if clip_spec is None:
-        clip_spec = read_manifest(run_dir).get("defaults", {}).get("clip_model") or DEFAULT_CLIP
+        clip_spec = manifest.get("defaults", {}).get("clip_model") or DEFAULT_CLIP
         if clip_spec != DEFAULT_CLIP:
             notes.append(f"CLIP model {clip_spec} from the run's sd3tune.json (--clip-model overrides)")
     opts = replace(opts, clip_model=clip_spec)

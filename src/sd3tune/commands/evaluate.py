@@ -234,11 +234,12 @@ def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds,
               out: Path, progress: bool):
     """Load the pipeline once (the run's LoRA + one adapter per checkpoint) and make every model's grid."""
     import gc
+    from concurrent.futures import ThreadPoolExecutor
 
     from tqdm.auto import tqdm
 
     from sd3tune.evaluation import ModelImages
-    from sd3tune.inference import chunks, load_adapter, load_pipeline, provenance, run_images, save_png
+    from sd3tune.inference import chunks, load_adapter, load_pipeline, make_images, provenance, save_png
 
     pipe = load_pipeline(model, device=opts.device, dtype=opts.dtype, lora=lora, shift=settings.shift)
     for c in candidates:
@@ -247,7 +248,10 @@ def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds,
             load_adapter(pipe.pipe, c.file, c.adapter)
     models: list[ModelImages] = []
     total = len(candidates) * len(prompts) * len(seeds)
-    with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar:
+    # PNGs are written on a thread while the next batch is made, as in generate
+    with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
+        writes = []
         for c in candidates:
             w = pipe.set_lora_scale(0.0 if c.kind == "base" else opts.lora_scale,
                                     adapter=None if c.kind == "base" else c.adapter)
@@ -255,19 +259,22 @@ def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds,
             for index, prompt in enumerate(prompts):
                 row, row_paths = [], []
                 for batch in chunks(seeds, opts.batch_size):
-                    for seed, image in zip(batch, run_images(pipe, prompt.text, batch, settings)):
+                    made = make_images(pipe, prompt.text, batch, settings)
+                    for i, seed in enumerate(batch):
+                        image = made.pil(i)
                         fields = provenance(pipe, prompt.text, seed, settings, opts.lora_scale, w)
                         fields.update(lora=str(c.file) if c.file else None,
-                                      lora_scale=None if c.kind == "base" else opts.lora_scale,
-                                      lora_adapter_weight=w, evaluate_model=c.label)
+                                      lora_scale=None if c.kind == "base" else opts.lora_scale, evaluate_model=c.label)
                         path = out / "images" / c.label / f"{index:02d}-s{seed}.png"
-                        save_png(image, path, fields)
+                        writes.append(writer.submit(save_png, image, path, fields))
                         row.append(image)
                         row_paths.append(path)
                         bar.update(1)
                 grid.append(row)
                 grid_paths.append(row_paths)
             models.append(ModelImages(c.label, c.title, c.kind, c.step, c.file, w, grid, grid_paths))  # type: ignore[arg-type]
+        for write in writes:
+            write.result()  # a failed write raises here
     device, dtype = pipe.device, str(pipe.dtype).replace("torch.", "")
     del pipe
     gc.collect()

@@ -252,35 +252,19 @@ class ClipModel:
     def pixel_values(self, images: Sequence[Any]):
         return self.processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
 
-    def feature_module(self):
-        """An nn.Module: CLIP pixel values -> L2-normalised image embeddings on the CPU (KID's ``feature=``)."""
-        import torch
-
-        clip = self
-
-        class ClipImageEmbedding(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.clip = clip.model
-
-            def forward(self, pixel_values):
-                out = self.clip.get_image_features(pixel_values=pixel_values.to(clip.device))
-                feats = out if isinstance(out, torch.Tensor) else out.pooler_output
-                return torch.nn.functional.normalize(feats.float(), dim=-1).cpu()
-
-        return ClipImageEmbedding()
-
     def image_embeddings(self, images: Sequence[Any], batch_size: int = 16, desc: str = "CLIP images",
                          progress: bool = True):
+        """L2-normalised CLIP image embeddings, on the CPU, one row per image."""
         import torch
         from tqdm.auto import tqdm
 
-        module = self.feature_module()
         out = []
         with torch.inference_mode(), tqdm(total=len(images), unit="img", desc=desc, disable=not progress) as bar:
             for i in range(0, len(images), batch_size):
                 batch = images[i:i + batch_size]
-                out.append(module(self.pixel_values(batch)))
+                feats = self.model.get_image_features(pixel_values=self.pixel_values(batch).to(self.device))
+                feats = feats if isinstance(feats, torch.Tensor) else feats.pooler_output
+                out.append(torch.nn.functional.normalize(feats.float(), dim=-1).cpu())
                 bar.update(len(batch))
         return torch.cat(out) if out else torch.zeros(0, 0)
 
@@ -374,11 +358,11 @@ def compute_metrics(models: Sequence[ModelImages], prompts: Sequence[EvalPrompt]
     base = models[0].label
     out: dict[str, dict[str, Any]] = {}
     per_image: list[dict[str, Any]] = []
+    base_style = embeddings[base] @ centroid
     for m in models:
         e = embeddings[m.label]
         style = e @ centroid  # [P, S]
         clip_scores = (100 * torch.clamp((e * text[:, None, :]).sum(-1), min=0)).tolist()
-        base_style = embeddings[base] @ centroid
         pairs = [1 - float(e[p, a] @ e[p, b]) for p in range(n_prompts) for a in range(n_seeds)
                  for b in range(a + 1, n_seeds)]
         out[m.label] = {

@@ -18,6 +18,8 @@ from sd3tune.simpletuner.files import LoadedRun, checkpoints, read_run
 
 DIFFUSERS_T5_DEFAULT = 256  # StableDiffusion3Pipeline's max_sequence_length default
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2
+# H200, 1024 px, batches of 4: generate --compile costs ~16 s once and saves ~0.37 s per image (scripts/README.md)
+COMPILE_PAYS_OFF = 45
 
 
 @dataclass
@@ -222,11 +224,12 @@ class Pipeline:
         self.pipe.set_adapters([adapter], adapter_weights=[weight])
         return weight
 
-    def fast_path(self) -> list[str]:
+    def fast_path(self, images: int | None = None) -> list[str]:
         """Speed for many images at one LoRA scale (``generate --compile``): fold the LoRA, at the scale set, into
         the transformer's weights and drop the adapter layers (no LoRA matmuls per step), then compile every
         transformer block and the VAE decoder (CUDA; the VAE decodes one image at a time, so one graph serves any
-        batch size). Call after ``set_lora_scale``; returns notes for the user.
+        batch size). Call after ``set_lora_scale``; returns notes for the user (``images``: how many will be made,
+        for the note when compiling does not pay off).
 
         Measured on an H200 at 1024 px, 28 steps, batches of 4 (scripts/bench_generate.py, no LoRA), against the
         plain diffusers pipeline's 1.554 s/image there: 1.093 s/image (0.70x); first image after 24 s (compiling
@@ -248,6 +251,9 @@ class Pipeline:
         self.pipe.vae.decoder.compile(dynamic=False)
         notes.append("transformer blocks and VAE decoder compiled: the first batch takes ~15 s longer, later images "
                      "~30% less")
+        if images is not None and images < COMPILE_PAYS_OFF:
+            notes.append(f"--compile for {images} image(s): at 1024 px compiling (~15 s) pays off from "
+                         f"~{COMPILE_PAYS_OFF} images")
         return notes
 
 

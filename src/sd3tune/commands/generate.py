@@ -41,10 +41,6 @@ class GenerateOptions:
     grid: bool = True  # also write a prompt x seed contact sheet when there is more than one image
 
 
-# H200, 1024 px, batches of 4: --compile costs ~16 s once and saves ~0.37 s per image (scripts/README.md)
-COMPILE_PAYS_OFF = 45
-
-
 @dataclass
 class GeneratedImage:
     path: Path
@@ -144,15 +140,12 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
     pipe = load_pipeline(model, device=opts.device, dtype=opts.dtype, lora=lora, drop_t5=opts.drop_t5,
                          offload=opts.offload, shift=settings.shift)
     weight = pipe.set_lora_scale(opts.scale)
-    if opts.compile:
-        notes += pipe.fast_path()
-    load_seconds = time.perf_counter() - t0
-    opts.out.mkdir(parents=True, exist_ok=True)
     seeds = [opts.seed + i for i in range(opts.num_images)]
     total = len(prompts) * len(seeds)
-    if opts.compile and pipe.device == "cuda" and opts.offload == "none" and total < COMPILE_PAYS_OFF:
-        notes.append(f"--compile for {total} image(s): at 1024 px compiling (~15 s) pays off from "
-                     f"~{COMPILE_PAYS_OFF} images")
+    if opts.compile:
+        notes += pipe.fast_path(images=total)
+    load_seconds = time.perf_counter() - t0
+    opts.out.mkdir(parents=True, exist_ok=True)
     images: list[GeneratedImage] = []
     from concurrent.futures import ThreadPoolExecutor
 

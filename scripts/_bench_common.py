@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sd3tune.tiny import RandomSd3Sizes, build_random_sd3, build_tiny_sd3
+
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 SHARED_ANCHOR = REPO.parent / "shared" / "bench" / "anchor_sd3m.py"
@@ -39,14 +41,22 @@ GIB = 2**30
 ANCHOR_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                   "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
 
-# stabilityai/stable-diffusion-3-medium-diffusers: transformer and VAE configs.
-SD3M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
-SD3M_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
-                latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
-                use_quant_conv=False, use_post_quant_conv=False)
+# stabilityai/stable-diffusion-3-medium-diffusers: transformer and VAE configs; the text encoders with the real
+# output widths (CLIP-L, CLIP-G, T5-XXL) but 2 layers.
+SD3M_SIZES = RandomSd3Sizes(
+    clip_l=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768,
+                hidden_act="quick_gelu"),
+    clip_g=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280,
+                hidden_act="gelu"),
+    t5=dict(d_model=4096, d_kv=64, d_ff=10240, num_heads=64),
+    transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                     pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
+    vae=dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+             up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+             latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+             use_quant_conv=False, use_post_quant_conv=False),
+)
 
 
 # ------------------------------------------------------------------------------------------------ environment
@@ -94,6 +104,37 @@ def resolve_size(size: str, cuda: bool) -> str:
     if size == "auto":
         return "sd3m" if cuda else "tiny"
     return size
+
+
+def parse_variants(text: str, choices: Any) -> list[str]:
+    """``--variants a,b``: the names, each one of ``choices``."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in choices]
+    if unknown or not names:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(choices)}")
+    return names
+
+
+def start(bench: str, args: argparse.Namespace) -> tuple[bool, str, "Report"]:
+    """What every benchmark does first: offline, ``--work`` created, device and model size resolved and reported.
+    Returns (cuda, size, report)."""
+    offline_env()
+    args.work = args.work.expanduser().resolve()
+    args.work.mkdir(parents=True, exist_ok=True)
+    cuda = cuda_available()
+    size = resolve_size(args.size, cuda)
+    report = Report(args.json)
+    report("bench", bench)
+    report("device", device_label(cuda))
+    report("size", size, "SD3-Medium-sized random weights" if size == "sd3m" else NOT_ACCEPTANCE)
+    return cuda, size, report
+
+
+def acceptance_label(cuda: bool, size: str, matches: bool, configuration: str) -> str:
+    """"" when a run is an acceptance measurement (CUDA, SD3M size, the issue's configuration), else why not."""
+    if not cuda or size != "sd3m":
+        return NOT_ACCEPTANCE
+    return "" if matches else f"not the acceptance configuration ({configuration})"
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -246,6 +287,14 @@ def run_self(args: list[str], timeout: float | None = None, log: Path | None = N
 
 # ------------------------------------------------------------------------------------------------ model + data
 
+def model_for(work: Path, size: str, report: "Report") -> Path:
+    """``ensure_model``, reported."""
+    model, build_s, built = ensure_model(work, size)
+    report("model", str(model))
+    report("model_build_s", round(build_s, 1), "built now" if built else "reused from --work")
+    return model
+
+
 def ensure_model(work: Path, size: str) -> tuple[Path, float, bool]:
     """The random model folder for ``size`` under ``work`` (built in a subprocess once, then reused)."""
     folder = work / f"model-{size}"
@@ -265,55 +314,11 @@ def ensure_model(work: Path, size: str) -> tuple[Path, float, bool]:
 def build_model(out: Path, size: str) -> Path:
     offline_env()
     if size == "tiny":
-        from sd3tune.tiny import build_tiny_sd3
-
         return build_tiny_sd3(out)
-    return build_sd3m_random(out)
-
-
-def build_sd3m_random(out: Path) -> Path:
-    """SD3-Medium-sized StableDiffusion3Pipeline with random weights (built on the GPU when there is one)."""
-    import tempfile
-
     import torch
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from sd3tune.inference import quiet_libraries
-    from sd3tune.tiny import _write_clip_tokenizer, _write_t5_tokenizer, save_pipeline
-
-    quiet_libraries()
-    torch.manual_seed(0)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    with tempfile.TemporaryDirectory() as td:
-        tok1 = _write_clip_tokenizer(Path(td) / "tokenizer", pad_token="<|endoftext|>")
-        tok2 = _write_clip_tokenizer(Path(td) / "tokenizer_2", pad_token="!")
-        tok3 = _write_t5_tokenizer(Path(td) / "tokenizer_3")
-
-        def clip(width: int, heads: int, act: str) -> CLIPTextModelWithProjection:
-            cfg = CLIPTextConfig(vocab_size=len(tok1), hidden_size=width, intermediate_size=4 * width,
-                                 num_hidden_layers=2, num_attention_heads=heads, max_position_embeddings=77,
-                                 projection_dim=width, hidden_act=act, layer_norm_eps=1e-5, bos_token_id=49406,
-                                 eos_token_id=49407, pad_token_id=1)
-            return CLIPTextModelWithProjection(cfg).eval()
-
-        with torch.device(dev):
-            te1 = clip(768, 12, "quick_gelu")    # CLIP-L width
-            te2 = clip(1280, 20, "gelu")         # CLIP-G width
-            te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=4096, d_kv=64, d_ff=10240, num_layers=2,
-                                          num_heads=64, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-                                          is_encoder_decoder=False, use_cache=False, pad_token_id=0,
-                                          eos_token_id=1, decoder_start_token_id=0)).eval()  # T5-XXL width
-            transformer = SD3Transformer2DModel(**SD3M_TRANSFORMER)
-            vae = AutoencoderKL(**SD3M_VAE)
-        bf16 = torch.bfloat16
-        pipe = StableDiffusion3Pipeline(
-            transformer=transformer.to(bf16), scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000,
-                                                                                        shift=3.0),
-            vae=vae, text_encoder=te1.to(bf16), tokenizer=tok1, text_encoder_2=te2.to(bf16), tokenizer_2=tok2,
-            text_encoder_3=te3.to(bf16), tokenizer_3=tok3)
-        return save_pipeline(pipe, out)
+    return build_random_sd3(out, SD3M_SIZES, device="cuda" if torch.cuda.is_available() else "cpu",
+                            dtype=torch.bfloat16)
 
 
 def ensure_data(work: Path, count: int, size: int) -> Path:

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import (NOT_ACCEPTANCE, PeakMemory, Report, anchor_row, cuda_available, device_label,  # noqa: E402
-                           ensure_model, median, offline_env, ratio, resolve_size, verdict)
+from _bench_common import (PeakMemory, Report, acceptance_label, anchor_row, median, model_for,  # noqa: E402
+                           parse_variants, ratio, start, verdict)
 
 TARGET_S_PER_IMAGE_H100 = 1.1
 VARIANTS = ("default", "compile")
@@ -157,11 +157,7 @@ def run_anchor(args: argparse.Namespace, model: Path, res: int, cuda: bool, repo
     report("anchor.source", "diffusers StableDiffusion3Pipeline, eager, one image per call, PIL output (no PNG)")
     report("anchor.load_s", round(load_s, 1))
     report("anchor.time_to_first_image_s", round(first, 1))
-    report("anchor.peak_mem_gib", phase.gib, phase.how)
-    del pipe
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
+    report("anchor.peak_mem_gib", phase.gib, phase.how)  # the pipeline is freed on return; Phase clears the cache
     return report("anchor.s_per_image", round(median(times), 4), f"median of {n}")
 
 
@@ -221,25 +217,12 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    offline_env()
-    args.work = args.work.expanduser().resolve()
-    args.work.mkdir(parents=True, exist_ok=True)
-    cuda = cuda_available()
-    size = resolve_size(args.size, cuda)
+    cuda, size, report = start("generate", args)
     if size == "sd3m" and not cuda:
         print("note: SD3M size on CPU is very slow (minutes per image)", flush=True)
-    names = [v.strip() for v in (args.variants or ("default,compile" if cuda else "default")).split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    names = parse_variants(args.variants or ("default,compile" if cuda else "default"), VARIANTS)
     res = args.resolution or (1024 if size == "sd3m" else 64)
-    report = Report(args.json)
-    report("bench", "generate")
-    device = report("device", device_label(cuda))
-    report("size", size, "SD3-Medium-sized random weights" if size == "sd3m" else NOT_ACCEPTANCE)
-    model, build_s, built = ensure_model(args.work, size)
-    report("model", str(model))
-    report("model_build_s", round(build_s, 1), "built now" if built else "reused from --work")
+    model = model_for(args.work, size, report)
     report("config", {"resolution": res, "steps": args.steps, "guidance": args.guidance,
                       "max_sequence_length": args.max_sequence_length, "lora": str(args.lora) if args.lora else None})
     import torch
@@ -252,10 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                             ("gen_transformer_only_s", "vae_decode_s", "gen_peak_gib"))
     else:
         anchor = run_anchor(args, model, res, cuda, report)
-    acceptance = cuda and size == "sd3m" and res == 1024 and args.steps == 28
-    label = "" if acceptance else (NOT_ACCEPTANCE if not cuda or size == "tiny"
-                                   else "not the acceptance configuration (1024 px, 28 steps)")
-    h100 = "H100" in device
+    label = acceptance_label(cuda, size, res == 1024 and args.steps == 28, "1024 px, 28 steps")
+    h100 = "H100" in report.data["device"]
     with tempfile.TemporaryDirectory(dir=args.work) as td:
         made: dict[str, list[Path]] = {}
         for name in names:

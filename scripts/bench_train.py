@@ -45,9 +45,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd3tune.simpletuner import keys  # noqa: E402
 from sd3tune.simpletuner.launch import clean_line  # noqa: E402
-from _bench_common import (NOT_ACCEPTANCE, SHARED_ANCHOR, PeakMemory, Report, anchor_row,  # noqa: E402
-                           cuda_available, device_label, ensure_data, ensure_model, offline_env, ratio, resolve_size,
-                           run_self, verdict)
+from _bench_common import (SHARED_ANCHOR, PeakMemory, Report, acceptance_label, anchor_row,  # noqa: E402
+                           ensure_data, model_for, parse_variants, ratio, run_self, start, verdict)
 
 # Each variant: SimpleTuner options on top of what `sd3tune init` writes (default: nothing on top).
 _EAGER = {"dynamo_backend": "no"}
@@ -308,36 +307,21 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    offline_env()
-    names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
-    if unknown or not names:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    names = parse_variants(args.variants, VARIANTS)
     extra_all = {}
     for item in args.extra:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--extra {item!r} must be KEY=VALUE")
         extra_all[key.strip()] = _value(value.strip())
-    args.work = args.work.expanduser().resolve()
-    args.work.mkdir(parents=True, exist_ok=True)
-
-    cuda = cuda_available()
-    size = resolve_size(args.size, cuda)
-    acceptance = cuda and size == "sd3m"
-    report = Report(args.json)
-    report("bench", "train")
-    report("device", device_label(cuda))
-    report("size", size, "SD3-Medium-sized random weights" if size == "sd3m" else NOT_ACCEPTANCE)
+    cuda, size, report = start("train", args)
     steps = args.steps or (40 if size == "sd3m" else 12)
     warmup = args.warmup if args.warmup is not None else (10 if size == "sd3m" else 4)
     resolution = args.resolution or (1024 if size == "sd3m" else 64)
     if warmup >= steps - 1:
         raise SystemExit(f"--warmup {warmup} leaves nothing to time in {steps} steps")
 
-    model, build_s, built = ensure_model(args.work, size)
-    report("model", str(model))
-    report("model_build_s", round(build_s, 1), "built now" if built else "reused from --work")
+    model = model_for(args.work, size, report)
     data = ensure_data(args.work, args.images or (16 if size == "sd3m" else 8), resolution)
 
     runs = {name: init_variant(name, {**VARIANTS[name], **extra_all}, args, model, data, size, steps, resolution)
@@ -354,9 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     anchor = None if args.anchor == "none" else run_anchor(args, model, size, cfg, mem_kind, report, warmup)
 
     failed = False
-    label = "" if acceptance else NOT_ACCEPTANCE
-    if acceptance and (cfg.data.resolution, cfg.optim.train_batch_size) != (1024, 1):
-        acceptance, label = False, "not the acceptance configuration (1024 px, batch 1)"
+    label = acceptance_label(cuda, size, (cfg.data.resolution, cfg.optim.train_batch_size) == (1024, 1),
+                             "1024 px, batch 1")
     for name in names:
         run_dir, run_cfg = runs[name]  # the speed options and extras init wrote must all reach SimpleTuner
         if not args.warm_cache:

@@ -12,7 +12,9 @@ import gzip
 import json
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Sizes of the tiny model (see SIMPLETUNER_NOTES.md "A tiny offline SD3").
 JOINT_DIM = 32
@@ -98,8 +100,41 @@ def _write_t5_tokenizer(path: Path):
     return T5Tokenizer(vocab=vocab, extra_ids=T5_EXTRA_IDS, model_max_length=256)
 
 
+@dataclass(frozen=True)
+class RandomSd3Sizes:
+    """The shapes of a random SD3 pipeline: keyword arguments of each component's config (text encoders keep 2
+    layers; what they share is filled in by ``build_random_sd3``)."""
+
+    clip_l: dict[str, Any]  # CLIPTextConfig: hidden_size, intermediate_size, num_attention_heads, projection_dim, ...
+    clip_g: dict[str, Any]
+    t5: dict[str, Any]  # T5Config: d_model, d_kv, d_ff, num_heads
+    transformer: dict[str, Any]  # SD3Transformer2DModel
+    vae: dict[str, Any]  # AutoencoderKL
+
+
+_TINY_CLIP = dict(hidden_size=CLIP_HIDDEN, intermediate_size=37, num_attention_heads=4, projection_dim=CLIP_PROJECTION,
+                  hidden_act="gelu")
+TINY_SIZES = RandomSd3Sizes(
+    clip_l=_TINY_CLIP, clip_g=_TINY_CLIP, t5=dict(d_model=JOINT_DIM, d_kv=8, d_ff=37, num_heads=4),
+    transformer=dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+                     num_attention_heads=4, joint_attention_dim=JOINT_DIM, caption_projection_dim=32,
+                     pooled_projection_dim=POOLED_DIM, out_channels=16, pos_embed_max_size=64),
+    vae=dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+             up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8], layers_per_block=1,
+             latent_channels=16, norm_num_groups=4, sample_size=64, scaling_factor=1.5305, shift_factor=0.0609,
+             use_quant_conv=False, use_post_quant_conv=False),
+)
+
+
 def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
     """Write a tiny random StableDiffusion3Pipeline to ``out_dir`` (a diffusers folder) and return its path."""
+    return build_random_sd3(out_dir, TINY_SIZES, seed)
+
+
+def build_random_sd3(out_dir: str | Path, sizes: RandomSd3Sizes, seed: int = 0, device: str = "cpu",
+                     dtype: Any = None) -> Path:
+    """Write a random StableDiffusion3Pipeline of ``sizes`` to ``out_dir``: built on ``device``, the transformer and
+    text encoders cast to ``dtype`` when given (the VAE stays float32, as in the real SD3 Medium)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -114,29 +149,24 @@ def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
         tok2 = _write_clip_tokenizer(Path(td) / "tokenizer_2", pad_token="!")
         tok3 = _write_t5_tokenizer(Path(td) / "tokenizer_3")
 
-        def clip() -> CLIPTextModelWithProjection:
-            cfg = CLIPTextConfig(vocab_size=len(tok1), hidden_size=CLIP_HIDDEN, intermediate_size=37,
-                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                                 projection_dim=CLIP_PROJECTION, hidden_act="gelu", layer_norm_eps=1e-5,
-                                 bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+        def clip(shape: dict[str, Any]) -> CLIPTextModelWithProjection:
+            cfg = CLIPTextConfig(vocab_size=len(tok1), num_hidden_layers=2, max_position_embeddings=77,
+                                 layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=1, **shape)
             return CLIPTextModelWithProjection(cfg).eval()
 
-        te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=JOINT_DIM, d_kv=8, d_ff=37, num_layers=2,
-                                      num_heads=4, feed_forward_proj="gated-gelu", dropout_rate=0.0,
-                                      is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
-                                      decoder_start_token_id=0)).eval()
-        transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
-                                            attention_head_dim=8, num_attention_heads=4,
-                                            joint_attention_dim=JOINT_DIM, caption_projection_dim=32,
-                                            pooled_projection_dim=POOLED_DIM, out_channels=16, pos_embed_max_size=64)
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-                            up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[8, 8, 8, 8],
-                            layers_per_block=1, latent_channels=16, norm_num_groups=4, sample_size=64,
-                            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-                            use_post_quant_conv=False)
+        with torch.device(device):  # the order of creation fixes every weight for a seed: keep it
+            te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), num_layers=2, feed_forward_proj="gated-gelu",
+                                          dropout_rate=0.0, is_encoder_decoder=False, use_cache=False,
+                                          pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                          **sizes.t5)).eval()
+            transformer = SD3Transformer2DModel(**sizes.transformer)
+            vae = AutoencoderKL(**sizes.vae)
+            te1, te2 = clip(sizes.clip_l), clip(sizes.clip_g)
+        if dtype is not None:
+            transformer, te1, te2, te3 = (m.to(dtype) for m in (transformer, te1, te2, te3))
         pipe = StableDiffusion3Pipeline(
             transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-            vae=vae, text_encoder=clip(), tokenizer=tok1, text_encoder_2=clip(), tokenizer_2=tok2,
+            vae=vae, text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
             text_encoder_3=te3, tokenizer_3=tok3,
         )
         return save_pipeline(pipe, out)

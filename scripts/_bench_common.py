@@ -32,8 +32,6 @@ from typing import Any
 from sd3tune.tiny import RandomSd3Sizes, build_random_sd3, build_tiny_sd3
 
 SCRIPTS = Path(__file__).resolve().parent
-REPO = SCRIPTS.parent
-SHARED_ANCHOR = REPO.parent / "shared" / "bench" / "anchor_sd3m.py"
 NOT_ACCEPTANCE = "tiny/CPU: not an acceptance number"
 GIB = 2**30
 

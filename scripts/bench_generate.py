@@ -43,6 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (PeakMemory, Report, acceptance_label, anchor_row, median, model_for,  # noqa: E402
                            parse_variants, ratio, start, verdict)
 
+from sd3tune.sheets import mean_abs_diff  # noqa: E402
+
 TARGET_S_PER_IMAGE_H100 = 1.1
 VARIANTS = ("default", "compile")
 PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert city, concept art",
@@ -161,16 +163,6 @@ def run_anchor(args: argparse.Namespace, model: Path, res: int, cuda: bool, repo
     return report("anchor.s_per_image", round(median(times), 4), f"median of {n}")
 
 
-def mean_abs_diff(a: list[Path], b: list[Path]) -> float:
-    """Mean |pixel difference| (0..255) between two lists of images made at the same seeds."""
-    import numpy as np
-    from PIL import Image
-
-    diffs = [np.abs(np.asarray(Image.open(x).convert("RGB"), dtype=np.float32)
-                    - np.asarray(Image.open(y).convert("RGB"), dtype=np.float32)).mean() for x, y in zip(a, b)]
-    return round(float(np.mean(diffs)), 3)
-
-
 def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda: bool, out: Path,
                 report: Report) -> dict[str, Any]:
     from sd3tune.commands.generate import GenerateOptions, run_generate
@@ -243,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             out = run_variant(name, args, model, res, cuda, Path(td), report)
             made[name] = out["images"]
             if name != "default" and "default" in made:
-                report(f"{name}.mean_abs_diff_vs_default", mean_abs_diff(made["default"], out["images"]),
+                report(f"{name}.mean_abs_diff_vs_default", round(mean_abs_diff(made["default"], out["images"]), 3),
                        "same seeds; 0..255")
             report(f"{name}.ratio_s_per_image", ratio(out["s_per_image"], anchor), label or "sd3tune / anchor")
             if label:

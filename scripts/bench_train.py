@@ -45,7 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd3tune.simpletuner import keys  # noqa: E402
 from sd3tune.simpletuner.launch import clean_line  # noqa: E402
-from _bench_common import (SHARED_ANCHOR, PeakMemory, Report, acceptance_label, anchor_row,  # noqa: E402
+from _bench_common import (PeakMemory, Report, acceptance_label, anchor_row,  # noqa: E402
                            ensure_data, model_for, parse_variants, ratio, run_self, start, verdict)
 
 # Each variant: SimpleTuner options on top of what `sd3tune init` writes (default: nothing on top).
@@ -90,8 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=None, help="batch size (default: the preset's)")
     ap.add_argument("--resolution", type=int, default=None, help="pixels (sd3m 1024, tiny 64)")
     ap.add_argument("--images", type=int, default=None, help="training images (sd3m 16, tiny 8)")
-    ap.add_argument("--anchor", choices=["ours", "shared", "none"], default="ours",
-                    help="ours: the plain loop in _bench_common.py; shared: ../shared/bench/anchor_sd3m.py")
+    ap.add_argument("--anchor", choices=["ours", "none"], default="ours",
+                    help="ours: the plain loop in _bench_common.py (anchor_sd3m.py's rows: --anchor-json)")
     ap.add_argument("--anchor-json", type=Path, default=None,
                     help="anchor_sd3m.py's anchor.json from the same command: use its training row as the anchor")
     ap.add_argument("--anchor-text-tokens", type=int, default=154,
@@ -147,22 +147,6 @@ def run_anchor(args: argparse.Namespace, model: Path, size: str, cfg: Any, mem_k
               "torch AdamW, no checkpointing")
     if args.anchor_json is not None:
         return anchor_row(args.anchor_json, row, "s_per_step", recipe, report, (f"train_bs{batch}_nockpt_peak_gib",))
-    if args.anchor == "shared":
-        if not SHARED_ANCHOR.is_file():
-            report("anchor.error", f"{SHARED_ANCHOR} not found; use --anchor ours")
-            return None
-        import subprocess
-
-        cmd = [sys.executable, str(SHARED_ANCHOR), "--skip-gen", "--out", str(out)]
-        cmd += ["--tiny"] if size == "tiny" else []
-        (out / "anchor.json").unlink(missing_ok=True)
-        with PeakMemory(mem_kind) as mem:
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            report("anchor.error", f"{SHARED_ANCHOR} failed (exit {proc.returncode}): {proc.stderr[-500:]}")
-            return None
-        report("anchor.peak_mem_gib", mem.gib, mem.how)
-        return anchor_row(out / "anchor.json", row, "s_per_step", recipe, report)
     result_path = out / "anchor.json"
     result_path.unlink(missing_ok=True)
     t = time.perf_counter()

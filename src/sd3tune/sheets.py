@@ -1,8 +1,22 @@
-"""Contact sheets: a labelled grid of images (rows x columns), for quickstart and evaluate."""
+"""Contact sheets (a labelled grid of images, rows x columns) and pixel comparisons, for quickstart, evaluate and
+the benchmarks."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
+
+
+def mean_abs_diff(a: Sequence[Path], b: Sequence[Path]) -> float:
+    """Mean |pixel difference| (0..255) between two lists of image files made at the same seeds, pair by pair."""
+    import numpy as np
+    from PIL import Image
+
+    def rgb(path: Path):
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.float32)
+
+    return float(np.mean([np.abs(rgb(x) - rgb(y)).mean() for x, y in zip(a, b)]))
 
 
 def contact_sheet(rows: Sequence[Sequence[object]], row_labels: Sequence[str], col_labels: Sequence[str],

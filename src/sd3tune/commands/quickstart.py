@@ -88,7 +88,6 @@ def run_quickstart(folder: Path, steps: int = 20, force: bool = False,
     timings["train"] = time.perf_counter() - t
     on_status("generating base and LoRA samples with the same seeds")
     t = time.perf_counter()
-    import numpy as np
 
     samples = folder / "samples"
     grids = {}
@@ -100,12 +99,11 @@ def run_quickstart(folder: Path, steps: int = 20, force: bool = False,
     from PIL import Image
 
     from sd3tune.inference import save_png
-    from sd3tune.sheets import contact_sheet
+    from sd3tune.sheets import contact_sheet, mean_abs_diff
 
     base = [Image.open(i.path) for i in grids["base"]]
     lora = [Image.open(i.path) for i in grids["lora"]]
-    diff = float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
-                          for a, b in zip(base, lora)]))
+    diff = mean_abs_diff([i.path for i in grids["base"]], [i.path for i in grids["lora"]])
     sheet_path = samples / "compare.png"
     save_png(contact_sheet([[a, b] for a, b in zip(base, lora)], PROMPTS, ["base", "LoRA"], cell=128), sheet_path)
     assert trained.lora is not None

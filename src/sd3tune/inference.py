@@ -53,11 +53,16 @@ def find_run_root(path: Path) -> Path | None:
     return None
 
 
+def checkpoint_loras(output_dir: Path) -> list[Path]:
+    """The LoRA file of each checkpoint-N folder that holds one, by step."""
+    return [p / keys.LORA_WEIGHT_NAME for p in checkpoints(output_dir) if (p / keys.LORA_WEIGHT_NAME).is_file()]
+
+
 def latest_lora_in(output_dir: Path) -> Path | None:
     final = output_dir / keys.LORA_WEIGHT_NAME
     if final.is_file():
         return final
-    ckpts = [p / keys.LORA_WEIGHT_NAME for p in checkpoints(output_dir) if (p / keys.LORA_WEIGHT_NAME).is_file()]
+    ckpts = checkpoint_loras(output_dir)
     return ckpts[-1] if ckpts else None
 
 

@@ -103,19 +103,16 @@ def _read_run(run_dir: Path):
 
 
 def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str]) -> list[_Candidate]:
-    from sd3tune.simpletuner import keys
-    from sd3tune.simpletuner.files import checkpoint_step, checkpoints
+    from sd3tune.inference import checkpoint_loras
+    from sd3tune.simpletuner.files import checkpoint_step
 
     step = checkpoint_step(lora.file.parent)
     title = "LoRA" if step is None else f"LoRA (checkpoint-{step})"
     out = [_Candidate("base", "base", "base", None, None, None),
            _Candidate("lora", title, "lora", step, lora.file, "sd3tune")]
     if opts.checkpoints == "all":
-        found = []
-        for folder in checkpoints(output_dir):
-            s, file = checkpoint_step(folder), folder / keys.LORA_WEIGHT_NAME
-            if file.is_file() and file.resolve() != lora.file:
-                found.append((s, file.resolve()))
+        found = [(checkpoint_step(file.parent), file.resolve()) for file in checkpoint_loras(output_dir)
+                 if file.resolve() != lora.file]
         if not found:
             notes.append("--checkpoints all: the run has no other checkpoint-N folder with a LoRA")
         for s, file in found:

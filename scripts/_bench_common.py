@@ -3,12 +3,14 @@
 Importable (``from _bench_common import ...`` with scripts/ on sys.path) and runnable, so that heavy work can go
 to a fresh process whose memory is measured on its own:
 
-  python scripts/_bench_common.py build-model OUT --size {tiny,sd3m}
+  python scripts/_bench_common.py build-model OUT --size {tiny,deep,sd3m}
   python scripts/_bench_common.py anchor-train --model DIR --resolution 1024 --batch 1 --json OUT.json
 
 ``build-model`` writes a diffusers folder with RANDOM weights, fully offline: ``tiny`` is sd3tune's tiny SD3 (CPU
-tests), ``sd3m`` has SD3 Medium's real transformer (2.03 B parameters) and VAE, and text encoders with SD3 Medium's
-output widths but 2 layers (speed does not depend on the weights' values; PERFORMANCE.md).
+tests), ``deep`` the tiny SD3 with SD3 Medium's 24 transformer blocks (a CPU proxy for the GPU step at batch 1,
+which is bound by launching SD3M's ~thousands of small ops from Python: same ops, tiny tensors), ``sd3m`` has SD3
+Medium's real transformer (2.03 B parameters) and VAE, and text encoders with SD3 Medium's output widths but 2
+layers (speed does not depend on the weights' values; PERFORMANCE.md).
 
 ``anchor-train`` is the plain diffusers + peft LoRA loop that PERFORMANCE.md calls the anchor: the diffusers
 dreambooth-lora-sd3 attention targets, rank 16, fp32 LoRA parameters, bf16 autocast, torch AdamW, latents and
@@ -29,7 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sd3tune.tiny import RandomSd3Sizes, build_random_sd3, build_tiny_sd3
+from dataclasses import replace
+
+from sd3tune.tiny import TINY_SIZES, RandomSd3Sizes, build_random_sd3, build_tiny_sd3
 
 SCRIPTS = Path(__file__).resolve().parent
 NOT_ACCEPTANCE = "tiny/CPU: not an acceptance number"
@@ -55,6 +59,19 @@ SD3M_SIZES = RandomSd3Sizes(
              latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
              use_quant_conv=False, use_post_quant_conv=False),
 )
+
+# The tiny model's widths with SD3 Medium's depth: every op of the SD3M step, on tiny tensors.
+DEEP_SIZES = replace(TINY_SIZES, transformer={**TINY_SIZES.transformer,
+                                              "num_layers": SD3M_SIZES.transformer["num_layers"]})
+SIZES = ("tiny", "deep", "sd3m")
+SIZE_NOTES = {"tiny": NOT_ACCEPTANCE,
+              "deep": f"SD3M's 24 blocks at tiny width: a CPU proxy for launch-bound overhead; {NOT_ACCEPTANCE}",
+              "sd3m": "SD3-Medium-sized random weights"}
+
+
+def small(size: str) -> bool:
+    """The CPU-sized models (tiny widths, 64 px; sd3tune's tiny-model settings apply)."""
+    return size != "sd3m"
 
 
 # ------------------------------------------------------------------------------------------------ environment
@@ -124,7 +141,7 @@ def start(bench: str, args: argparse.Namespace) -> tuple[bool, str, "Report"]:
     report = Report(args.json)
     report("bench", bench)
     report("device", device_label(cuda))
-    report("size", size, "SD3-Medium-sized random weights" if size == "sd3m" else NOT_ACCEPTANCE)
+    report("size", size, SIZE_NOTES[size])
     return cuda, size, report
 
 
@@ -313,6 +330,8 @@ def build_model(out: Path, size: str) -> Path:
     offline_env()
     if size == "tiny":
         return build_tiny_sd3(out)
+    if size == "deep":
+        return build_random_sd3(out, DEEP_SIZES)
     import torch
 
     return build_random_sd3(out, SD3M_SIZES, device="cuda" if torch.cuda.is_available() else "cpu",
@@ -403,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build-model", help="write a random diffusers SD3 folder")
     b.add_argument("out", type=Path)
-    b.add_argument("--size", choices=["tiny", "sd3m"], default="tiny")
+    b.add_argument("--size", choices=SIZES, default="tiny")
     a = sub.add_parser("anchor-train", help="time the plain diffusers + peft LoRA step")
     a.add_argument("--model", type=Path, required=True)
     a.add_argument("--resolution", type=int, default=1024)

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import (PeakMemory, Report, acceptance_label, anchor_row, median, model_for,  # noqa: E402
-                           parse_variants, ratio, start, verdict)
+from _bench_common import (SIZES, PeakMemory, Report, acceptance_label, anchor_row, median,  # noqa: E402
+                           model_for, parse_variants, ratio, start, verdict)
 
 from sd3tune.sheets import mean_abs_diff  # noqa: E402
 
@@ -53,8 +53,8 @@ PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=["auto", "tiny", "sd3m"], default="auto",
-                    help="model size: auto = sd3m on CUDA, tiny on CPU")
+    ap.add_argument("--size", choices=["auto", *SIZES], default="auto",
+                    help="model size: auto = sd3m on CUDA, tiny on CPU; deep = tiny widths, SD3M's 24 blocks")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sd3tune-bench"), help="where the random model is cached")
     ap.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(VARIANTS)} (CUDA default: "
                                                      "default,compile; CPU: default)")

@@ -12,7 +12,9 @@ i.e. the real `accelerate launch` of SimpleTuner) for each variant, and prints p
   ratio_s_per_step      s_per_step / anchor s_per_step (acceptance: <= 0.9 at 1024 px, batch 1)
 
 Without a GPU it runs the same path at tiny size (64 px, tiny random SD3) so CI keeps it working; those ratios
-are printed with the label "tiny/CPU: not an acceptance number".
+are printed with the label "tiny/CPU: not an acceptance number". --size deep keeps the tiny widths but has SD3
+Medium's 24 transformer blocks: the step runs SD3M's ops on tiny tensors, a CPU proxy for the batch-1 GPU step
+(bound by launching those ops from Python) that shows per-step overhead without a GPU; not an acceptance number.
 
 Variants (--variants, comma-separated): default (exactly what `sd3tune init --preset P` writes: eager, no
 prefetching, so seeded runs reproduce), and, as SimpleTuner options on top of it: eager (= the default, spelled
@@ -45,8 +47,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd3tune.simpletuner import keys  # noqa: E402
 from sd3tune.simpletuner.launch import clean_line  # noqa: E402
-from _bench_common import (PeakMemory, Report, acceptance_label, anchor_row,  # noqa: E402
-                           ensure_data, model_for, parse_variants, ratio, run_self, start, verdict)
+from _bench_common import (SIZES, PeakMemory, Report, acceptance_label, anchor_row,  # noqa: E402
+                           ensure_data, model_for, parse_variants, ratio, run_self, small, start, verdict)
 
 # Each variant: SimpleTuner options on top of what `sd3tune init` writes (default: nothing on top).
 _EAGER = {"dynamo_backend": "no"}
@@ -75,8 +77,8 @@ TARGET_FIRST_STEP_S = 60.0
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=["auto", "tiny", "sd3m"], default="auto",
-                    help="model size: auto = sd3m on CUDA, tiny on CPU")
+    ap.add_argument("--size", choices=["auto", *SIZES], default="auto",
+                    help="model size: auto = sd3m on CUDA, tiny on CPU; deep = tiny widths, SD3M's 24 blocks")
     ap.add_argument("--work", type=Path, default=Path("/tmp/sd3tune-bench"),
                     help="working folder: the random model and images are built once here and reused")
     ap.add_argument("--variants", default="default", help=f"comma-separated, from {', '.join(VARIANTS)}")
@@ -129,11 +131,11 @@ def init_variant(name: str, extra: dict[str, Any], args: argparse.Namespace, mod
              "data": {"resolution": resolution}}
     if args.batch is not None:
         bench["optim"] = {"train_batch_size": args.batch}
-    overrides = merge(TINY_OVERRIDES, bench) if size == "tiny" else bench
+    overrides = merge(TINY_OVERRIDES, bench) if small(size) else bench
     overrides = merge(overrides, keys.from_simpletuner_args(extra))  # typed sections where sd3tune has a field
     result = run_init(InitOptions(run_dir=run_dir, data=data, model=str(model), preset=args.preset or DEFAULT_PRESET,
                                   steps=steps, overrides=overrides, format=args.format,
-                                  image_backend_overrides=TINY_BACKEND if size == "tiny" else {}, force=True))
+                                  image_backend_overrides=TINY_BACKEND if small(size) else {}, force=True))
     return run_dir, result.config
 
 
@@ -153,7 +155,7 @@ def run_anchor(args: argparse.Namespace, model: Path, size: str, cfg: Any, mem_k
     with PeakMemory(mem_kind) as mem:
         proc = run_self(["anchor-train", "--model", str(model), "--resolution", str(resolution), "--batch", str(batch),
                          "--rank", str(rank), "--text-tokens", str(args.anchor_text_tokens),
-                         "--warmup", str(min(warmup, 5)), "--steps", "20" if size == "sd3m" else "4",
+                         "--warmup", str(min(warmup, 5)), "--steps", "20",
                          "--json", str(result_path)], log=out / "anchor.log")
     if proc.returncode != 0 or not result_path.is_file():
         report("anchor.error", f"exit {proc.returncode}; log: {out / 'anchor.log'}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import pytest
 from packaging.version import Version
 
 from sd3tune.simpletuner.catalog import load_catalog
@@ -61,3 +64,133 @@ cpu = time.process_time() - cpu0
 assert cpu < 0.2, f"waiting for the batch burnt {cpu:.2f} s of CPU"
 """
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------- per-step fixes
+# Each script runs in a fresh process, as the training child does: once on the pinned SimpleTuner as it is (to show
+# the fix is still needed) and once with sd3tune's compat fixes installed.
+
+def _result(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.JSONDecoder().raw_decode(proc.stdout.split("RESULT ", 1)[1])[0]  # SimpleTuner colours stdout
+
+
+_TRAINER_SCRIPT = """
+import json, os, sys, types, torch
+if sys.argv[1] == "fixed":
+    from sd3tune.simpletuner.compat import install
+    install()
+from simpletuner.helpers.training import dynamo
+from simpletuner.helpers.training.trainer import Trainer
+
+marks = []
+torch.compiler.cudagraph_mark_step_begin = lambda: marks.append(1)
+seen = {}
+for backend in ("no", "inductor"):
+    marks.clear()
+    dynamo.mark_cudagraph_step_begin(types.SimpleNamespace(dynamo_backend=backend, dynamo_mode="default"))
+    seen["marks_" + backend] = len(marks)
+
+class Net(torch.nn.Module):
+    walks = 0
+    def __init__(self):
+        super().__init__()
+        self.base = torch.nn.Linear(4, 4).requires_grad_(False)
+        self.lora_a, self.lora_b = torch.nn.Linear(4, 2), torch.nn.Linear(2, 4)
+    def parameters(self, recurse=True):
+        Net.walks += 1
+        return super().parameters(recurse)
+
+net = Net()
+trainer = Trainer.__new__(Trainer)
+trainer.config = types.SimpleNamespace(model_type="lora", lora_type="standard")
+trainer.model = types.SimpleNamespace(get_trained_component=lambda unwrap_model=True: net)
+trainer.optimizer = object()
+counts, walks = [], []
+for _ in range(3):
+    counts.append(len(trainer._get_trainable_parameters())); walks.append(Net.walks)
+net.lora_b.weight.requires_grad_(False)  # a kept parameter frozen: walk again
+counts.append(len(trainer._get_trainable_parameters())); walks.append(Net.walks)
+seen.update(counts=counts, walks=walks)
+torch.set_num_threads(64)  # SimpleTuner asks for --torch_num_threads, 8 unless set
+seen["threads"] = torch.get_num_threads()
+print("RESULT " + json.dumps(seen))
+"""
+
+
+@pytest.fixture(scope="module")
+def trainer_behaviour() -> dict[str, dict]:
+    out = {}
+    for mode in ("pinned", "fixed"):
+        proc = subprocess.run([sys.executable, "-c", _TRAINER_SCRIPT, mode], capture_output=True, text=True)
+        out[mode] = _result(proc)
+    return out
+
+
+def test_compat_skips_the_cuda_graph_step_marker_when_nothing_is_compiled(trainer_behaviour):
+    # pinned: 'no' is a truthy string, so an eager run marked steps (and imported torch._inductor at step 1)
+    assert trainer_behaviour["pinned"]["marks_no"] == 1
+    assert trainer_behaviour["fixed"]["marks_no"] == 0
+    assert trainer_behaviour["fixed"]["marks_inductor"] == 1  # compiled runs still mark every step
+
+
+def test_compat_keeps_the_trainable_parameters_of_a_standard_lora(trainer_behaviour):
+    pinned, fixed = trainer_behaviour["pinned"], trainer_behaviour["fixed"]
+    assert pinned["walks"][:3] == [1, 2, 3]  # the pin walks the whole model at every call (every step)
+    assert fixed["counts"] == pinned["counts"] == [4, 4, 4, 3]  # the same parameters either way
+    assert fixed["walks"] == [1, 1, 1, 2]  # one walk, and one more after a kept parameter was frozen
+
+
+def test_compat_never_gives_torch_more_threads_than_cores(trainer_behaviour):
+    cores = len(os.sched_getaffinity(0))
+    assert load_catalog().options["torch_num_threads"].default == 8  # SimpleTuner's ask, whatever the machine
+    assert trainer_behaviour["pinned"]["threads"] == 64
+    assert trainer_behaviour["fixed"]["threads"] == min(64, cores)
+
+
+_REGIONAL_SCRIPT = """
+import json, sys, torch
+if sys.argv[2] == "fixed":
+    from sd3tune.simpletuner.compat import install
+    install()
+from accelerate.utils import compile_regions
+from peft import LoraConfig
+from simpletuner.helpers.models.sd3.transformer import SD3Transformer2DModel
+
+torch.manual_seed(0)
+model = SD3Transformer2DModel.from_pretrained(sys.argv[1], subfolder="transformer").eval()
+model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                             target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+c = model.config
+inputs = dict(hidden_states=torch.randn(2, c.in_channels, 8, 8),
+              encoder_hidden_states=torch.randn(2, 20, c.joint_attention_dim),
+              pooled_projections=torch.randn(2, c.pooled_projection_dim), timestep=torch.tensor([10.0, 500.0]),
+              return_dict=False)
+with torch.no_grad():
+    eager = model(**inputs)[0]
+graph_calls = []
+
+def backend(gm, example_inputs):  # records which compiled graphs run; runs them as they are
+    def run(*args):
+        graph_calls.append("to_q" in gm.code)  # a graph holding a block's attention
+        return gm.forward(*args)
+    return run
+
+regional = compile_regions(model, backend=backend)  # what SimpleTuner's dynamo_use_regional_compilation does
+with torch.no_grad():
+    out = regional(**inputs)[0]
+print("RESULT " + json.dumps({"blocks": c.num_layers, "block_graph_calls": sum(graph_calls),
+                              "max_abs_diff": (out - eager).abs().max().item()}))
+"""
+
+
+def test_compat_runs_regionally_compiled_sd3_blocks_through_their_compiled_graphs(tiny_model):
+    seen = {}
+    for mode in ("pinned", "fixed"):
+        proc = subprocess.run([sys.executable, "-c", _REGIONAL_SCRIPT, str(tiny_model), mode], capture_output=True,
+                              text=True)
+        seen[mode] = _result(proc)
+    # pinned: SimpleTuner's forward calls each block's parts, never the compiled block: no block ran compiled
+    assert seen["pinned"]["block_graph_calls"] == 0
+    assert seen["fixed"]["block_graph_calls"] == seen["fixed"]["blocks"] == 2
+    assert seen["fixed"]["max_abs_diff"] == 0.0  # the same computation

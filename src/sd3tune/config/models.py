@@ -94,9 +94,9 @@ class DataSettings(_Section):
 
 
 class CompileSettings(_Section):
-    """torch.compile through SimpleTuner (accelerate's TorchDynamoPlugin). Off by default: on an H200 at 1024 px,
-    batch 1, compiling added 25-35 s before step 1 and made no step faster (eager 0.257 s, per-block 0.267, per-block
-    with CUDA graphs 0.271-0.274; scripts/README.md): SimpleTuner's own per-step work, not the transformer, bounds it."""
+    """torch.compile through SimpleTuner (accelerate's TorchDynamoPlugin). Off by default, not yet measured: on an
+    H200 at 1024 px, batch 1, compiling added 25-35 s before step 1 and made no step faster (eager 0.257 s, per-block
+    0.267), but SimpleTuner never ran the compiled blocks then; sd3tune's compat layer now does (compat fix 4)."""
 
     backend: Literal["no", "inductor", "eager", "aot_eager", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
                      "fx2trt", "onnxrt", "tensorrt", "ipex", "tvm", "hpu_backend"] = Field(

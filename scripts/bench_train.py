@@ -16,9 +16,9 @@ are printed with the label "tiny/CPU: not an acceptance number". --size deep kee
 Medium's 24 transformer blocks: the step runs SD3M's ops on tiny tensors, a CPU proxy for the batch-1 GPU step
 (bound by launching those ops from Python) that shows per-step overhead without a GPU; not an acceptance number.
 
-Variants (--variants, comma-separated): default (exactly what `sd3tune init --preset P` writes: eager, no
-prefetching, so seeded runs reproduce), and, as SimpleTuner options on top of it: eager (= the default, spelled
-out), eager-prefetch (batches loaded on a background thread), regional (per-block compile, no CUDA graphs),
+Variants (--variants, comma-separated): default (exactly what `sd3tune init --preset P` writes: eager, batches
+prefetched on a background thread), and, as SimpleTuner options on top of it: eager (no prefetching: the previous
+default), eager-prefetch (= the default, spelled out), regional (per-block compile, no CUDA graphs),
 regional-cudagraphs (+ dynamo_mode=reduce-overhead), regional-cudagraphs-noprefetch, regional-cudagraphs-cpp
 (SimpleTuner's default C++ Inductor wrapper, which turns CUDA graphs off: "skipping cudagraphs due to cpp wrapper
 enabled"), inductor (the whole model compiled).

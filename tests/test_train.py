@@ -29,8 +29,8 @@ def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):
 
 
 def test_the_same_seed_trains_the_same_lora(trained_run, tiny_model, concept_data, tmp_path):
-    # SimpleTuner's batch prefetching would make this fail (its loader thread and the trainer share the random
-    # generators), which is why sd3tune leaves it off by default
+    # with batch prefetching (the default) this failed on the pinned SimpleTuner: its loader thread drew from the
+    # trainer's random generator in no fixed order (compat fix 7)
     from safetensors.torch import load_file
 
     from sd3tune.commands.quickstart import tiny_init_options

@@ -194,3 +194,18 @@ def test_compat_runs_regionally_compiled_sd3_blocks_through_their_compiled_graph
     assert seen["pinned"]["block_graph_calls"] == 0
     assert seen["fixed"]["block_graph_calls"] == seen["fixed"]["blocks"] == 2
     assert seen["fixed"]["max_abs_diff"] == 0.0  # the same computation
+
+
+def test_a_dataloader_with_its_own_generator_leaves_the_global_one_alone():
+    """Why compat fix 7 works: every iter() of a DataLoader draws a worker seed, from the global generator unless the
+    loader has its own (SimpleTuner calls iter() once per batch, on the prefetch thread)."""
+    import torch
+
+    data = torch.utils.data.DataLoader(list(range(4)), batch_size=2, num_workers=0)
+    before = torch.random.get_rng_state()
+    next(iter(data))
+    assert not torch.equal(before, torch.random.get_rng_state())  # the pinned torch: the global generator moved
+    data.generator = torch.Generator()
+    before = torch.random.get_rng_state()
+    next(iter(data))
+    assert torch.equal(before, torch.random.get_rng_state())

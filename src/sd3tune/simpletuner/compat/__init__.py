@@ -29,6 +29,11 @@ imported eagerly: each fix is applied right after its target module is first imp
    (``Trainer._get_trainable_parameters``; SD3M: ~1,000 tensors, 3.6% of an H200 step in py-spy, 6% of a CPU step
    with 24 blocks). For a standard LoRA the set is fixed once the optimizer exists: keep it, and walk again only if
    the trained module is replaced or a kept parameter stops requiring gradients.
+7. SimpleTuner starts a new iterator over its DataLoader for every batch, and each ``iter(DataLoader)`` draws a
+   worker base seed from torch's global generator (unused: SimpleTuner loads with ``num_workers=0``). With
+   ``dataloader_prefetch`` those draws happen on the loader thread while the training thread draws its noise and
+   timesteps from the same generator, in no fixed order: two runs with one seed trained different LoRAs. Give each
+   of SimpleTuner's DataLoaders a private generator, so loading never touches the global one.
 """
 
 from __future__ import annotations
@@ -158,6 +163,25 @@ def _cache_trainable_parameters(module) -> None:
     trainer._get_trainable_parameters = _get_trainable_parameters
 
 
+def _private_dataloader_generators(module) -> None:
+    factory = getattr(module, "FactoryRegistry", None)
+    original = getattr(factory, "_create_dataset_and_sampler", None)
+    if original is None or getattr(original, "sd3tune_fix", False):
+        return
+
+    def _create_dataset_and_sampler(self, backend, init_backend, *args, **kwargs):
+        result = original(self, backend, init_backend, *args, **kwargs)
+        loader = init_backend.get("train_dataloader") if isinstance(init_backend, dict) else None
+        if loader is not None and getattr(loader, "generator", False) is None:
+            import torch
+
+            loader.generator = torch.Generator()  # fixed default seed; only iter()'s unused worker seed draws on it
+        return result
+
+    _create_dataset_and_sampler.sd3tune_fix = True  # type: ignore[attr-defined]
+    factory._create_dataset_and_sampler = _create_dataset_and_sampler
+
+
 FIXES = {
     "transformers.models.qwen3_vl.modeling_qwen3_vl": _alias_qwen3vl,
     "torch": _fix_torch,
@@ -165,6 +189,7 @@ FIXES = {
     "simpletuner.helpers.models.sd3.transformer": _call_compiled_sd3_blocks,
     "simpletuner.helpers.training.dynamo": _skip_step_marker_without_compile,
     "simpletuner.helpers.training.trainer": _cache_trainable_parameters,
+    "simpletuner.helpers.data_backend.factory": _private_dataloader_generators,
 }
 
 

@@ -57,8 +57,20 @@ def test_bench_train_runs_at_tiny_size(train_bench, bench_work):
     assert resolved["grad_clip_method"] == "norm"
     assert resolved["lora_dropout"] == 0.0
     assert resolved["compress_disk_cache"] is False
+    assert resolved["dataloader_prefetch"] is True
     assert json.loads((bench_work / "train.json").read_text())["default.s_per_step"] == result["default.s_per_step"]
     assert (bench_work / "runs" / "default" / "output" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_the_deep_proxy_model_has_sd3_mediums_blocks_at_the_tiny_width(tmp_path, tiny_model):
+    """--size deep: every op of an SD3 Medium step (24 blocks), on tiny tensors: the CPU proxy for the GPU step."""
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "_bench_common.py"), "build-model", str(tmp_path / "deep"),
+                           "--size", "deep"], capture_output=True, text=True, env=child_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    deep = json.loads((tmp_path / "deep" / "transformer" / "config.json").read_text())
+    tiny = json.loads((tiny_model / "transformer" / "config.json").read_text())
+    assert deep.pop("num_layers") == 24 and tiny.pop("num_layers") == 2
+    assert deep == tiny
 
 
 @pytest.mark.e2e

@@ -95,7 +95,8 @@ class DataSettings(_Section):
 class CompileSettings(_Section):
     """torch.compile through SimpleTuner (accelerate's TorchDynamoPlugin). Off by default, not yet measured: on an
     H200 at 1024 px, batch 1, compiling added 25-35 s before step 1 and made no step faster (eager 0.257 s, per-block
-    0.267), but SimpleTuner never ran the compiled blocks then; sd3tune's compat layer now does (compat fix 4)."""
+    0.267), but SimpleTuner never ran the compiled blocks then; sd3tune's compat layer now does, and compiles nothing
+    but the blocks (compat fixes 4 and 8)."""
 
     backend: Literal["no", "inductor", "eager", "aot_eager", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
                      "fx2trt", "onnxrt", "tensorrt", "ipex", "tvm", "hpu_backend"] = Field(

@@ -52,6 +52,17 @@ from pathlib import Path
 SITE_DIR = Path(__file__).with_name("site")
 
 
+def _replace(owner, name: str, make) -> None:
+    """Set ``owner.name`` to ``make(original)``, once (installing twice changes nothing); nothing when the pinned code
+    has no such attribute (an upgraded SimpleTuner: the fix no longer applies)."""
+    original = getattr(owner, name, None)
+    if original is None or getattr(original, "sd3tune_fix", False):
+        return
+    replacement = make(original)
+    replacement.sd3tune_fix = True
+    setattr(owner, name, replacement)
+
+
 def _alias_qwen3vl(module) -> None:
     if not hasattr(module, "Qwen3VLCausalLMOutputWithPast") and hasattr(module, "MultimodalCausalLMOutputWithPast"):
         module.Qwen3VLCausalLMOutputWithPast = module.MultimodalCausalLMOutputWithPast
@@ -71,38 +82,34 @@ def _fix_torch(torch) -> None:
         has_accelerator = False
     if not has_accelerator:
         torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
-    if getattr(torch.set_num_threads, "sd3tune_fix", False):
-        return
-    set_num_threads = torch.set_num_threads
 
-    def clamped_set_num_threads(n: int) -> None:
-        set_num_threads(max(1, min(int(n), usable_cores())))
+    def clamped(set_num_threads):
+        return lambda n: set_num_threads(max(1, min(int(n), usable_cores())))
 
-    clamped_set_num_threads.sd3tune_fix = True  # type: ignore[attr-defined]
-    torch.set_num_threads = clamped_set_num_threads
+    _replace(torch, "set_num_threads", clamped)
 
 
 def _blocking_next_batch(module) -> None:
-    fetcher = getattr(module, "BatchFetcher", None)
     set_step = getattr(module, "_set_epoch_step_for_training_step", None)
-    if fetcher is None or set_step is None or getattr(fetcher.next_response, "sd3tune_fix", False):
+    if set_step is None:
         return
 
-    def next_response(self, step: int):
-        self.step = step
-        while True:
-            try:
-                item = self.queue.get(timeout=1.0)
-                break
-            except queue.Empty:
-                continue
-        if self.device_prefetcher is not None:
-            item = self.device_prefetcher.consume(item)
-        set_step(step)
-        return item
+    def blocking(_busy_wait):
+        def next_response(self, step: int):
+            self.step = step
+            while True:
+                try:
+                    item = self.queue.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    continue
+            if self.device_prefetcher is not None:
+                item = self.device_prefetcher.consume(item)
+            set_step(step)
+            return item
+        return next_response
 
-    next_response.sd3tune_fix = True  # type: ignore[attr-defined]
-    fetcher.next_response = next_response
+    _replace(getattr(module, "BatchFetcher", None), "next_response", blocking)
 
 
 def _is_compiled(block) -> bool:
@@ -113,100 +120,89 @@ def _is_compiled(block) -> bool:
 
 
 def _call_compiled_sd3_blocks(module) -> None:
-    original = getattr(module, "_sd3_apply_joint_transformer_block", None)
-    if original is None or getattr(original, "sd3tune_fix", False):
-        return
+    def through_compiled_blocks(original):
+        def apply_block(block, hidden_states, encoder_hidden_states, temb_hidden, temb_context,
+                        joint_attention_kwargs=None, offload_attention=False):
+            if (not offload_attention and temb_context is temb_hidden and temb_hidden.ndim == 2
+                    and _is_compiled(block)):
+                return block(hidden_states, encoder_hidden_states, temb_hidden, joint_attention_kwargs)
+            return original(block, hidden_states, encoder_hidden_states, temb_hidden, temb_context,
+                            joint_attention_kwargs=joint_attention_kwargs, offload_attention=offload_attention)
+        return apply_block
 
-    def apply_block(block, hidden_states, encoder_hidden_states, temb_hidden, temb_context,
-                    joint_attention_kwargs=None, offload_attention=False):
-        if (not offload_attention and temb_context is temb_hidden and temb_hidden.ndim == 2
-                and _is_compiled(block)):
-            return block(hidden_states, encoder_hidden_states, temb_hidden, joint_attention_kwargs)
-        return original(block, hidden_states, encoder_hidden_states, temb_hidden, temb_context,
-                        joint_attention_kwargs=joint_attention_kwargs, offload_attention=offload_attention)
-
-    apply_block.sd3tune_fix = True  # type: ignore[attr-defined]
-    module._sd3_apply_joint_transformer_block = apply_block
+    _replace(module, "_sd3_apply_joint_transformer_block", through_compiled_blocks)
 
 
 def _skip_step_marker_without_compile(module) -> None:
-    original = getattr(module, "mark_cudagraph_step_begin", None)
     backend_of = getattr(module, "_effective_dynamo_backend", None)
-    if original is None or backend_of is None or getattr(original, "sd3tune_fix", False):
+    if backend_of is None:
         return
 
-    def mark_cudagraph_step_begin(config) -> None:
-        if backend_of(config) != "no":
-            original(config)
+    def only_when_compiling(original):
+        def mark_cudagraph_step_begin(config) -> None:
+            if backend_of(config) != "no":
+                original(config)
+        return mark_cudagraph_step_begin
 
-    mark_cudagraph_step_begin.sd3tune_fix = True  # type: ignore[attr-defined]
-    module.mark_cudagraph_step_begin = mark_cudagraph_step_begin
+    _replace(module, "mark_cudagraph_step_begin", only_when_compiling)
 
 
 def _cache_trainable_parameters(module) -> None:
-    trainer = getattr(module, "Trainer", None)
-    original = getattr(trainer, "_get_trainable_parameters", None)
-    if original is None or getattr(original, "sd3tune_fix", False):
-        return
+    def kept(original):
+        def _get_trainable_parameters(self):
+            config = self.config
+            if (config.model_type != "lora" or str(getattr(config, "lora_type", "standard")).lower() != "standard"
+                    or getattr(self, "optimizer", None) is None):  # before the optimizer exists, setup may unfreeze
+                return original(self)
+            component = self.model.get_trained_component(unwrap_model=False)
+            known = self.__dict__.get("_sd3tune_trainable")
+            if known is not None and known[0] is component and all(p.requires_grad for p in known[1]):
+                return list(known[1])
+            params = original(self)
+            if isinstance(params, list):
+                self.__dict__["_sd3tune_trainable"] = (component, tuple(params))
+            return params
+        return _get_trainable_parameters
 
-    def _get_trainable_parameters(self):
-        config = self.config
-        if (config.model_type != "lora" or str(getattr(config, "lora_type", "standard")).lower() != "standard"
-                or getattr(self, "optimizer", None) is None):  # before the optimizer exists, setup may still unfreeze
-            return original(self)
-        component = self.model.get_trained_component(unwrap_model=False)
-        kept = self.__dict__.get("_sd3tune_trainable")
-        if kept is not None and kept[0] is component and all(p.requires_grad for p in kept[1]):
-            return list(kept[1])
-        params = original(self)
-        if isinstance(params, list):
-            self.__dict__["_sd3tune_trainable"] = (component, tuple(params))
-        return params
-
-    _get_trainable_parameters.sd3tune_fix = True  # type: ignore[attr-defined]
-    trainer._get_trainable_parameters = _get_trainable_parameters
+    _replace(getattr(module, "Trainer", None), "_get_trainable_parameters", kept)
 
 
 def _private_dataloader_generators(module) -> None:
-    factory = getattr(module, "FactoryRegistry", None)
-    original = getattr(factory, "_create_dataset_and_sampler", None)
-    if original is None or getattr(original, "sd3tune_fix", False):
-        return
+    def with_private_generator(original):
+        def _create_dataset_and_sampler(self, backend, init_backend, *args, **kwargs):
+            result = original(self, backend, init_backend, *args, **kwargs)
+            loader = init_backend.get("train_dataloader") if isinstance(init_backend, dict) else None
+            if loader is not None and getattr(loader, "generator", False) is None:
+                import torch
 
-    def _create_dataset_and_sampler(self, backend, init_backend, *args, **kwargs):
-        result = original(self, backend, init_backend, *args, **kwargs)
-        loader = init_backend.get("train_dataloader") if isinstance(init_backend, dict) else None
-        if loader is not None and getattr(loader, "generator", False) is None:
-            import torch
+                loader.generator = torch.Generator()  # fixed default seed; only iter()'s unused worker seed uses it
+            return result
+        return _create_dataset_and_sampler
 
-            loader.generator = torch.Generator()  # fixed default seed; only iter()'s unused worker seed draws on it
-        return result
-
-    _create_dataset_and_sampler.sd3tune_fix = True  # type: ignore[attr-defined]
-    factory._create_dataset_and_sampler = _create_dataset_and_sampler
+    _replace(getattr(module, "FactoryRegistry", None), "_create_dataset_and_sampler", with_private_generator)
 
 
 def _compile_repeated_blocks_only(module) -> None:
-    original = getattr(module, "compile_regions", None)
     is_repeated = getattr(module, "is_repeated_blocks", None)
-    if original is None or is_repeated is None or getattr(original, "sd3tune_fix", False):
+    if is_repeated is None:
         return
 
-    def compile_regions(model, **compile_kwargs):
-        outermost: dict[str, object] = {}
-        for name, sub in model.named_modules():
-            if is_repeated(sub) and not any(outer == "" or name.startswith(f"{outer}.") for outer in outermost):
-                outermost[name] = sub
-        if not outermost:  # nothing repeats: accelerate's own behaviour (the whole model)
-            return original(model, **compile_kwargs)
-        for repeated in outermost.values():
-            for block in repeated:
-                if getattr(block, "_compiled_call_impl", None) is None:
-                    block.compile(**compile_kwargs)
-        return model
+    def blocks_only(original):
+        def compile_regions(model, **compile_kwargs):
+            outermost: dict[str, object] = {}
+            for name, sub in model.named_modules():
+                if is_repeated(sub) and not any(outer == "" or name.startswith(f"{outer}.") for outer in outermost):
+                    outermost[name] = sub
+            if not outermost:  # nothing repeats: accelerate's own behaviour (the whole model)
+                return original(model, **compile_kwargs)
+            for repeated in outermost.values():
+                for block in repeated:
+                    if getattr(block, "_compiled_call_impl", None) is None:
+                        block.compile(**compile_kwargs)
+            return model
+        return compile_regions
 
-    compile_regions.sd3tune_fix = True  # type: ignore[attr-defined]
-    module.compile_regions = compile_regions
+    _replace(module, "compile_regions", blocks_only)
 
 
 FIXES = {

@@ -109,17 +109,11 @@ class Context:
 
     def where(self, option: str) -> str:
         """The key a user edits for ``option``: its config.env line, TRAINER_EXTRA_ARGS entry or JSON key."""
-        if option in self.run.sources:
-            return self.run.sources[option]
-        if self.run.format == "env":
-            return self.catalog.env_key_for().get(option) or f"{keys.EXTRA_ARGS_KEY} --{option}"
-        return option
+        return self.run.key_for(option, catalog=self.catalog)
 
     def key(self, option: str) -> str:
         """The bare key name for ``option`` (no line number), for use inside a message."""
-        if self.run.format == "env":
-            return self.catalog.env_key_for().get(option) or f"--{option}"
-        return option
+        return self.run.key_for(option, located=False, catalog=self.catalog)
 
     def valid(self, *options: str) -> bool:
         return self.cfg is not None and not (set(options) & self.bad)

@@ -143,6 +143,19 @@ class LoadedRun:
         """The config file's name, for findings."""
         return keys.JSON_FILE if self.format == "json" else keys.ENV_FILE
 
+    def key_for(self, option: str, located: bool = True, catalog: Catalog | None = None) -> str:
+        """Where the user sets ``option`` in this run's files. ``located``: the exact entry when the files set it
+        (config.env line, TRAINER_EXTRA_ARGS entry or JSON key), else where it would go; otherwise the bare key for
+        use inside a message (the env variable, ``--option``, or the JSON key)."""
+        if located and option in self.sources:
+            return self.sources[option]
+        if self.format != "env":
+            return option
+        env_key = (catalog or load_catalog()).env_key_for().get(option)
+        if env_key:
+            return env_key
+        return f"{keys.EXTRA_ARGS_KEY} --{option}" if located else f"--{option}"
+
     def output_dir(self) -> Path | None:
         """SimpleTuner's OUTPUT_DIR; a relative one is relative to the run folder (its working directory). None when
         the config could not be read."""
@@ -307,15 +320,6 @@ def _load_json(run: LoadedRun, path: Path, name: str) -> Any:
     return None
 
 
-def _source_key(run: LoadedRun, option: str | None, loc: tuple) -> str:
-    if option and option in run.sources:
-        return run.sources[option]
-    if option:
-        key = load_catalog().env_key_for().get(option) if run.format == "env" else None
-        return key or option
-    return ".".join(str(p) for p in loc)
-
-
 def with_simpletuner_defaults(args: dict[str, Any], catalog: Catalog) -> dict[str, Any]:
     """``args`` plus SimpleTuner's default for every mapped option the files leave out (what the run really does),
     except the required ones, which are reported as "not set" instead."""
@@ -339,7 +343,7 @@ def config_from_args(args: dict[str, Any]) -> RunConfig:
 def _validate_config(run: LoadedRun, catalog: Catalog) -> None:
     for option, hint in keys.REQUIRED_OPTIONS.items():  # without MODEL_NAME an sd3 run silently trains SD3.5
         if option not in run.args:
-            run.findings.append(error(run.paths_name(), _source_key(run, option, ()), "is not set", hint))
+            run.findings.append(error(run.paths_name(), run.key_for(option, catalog=catalog), "is not set", hint))
     try:
         run.config = config_from_args(with_simpletuner_defaults(run.args, catalog))
     except ValidationError as exc:
@@ -347,7 +351,8 @@ def _validate_config(run: LoadedRun, catalog: Catalog) -> None:
             if err["type"] == "missing":
                 continue  # RunConfig's required fields are required options, reported just above
             option = keys.option_for_path(err["loc"])
-            run.findings.append(_value_finding(run.paths_name(), _source_key(run, option, err["loc"]), err))
+            where = run.key_for(option, catalog=catalog) if option else ".".join(map(str, err["loc"]))
+            run.findings.append(_value_finding(run.paths_name(), where, err))
 
 
 def _nullable(section: str, name: str) -> bool:

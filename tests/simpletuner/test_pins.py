@@ -119,10 +119,11 @@ print("RESULT " + json.dumps(seen))
 
 
 @pytest.fixture(scope="module")
-def trainer_behaviour() -> dict[str, dict]:
+def trainer_behaviour(tmp_path_factory) -> dict[str, dict]:
     out = {}
+    cwd = tmp_path_factory.mktemp("trainer")  # importing SimpleTuner's trainer writes debug.log into the cwd
     for mode in ("pinned", "fixed"):
-        proc = subprocess.run([sys.executable, "-c", _TRAINER_SCRIPT, mode], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", _TRAINER_SCRIPT, mode], capture_output=True, text=True, cwd=cwd)
         out[mode] = _result(proc)
     return out
 
@@ -185,11 +186,11 @@ print("RESULT " + json.dumps({"blocks": c.num_layers, "block_graph_calls": sum(g
 """
 
 
-def test_compat_compiles_only_the_sd3_blocks_and_runs_them_compiled(tiny_model):
+def test_compat_compiles_only_the_sd3_blocks_and_runs_them_compiled(tiny_model, tmp_path):
     seen = {}
     for mode in ("pinned", "fixed"):
         proc = subprocess.run([sys.executable, "-c", _REGIONAL_SCRIPT, str(tiny_model), mode], capture_output=True,
-                              text=True)
+                              text=True, cwd=tmp_path)
         seen[mode] = _result(proc)
     # pinned: SimpleTuner's forward calls each block's parts, never the compiled block: no block ran compiled, only
     # the small modules outside the blocks, each a graph of its own

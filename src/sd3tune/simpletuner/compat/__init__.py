@@ -11,7 +11,7 @@ imported eagerly: each fix is applied right after its target module is first imp
    SimpleTuner also calls ``torch.set_num_threads(--torch_num_threads)``, default 8, whatever the machine: on 2 cores
    the oversubscribed threads made every CPU step 1.4x (tiny SD3) to 2.4x (24 blocks) slower. Clamp the request to
    the cores this process may use; more intra-op threads than cores never helps.
-3. With ``dataloader_prefetch`` (opt-in: ``data.prefetch``), SimpleTuner's ``BatchFetcher.next_response`` waits for the next
+3. With ``dataloader_prefetch`` (``data.prefetch``, on by default), SimpleTuner's ``BatchFetcher.next_response`` waits for the next
    batch with ``while self.queue.empty(): continue``: the training thread spins, taking the GIL from the very thread
    that loads the batch (py-spy on an H200, SD3M at 1024 px: 10% of the training thread's samples in that loop).
    Block on the queue instead (with a timeout, so Ctrl-C still gets through).

@@ -28,10 +28,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
-
-from dataclasses import replace
 
 from sd3tune.tiny import TINY_SIZES, RandomSd3Sizes, build_random_sd3, build_tiny_sd3
 

@@ -27,8 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import Report, device_label, median  # noqa: E402
 
+from sd3tune.datascan import CLIP_MAX_TOKENS, T5_MAX_TOKENS  # noqa: E402
+
 LATENT = (16, 128, 128)          # SD3 VAE latent of a 1024 px image
-PROMPT = (1, 77 + 154, 4096)     # CLIP (77) + T5 (154) tokens, SD3's joint width
+PROMPT = (1, CLIP_MAX_TOKENS + T5_MAX_TOKENS, 4096)  # CLIP (77) + T5 (154) tokens, SD3's joint width
 POOLED = (2048,)
 
 

@@ -180,8 +180,7 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
         t0 = time.perf_counter()
         result = run_generate(opts, on_image=lambda _img: arrivals.append(time.perf_counter() - t0), progress=False)
     p = f"{name}."
-    notes = list(result.notes)
-    report(p + "notes", notes)
+    report(p + "notes", result.notes)
     report(p + "images", f"{n} in batches of {bs} (CFG batch {2 * bs})")
     report(p + "load_s", round(result.load_seconds, 1))
     first = report(p + "time_to_first_image_s", round(arrivals[0], 1))

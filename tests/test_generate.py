@@ -137,7 +137,7 @@ def test_compile_fast_path_fuses_the_lora_into_the_weights_without_changing_the_
     assert any("LoRA fused" in n for n in result.notes)
     assert any("nothing compiled on cpu" in n for n in result.notes)  # compiling only pays off on a GPU
     fused = [i.path for i in result.images]
-    # the LoRA moves these images by >= 1/255 (test above); fusing it (and q/k/v) only rounds differently
+    # the LoRA moves these images by >= 1/255 (test above); fusing it only rounds differently
     for a, b in zip(fused, lora_images):
         assert np.abs(pixels(a) - pixels(b)).mean() < 0.25
     assert json.loads(Image.open(fused[0]).text["sd3tune"])["fused"] is True

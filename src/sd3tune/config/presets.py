@@ -4,8 +4,9 @@ Speed-relevant defaults shared by all presets (RunConfig defaults), measured wit
 1024 px, batch 1, as ratios to the plain diffusers + peft loop: SimpleTuner's own defaults (adamw_bf16, value
 clipping, LoRA dropout 0.1) 2.3x (PERFORMANCE.md); torch-adamw + norm clipping + no dropout 1.46-1.49x (H200, H100;
 scripts/README.md). Uncompressed caches (compress_disk_cache=false) take the gzip reads off each step. Prefetching
-batches (1.34x) is on: with compat fix 7 seeded runs repeat exactly with it too. Compiling (CompileSettings) is off
-until it is measured with the compiled blocks actually running (they did not, through SimpleTuner, before fix 4).
+batches is on (the defaults together: 1.30-1.51x, H200): with compat fix 7 seeded runs repeat exactly with it too.
+Compiling (CompileSettings) is off: with CUDA graphs it is 1.11x, but the first step comes after 102 s instead of
+21 s, which pays only from ~2,400 steps.
 """
 
 from __future__ import annotations

@@ -236,19 +236,18 @@ def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds,
     from tqdm.auto import tqdm
 
     from sd3tune.evaluation import ModelImages
-    from sd3tune.inference import chunks, load_adapter, load_pipeline, make_images, provenance, save_png
+    from sd3tune.inference import chunks, load_adapter, load_pipeline, make_images, provenance
 
     pipe = load_pipeline(model, device=opts.device, dtype=opts.dtype, lora=lora, shift=settings.shift)
     for c in candidates:
         if c.kind == "checkpoint":
             assert c.file is not None and c.adapter is not None
             load_adapter(pipe.pipe, c.file, c.adapter)
-    models: list[ModelImages] = []
+    made_grids = []  # per candidate: (candidate, adapter weight, images as futures, paths)
     total = len(candidates) * len(prompts) * len(seeds)
-    # PNGs are written on a thread while the next batch is made, as in generate
+    # images reach the CPU and are written as PNGs on a thread while the next batch is made, as in generate
     with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
-        writes = []
         for c in candidates:
             w = pipe.set_lora_scale(0.0 if c.kind == "base" else opts.lora_scale,
                                     adapter=None if c.kind == "base" else c.adapter)
@@ -258,25 +257,33 @@ def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds,
                 for batch in chunks(seeds, opts.batch_size):
                     made = make_images(pipe, prompt.text, batch, settings)
                     for i, seed in enumerate(batch):
-                        image = made.pil(i)
                         fields = provenance(pipe, prompt.text, seed, settings, opts.lora_scale, w)
                         fields.update(lora=str(c.file) if c.file else None,
                                       lora_scale=None if c.kind == "base" else opts.lora_scale, evaluate_model=c.label)
                         path = out / "images" / c.label / f"{index:02d}-s{seed}.png"
-                        writes.append(writer.submit(save_png, image, path, fields))
-                        row.append(image)
+                        row.append(writer.submit(_save_image, made, i, path, fields))
                         row_paths.append(path)
                         bar.update(1)
                 grid.append(row)
                 grid_paths.append(row_paths)
-            models.append(ModelImages(c.label, c.title, c.kind, c.step, c.file, w, grid, grid_paths))  # type: ignore[arg-type]
-        for write in writes:
-            write.result()  # a failed write raises here
+            made_grids.append((c, w, grid, grid_paths))
+        models = [ModelImages(c.label, c.title, c.kind, c.step, c.file, w,  # type: ignore[arg-type]
+                              [[image.result() for image in row] for row in grid], grid_paths)  # a failed write raises
+                  for c, w, grid, grid_paths in made_grids]
     device, dtype = pipe.device, str(pipe.dtype).replace("torch.", "")
     del pipe
     gc.collect()
     _empty_cache(device)
     return models, device, dtype
+
+
+def _save_image(made, index: int, path: Path, fields: dict):
+    """The writer thread's job: image ``index`` of a batch (waiting for its copy from the GPU), saved as PNG."""
+    from sd3tune.inference import save_png
+
+    image = made.pil(index)
+    save_png(image, path, fields)
+    return image
 
 
 def _empty_cache(device: str) -> None:

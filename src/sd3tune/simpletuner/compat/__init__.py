@@ -197,7 +197,7 @@ def _compile_repeated_blocks_only(module) -> None:
                 return original(model, **compile_kwargs)
             for repeated in outermost.values():
                 for block in repeated:
-                    if getattr(block, "_compiled_call_impl", None) is None:
+                    if not _is_compiled(block):
                         block.compile(**compile_kwargs)
             return model
         return compile_regions

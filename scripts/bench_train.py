@@ -21,7 +21,8 @@ prefetched on a background thread), and, as SimpleTuner options on top of it: ea
 default), eager-prefetch (= the default, spelled out), regional (per-block compile, no CUDA graphs),
 regional-cudagraphs (+ dynamo_mode=reduce-overhead), regional-cudagraphs-noprefetch, regional-cudagraphs-cpp
 (SimpleTuner's default C++ Inductor wrapper, which turns CUDA graphs off: "skipping cudagraphs due to cpp wrapper
-enabled"), inductor (the whole model compiled).
+enabled"), inductor (the whole model compiled), cuda-graphs (the default + `sd3tune train --cuda-graphs`: the
+transformer's training forward and backward replayed from CUDA graphs, no compile), cuda-graphs-noprefetch.
 Each variant compiles with an empty compile cache of its own (what a first run sees); --warm-cache shares one.
 
 --anchor-json FILE takes the anchor from ../shared/bench/anchor_sd3m.py's anchor.json (its
@@ -63,7 +64,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # SimpleTuner's own default wrapper: C++, which skips CUDA graphs and compiles ~3x longer (H100)
     "regional-cudagraphs-cpp": {**_REGIONAL, "dynamo_mode": "reduce-overhead", "dynamo_wrapper": "cpp"},
     "inductor": {**_REGIONAL, "dynamo_use_regional_compilation": False, "dynamo_mode": "default"},  # whole model
+    "cuda-graphs": {**_EAGER, "dataloader_prefetch": True},  # + `sd3tune train --cuda-graphs` (TRAIN_OPTIONS)
+    "cuda-graphs-noprefetch": {**_EAGER, "dataloader_prefetch": False},
 }
+# Variants that also set `sd3tune train` options (TrainOptions fields), not only SimpleTuner ones.
+TRAIN_OPTIONS: dict[str, dict[str, Any]] = {"cuda-graphs": {"cuda_graphs": True},
+                                             "cuda-graphs-noprefetch": {"cuda_graphs": True}}
 # What SimpleTuner resolved (OUTPUT_DIR/simpletuner_config.json): proves which settings the run really used.
 RESOLVED = ["optimizer", "grad_clip_method", "max_grad_norm", "lora_dropout", "lora_rank", "gradient_checkpointing",
             "mixed_precision", "train_batch_size", "resolution", "attention_mechanism", "dynamo_backend",
@@ -194,7 +200,7 @@ def log_highlights(log: Path | None, limit: int = 8) -> tuple[list[str], int]:
         return [], 0
     found: list[str] = []
     compiled = 0
-    pattern = re.compile(r"Torch Dynamo|kohaku|attention backend|native SDPA|skipping cudagraphs"
+    pattern = re.compile(r"Torch Dynamo|kohaku|attention backend|native SDPA|skipping cudagraphs|sd3tune cuda-graphs"
                          r"|cudagraph.*(skip|disabl)|recompil|TorchInductor wrapper", re.I)
     for line in re.split(r"[\r\n]", log.read_text(errors="replace")):
         line = clean_line(line)
@@ -230,10 +236,13 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
     from sd3tune.errors import Sd3tuneError
 
     marks: dict[int, float] = {}
+    losses: dict[int, float] = {}
     t0 = time.perf_counter()
 
     def on_progress(p) -> None:
         marks.setdefault(p.step, time.perf_counter() - t0)
+        if p.loss is not None:
+            losses[p.step] = p.loss  # the last line of a step carries its loss (the first, the previous one)
 
     phases: list[str] = []  # where the start-up time goes: SimpleTuner's phases as `sd3tune train` names them
 
@@ -245,7 +254,8 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
     result = None
     with PeakMemory(mem_kind) as mem:
         try:
-            result = run_train(TrainOptions(run_dir=run_dir), on_progress=on_progress, on_status=on_status)
+            result = run_train(TrainOptions(run_dir=run_dir, **TRAIN_OPTIONS.get(name, {})), on_progress=on_progress,
+                               on_status=on_status)
         except Sd3tuneError as exc:
             error = exc.one_line()
     p = f"{name}."
@@ -270,6 +280,10 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
     lines, compiled = log_highlights(result.log)
     for i, line in enumerate(lines):
         report(p + f"log_line_{i}", line)
+    if TRAIN_OPTIONS.get(name, {}).get("cuda_graphs") and mem_kind == "gpu" and not any(
+            "captured forward + backward" in line for line in lines):
+        out["error"] = report(p + "error", "--cuda-graphs replayed nothing (see the sd3tune cuda-graphs log lines); "
+                                           "the timings below are eager ones")
     report(p + "inductor_graphs_compiled", compiled)
     report(p + "steps", total)
     if 0 in marks:
@@ -288,7 +302,15 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
                "SimpleTuner's smoothed rate, for comparison")
     report(p + "wall_s", round(result.seconds, 1))
     out["peak_mem_gib"] = report(p + "peak_mem_gib", mem.gib, mem.how)
+    out["losses"] = losses
     return out
+
+
+def loss_gap(a: dict[int, float], b: dict[int, float]) -> float | None:
+    """Largest step-loss difference between two runs of one seed (SimpleTuner's progress line: 3 significant
+    digits). Speed options that change nothing numerically keep it at ~0; a broken one shows from step 2 on."""
+    common = sorted(set(a) & set(b))
+    return max(abs(a[s] - b[s]) for s in common) if common else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     anchor = None if args.anchor == "none" else run_anchor(args, model, size, cfg, mem_kind, report, warmup)
 
     failed = False
+    losses: dict[str, dict[int, float]] = {}
     label = acceptance_label(cuda, size, (cfg.data.resolution, cfg.optim.train_batch_size) == (1024, 1),
                              "1024 px, batch 1")
     for name in names:
@@ -332,6 +355,10 @@ def main(argv: list[str] | None = None) -> int:
             cold_compile_cache(run_dir)
         wrote = {k: v for k, v in keys.to_simpletuner_args(run_cfg).items() if k in SPEED_OPTIONS or k in run_cfg.extra}
         out = run_variant(name, run_dir, wrote, mem_kind, report, warmup)
+        losses[name] = out.get("losses", {})
+        if name != "default" and losses.get("default"):
+            report(f"{name}.loss_gap_vs_default", loss_gap(losses[name], losses["default"]),
+                   "largest |step loss - default's step loss|, same seed and data")
         if "error" in out:
             failed = True
             if "s_per_step" not in out:

@@ -118,10 +118,37 @@ def test_dry_run_command_trains_when_run_by_hand_and_resume_continues(tiny_init_
 def test_stray_shell_variables_do_not_leak_into_the_run(tiny_init_options):
     run_init(tiny_init_options)
     r = sd3tune("train", tiny_init_options.run_dir, "--dry-run",
-                env={"MODEL_NAME": "evil/model", "OUTPUT_DIR": "/tmp/evil", "ENV": "prod", "HF_TOKEN": "hf_x"})
+                env={"MODEL_NAME": "evil/model", "OUTPUT_DIR": "/tmp/evil", "ENV": "prod", "HF_TOKEN": "hf_x",
+                     "SD3TUNE_CUDA_GRAPHS": "1"})
     words = shlex.split(r.out.strip().splitlines()[-1].split(" && ", 1)[1])
-    assert not any(w.startswith(("MODEL_NAME=", "OUTPUT_DIR=", "ENV=")) for w in words)
+    assert not any(w.startswith(("MODEL_NAME=", "OUTPUT_DIR=", "ENV=", "SD3TUNE_CUDA_GRAPHS=")) for w in words)
     assert "HF_TOKEN=hf_x" in words
+    r = sd3tune("train", tiny_init_options.run_dir, "--dry-run", "--cuda-graphs")
+    assert "SD3TUNE_CUDA_GRAPHS=1" in shlex.split(r.out.strip().splitlines()[-1].split(" && ", 1)[1])
+
+
+def test_cuda_graphs_on_a_cpu_train_eagerly_and_say_why(tiny_init_options):
+    run_init(tiny_init_options)
+    r = sd3tune("train", tiny_init_options.run_dir, "--cuda-graphs")
+    assert r.code == 0, r.err[-3000:]
+    assert "CUDA graphs: running eagerly: inputs on cpu" in r.err  # from the training process, shown once
+    assert r.err.count("CUDA graphs:") == 1
+    manifest = json.loads((tiny_init_options.run_dir / "sd3tune.json").read_text())
+    assert manifest["trainings"][-1]["cuda_graphs"] is True
+
+
+def test_cuda_graphs_refuse_a_run_they_could_never_replay(tiny_init_options):
+    import dataclasses
+
+    from sd3tune.config.presets import merge
+
+    for section, override, needle in (("compile", {"backend": "inductor"}, "compile.backend is inductor"),
+                                      ("precision", {"gradient_checkpointing": True}, "gradient checkpointing is on")):
+        options = dataclasses.replace(tiny_init_options, run_dir=tiny_init_options.run_dir.with_name(section),
+                                      overrides=merge(tiny_init_options.overrides, {section: override}))
+        run_init(options)
+        assert_one_line_user_error(sd3tune("train", options.run_dir, "--cuda-graphs"), "--cuda-graphs", needle)
+        assert sd3tune("train", options.run_dir, "--dry-run").code == 0  # fine without it
 
 
 def test_failing_simpletuner_exit_code_and_log_are_reported(tiny_init_options, tiny_model, tmp_path):

@@ -118,6 +118,7 @@ def train_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and environment; run nothing.")] = False,
     gpus: Annotated[int, typer.Option("--gpus", help="Number of GPUs (processes) on this machine.")] = 1,
     accelerate_config: Annotated[Optional[Path], typer.Option("--accelerate-config", help="accelerate config file (multi-node, DeepSpeed, FSDP).")] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Experimental: replay the transformer's training passes from CUDA graphs (one CUDA GPU; no compile, no gradient checkpointing).")] = False,
 ) -> None:
     """Train the run with SimpleTuner through `accelerate launch` (one GPU by default).
 
@@ -129,12 +130,14 @@ def train_cmd(
       sd3tune train runs/art
       sd3tune train runs/art --dry-run
       sd3tune train runs/art --gpus 4
+      sd3tune train runs/art --cuda-graphs
       sd3tune train runs/art --accelerate-config fsdp.yaml -- --main_process_port 29501
     """
     from sd3tune.commands.train import ProgressPrinter, TrainOptions, run_train
 
     result = run_train(TrainOptions(run_dir=run_dir, resume=resume, dry_run=dry_run, gpus=gpus,
-                                    accelerate_config=accelerate_config, extra_accelerate_args=list(ctx.args)),
+                                    accelerate_config=accelerate_config, extra_accelerate_args=list(ctx.args),
+                                    cuda_graphs=cuda_graphs),
                        on_progress=ProgressPrinter(), on_status=lambda m: typer.echo(m, err=True))
     if dry_run:
         typer.echo(result.plan.shell())

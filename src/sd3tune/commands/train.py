@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import Callable
 
 from sd3tune.checks import check_run
+from sd3tune.config.models import RunConfig
 from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.launch import LaunchPlan, Progress, build_launch, failure_reason, phase_of, run_plan
+from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
+                                        phase_of, run_plan)
 from sd3tune.simpletuner.files import RunPaths, checkpoints
 
 
@@ -24,6 +26,7 @@ class TrainOptions:
     gpus: int = 1
     accelerate_config: Path | None = None
     extra_accelerate_args: list[str] = field(default_factory=list)
+    cuda_graphs: bool = False  # replay the transformer's training passes from CUDA graphs (compat fix 9)
 
 
 @dataclass
@@ -54,9 +57,27 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
                            hint="pass --resume to continue, or move the output folder away to start over")
     if opts.resume and not existing:
         raise Sd3tuneError(f"nothing to resume: no checkpoint in {output}", hint="run without --resume")
+    if opts.cuda_graphs:
+        check_cuda_graphs(cfg, opts.gpus)
     plan = build_launch(report.run.paths.root, report.run.format, cfg.precision.mixed_precision, gpus=opts.gpus,
-                        accelerate_config=opts.accelerate_config, extra_accelerate_args=opts.extra_accelerate_args)
+                        accelerate_config=opts.accelerate_config, extra_accelerate_args=opts.extra_accelerate_args,
+                        cuda_graphs=opts.cuda_graphs)
     return plan, report
+
+
+def check_cuda_graphs(cfg: RunConfig, gpus: int) -> None:
+    """Refuse ``--cuda-graphs`` where the training process could never replay a graph (it would run eagerly, silently
+    ignoring the request); what only the training process can see (no CUDA GPU, an odd call) it logs itself."""
+    conflicts = []
+    if cfg.compile.backend != "no":
+        conflicts.append((f"compile.backend is {cfg.compile.backend}", "set compile.backend to no"))
+    if cfg.precision.gradient_checkpointing:
+        conflicts.append(("gradient checkpointing is on", "set precision.gradient_checkpointing to false"))
+    if gpus > 1:
+        conflicts.append((f"--gpus {gpus}", "train on one GPU"))
+    if conflicts:
+        why, fix = conflicts[0]
+        raise Sd3tuneError(f"--cuda-graphs cannot replay this run: {why}", hint=f"{fix}, or drop --cuda-graphs")
 
 
 def stamp_lora(lora: Path, metadata: dict[str, str]) -> None:
@@ -91,6 +112,9 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
 
     def on_line(line: str) -> None:
         nonlocal last_phase
+        graphs = cuda_graphs_message(line)
+        if graphs and on_status:
+            on_status(f"CUDA graphs: {graphs}")
         phase = phase_of(line)
         if phase and on_status and phase != last_phase:
             last_phase = phase
@@ -100,7 +124,8 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     result.seconds = time.perf_counter() - start
     result.last = outcome.last_progress
     entry = {"started": stamp, "finished": now(), "seconds": round(result.seconds, 1), "exit_code": outcome.returncode,
-             "resume": opts.resume, "gpus": opts.gpus, "log": str(log), "command": plan.argv,
+             "resume": opts.resume, "gpus": opts.gpus, "cuda_graphs": opts.cuda_graphs, "log": str(log),
+             "command": plan.argv,
              "versions": package_versions("simpletuner", "accelerate", "diffusers", "peft", "transformers", "torch")}
     if outcome.interrupted:
         update_manifest(paths.root, "trainings", {**entry, "status": "interrupted"}, append=True)

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Mapping
 from sd3tune.errors import Sd3tuneError
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.catalog import load_catalog
-from sd3tune.simpletuner.compat import SITE_DIR
+from sd3tune.simpletuner.compat import CUDA_GRAPHS_ENV, SITE_DIR
 
 # Variables the child may inherit: system basics, GPU/NCCL plumbing, Hub and W&B credentials and caches.
 PASSTHROUGH = {
@@ -78,7 +78,8 @@ class LaunchPlan:
 
 def build_launch(run_dir: Path, config_format: str, mixed_precision: str, gpus: int = 1,
                  accelerate_config: Path | None = None, extra_accelerate_args: Iterable[str] = (),
-                 environ: Mapping[str, str] | None = None, python: str | None = None) -> LaunchPlan:
+                 environ: Mapping[str, str] | None = None, python: str | None = None,
+                 cuda_graphs: bool = False) -> LaunchPlan:
     """The exact ``accelerate launch`` command for a run (pure: reads nothing but its arguments)."""
     if gpus < 1:
         raise Sd3tuneError(f"--gpus {gpus} must be at least 1", hint="use --gpus 1 for one GPU")
@@ -94,8 +95,10 @@ def build_launch(run_dir: Path, config_format: str, mixed_precision: str, gpus: 
             argv += ["--multi_gpu"]
     argv += list(extra_accelerate_args)
     argv.append(str(train_script()))
-    return LaunchPlan(argv, child_environment(os.environ if environ is None else environ, config_format),
-                      Path(run_dir).resolve())
+    env = child_environment(os.environ if environ is None else environ, config_format)
+    if cuda_graphs:
+        env[CUDA_GRAPHS_ENV] = "1"
+    return LaunchPlan(argv, env, Path(run_dir).resolve())
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -146,6 +149,15 @@ def phase_of(line: str) -> str | None:
         if m:
             return text.format(*(Path(g).name for g in m.groups()))
     return None
+
+
+_GRAPHS = re.compile(r"sd3tune cuda-graphs: (.+)$")  # compat/cuda_graphs.py's log lines (train --cuda-graphs)
+
+
+def cuda_graphs_message(line: str) -> str | None:
+    """What the training process said about replaying CUDA graphs in this log line, or None."""
+    m = _GRAPHS.search(clean_line(line))
+    return m.group(1) if m else None
 
 
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)):\s*(.*)$")

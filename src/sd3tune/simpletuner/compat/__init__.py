@@ -38,6 +38,12 @@ imported eagerly: each fix is applied right after its target module is first imp
    patch and timestep embedders, context embedder, final norm and projection): on an H200 those took ~22 s of step
    1 while they hold a sliver of the step's work. Compile only the repeated blocks, in place (``Module.compile``,
    so parameter names and the saved LoRA keep their names).
+9. Only with ``sd3tune train --cuda-graphs`` (``SD3TUNE_CUDA_GRAPHS=1`` in the training process): SimpleTuner's SD3
+   transformer replays its training forward and backward from CUDA graphs (``compat/cuda_graphs.py``) when the call
+   is one a graph can repeat: keyword inputs ``hidden_states``, ``encoder_hidden_states``, ``pooled_projections``,
+   ``timestep`` on the GPU and no other option set, training mode with gradients, one process, no gradient
+   checkpointing, TREAD routing, block swapping or compiled blocks. Every other call (validation, sampling) runs
+   SimpleTuner's forward unchanged.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import sys
 from pathlib import Path
 
 SITE_DIR = Path(__file__).with_name("site")
+CUDA_GRAPHS_ENV = "SD3TUNE_CUDA_GRAPHS"  # "1": `sd3tune train --cuda-graphs` (fix 9); set by the launcher only
 
 
 def _replace(owner, name: str, make) -> None:
@@ -205,11 +212,79 @@ def _compile_repeated_blocks_only(module) -> None:
     _replace(module, "compile_regions", blocks_only)
 
 
+GRAPHED_INPUTS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
+REPLAY_DEVICES = ("cuda",)  # where inputs must live for a replay (the tests add "cpu" with a stand-in graph)
+NO_GRAD = "no gradients"  # validation and sampling: never replayed, not worth a log line
+
+
+def _replay_blocker(transformer, args: tuple, kwargs: dict) -> str | None:
+    """Why this SD3 transformer call cannot be replayed from CUDA graphs, or None when it can."""
+    import torch
+
+    if not torch.is_grad_enabled():
+        return NO_GRAD
+    if not transformer.training:
+        return "module in eval mode"
+    if args:
+        return "positional arguments"
+    extra = [k for k, v in kwargs.items() if k not in GRAPHED_INPUTS and k != "return_dict" and v is not None]
+    if extra:
+        return f"option(s) {', '.join(sorted(extra))} set"
+    inputs = [kwargs.get(k) for k in GRAPHED_INPUTS]
+    if not all(isinstance(x, torch.Tensor) for x in inputs):
+        return "an input missing"
+    if not all(x.device.type in REPLAY_DEVICES for x in inputs):
+        return f"inputs on {inputs[0].device.type}"
+    if getattr(transformer, "gradient_checkpointing", False):
+        return "gradient checkpointing"
+    if getattr(transformer, "_tread_routes", None) or getattr(transformer, "_musubi_block_swap", None) is not None:
+        return "TREAD routing or block swapping"
+    if any(_is_compiled(b) for b in getattr(transformer, "transformer_blocks", ())):
+        return "compiled blocks (torch.compile)"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return "several processes"
+    return None
+
+
+def _replay_sd3_training(module) -> None:
+    if os.environ.get(CUDA_GRAPHS_ENV) != "1":
+        return
+    from sd3tune.simpletuner.compat import cuda_graphs
+
+    def replayed(original):
+        def forward(self, *args, **kwargs):
+            blocker = _replay_blocker(self, args, kwargs)
+            out = None
+            if blocker is None:
+                runner = self.__dict__.get("_sd3tune_graphs")
+                if runner is None:
+                    def sample(hidden_states, encoder_hidden_states, pooled_projections, timestep):
+                        return original(self, hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                        pooled_projections=pooled_projections, timestep=timestep, return_dict=False)[0]
+                    runner = self.__dict__["_sd3tune_graphs"] = cuda_graphs.GraphedModule(self, sample)
+                out = runner([kwargs[k] for k in GRAPHED_INPUTS])
+            elif blocker != NO_GRAD:
+                cuda_graphs.eager_because(blocker)
+            if out is None:
+                return original(self, *args, **kwargs)
+            if kwargs.get("return_dict", True):
+                return module.Transformer2DModelOutput(sample=out)
+            return (out,)
+        return forward
+
+    _replace(getattr(module, "SD3Transformer2DModel", None), "forward", replayed)
+
+
+def _fix_sd3_transformer(module) -> None:
+    _call_compiled_sd3_blocks(module)
+    _replay_sd3_training(module)
+
+
 FIXES = {
     "transformers.models.qwen3_vl.modeling_qwen3_vl": _alias_qwen3vl,
     "torch": _fix_torch,
     "simpletuner.helpers.data_backend.runtime.batch_fetcher": _blocking_next_batch,
-    "simpletuner.helpers.models.sd3.transformer": _call_compiled_sd3_blocks,
+    "simpletuner.helpers.models.sd3.transformer": _fix_sd3_transformer,
     "simpletuner.helpers.training.dynamo": _skip_step_marker_without_compile,
     "simpletuner.helpers.training.trainer": _cache_trainable_parameters,
     "simpletuner.helpers.data_backend.factory": _private_dataloader_generators,

@@ -10,7 +10,8 @@ can prove is the captured one, and lets the caller run eagerly otherwise:
 - the same input shapes, dtypes and devices as a captured call (each new signature is captured once, up to
   ``MAX_CAPTURES``; every capture shares one memory pool), no input that needs a gradient;
 - the same parameter and buffer storage, and the same trainable parameters, as at capture (storage moved: the
-  graphs are dropped and captured again, at most ``MAX_RECAPTURES`` times);
+  graphs are dropped and captured again; storage that moves again within ``MIN_REPLAYS_PER_MOVE`` replays, as
+  offloading would every step, ends replay for the run);
 - no replayed forward still waiting for its backward: a second forward would overwrite the activations that
   backward reads, so it runs eagerly (a forward whose graph is dropped unused stops waiting);
 - no module hooks (a replay runs kernels, not Python: a hook would run at capture and never again).
@@ -34,7 +35,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 MAX_CAPTURES = 8  # input signatures (aspect buckets) captured per module; the rest run eagerly
-MAX_RECAPTURES = 2  # times parameter storage may move before replay is given up for the run
+MIN_REPLAYS_PER_MOVE = 10  # parameter storage moving more often than this (offloading) ends replay for the run
 WARMUP_PASSES = 3  # eager forward + backward passes before a capture (cuBLAS/cuDNN settle their workspaces)
 
 
@@ -216,7 +217,7 @@ class GraphedModule:
         self.captures: dict[tuple, GraphedPasses] = {}
         self.tensors: tuple[torch.Tensor, ...] = ()
         self.storage: tuple = ()
-        self.recaptures = 0
+        self.replays_since_capture = 0
         self.off: str | None = None  # why replay is given up for good
         self.waiting: Callable[[], Any] | None = None  # weakref to the autograd node of the last replayed forward
         self.replays = 0
@@ -241,11 +242,10 @@ class GraphedModule:
             eager_because("a second forward before the previous one's backward")
             return None
         if self.captures and self._fingerprint() != self.storage:
-            self.recaptures += 1
             self.captures.clear()
-            if self.recaptures > MAX_RECAPTURES:
-                return self._give_up(f"parameter storage moved {self.recaptures} times (offloading?)")
-            log("parameter storage moved: capturing again")
+            if self.replays_since_capture < MIN_REPLAYS_PER_MOVE:
+                return self._give_up(f"parameter storage moved after {self.replays_since_capture} replays (offloading?)")
+            log(f"parameter storage moved after {self.replays_since_capture} replays: capturing again")
         key = signature(inputs)
         passes = self.captures.get(key)
         if passes is None:
@@ -256,12 +256,14 @@ class GraphedModule:
             if passes is None:
                 return None
         self.replays += 1
+        self.replays_since_capture += 1
         return _Replay.apply(self, passes, *inputs, *passes.params)
 
     def _capture(self, key: tuple, inputs: Sequence[torch.Tensor]) -> GraphedPasses | None:
         if not self.captures:
             self.tensors = (*self.module.parameters(), *self.module.buffers())
             self.storage = self._fingerprint()
+            self.replays_since_capture = 0
         params = [t for t in self.module.parameters() if t.requires_grad]
         if not params:
             eager_because("nothing to train")

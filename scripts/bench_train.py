@@ -47,7 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd3tune.simpletuner import keys  # noqa: E402
-from sd3tune.simpletuner.launch import clean_line  # noqa: E402
+from sd3tune.simpletuner.launch import clean_line, cuda_graphs_message  # noqa: E402
 from _bench_common import (SIZES, PeakMemory, Report, acceptance_label, anchor_row,  # noqa: E402
                            ensure_data, model_for, parse_variants, ratio, run_self, small, start, verdict)
 
@@ -200,7 +200,7 @@ def log_highlights(log: Path | None, limit: int = 8) -> tuple[list[str], int]:
         return [], 0
     found: list[str] = []
     compiled = 0
-    pattern = re.compile(r"Torch Dynamo|kohaku|attention backend|native SDPA|skipping cudagraphs|sd3tune cuda-graphs"
+    pattern = re.compile(r"Torch Dynamo|kohaku|attention backend|native SDPA|skipping cudagraphs"
                          r"|cudagraph.*(skip|disabl)|recompil|TorchInductor wrapper", re.I)
     for line in re.split(r"[\r\n]", log.read_text(errors="replace")):
         line = clean_line(line)
@@ -280,10 +280,12 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
     lines, compiled = log_highlights(result.log)
     for i, line in enumerate(lines):
         report(p + f"log_line_{i}", line)
-    if TRAIN_OPTIONS.get(name, {}).get("cuda_graphs") and mem_kind == "gpu" and not any(
-            "captured forward + backward" in line for line in lines):
-        out["error"] = report(p + "error", "--cuda-graphs replayed nothing (see the sd3tune cuda-graphs log lines); "
-                                           "the timings below are eager ones")
+    if TRAIN_OPTIONS.get(name, {}).get("cuda_graphs"):
+        said = [m for m in map(cuda_graphs_message, re.split(r"[\r\n]", result.log.read_text(errors="replace"))) if m]
+        report(p + "cuda_graphs", said, "what the training process said about replaying (sd3tune cuda-graphs: ...)")
+        if mem_kind == "gpu" and not any(m.startswith("captured") for m in said):
+            out["error"] = report(p + "error", "--cuda-graphs replayed nothing (see V.cuda_graphs): the timings below "
+                                               "are eager ones")
     report(p + "inductor_graphs_compiled", compiled)
     report(p + "steps", total)
     if 0 in marks:

@@ -45,3 +45,6 @@ class RerunGraphs:
 
     def warmup(self):
         return nullcontext()
+
+    def synchronize(self) -> None:
+        pass

@@ -65,6 +65,8 @@ class GraphMaker(Protocol):
 
     def warmup(self) -> Any: ...  # a context manager for the eager passes before a capture
 
+    def synchronize(self) -> None: ...  # wait for the device (between warm-up, capture and the first replay)
+
 
 class _CudaGraph:
     def __init__(self, pool: Any, stream: torch.cuda.Stream) -> None:
@@ -107,12 +109,6 @@ def _uncached_autocast(device_type: str):
     return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=False)
 
 
-def _sync(new_graph: GraphMaker) -> None:
-    sync = getattr(new_graph, "synchronize", None)
-    if sync is not None:
-        sync()
-
-
 def _capturable_attention(device_type: str):
     """The second try at a capture: attention through FlashAttention or memory-efficient kernels only (a replay
     keeps whichever kernel the capture picked; cuDNN's is PyTorch's first choice on Hopper)."""
@@ -150,14 +146,14 @@ class GraphedPasses:
                 out = fn(*self.static_inputs)
                 torch.autograd.grad(out, self.params, torch.ones_like(out), allow_unused=True)
             del out
-        _sync(new_graph)
+        new_graph.synchronize()
         self.forward_graph = new_graph()
         with _uncached_autocast(self.static_inputs[0].device.type):
             self.static_out: torch.Tensor = self.forward_graph.capture(forward)
         self.static_grad_out = torch.zeros_like(self.static_out)
         self.backward_graph = new_graph()
         self.static_grads: tuple[torch.Tensor | None, ...] = tuple(self.backward_graph.capture(backward))
-        _sync(new_graph)
+        new_graph.synchronize()
 
     def run_forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         for static, x in zip(self.static_inputs, inputs):

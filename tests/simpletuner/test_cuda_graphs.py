@@ -226,3 +226,42 @@ def test_real_cuda_graphs_train_like_eager(tiny_model):
     for a, b in zip(trainable(eager), trainable(replayed), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert runner.replays == 8 and runner.off is None
+
+
+_STAND_IN_SITE = """
+from sd3tune.simpletuner import compat
+compat.install()
+from rerun_graphs import RerunGraphs
+from sd3tune.simpletuner.compat import cuda_graphs
+compat.REPLAY_DEVICES = ("cuda", "cpu")
+cuda_graphs.NEW_GRAPH = RerunGraphs
+"""
+
+
+def test_a_simpletuner_training_replayed_from_stand_in_graphs_learns_the_default_lora(trained_run, tiny_model,
+                                                                                     concept_data, tmp_path):
+    """The whole SimpleTuner loop (accelerate, prefetching, clipping, AdamW, checkpoints) with every training forward
+    and backward of the transformer coming from the graphs: the LoRA of the default run, bit for bit."""
+    from safetensors.torch import load_file
+
+    from sd3tune.commands.init import run_init
+    from sd3tune.commands.quickstart import tiny_init_options
+    from sd3tune.commands.train import TrainOptions, prepare
+    from sd3tune.simpletuner import keys
+    from sd3tune.simpletuner.launch import run_plan
+
+    run_dir = tmp_path / "graphed"
+    run_init(tiny_init_options(run_dir, concept_data, tiny_model, steps=20, checkpoint_every=10))
+    plan, _ = prepare(TrainOptions(run_dir=run_dir, cuda_graphs=True))
+    site = tmp_path / "stand-in-site"  # its sitecustomize replaces compat's: install() + the stand-in graph
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_STAND_IN_SITE)
+    plan.env["PYTHONPATH"] = os.pathsep.join([str(site), str(HERE), plan.env["PYTHONPATH"]])
+    outcome = run_plan(plan, tmp_path / "train.log")
+    log = (tmp_path / "train.log").read_text(errors="replace")
+    assert outcome.returncode == 0, log[-3000:]
+    assert "sd3tune cuda-graphs: captured forward + backward" in log and "running eagerly" not in log
+    replayed = load_file(str(run_dir / "output" / keys.LORA_WEIGHT_NAME))
+    default = load_file(str(trained_run / "output" / keys.LORA_WEIGHT_NAME))
+    assert replayed.keys() == default.keys()
+    assert all(replayed[k].equal(default[k]) for k in default)

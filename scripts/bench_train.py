@@ -198,23 +198,27 @@ def steady_seconds_per_step(marks: dict[int, float], total: int, warmup: int) ->
     return (end[1] - start[1]) / (end[0] - start[0])
 
 
-def log_highlights(log: Path | None, limit: int = 8) -> tuple[list[str], int]:
-    """SimpleTuner's lines about compilation, CUDA graphs and attention (to see what the run really did), and how
-    many graphs Inductor compiled."""
+def log_highlights(log: Path | None, limit: int = 8) -> tuple[list[str], int, list[str]]:
+    """SimpleTuner's lines about compilation, CUDA graphs and attention (to see what the run really did), how many
+    graphs Inductor compiled, and what sd3tune's CUDA-graph replay said (``train --cuda-graphs``)."""
     if log is None or not log.is_file():
-        return [], 0
+        return [], 0, []
     found: list[str] = []
+    said: list[str] = []
     compiled = 0
     pattern = re.compile(r"Torch Dynamo|kohaku|attention backend|native SDPA|skipping cudagraphs"
                          r"|cudagraph.*(skip|disabl)|recompil|TorchInductor wrapper", re.I)
     for line in re.split(r"[\r\n]", log.read_text(errors="replace")):
         line = clean_line(line)
-        if "done compiling" in line:
+        message = cuda_graphs_message(line)
+        if message:
+            said.append(message)
+        elif "done compiling" in line:
             compiled += 1
         elif pattern.search(line) and line[:200] not in found and not line.startswith("Extra args"):
             if len(found) < limit:
                 found.append(line[:200])
-    return found, compiled
+    return found, compiled, said
 
 
 def not_applied(requested: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
@@ -282,11 +286,10 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
         if dropped:
             out["error"] = report(p + "error", f"SimpleTuner did not apply {sorted(dropped)} (it resolved "
                                                f"{dropped}); the timings below are not this variant's")
-    lines, compiled = log_highlights(result.log)
+    lines, compiled, said = log_highlights(result.log)
     for i, line in enumerate(lines):
         report(p + f"log_line_{i}", line)
     if TRAIN_OPTIONS.get(name, {}).get("cuda_graphs"):
-        said = [m for m in map(cuda_graphs_message, re.split(r"[\r\n]", result.log.read_text(errors="replace"))) if m]
         report(p + "cuda_graphs", said, "what the training process said about replaying (sd3tune cuda-graphs: ...)")
         if mem_kind == "gpu" and not any(m.startswith("captured") for m in said):
             out["error"] = report(p + "error", "--cuda-graphs replayed nothing (see V.cuda_graphs): the timings below "

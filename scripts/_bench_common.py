@@ -351,9 +351,10 @@ def ensure_data(work: Path, count: int, size: int) -> Path:
 
 # ------------------------------------------------------------------------------------------------ anchor: training
 
-def anchor_train(model: Path, resolution: int, batch: int, rank: int, text_tokens: int, warmup: int, steps: int
-                 ) -> dict[str, Any]:
-    """The plain diffusers + peft LoRA step (PERFORMANCE.md's anchor), timed in this process."""
+def anchor_train(model: Path, resolution: int, batch: int, rank: int, text_tokens: int, warmup: int, steps: int,
+                 profile: str | None = None) -> dict[str, Any]:
+    """The plain diffusers + peft LoRA step (PERFORMANCE.md's anchor), timed in this process; ``profile`` "N:FILE":
+    then N more steps under step_profile.py, summary to FILE."""
     t_start = time.perf_counter()
     offline_env()
     import torch
@@ -403,8 +404,16 @@ def anchor_train(model: Path, resolution: int, batch: int, rank: int, text_token
     for _ in range(steps):
         step()
     sync()
+    seconds = time.perf_counter() - t
+    if profile:
+        import step_profile
+
+        n, _, path = profile.partition(":")
+        step_profile.install(1, int(n), Path(path))  # from the next step on, after the timed ones
+        for _ in range(int(n) + 1):
+            step()
     result: dict[str, Any] = {
-        "s_per_step": round((time.perf_counter() - t) / steps, 4), "time_to_first_step_s": round(first, 1),
+        "s_per_step": round(seconds / steps, 4), "time_to_first_step_s": round(first, 1),
         "lora_params_M": round(sum(p.numel() for p in params) / 1e6, 2), "targets": len(ANCHOR_TARGETS),
         "rank": rank, "text_tokens": text_tokens, "resolution": resolution, "batch": batch,
         "dtype": str(dt).replace("torch.", ""), "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -431,13 +440,15 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--warmup", type=int, default=3)
     a.add_argument("--steps", type=int, default=10)
     a.add_argument("--json", type=Path, required=True)
+    a.add_argument("--profile", default=None, metavar="N:FILE",
+                   help="after the timed steps, profile N more (step_profile.py), summary to FILE")
     args = ap.parse_args(argv)
     if args.cmd == "build-model":
         build_model(args.out, args.size)
         print(f"built {args.size} model in {args.out}")
         return 0
     result = anchor_train(args.model, args.resolution, args.batch, args.rank, args.text_tokens, args.warmup,
-                          args.steps)
+                          args.steps, args.profile)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return 0

@@ -38,16 +38,20 @@ examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import os
 import re
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd3tune.simpletuner import keys  # noqa: E402
+import step_profile  # noqa: E402
 from sd3tune.simpletuner.launch import clean_line, cuda_graphs_message  # noqa: E402
 from _bench_common import (SIZES, PeakMemory, Report, acceptance_label, anchor_row,  # noqa: E402
                            ensure_data, model_for, parse_variants, ratio, run_self, small, start, verdict)
@@ -111,6 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="text tokens of the anchor's step (PERFORMANCE.md anchor: 77 + 77)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="share PyTorch's compile cache between variants and runs (default: a cold one per variant)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed steps, profile N more steps of every run and of the anchor "
+                         "(step_profile.py: GPU busy time, kernels, CUDA syncs and where they come from)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     return ap.parse_args(argv)
 
@@ -167,7 +174,9 @@ def run_anchor(args: argparse.Namespace, model: Path, size: str, cfg: Any, mem_k
         proc = run_self(["anchor-train", "--model", str(model), "--resolution", str(resolution), "--batch", str(batch),
                          "--rank", str(rank), "--text-tokens", str(args.anchor_text_tokens),
                          "--warmup", str(min(warmup, 5)), "--steps", "20",
-                         "--json", str(result_path)], log=out / "anchor.log")
+                         "--json", str(result_path),
+                         *(["--profile", f"{args.profile}:{out / 'step-profile.json'}"] if args.profile else [])],
+                        log=out / "anchor.log")
     if proc.returncode != 0 or not result_path.is_file():
         report("anchor.error", f"exit {proc.returncode}; log: {out / 'anchor.log'}")
         sys.stderr.write((out / "anchor.log").read_text()[-3000:])
@@ -178,6 +187,8 @@ def run_anchor(args: argparse.Namespace, model: Path, size: str, cfg: Any, mem_k
                             f"{data['dtype']} compute, torch AdamW, {data['text_tokens']} text tokens, "
                             f"{data['resolution']} px, batch {data['batch']}, no gradient checkpointing")
     report("anchor.time_to_first_step_s", data["time_to_first_step_s"], "anchor start (imports, load) to step 1 done")
+    if args.profile:
+        report_profile("anchor", out / "step-profile.json", report)
     report("anchor.wall_s", round(time.perf_counter() - t, 1))
     report("anchor.peak_mem_gib", mem.gib, mem.how)
     for key in ("torch_peak_allocated_gib", "torch_peak_reserved_gib"):
@@ -239,8 +250,59 @@ def cold_compile_cache(run_dir: Path) -> None:
     os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
 
 
-def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, report: Report, warmup: int
-                ) -> dict[str, Any]:
+PROFILE_SITE = Path(__file__).resolve().parent / "_profile_site"
+
+
+@contextlib.contextmanager
+def profiled_launches(spec: str | None, out: Path) -> Iterator[None]:
+    """While active, `sd3tune train` launches SimpleTuner with the step profiler (step_profile.py) loaded next to
+    sd3tune's compat fixes, writing its summary to ``out``. A benchmark aid: the product never loads it."""
+    from sd3tune.commands import train
+
+    if spec is None:
+        yield
+        return
+    original = train.build_launch
+
+    def build_launch(*args: Any, **kwargs: Any) -> Any:
+        plan = original(*args, **kwargs)
+        env = {**plan.env, "PYTHONPATH": os.pathsep.join([str(PROFILE_SITE), plan.env["PYTHONPATH"]]),
+               step_profile.ENV: f"{spec}:{out}"}
+        if os.environ.get(step_profile.TRACE_ENV):
+            env[step_profile.TRACE_ENV] = os.environ[step_profile.TRACE_ENV]
+        return dataclasses.replace(plan, env=env)
+
+    train.build_launch = build_launch
+    try:
+        yield
+    finally:
+        train.build_launch = original
+
+
+def report_profile(prefix: str, path: Path, report: Report) -> None:
+    """The step profile's headline numbers as report lines (the whole summary stays in ``path``)."""
+    if not path.is_file():
+        report(f"{prefix}.profile", None, f"no profile written ({path}): did the run reach the profiled steps?")
+        return
+    prof = json.loads(path.read_text())
+    report(f"{prefix}.profile", str(path))
+    gpu = prof["gpu"]
+    report(f"{prefix}.profile_wall_s_per_step", prof["wall_s_per_step"], "profiled steps (slowed by the profiler)")
+    report(f"{prefix}.profile_gpu_busy_s_per_step", gpu["busy_s_per_step"],
+           f"GPU busy fraction {gpu['busy_fraction']}, {gpu['kernels_per_step']} kernels per step")
+    report(f"{prefix}.profile_sync_wait_s_per_step", prof["sync_wait_s_per_step"],
+           "CPU time waiting in CUDA synchronisations and blocking copies")
+    report(f"{prefix}.profile_sync_sites", prof["sync_sites"][:8])
+    report(f"{prefix}.profile_top_kernels", gpu["top"][:6])
+    report(f"{prefix}.profile_cpu_ops_per_step", prof["cpu_ops_per_step"], "profiler op events (nested), per thread")
+    if "warning" in prof:
+        report(f"{prefix}.profile_warning", prof["warning"])
+
+
+def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, report: Report, warmup: int,
+                timed: int, profile: str | None = None) -> dict[str, Any]:
+    """One `sd3tune train` of the variant; s/step over steps ``warmup``..``timed - 1`` (with ``profile``, the run goes
+    on past ``timed`` for the profiled steps)."""
     from sd3tune.commands.train import TrainOptions, run_train
     from sd3tune.errors import Sd3tuneError
 
@@ -261,7 +323,8 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
     out: dict[str, Any] = {}
     error = None
     result = None
-    with PeakMemory(mem_kind) as mem:
+    profile_path = run_dir / "logs" / "step-profile.json"
+    with PeakMemory(mem_kind) as mem, profiled_launches(profile, profile_path):
         try:
             result = run_train(TrainOptions(run_dir=run_dir, **TRAIN_OPTIONS.get(name, {})), on_progress=on_progress,
                                on_status=on_status)
@@ -304,15 +367,17 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
         out["time_to_first_step_s"] = report(p + "time_to_first_step_s", round(min(firsts), 1))
         if 0 in marks:
             report(p + "first_step_s", round(min(firsts) - marks[0], 2), "step 1 alone (compiles happen here)")
-    sps = steady_seconds_per_step(marks, total, warmup)
+    sps = steady_seconds_per_step(marks, min(total, timed), warmup)
     out["s_per_step"] = report(p + "s_per_step", None if sps is None else round(sps, 4),
-                               f"steady state, steps {warmup}..{total - 1}")
+                               f"steady state, steps {warmup}..{min(total, timed) - 1}")
     if result.last and result.last.seconds_per_step:
         report(p + "tqdm_s_per_step", round(result.last.seconds_per_step, 4),
                "SimpleTuner's smoothed rate, for comparison")
     report(p + "wall_s", round(result.seconds, 1))
     out["peak_mem_gib"] = report(p + "peak_mem_gib", mem.gib, mem.how)
     out["losses"] = losses
+    if profile:
+        report_profile(name, profile_path, report)
     return out
 
 
@@ -342,7 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     model = model_for(args.work, size, report)
     data = ensure_data(args.work, args.images or (16 if size == "sd3m" else 8), resolution)
 
-    runs = {name: init_variant(name, {**VARIANTS[name], **extra_all}, args, model, data, size, steps, resolution)
+    # profiled steps come after the timed ones (the profiler slows them): START is the last timed step + 1
+    profile = f"{steps + 1}:{args.profile}" if args.profile else None
+    run_steps = steps + (args.profile + 2 if args.profile else 0)
+    runs = {name: init_variant(name, {**VARIANTS[name], **extra_all}, args, model, data, size, run_steps, resolution)
             for name in names}
     cfg = runs[names[0]][1]
     report("config", {"preset": args.preset or "default", "format": args.format, "resolution": cfg.data.resolution,
@@ -364,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.warm_cache:
             cold_compile_cache(run_dir)
         wrote = {k: v for k, v in keys.to_simpletuner_args(run_cfg).items() if k in SPEED_OPTIONS or k in run_cfg.extra}
-        out = run_variant(name, run_dir, wrote, mem_kind, report, warmup)
+        out = run_variant(name, run_dir, wrote, mem_kind, report, warmup, steps, profile)
         losses[name] = out.get("losses", {})
         if name != "default" and losses.get("default"):
             report(f"{name}.loss_gap_vs_default", loss_gap(losses[name], losses["default"]),

@@ -38,7 +38,7 @@ def bench_work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def train_bench(bench_work):
     return run_script("bench_train.py", "--size", "tiny", "--work", str(bench_work), "--steps", "8", "--warmup", "3",
-                      "--json", str(bench_work / "train.json"), timeout=420)
+                      "--profile", "2", "--json", str(bench_work / "train.json"), timeout=420)
 
 
 @pytest.mark.e2e
@@ -60,6 +60,17 @@ def test_bench_train_runs_at_tiny_size(train_bench, bench_work):
     assert resolved["dataloader_prefetch"] is True
     assert json.loads((bench_work / "train.json").read_text())["default.s_per_step"] == result["default.s_per_step"]
     assert (bench_work / "runs" / "default" / "output" / "pytorch_lora_weights.safetensors").is_file()
+    # --profile 2: two more steps after the 8 timed ones (and one to close the window), profiled in the training
+    # process and in the anchor's; the timed window stays steps 3..7
+    assert result["default.steps"] == 12
+    assert "steps 3..7" in next(line for line in proc.stdout.splitlines() if line.startswith("default.s_per_step:"))
+    for who, path in (("default", bench_work / "runs" / "default" / "logs" / "step-profile.json"),
+                      ("anchor", bench_work / "anchor" / "step-profile.json")):
+        assert result[f"{who}.profile"] == str(path)
+        profile = json.loads(path.read_text())
+        assert profile["steps"] == 2 and profile["device"] == "cpu"
+        assert profile["wall_s_per_step"] > 0 and sum(profile["cpu_ops_per_step"].values()) > 100
+        assert profile["gpu"]["kernels_per_step"] == 0 and profile["sync_sites"] == []  # no GPU here
 
 
 def test_the_deep_proxy_model_has_sd3_mediums_blocks_at_the_tiny_width(tmp_path, tiny_model):

@@ -1,0 +1,219 @@
+"""Where a training step's time goes: a torch.profiler window over N optimizer steps of a running process.
+
+Loaded into SimpleTuner's training process by ``bench_train.py --profile`` (through ``_profile_site``) or called by
+``_bench_common.py anchor-train --profile``: :func:`install` registers a global optimizer-step hook that starts the
+profiler after step ``start`` and stops it after step ``start + steps``, then writes one JSON summary:
+
+  wall_s_per_step          time between the hooks (the profiler's own overhead included)
+  gpu.busy_s_per_step      union of the GPU's kernel / memcpy / memset intervals: the GPU work of a step
+  gpu.busy_fraction        busy / wall: near 1 = GPU-bound; well below 1 = the GPU waits for the CPU
+  gpu.kernels_per_step     kernels launched per step (batch 1 at 1024 px is bound by launching these)
+  gpu.top                  the kernels that take the most GPU time
+  runtime                  CUDA runtime/driver calls on the CPU side (launches, synchronisations, copies)
+  sync_wait_s_per_step     CPU time spent in calls that wait for the GPU (synchronize, blocking copies)
+  sync_sites               where those waits come from: Python call sites of every synchronising CUDA call
+                           (torch.cuda.set_sync_debug_mode), per step and thread
+  cpu_ops_per_step         aten ops dispatched per step, per thread (the CPU side of the launch bound)
+
+On a CPU-only machine the GPU parts are empty and the rest still works (tests run it at tiny size).
+Not part of the product: a benchmark aid, like the other scripts here.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import os
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+ENV = "SD3TUNE_STEP_PROFILE"  # "START:STEPS:FILE"
+TRACE_ENV = "SD3TUNE_STEP_PROFILE_TRACE"  # set: also write the whole trace, FILE.trace.json.gz (chrome://tracing)
+GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
+RUNTIME_CATEGORIES = {"cuda_runtime", "cuda_driver"}
+# CPU-side calls that wait for the GPU: explicit synchronisation, and copies that block the host (device to host,
+# pageable host to device)
+WAITS = ("Synchronize", "cudaMemcpy", "cuMemcpy")
+SYNC_WARNING = "synchronizing CUDA operation"
+
+
+def parse_spec(spec: str) -> tuple[int, int, Path]:
+    start, steps, path = spec.split(":", 2)
+    if int(start) < 1 or int(steps) < 1:
+        raise ValueError(f"{ENV}={spec!r}: START and STEPS must be >= 1")
+    return int(start), int(steps), Path(path)
+
+
+def _union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length (s) of the union of [start, end) intervals given in microseconds."""
+    total = 0.0
+    end_so_far = None
+    for start, end in sorted(intervals):
+        if end_so_far is None or start > end_so_far:
+            total += end - start
+            end_so_far = end
+        elif end > end_so_far:
+            total += end - end_so_far
+            end_so_far = end
+    return total / 1e6
+
+
+def _per_step(counter: dict[str, tuple[float, int]], steps: int, limit: int) -> list[list[Any]]:
+    """[[name, ms per step, calls per step], ...] for the ``limit`` names with the most time."""
+    rows = sorted(counter.items(), key=lambda kv: -kv[1][0])[:limit]
+    return [[name[:120], round(us / 1e3 / steps, 3), round(n / steps, 1)] for name, (us, n) in rows]
+
+
+def summarize_trace(trace: dict[str, Any], steps: int, wall_s: float) -> dict[str, Any]:
+    """The summary of a Chrome trace (torch.profiler's ``export_chrome_trace``) covering ``steps`` steps."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    gpu: list[tuple[float, float]] = []
+    kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    runtime: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    ops_by_thread: collections.Counter[str] = collections.Counter()
+    n_kernels = 0
+    wait_us = 0.0
+    for e in events:
+        cat, name, dur = e.get("cat", ""), str(e.get("name", "")), float(e.get("dur", 0.0))
+        if cat in GPU_CATEGORIES:
+            gpu.append((float(e["ts"]), float(e["ts"]) + dur))
+            kernels[name][0] += dur
+            kernels[name][1] += 1
+            n_kernels += cat == "kernel"
+        elif cat in RUNTIME_CATEGORIES:
+            runtime[name][0] += dur
+            runtime[name][1] += 1
+            if any(w in name for w in WAITS):
+                wait_us += dur
+        elif cat == "cpu_op":
+            ops_by_thread[str(e.get("tid"))] += 1
+    busy = _union_seconds(gpu)
+    return {
+        "steps": steps,
+        "wall_s_per_step": round(wall_s / steps, 4),
+        "gpu": {
+            "busy_s_per_step": round(busy / steps, 4),
+            "busy_fraction": round(busy / wall_s, 3) if wall_s > 0 and gpu else None,
+            "kernels_per_step": round(n_kernels / steps, 1),
+            "top": _per_step({k: (v[0], int(v[1])) for k, v in kernels.items()}, steps, 15),
+        },
+        "runtime": _per_step({k: (v[0], int(v[1])) for k, v in runtime.items()}, steps, 10),
+        "sync_wait_s_per_step": round(wait_us / 1e6 / steps, 4),
+        "cpu_ops_per_step": {tid: round(n / steps, 1) for tid, n in ops_by_thread.most_common()},
+    }
+
+
+class SyncSites:
+    """Counts the Python call sites of synchronising CUDA calls (``torch.cuda.set_sync_debug_mode("warn")``)."""
+
+    def __init__(self) -> None:
+        self.sites: collections.Counter[str] = collections.Counter()
+        self._saved: tuple[Any, Any] | None = None
+
+    def _record(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        if SYNC_WARNING not in str(message):
+            assert self._saved is not None
+            self._saved[0](message, category, filename, lineno, file, line)
+            return
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if f.filename != __file__ and "/torch/" not in f.filename and "/warnings.py" not in f.filename]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(frames[-3:]))
+        self.sites[f"[{threading.current_thread().name}] {where}"] += 1
+
+    def start(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        self._saved = (warnings.showwarning, list(warnings.filters))
+        warnings.filterwarnings("always", message=f".*{SYNC_WARNING}.*")
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def stop(self) -> None:
+        import torch
+
+        if self._saved is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning, warnings.filters[:] = self._saved[0], self._saved[1]
+        warnings._filters_mutated()  # type: ignore[attr-defined]  # drop the cached "always" decisions
+        self._saved = None
+
+
+class StepProfile:
+    """Profile steps ``start + 1 .. start + steps`` (counted by optimizer steps) and write the summary to ``out``."""
+
+    def __init__(self, start: int, steps: int, out: Path) -> None:
+        self.start, self.steps, self.out = start, steps, out
+        self.seen = 0
+        self.profiler = None
+        self.sync_sites = SyncSites()
+        self.t0 = 0.0
+        self.main = threading.main_thread()
+
+    def on_step(self, *_: Any) -> None:
+        if threading.current_thread() is not self.main:
+            return
+        self.seen += 1
+        if self.seen == self.start:
+            self._begin()
+        elif self.seen == self.start + self.steps and self.profiler is not None:
+            self._end()
+
+    def _begin(self) -> None:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.profiler = profile(activities=activities)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.profiler.start()
+        self.sync_sites.start()
+        self.t0 = time.perf_counter()
+
+    def _end(self) -> None:
+        import torch
+
+        self.sync_sites.stop()  # before this synchronize, which is the profiler's own
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        assert self.profiler is not None
+        self.profiler.stop()
+        with tempfile.TemporaryDirectory() as tmp:
+            trace_path = Path(tmp) / "trace.json"
+            self.profiler.export_chrome_trace(str(trace_path))
+            raw = trace_path.read_bytes()
+        summary = summarize_trace(json.loads(raw), self.steps, wall)
+        summary["sync_sites"] = [[where, round(n / self.steps, 2)] for where, n in self.sync_sites.sites.most_common(20)]
+        summary["after_step"] = self.start
+        summary["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available() and not summary["gpu"]["top"]:
+            summary["warning"] = "CUDA is in use but the profiler recorded no GPU activity (is CUPTI missing?)"
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(summary, indent=1) + "\n")
+        if os.environ.get(TRACE_ENV):
+            self.out.with_suffix(".trace.json.gz").write_bytes(gzip.compress(raw))
+        self.profiler = None
+        print(f"sd3tune step profile: wrote {self.out}", flush=True)
+
+
+def install(start: int, steps: int, out: Path) -> StepProfile:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    prof = StepProfile(start, steps, out)
+    register_optimizer_step_post_hook(prof.on_step)
+    return prof
+
+
+def install_from_env() -> StepProfile | None:
+    spec = os.environ.get(ENV)
+    return install(*parse_spec(spec)) if spec else None

@@ -1,0 +1,70 @@
+"""scripts/step_profile.py reads a torch.profiler Chrome trace into a step summary. The GPU half of a trace cannot be
+made on this CPU-only machine, so it is written here in the trace format kineto exports."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import step_profile  # noqa: E402
+
+
+def event(cat: str, name: str, ts_ms: float, dur_ms: float, tid: int = 1) -> dict:
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts_ms * 1e3, "dur": dur_ms * 1e3, "pid": 0, "tid": tid}
+
+
+def test_gpu_busy_time_is_the_union_of_kernels_copies_and_memsets_and_sync_waits_are_summed():
+    trace = {"traceEvents": [
+        event("kernel", "gemm", 0, 10), event("kernel", "gemm", 5, 10),  # overlapping (two streams): 15 us
+        event("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", 20, 4), event("gpu_memset", "Memset", 30, 2),
+        event("gpu_user_annotation", "ProfilerStep", 0, 1000),  # a range, not GPU work
+        event("cuda_runtime", "cudaLaunchKernel", 0, 3), event("cuda_runtime", "cudaLaunchKernel", 4, 3),
+        event("cuda_runtime", "cudaStreamSynchronize", 40, 50), event("cuda_runtime", "cudaMemcpyAsync", 19, 10),
+        event("cpu_op", "aten::mm", 0, 2, tid=1), event("cpu_op", "aten::add", 3, 2, tid=1),
+        event("cpu_op", "aten::mm", 0, 2, tid=2),
+        {"ph": "f", "cat": "ac2g", "name": "flow", "ts": 0},  # flow arrows carry no duration
+    ]}
+    summary = step_profile.summarize_trace(trace, steps=2, wall_s=0.2)  # times in ms
+    gpu = summary["gpu"]
+    assert gpu["busy_s_per_step"] == pytest.approx((15 + 4 + 2) / 2 / 1e3)
+    assert gpu["busy_fraction"] == pytest.approx(0.021 / 0.2, abs=1e-3)
+    assert gpu["kernels_per_step"] == 1.0
+    assert gpu["top"][0] == ["gemm", 10.0, 1.0]  # 20 ms in 2 calls over 2 steps
+    assert summary["sync_wait_s_per_step"] == pytest.approx(60 / 2 / 1e3)  # cudaStreamSynchronize + cudaMemcpyAsync
+    assert summary["runtime"][0] == ["cudaStreamSynchronize", 25.0, 0.5]
+    assert summary["cpu_ops_per_step"] == {"1": 1.0, "2": 0.5}
+    assert summary["wall_s_per_step"] == 0.1
+
+
+def test_a_cpu_only_trace_has_no_gpu_numbers():
+    summary = step_profile.summarize_trace({"traceEvents": [event("cpu_op", "aten::mm", 0, 2)]}, steps=1, wall_s=1.0)
+    assert summary["gpu"] == {"busy_s_per_step": 0.0, "busy_fraction": None, "kernels_per_step": 0.0, "top": []}
+
+
+@pytest.mark.parametrize("spec", ["0:3:/tmp/x.json", "2:0:/tmp/x.json", "2:3"])
+def test_a_bad_profile_spec_is_refused(spec):
+    with pytest.raises(ValueError):
+        step_profile.parse_spec(spec)
+
+
+def test_a_synchronising_call_is_counted_at_its_python_call_site_and_other_warnings_pass_through(monkeypatch):
+    import warnings
+
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda *args: shown.append(str(args[0])))
+    sites = step_profile.SyncSites()
+    sites._saved = (warnings.showwarning, list(warnings.filters))  # what start() saves on a CUDA machine
+
+    def read_loss():  # stands in for `loss.item()` in a training loop
+        sites._record(UserWarning("called a synchronizing CUDA operation"), UserWarning, "x.py", 1)
+
+    for _ in range(2):
+        read_loss()
+    sites._record(UserWarning("something else"), UserWarning, "x.py", 2)
+    (where, count), = sites.sites.items()
+    assert count == 2 and where.startswith("[MainThread] test_step_profile.py:")
+    assert ":read_loss <- test_step_profile.py:" in where
+    assert shown == ["something else"]

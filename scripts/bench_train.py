@@ -83,9 +83,9 @@ TRAIN_OPTIONS: dict[str, dict[str, Any]] = {name: {"cuda_graphs": True} for name
 RESOLVED = ["optimizer", "grad_clip_method", "max_grad_norm", "lora_dropout", "lora_rank", "gradient_checkpointing",
             "mixed_precision", "train_batch_size", "resolution", "attention_mechanism", "dynamo_backend",
             "dynamo_mode", "dynamo_use_regional_compilation", "dynamo_wrapper", "dataloader_prefetch",
-            "compress_disk_cache", "optimizer_config"]
+            "compress_disk_cache", "optimizer_config", "set_grads_to_none"]
 SPEED_OPTIONS = {"dynamo_backend", "dynamo_mode", "dynamo_use_regional_compilation", "dynamo_wrapper",
-                 "dataloader_prefetch", "compress_disk_cache", "optimizer_config"}
+                 "dataloader_prefetch", "compress_disk_cache", "optimizer_config", "set_grads_to_none"}
 TARGET_RATIO = 0.9
 TARGET_FIRST_STEP_S = 60.0
 

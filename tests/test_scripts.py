@@ -58,6 +58,7 @@ def test_bench_train_runs_at_tiny_size(train_bench, bench_work):
     assert resolved["lora_dropout"] == 0.0
     assert resolved["compress_disk_cache"] is False
     assert resolved["dataloader_prefetch"] is True
+    assert resolved["set_grads_to_none"] is True
     assert json.loads((bench_work / "train.json").read_text())["default.s_per_step"] == result["default.s_per_step"]
     assert (bench_work / "runs" / "default" / "output" / "pytorch_lora_weights.safetensors").is_file()
     # --profile 2: two more steps after the 8 timed ones (and one to close the window), profiled in the training

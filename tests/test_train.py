@@ -29,16 +29,25 @@ def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):
     assert (trained_run / "output" / "checkpoint-10").is_dir()
 
 
-def test_the_same_seed_trains_the_same_lora(trained_run, tiny_model, concept_data, tmp_path):
+def test_the_same_seed_trains_the_same_lora_whether_gradients_are_dropped_or_zeroed(trained_run, tiny_model,
+                                                                                     concept_data, tmp_path):
     # with batch prefetching (the default) this failed on the pinned SimpleTuner: its loader thread drew from the
-    # trainer's random generator in no fixed order (compat fix 7)
+    # trainer's random generator in no fixed order (compat fix 7). The second run zeroes its gradients between steps
+    # (SimpleTuner's default) where sd3tune's default drops them: a speed setting that must not change a bit.
+    import dataclasses
+
     from safetensors.torch import load_file
 
     from sd3tune.commands.quickstart import tiny_init_options
     from sd3tune.commands.train import TrainOptions, run_train
+    from sd3tune.config.presets import merge
 
-    run_init(tiny_init_options(tmp_path / "again", concept_data, tiny_model, steps=20, checkpoint_every=10))
+    options = tiny_init_options(tmp_path / "again", concept_data, tiny_model, steps=20, checkpoint_every=10)
+    run_init(dataclasses.replace(options, overrides=merge(options.overrides, {"optim": {"set_grads_to_none": False}})))
     again = load_file(str(run_train(TrainOptions(run_dir=tmp_path / "again")).lora))
+    zeroed = json.loads((tmp_path / "again" / "output" / keys.RESOLVED_CONFIG_NAME).read_text())
+    dropped = json.loads((trained_run / "output" / keys.RESOLVED_CONFIG_NAME).read_text())
+    assert (zeroed["set_grads_to_none"], dropped["set_grads_to_none"]) == (False, True)
     first = load_file(str(trained_run / "output" / keys.LORA_WEIGHT_NAME))
     assert again.keys() == first.keys()
     assert all(again[k].equal(first[k]) for k in first)

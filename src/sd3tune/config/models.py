@@ -56,6 +56,10 @@ class OptimSettings(_Section):
         "norm", description="Gradient clipping: norm is cheap; value scans every module each step.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clipping threshold (0 disables clipping).")
     seed: int | None = Field(42, ge=0, description="Training seed, for reproducible runs.")
+    set_grads_to_none: StrictBool = Field(
+        True, description="Drop the gradients after each step instead of zeroing them (PyTorch's default; "
+                          "SimpleTuner's is false): the same LoRA, bit for bit, and one kernel fewer per LoRA tensor "
+                          "and step (the backward writes each gradient instead of adding it to zeros).")
 
 
 class PrecisionSettings(_Section):

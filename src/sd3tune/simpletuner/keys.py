@@ -112,6 +112,7 @@ KEYS: tuple[Key, ...] = (
     Key("optim.grad_clip_method", "grad_clip_method"),
     Key("optim.max_grad_norm", "max_grad_norm"),
     Key("optim.seed", "seed"),
+    Key("optim.set_grads_to_none", "set_grads_to_none"),
     Key("precision.mixed_precision", "mixed_precision"),
     Key("precision.base_model_precision", "base_model_precision"),
     Key("precision.gradient_checkpointing", "gradient_checkpointing"),

@@ -286,6 +286,9 @@ def report_profile(prefix: str, path: Path, report: Report) -> None:
         return
     prof = json.loads(path.read_text())
     report(f"{prefix}.profile", str(path))
+    if "error" in prof:
+        report(f"{prefix}.profile_error", prof["error"])
+        return
     gpu = prof["gpu"]
     report(f"{prefix}.profile_wall_s_per_step", prof["wall_s_per_step"], "profiled steps (slowed by the profiler)")
     report(f"{prefix}.profile_gpu_busy_s_per_step", gpu["busy_s_per_step"],

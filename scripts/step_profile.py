@@ -22,6 +22,7 @@ Not part of the product: a benchmark aid, like the other scripts here.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import json
 import os
@@ -157,15 +158,32 @@ class StepProfile:
         self.sync_sites = SyncSites()
         self.t0 = 0.0
         self.main = threading.main_thread()
+        self.handle: Any = None  # the optimizer-step hook, removed once the window is written
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
 
     def on_step(self, *_: Any) -> None:
         if threading.current_thread() is not self.main:
             return
         self.seen += 1
-        if self.seen == self.start:
-            self._begin()
-        elif self.seen == self.start + self.steps and self.profiler is not None:
-            self._end()
+        try:
+            if self.seen == self.start:
+                self._begin()
+            elif self.seen == self.start + self.steps and self.profiler is not None:
+                self._end()
+        except Exception as exc:  # a benchmark aid must never end the training it watches
+            self.sync_sites.stop()
+            if self.profiler is not None:
+                with contextlib.suppress(Exception):
+                    self.profiler.stop()
+                self.profiler = None
+            self.remove()
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.out.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
+            print(f"sd3tune step profile: failed: {type(exc).__name__}: {exc}", flush=True)
 
     def _begin(self) -> None:
         import torch
@@ -203,6 +221,7 @@ class StepProfile:
         if os.environ.get(TRACE_ENV):
             self.out.with_suffix(".trace.json.gz").write_bytes(gzip.compress(raw))
         self.profiler = None
+        self.remove()
         print(f"sd3tune step profile: wrote {self.out}", flush=True)
 
 
@@ -210,7 +229,7 @@ def install(start: int, steps: int, out: Path) -> StepProfile:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     prof = StepProfile(start, steps, out)
-    register_optimizer_step_post_hook(prof.on_step)
+    prof.handle = register_optimizer_step_post_hook(prof.on_step)
     return prof
 
 

@@ -68,3 +68,24 @@ def test_a_synchronising_call_is_counted_at_its_python_call_site_and_other_warni
     assert count == 2 and where.startswith("[MainThread] test_step_profile.py:")
     assert ":read_loss <- test_step_profile.py:" in where
     assert shown == ["something else"]
+
+
+def test_a_profiler_failure_is_written_down_and_the_training_goes_on(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    prof = step_profile.install(1, 2, tmp_path / "profile.json")
+    monkeypatch.setattr(prof, "_end", lambda: (_ for _ in ()).throw(RuntimeError("CUPTI is unhappy")))
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([weight], lr=0.1)
+    try:
+        for _ in range(4):  # the window opens after step 1 and its end fails after step 3
+            weight.sum().backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        prof.remove()
+    assert json.loads((tmp_path / "profile.json").read_text()) == {"error": "RuntimeError: CUPTI is unhappy"}
+    assert weight.detach().tolist() == pytest.approx([0.6] * 3)  # all four steps ran
+    assert prof.handle is None and prof.seen == 3  # the hook went with the failure: step 4 was not counted

@@ -20,10 +20,11 @@ class _Rerun:
 
     def capture(self, fn):
         self.owner.captures += 1
-        if self.owner.fail:
+        if self.owner.fail or (self.owner.fail_from is not None and self.owner.captures >= self.owner.fail_from):
             raise RuntimeError("operation not permitted when stream is capturing")
         self.fn = fn
         self.static = fn()
+        self.owner.allocated += self.owner.bytes_per_capture  # what a real capture's memory pool would keep
         return self.static
 
     def replay(self) -> None:
@@ -36,8 +37,14 @@ class _Rerun:
 
 
 class RerunGraphs:
-    def __init__(self, fail: bool = False) -> None:
-        self.fail = fail
+    """``fail``: every capture fails; ``fail_from``: captures from that one on (1-based, forward and backward count);
+    ``bytes_per_capture`` / ``free``: the device memory a capture keeps and what is free (None: not known)."""
+
+    def __init__(self, fail: bool = False, fail_from: int | None = None, bytes_per_capture: int = 0,
+                 free: int | None = None) -> None:
+        self.fail, self.fail_from = fail, fail_from
+        self.bytes_per_capture, self.free = bytes_per_capture, free
+        self.allocated = 0
         self.captures = self.replays = 0
 
     def __call__(self) -> _Rerun:
@@ -48,3 +55,9 @@ class RerunGraphs:
 
     def synchronize(self) -> None:
         pass
+
+    def allocated_bytes(self) -> int:
+        return self.allocated
+
+    def free_bytes(self) -> int | None:
+        return self.free

@@ -139,6 +139,45 @@ def test_a_failed_capture_leaves_the_run_eager(tiny_model, capfd):
     assert all(p.grad is None for p in trainable(model))  # the warm-up passes left no gradients behind
 
 
+def test_a_failed_capture_of_another_shape_runs_that_shape_eagerly_and_the_first_keeps_replaying(tiny_model, capfd):
+    eager, replayed = lora_transformer(tiny_model), lora_transformer(tiny_model)
+    graphs = RerunGraphs(fail_from=3)  # the first shape's forward and backward capture; the second shape's fails
+    runner = GraphedModule(replayed, sample(replayed), new_graph=lambda: graphs, warmup=1)
+    small, large = batch(replayed, 1, side=8), batch(replayed, 2, side=16)
+    for inputs in (small, large, small, large):
+        out = runner(inputs)
+        replayed_now = out is not None
+        if out is None:
+            out = sample(replayed)(*inputs)
+        assert replayed_now == (inputs is small)
+        out.square().mean().backward()
+        sample(eager)(*inputs).square().mean().backward()
+    assert graphs.captures == 3  # the failed shape is not tried again
+    for a, b in zip(trainable(eager), trainable(replayed), strict=True):
+        assert torch.equal(a.grad, b.grad)
+    err = capfd.readouterr().err
+    assert "running eagerly: inputs 2x16x16x16" in err and "capture failed: RuntimeError" in err
+    assert err.count("running eagerly") == 1 and "off for this run" not in err
+
+
+def test_another_shape_is_captured_only_with_memory_for_it(tiny_model, capfd):
+    model = lora_transformer(tiny_model)
+    graphs = RerunGraphs(bytes_per_capture=3 * 2**30, free=20 * 2**30)  # a capture keeps 6 GiB (forward + backward)
+    runner = GraphedModule(model, sample(model), new_graph=lambda: graphs, warmup=1)
+    assert runner(batch(model, 1, side=8)) is not None
+    assert runner(batch(model, 2, side=16)) is not None  # 20 GiB free >= 1.25 x 6 GiB
+    graphs.free = 7 * 2**30  # < 7.5 GiB
+    assert runner(batch(model, 3, side=24)) is None
+    assert runner(batch(model, 4, side=24)) is None  # not tried again
+    assert runner(batch(model, 5, side=8)) is not None  # (one assert each: pytest keeps an assert's values alive,
+    assert runner(batch(model, 6, side=16)) is not None  # and a live replayed output waits for its backward)
+    assert graphs.captures == 4
+    err = capfd.readouterr().err
+    assert err.count("keeps 6.0 GiB") == 1  # said of the first capture, the estimate for the others
+    assert err.count("inputs 2x16x24x24, 2x20x32, 2x64, 2: no memory for another capture (~6.0 GiB each, "
+                     "7.0 GiB free)") == 1
+
+
 def test_a_module_with_hooks_is_never_replayed(tiny_model, capfd):
     model = lora_transformer(tiny_model)
     calls = []

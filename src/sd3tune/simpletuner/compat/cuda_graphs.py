@@ -8,15 +8,17 @@ of launches of each pass into one replay; the loss, the optimizer and SimpleTune
 A replay re-runs the captured kernels on the captured memory, so :class:`GraphedModule` replays only a call it
 can prove is the captured one, and lets the caller run eagerly otherwise:
 - the same input shapes, dtypes and devices as a captured call (each new signature is captured once, up to
-  ``MAX_CAPTURES``; every capture shares one memory pool), no input that needs a gradient;
+  ``MAX_CAPTURES`` and while the device has ``MEMORY_HEADROOM`` times the first capture's memory free: each keeps
+  its own activations; captures share one memory pool), no input that needs a gradient;
 - the same parameter and buffer storage, and the same trainable parameters, as at capture (storage moved: the
   graphs are dropped and captured again; storage that moves again within ``MIN_REPLAYS_PER_MOVE`` replays, as
   offloading would every step, ends replay for the run);
 - no replayed forward still waiting for its backward: a second forward would overwrite the activations that
   backward reads, so it runs eagerly (a forward whose graph is dropped unused stops waiting);
 - no module hooks (a replay runs kernels, not Python: a hook would run at capture and never again).
-A capture that fails (an op CUDA cannot capture) is tried once more with FlashAttention / memory-efficient attention
-only, then replay is given up for the run.
+A capture that fails (an op CUDA cannot capture, no memory) is tried once more with FlashAttention / memory-efficient
+attention only; then replay is given up for the run if it was the first signature, or that signature runs eagerly
+while the ones captured before keep replaying.
 Outputs and gradients are handed out as copies: nothing the caller keeps aliases the graphs' static memory, and
 gradient accumulation over several forwards adds up as it does eagerly.
 
@@ -35,6 +37,8 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 MAX_CAPTURES = 8  # input signatures (aspect buckets) captured per module; the rest run eagerly
+MEMORY_HEADROOM = 1.25  # another signature is captured only with this many times the first capture's memory free
+GIB = 2**30
 MIN_REPLAYS_PER_MOVE = 10  # parameter storage moving more often than this (offloading) ends replay for the run
 WARMUP_PASSES = 3  # eager forward + backward passes before a capture (cuBLAS/cuDNN settle their workspaces)
 
@@ -66,6 +70,10 @@ class GraphMaker(Protocol):
     def warmup(self) -> Any: ...  # a context manager for the eager passes before a capture
 
     def synchronize(self) -> None: ...  # wait for the device (between warm-up, capture and the first replay)
+
+    def allocated_bytes(self) -> int | None: ...  # device memory in live tensors (None: not known)
+
+    def free_bytes(self) -> int | None: ...  # device memory a new capture could still get (None: not known)
 
 
 class _CudaGraph:
@@ -99,6 +107,13 @@ class CudaGraphs:
 
     def synchronize(self) -> None:
         torch.cuda.synchronize()
+
+    def allocated_bytes(self) -> int:
+        return torch.cuda.memory_allocated()
+
+    def free_bytes(self) -> int:
+        # free on the device, plus what PyTorch holds cached but unused (it gives that back before failing)
+        return torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
 
 
 def _uncached_autocast(device_type: str):
@@ -211,6 +226,8 @@ class GraphedModule:
         self.max_captures, self.warmup = max_captures, warmup
         self.graphs: GraphMaker | None = None
         self.captures: dict[tuple, GraphedPasses] = {}
+        self.eager_shapes: set[tuple] = set()  # signatures that run eagerly while others replay (no memory, failed)
+        self.capture_bytes = 0  # device memory the first capture kept (its activations and static tensors)
         self.tensors: tuple[torch.Tensor, ...] = ()
         self.storage: tuple = ()
         self.replays_since_capture = 0
@@ -222,6 +239,7 @@ class GraphedModule:
         self.off = reason
         log(f"off for this run: {reason}")
         self.captures.clear()
+        self.eager_shapes.clear()
         self.graphs = None
         return None
 
@@ -239,12 +257,15 @@ class GraphedModule:
             return None
         if self.captures and self._fingerprint() != self.storage:
             self.captures.clear()
+            self.eager_shapes.clear()
             if self.replays_since_capture < MIN_REPLAYS_PER_MOVE:
                 return self._give_up(f"parameter storage moved after {self.replays_since_capture} replays (offloading?)")
             log(f"parameter storage moved after {self.replays_since_capture} replays: capturing again")
         key = signature(inputs)
         passes = self.captures.get(key)
         if passes is None:
+            if key in self.eager_shapes:
+                return None
             if len(self.captures) >= self.max_captures:
                 eager_because(f"more than {self.max_captures} input shapes")
                 return None
@@ -267,7 +288,14 @@ class GraphedModule:
         hooked = _hooked_modules(self.module)
         if hooked:
             return self._give_up(f"module hooks on {', '.join(hooked[:3])} (a replay would skip them)")
+        shapes = ", ".join("x".join(map(str, s)) for s, *_ in key)
+        if self.graphs is None:
+            self.graphs = self.make_graphs()
+        if self.captures and not self._room_for_another(shapes):
+            self.eager_shapes.add(key)
+            return None
         start = time.perf_counter()
+        before = self.graphs.allocated_bytes()
         tries = [nullcontext(), _capturable_attention(inputs[0].device.type)]
         passes = None
         for attempt, context in enumerate(t for t in tries if t is not None):
@@ -277,18 +305,36 @@ class GraphedModule:
                 with context:
                     passes = GraphedPasses(self.fn, inputs, params, self.graphs, warmup=self.warmup)
                 break
-            except Exception as exc:  # an op that cannot be captured
+            except Exception as exc:  # an op that cannot be captured, or no memory left for one
                 failure = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 self.graphs = None  # a failed capture may leave its pool and stream unusable: start both afresh
                 if attempt == 0 and tries[1] is not None:
                     log(f"{failure}; trying again with FlashAttention / memory-efficient attention")
         if passes is None:
-            return self._give_up(failure)
+            if not self.captures:
+                return self._give_up(failure)
+            self.eager_shapes.add(key)  # the shapes captured so far keep replaying
+            eager_because(f"inputs {shapes}: {failure}")
+            return None
+        if not self.captures:
+            after = self.graphs.allocated_bytes()
+            self.capture_bytes = max(0, after - before) if after is not None and before is not None else 0
         self.captures[key] = passes
         if attempt:
             log("captured with FlashAttention / memory-efficient attention (replays keep them)")
-        shapes = ", ".join("x".join(map(str, s)) for s, *_ in key)
+        kept = f"; keeps {self.capture_bytes / GIB:.1f} GiB" if self.capture_bytes and len(self.captures) == 1 else ""
         log(f"captured forward + backward for inputs {shapes} in {time.perf_counter() - start:.1f} s "
-            f"({len(params)} trainable tensors; {len(self.captures)} shape(s) so far)")
+            f"({len(params)} trainable tensors; {len(self.captures)} shape(s) so far{kept})")
         return passes
+
+    def _room_for_another(self, shapes: str) -> bool:
+        """Whether the device has memory for one more capture (each keeps its own activations: several aspect
+        buckets at 1024 px would otherwise fill a 24 GB card); the first capture's size is the estimate."""
+        assert self.graphs is not None
+        free = self.graphs.free_bytes()
+        if not self.capture_bytes or free is None or free >= MEMORY_HEADROOM * self.capture_bytes:
+            return True
+        eager_because(f"inputs {shapes}: no memory for another capture (~{self.capture_bytes / GIB:.1f} GiB each, "
+                      f"{free / GIB:.1f} GiB free)")
+        return False
 

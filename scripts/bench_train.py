@@ -406,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     resolution = args.resolution or (1024 if size == "sd3m" else 64)
     if warmup >= steps - 1:
         raise SystemExit(f"--warmup {warmup} leaves nothing to time in {steps} steps")
+    if args.profile < 0:
+        raise SystemExit(f"--profile {args.profile}: the number of steps to profile, 0 (off) or more")
 
     model = model_for(args.work, size, report)
     data = ensure_data(args.work, args.images or (16 if size == "sd3m" else 8), resolution)

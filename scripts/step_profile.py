@@ -10,9 +10,11 @@ profiler after step ``start`` and stops it after step ``start + steps``, then wr
   gpu.kernels_per_step     kernels launched per step (batch 1 at 1024 px is bound by launching these)
   gpu.top                  the kernels that take the most GPU time
   runtime                  CUDA runtime/driver calls on the CPU side (launches, synchronisations, copies)
-  sync_wait_s_per_step     CPU time spent in calls that wait for the GPU (synchronize, blocking copies)
-  sync_sites               where those waits come from: Python call sites of every synchronising CUDA call
-                           (torch.cuda.set_sync_debug_mode), per step and thread
+  sync_wait_s_per_step     CPU time spent in calls that wait for the GPU (synchronize, device-to-host and pageable
+                           copies)
+  sync_sites               where the waits come from: the Python call sites of what torch.cuda.set_sync_debug_mode
+                           flags (.item(), .tolist(), blocking copies, stream syncs; not torch.cuda.synchronize() or
+                           the allocator's own cudaMalloc/cudaFree), per step and thread
   cpu_ops_per_step         aten ops dispatched per step, per thread (the CPU side of the launch bound)
 
 On a CPU-only machine the GPU parts are empty and the rest still works (tests run it at tiny size).
@@ -38,10 +40,13 @@ ENV = "SD3TUNE_STEP_PROFILE"  # "START:STEPS:FILE"
 TRACE_ENV = "SD3TUNE_STEP_PROFILE_TRACE"  # set: also write the whole trace, FILE.trace.json.gz (chrome://tracing)
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 RUNTIME_CATEGORIES = {"cuda_runtime", "cuda_driver"}
-# CPU-side calls that wait for the GPU: explicit synchronisation, and copies that block the host (device to host,
-# pageable host to device)
-WAITS = ("Synchronize", "cudaMemcpy", "cuMemcpy")
+# CPU-side calls that wait for the GPU: explicit synchronisation, and copies that block the host (the GPU copy they
+# launch is device-to-host or from pageable memory; device-to-device and pinned copies return at once)
+SYNCHRONIZE = "Synchronize"
+MEMCPY = "Memcpy"
+BLOCKING_COPY = ("DtoH", "Pageable")
 SYNC_WARNING = "synchronizing CUDA operation"
+OWN_SYNC = "sd3tune_step_profile_closing_sync"  # the profiler's own synchronize at the end, left out of the waits
 
 
 def parse_spec(spec: str) -> tuple[int, int, Path]:
@@ -74,6 +79,21 @@ def _per_step(counter: dict[str, tuple[float, int]], steps: int, limit: int) -> 
 def summarize_trace(trace: dict[str, Any], steps: int, wall_s: float) -> dict[str, Any]:
     """The summary of a Chrome trace (torch.profiler's ``export_chrome_trace``) covering ``steps`` steps."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    copies = {(e.get("args") or {}).get("correlation"): str(e.get("name", "")) for e in events
+              if e.get("cat") == "gpu_memcpy"}
+    own = [(e.get("tid"), float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0))) for e in events
+           if e.get("name") == OWN_SYNC]
+
+    def waits(e: dict[str, Any], name: str) -> bool:
+        if any(tid == e.get("tid") and start <= float(e["ts"]) <= end for tid, start, end in own):
+            return False
+        if SYNCHRONIZE in name:
+            return True
+        if MEMCPY not in name:
+            return False
+        copy = copies.get((e.get("args") or {}).get("correlation"))
+        return copy is None or any(b in copy for b in BLOCKING_COPY)
+
     gpu: list[tuple[float, float]] = []
     kernels: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     runtime: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
@@ -90,7 +110,7 @@ def summarize_trace(trace: dict[str, Any], steps: int, wall_s: float) -> dict[st
         elif cat in RUNTIME_CATEGORIES:
             runtime[name][0] += dur
             runtime[name][1] += 1
-            if any(w in name for w in WAITS):
+            if waits(e, name):
                 wait_us += dur
         elif cat == "cpu_op":
             ops_by_thread[str(e.get("tid"))] += 1
@@ -110,17 +130,22 @@ def summarize_trace(trace: dict[str, Any], steps: int, wall_s: float) -> dict[st
     }
 
 
+def _say(message: str) -> None:
+    # a line of its own: SimpleTuner's progress bar leaves the current line open
+    print(f"\nsd3tune step profile: {message}", flush=True)
+
+
 class SyncSites:
     """Counts the Python call sites of synchronising CUDA calls (``torch.cuda.set_sync_debug_mode("warn")``)."""
 
     def __init__(self) -> None:
         self.sites: collections.Counter[str] = collections.Counter()
-        self._saved: tuple[Any, Any] | None = None
+        self._saved: tuple[Any, Any, Any] | None = None  # showwarning, our filter entry, the sync debug mode before
+        self._show: Any = warnings.showwarning
 
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
         if SYNC_WARNING not in str(message):
-            assert self._saved is not None
-            self._saved[0](message, category, filename, lineno, file, line)
+            self._show(message, category, filename, lineno, file, line)
             return
         frames = [f for f in traceback.extract_stack()[:-1]
                   if f.filename != __file__ and "/torch/" not in f.filename and "/warnings.py" not in f.filename]
@@ -132,20 +157,28 @@ class SyncSites:
 
         if not torch.cuda.is_available():
             return
-        self._saved = (warnings.showwarning, list(warnings.filters))
+        self._show = warnings.showwarning
         warnings.filterwarnings("always", message=f".*{SYNC_WARNING}.*")
+        self._saved = (warnings.showwarning, warnings.filters[0], torch.cuda.get_sync_debug_mode())
         warnings.showwarning = self._record
         torch.cuda.set_sync_debug_mode("warn")
 
     def stop(self) -> None:
+        """Undo start(): each step on its own, and never raise (the training goes on after the window)."""
         import torch
 
         if self._saved is None:
             return
-        torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning, warnings.filters[:] = self._saved[0], self._saved[1]
-        warnings._filters_mutated()  # type: ignore[attr-defined]  # drop the cached "always" decisions
+        show, entry, mode = self._saved
         self._saved = None
+        with contextlib.suppress(Exception):
+            torch.cuda.set_sync_debug_mode(mode)
+        if warnings.showwarning == self._record:  # (bound methods: equal, never identical)
+            warnings.showwarning = show
+        with contextlib.suppress(ValueError):
+            warnings.filters.remove(entry)  # only our entry: filters added meanwhile by others stay
+        with contextlib.suppress(Exception):
+            getattr(warnings, "_filters_mutated", lambda: None)()  # drop the cached "always" decisions
 
 
 class StepProfile:
@@ -175,15 +208,19 @@ class StepProfile:
             elif self.seen == self.start + self.steps and self.profiler is not None:
                 self._end()
         except Exception as exc:  # a benchmark aid must never end the training it watches
-            self.sync_sites.stop()
-            if self.profiler is not None:
-                with contextlib.suppress(Exception):
-                    self.profiler.stop()
-                self.profiler = None
-            self.remove()
+            self._abandon(f"{type(exc).__name__}: {exc}")
+
+    def _abandon(self, error: str) -> None:
+        self.sync_sites.stop()
+        if self.profiler is not None:
+            with contextlib.suppress(Exception):
+                self.profiler.stop()
+            self.profiler = None
+        self.remove()
+        with contextlib.suppress(Exception):
             self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.out.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
-            print(f"sd3tune step profile: failed: {type(exc).__name__}: {exc}", flush=True)
+            self.out.write_text(json.dumps({"error": error}) + "\n")
+        _say(f"failed: {error}")
 
     def _begin(self) -> None:
         import torch
@@ -200,9 +237,10 @@ class StepProfile:
     def _end(self) -> None:
         import torch
 
-        self.sync_sites.stop()  # before this synchronize, which is the profiler's own
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        self.sync_sites.stop()
+        if torch.cuda.is_available():  # the window ends when its GPU work does; this wait is not the training's
+            with torch.profiler.record_function(OWN_SYNC):
+                torch.cuda.synchronize()
         wall = time.perf_counter() - self.t0
         assert self.profiler is not None
         self.profiler.stop()
@@ -222,7 +260,7 @@ class StepProfile:
             self.out.with_suffix(".trace.json.gz").write_bytes(gzip.compress(raw))
         self.profiler = None
         self.remove()
-        print(f"sd3tune step profile: wrote {self.out}", flush=True)
+        _say(f"wrote {self.out}")
 
 
 def install(start: int, steps: int, out: Path) -> StepProfile:

@@ -12,17 +12,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import step_profile  # noqa: E402
 
 
-def event(cat: str, name: str, ts_ms: float, dur_ms: float, tid: int = 1) -> dict:
-    return {"ph": "X", "cat": cat, "name": name, "ts": ts_ms * 1e3, "dur": dur_ms * 1e3, "pid": 0, "tid": tid}
+def event(cat: str, name: str, ts_ms: float, dur_ms: float, tid: int = 1, correlation: int | None = None) -> dict:
+    e = {"ph": "X", "cat": cat, "name": name, "ts": ts_ms * 1e3, "dur": dur_ms * 1e3, "pid": 0, "tid": tid}
+    if correlation is not None:
+        e["args"] = {"correlation": correlation}
+    return e
 
 
 def test_gpu_busy_time_is_the_union_of_kernels_copies_and_memsets_and_sync_waits_are_summed():
     trace = {"traceEvents": [
         event("kernel", "gemm", 0, 10), event("kernel", "gemm", 5, 10),  # overlapping (two streams): 15 us
-        event("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", 20, 4), event("gpu_memset", "Memset", 30, 2),
+        event("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", 20, 4, correlation=7),
+        event("gpu_memset", "Memset", 30, 2),
         event("gpu_user_annotation", "ProfilerStep", 0, 1000),  # a range, not GPU work
         event("cuda_runtime", "cudaLaunchKernel", 0, 3), event("cuda_runtime", "cudaLaunchKernel", 4, 3),
-        event("cuda_runtime", "cudaStreamSynchronize", 40, 50), event("cuda_runtime", "cudaMemcpyAsync", 19, 10),
+        event("cuda_runtime", "cudaStreamSynchronize", 40, 50),
+        event("cuda_runtime", "cudaMemcpyAsync", 19, 10, correlation=7),  # the pageable copy below: the CPU waits
         event("cpu_op", "aten::mm", 0, 2, tid=1), event("cpu_op", "aten::add", 3, 2, tid=1),
         event("cpu_op", "aten::mm", 0, 2, tid=2),
         {"ph": "f", "cat": "ac2g", "name": "flow", "ts": 0},  # flow arrows carry no duration
@@ -55,8 +60,7 @@ def test_a_synchronising_call_is_counted_at_its_python_call_site_and_other_warni
 
     shown = []
     monkeypatch.setattr(warnings, "showwarning", lambda *args: shown.append(str(args[0])))
-    sites = step_profile.SyncSites()
-    sites._saved = (warnings.showwarning, list(warnings.filters))  # what start() saves on a CUDA machine
+    sites = step_profile.SyncSites()  # start() on a CUDA machine would also install it as warnings.showwarning
 
     def read_loss():  # stands in for `loss.item()` in a training loop
         sites._record(UserWarning("called a synchronizing CUDA operation"), UserWarning, "x.py", 1)
@@ -89,3 +93,42 @@ def test_a_profiler_failure_is_written_down_and_the_training_goes_on(tmp_path, m
     assert json.loads((tmp_path / "profile.json").read_text()) == {"error": "RuntimeError: CUPTI is unhappy"}
     assert weight.detach().tolist() == pytest.approx([0.6] * 3)  # all four steps ran
     assert prof.handle is None and prof.seen == 3  # the hook went with the failure: step 4 was not counted
+
+
+def test_only_copies_that_block_the_host_and_synchronizations_count_as_waits_and_the_closing_sync_does_not():
+    trace = {"traceEvents": [
+        event("cuda_runtime", "cudaMemcpyAsync", 0, 1, correlation=1), event("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 1, 1, correlation=1),
+        event("cuda_runtime", "cudaMemcpyAsync", 2, 1, correlation=2), event("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", 3, 1, correlation=2),
+        event("cuda_runtime", "cudaMemcpyAsync", 4, 8, correlation=3), event("gpu_memcpy", "Memcpy DtoH (Device -> Pageable)", 11, 1, correlation=3),
+        event("cuda_runtime", "cudaStreamSynchronize", 20, 5),
+        event("user_annotation", step_profile.OWN_SYNC, 30, 40),
+        event("cuda_runtime", "cudaDeviceSynchronize", 31, 38),  # the profiler's own wait at the window's end
+    ]}
+    assert step_profile.summarize_trace(trace, steps=1, wall_s=0.1)["sync_wait_s_per_step"] == 0.013  # 8 + 5 ms
+
+
+def test_stopping_the_sync_sites_restores_only_what_start_changed_and_never_raises(monkeypatch):
+    import warnings
+
+    sites = step_profile.SyncSites()
+    shown = warnings.showwarning
+    warnings.filterwarnings("always", message=".*synchronizing CUDA operation.*")
+    ours = warnings.filters[0]
+    sites._saved = (shown, ours, 0)  # what start() saves on a CUDA machine
+    warnings.showwarning = sites._record
+    warnings.filterwarnings("ignore", message="added by someone else meanwhile")
+    theirs = warnings.filters[0]
+    import torch
+
+    def broken(mode):
+        raise RuntimeError("no CUDA driver")
+
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", broken)  # a failing undo step stops none of the others
+    try:
+        sites.stop()
+        assert warnings.showwarning is shown
+        assert ours not in warnings.filters and theirs in warnings.filters
+        sites.stop()  # twice: nothing left to undo
+    finally:
+        warnings.showwarning = shown
+        warnings.filters[:] = [f for f in warnings.filters if f not in (ours, theirs)]

@@ -24,7 +24,7 @@ class _Rerun:
             raise RuntimeError("operation not permitted when stream is capturing")
         self.fn = fn
         self.static = fn()
-        self.owner.allocated += self.owner.bytes_per_capture  # what a real capture's memory pool would keep
+        self.owner.used += self.owner.bytes_per_capture  # what a real capture's memory pool would keep
         return self.static
 
     def replay(self) -> None:
@@ -44,7 +44,7 @@ class RerunGraphs:
                  free: int | None = None) -> None:
         self.fail, self.fail_from = fail, fail_from
         self.bytes_per_capture, self.free = bytes_per_capture, free
-        self.allocated = 0
+        self.used = 0
         self.captures = self.replays = 0
 
     def __call__(self) -> _Rerun:
@@ -56,8 +56,8 @@ class RerunGraphs:
     def synchronize(self) -> None:
         pass
 
-    def allocated_bytes(self) -> int:
-        return self.allocated
+    def used_bytes(self) -> int:
+        return self.used
 
     def free_bytes(self) -> int | None:
         return self.free

@@ -58,8 +58,9 @@ class OptimSettings(_Section):
     seed: int | None = Field(42, ge=0, description="Training seed, for reproducible runs.")
     set_grads_to_none: StrictBool = Field(
         True, description="Drop the gradients after each step instead of zeroing them (PyTorch's default; "
-                          "SimpleTuner's is false): the same LoRA, bit for bit, and one kernel fewer per LoRA tensor "
-                          "and step (the backward writes each gradient instead of adding it to zeros).")
+                          "SimpleTuner's is false): one kernel fewer per LoRA tensor and step (the backward writes "
+                          "each gradient instead of adding it to zeros); the same LoRA bit for bit when every LoRA "
+                          "tensor gets a gradient each step, as in SD3 LoRA training.")
 
 
 class PrecisionSettings(_Section):

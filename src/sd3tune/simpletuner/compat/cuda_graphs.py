@@ -71,7 +71,7 @@ class GraphMaker(Protocol):
 
     def synchronize(self) -> None: ...  # wait for the device (between warm-up, capture and the first replay)
 
-    def allocated_bytes(self) -> int | None: ...  # device memory in live tensors (None: not known)
+    def used_bytes(self) -> int | None: ...  # device memory held, unused cache given back first (None: not known)
 
     def free_bytes(self) -> int | None: ...  # device memory a new capture could still get (None: not known)
 
@@ -108,8 +108,12 @@ class CudaGraphs:
     def synchronize(self) -> None:
         torch.cuda.synchronize()
 
-    def allocated_bytes(self) -> int:
-        return torch.cuda.memory_allocated()
+    def used_bytes(self) -> int:
+        # a capture's activations are freed inside its graphs' private pool, not given back: they do not count as
+        # allocated tensors, but the pool keeps them; what the device has lost is what a capture costs
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        return total - free
 
     def free_bytes(self) -> int:
         # free on the device, plus what PyTorch holds cached but unused (it gives that back before failing)
@@ -295,7 +299,7 @@ class GraphedModule:
             self.eager_shapes.add(key)
             return None
         start = time.perf_counter()
-        before = self.graphs.allocated_bytes()
+        before = self.graphs.used_bytes() if not self.captures else None
         tries = [nullcontext(), _capturable_attention(inputs[0].device.type)]
         passes = None
         for attempt, context in enumerate(t for t in tries if t is not None):
@@ -307,7 +311,10 @@ class GraphedModule:
                 break
             except Exception as exc:  # an op that cannot be captured, or no memory left for one
                 failure = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                self.graphs = None  # a failed capture may leave its pool and stream unusable: start both afresh
+                if not self.captures:
+                    # nothing replays from the pool yet: start pool and stream afresh, in case the failure left them
+                    # unusable (with captures, keep sharing theirs: a new pool could not reuse what they hold)
+                    self.graphs = None
                 if attempt == 0 and tries[1] is not None:
                     log(f"{failure}; trying again with FlashAttention / memory-efficient attention")
         if passes is None:
@@ -317,7 +324,7 @@ class GraphedModule:
             eager_because(f"inputs {shapes}: {failure}")
             return None
         if not self.captures:
-            after = self.graphs.allocated_bytes()
+            after = self.graphs.used_bytes()
             self.capture_bytes = max(0, after - before) if after is not None and before is not None else 0
         self.captures[key] = passes
         if attempt:

@@ -239,11 +239,14 @@ class GraphedModule:
         self.waiting: Callable[[], Any] | None = None  # weakref to the autograd node of the last replayed forward
         self.replays = 0
 
+    def _forget_captures(self) -> None:
+        self.captures.clear()
+        self.eager_shapes.clear()
+
     def _give_up(self, reason: str) -> None:
         self.off = reason
         log(f"off for this run: {reason}")
-        self.captures.clear()
-        self.eager_shapes.clear()
+        self._forget_captures()
         self.graphs = None
         return None
 
@@ -260,8 +263,7 @@ class GraphedModule:
             eager_because("a second forward before the previous one's backward")
             return None
         if self.captures and self._fingerprint() != self.storage:
-            self.captures.clear()
-            self.eager_shapes.clear()
+            self._forget_captures()
             if self.replays_since_capture < MIN_REPLAYS_PER_MOVE:
                 return self._give_up(f"parameter storage moved after {self.replays_since_capture} replays (offloading?)")
             log(f"parameter storage moved after {self.replays_since_capture} replays: capturing again")
@@ -281,7 +283,8 @@ class GraphedModule:
         return _Replay.apply(self, passes, *inputs, *passes.params)
 
     def _capture(self, key: tuple, inputs: Sequence[torch.Tensor]) -> GraphedPasses | None:
-        if not self.captures:
+        first = not self.captures  # the first signature: it sets the storage fingerprint and the memory estimate
+        if first:
             self.tensors = (*self.module.parameters(), *self.module.buffers())
             self.storage = self._fingerprint()
             self.replays_since_capture = 0
@@ -295,11 +298,11 @@ class GraphedModule:
         shapes = ", ".join("x".join(map(str, s)) for s, *_ in key)
         if self.graphs is None:
             self.graphs = self.make_graphs()
-        if self.captures and not self._room_for_another(shapes):
+        if not first and not self._room_for_another(shapes):
             self.eager_shapes.add(key)
             return None
         start = time.perf_counter()
-        before = self.graphs.used_bytes() if not self.captures else None
+        before = self.graphs.used_bytes() if first else None
         tries = [nullcontext(), _capturable_attention(inputs[0].device.type)]
         passes = None
         for attempt, context in enumerate(t for t in tries if t is not None):
@@ -311,25 +314,25 @@ class GraphedModule:
                 break
             except Exception as exc:  # an op that cannot be captured, or no memory left for one
                 failure = f"capture failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                if not self.captures:
+                if first:
                     # nothing replays from the pool yet: start pool and stream afresh, in case the failure left them
                     # unusable (with captures, keep sharing theirs: a new pool could not reuse what they hold)
                     self.graphs = None
                 if attempt == 0 and tries[1] is not None:
                     log(f"{failure}; trying again with FlashAttention / memory-efficient attention")
         if passes is None:
-            if not self.captures:
+            if first:
                 return self._give_up(failure)
             self.eager_shapes.add(key)  # the shapes captured so far keep replaying
             eager_because(f"inputs {shapes}: {failure}")
             return None
-        if not self.captures:
+        if first:
             after = self.graphs.used_bytes()
             self.capture_bytes = max(0, after - before) if after is not None and before is not None else 0
         self.captures[key] = passes
         if attempt:
             log("captured with FlashAttention / memory-efficient attention (replays keep them)")
-        kept = f"; keeps {self.capture_bytes / GIB:.1f} GiB" if self.capture_bytes and len(self.captures) == 1 else ""
+        kept = f"; keeps {self.capture_bytes / GIB:.1f} GiB" if first and self.capture_bytes else ""
         log(f"captured forward + backward for inputs {shapes} in {time.perf_counter() - start:.1f} s "
             f"({len(params)} trainable tensors; {len(self.captures)} shape(s) so far{kept})")
         return passes

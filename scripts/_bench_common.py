@@ -408,9 +408,9 @@ def anchor_train(model: Path, resolution: int, batch: int, rank: int, text_token
     if profile:
         import step_profile
 
-        n, _, path = profile.partition(":")
-        step_profile.install(1, int(n), Path(path))  # from the next step on, after the timed ones
-        for _ in range(int(n) + 1):
+        _, n, path = step_profile.parse_spec(f"1:{profile}")  # from the next step on, after the timed ones
+        step_profile.install(1, n, path)
+        for _ in range(n + 1):
             step()
     result: dict[str, Any] = {
         "s_per_step": round(seconds / steps, 4), "time_to_first_step_s": round(first, 1),

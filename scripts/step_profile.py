@@ -140,8 +140,8 @@ class SyncSites:
 
     def __init__(self) -> None:
         self.sites: collections.Counter[str] = collections.Counter()
-        self._saved: tuple[Any, Any, Any] | None = None  # showwarning, our filter entry, the sync debug mode before
-        self._show: Any = warnings.showwarning
+        self._saved: tuple[Any, int] | None = None  # our warnings filter entry, the sync debug mode before start()
+        self._show: Any = warnings.showwarning  # where other warnings go (what showwarning was at start())
 
     def _record(self, message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
         if SYNC_WARNING not in str(message):
@@ -159,7 +159,7 @@ class SyncSites:
             return
         self._show = warnings.showwarning
         warnings.filterwarnings("always", message=f".*{SYNC_WARNING}.*")
-        self._saved = (warnings.showwarning, warnings.filters[0], torch.cuda.get_sync_debug_mode())
+        self._saved = (warnings.filters[0], torch.cuda.get_sync_debug_mode())
         warnings.showwarning = self._record
         torch.cuda.set_sync_debug_mode("warn")
 
@@ -169,12 +169,12 @@ class SyncSites:
 
         if self._saved is None:
             return
-        show, entry, mode = self._saved
+        entry, mode = self._saved
         self._saved = None
         with contextlib.suppress(Exception):
             torch.cuda.set_sync_debug_mode(mode)
         if warnings.showwarning == self._record:  # (bound methods: equal, never identical)
-            warnings.showwarning = show
+            warnings.showwarning = self._show
         with contextlib.suppress(ValueError):
             warnings.filters.remove(entry)  # only our entry: filters added meanwhile by others stay
         with contextlib.suppress(Exception):

@@ -114,7 +114,7 @@ def test_stopping_the_sync_sites_restores_only_what_start_changed_and_never_rais
     shown = warnings.showwarning
     warnings.filterwarnings("always", message=".*synchronizing CUDA operation.*")
     ours = warnings.filters[0]
-    sites._saved = (shown, ours, 0)  # what start() saves on a CUDA machine
+    sites._show, sites._saved = shown, (ours, 0)  # what start() saves on a CUDA machine
     warnings.showwarning = sites._record
     warnings.filterwarnings("ignore", message="added by someone else meanwhile")
     theirs = warnings.filters[0]

@@ -214,3 +214,40 @@ def test_a_dataloader_with_its_own_generator_leaves_the_global_one_alone():
     before = torch.random.get_rng_state()
     next(iter(data))
     assert torch.equal(before, torch.random.get_rng_state())
+
+
+_FACTORY_SCRIPT = """
+import json, sys, tracemalloc, types
+if sys.argv[1] == "fixed":
+    from sd3tune.simpletuner.compat import install
+    install()
+from simpletuner.helpers.data_backend.factory import FactoryRegistry
+
+factory = FactoryRegistry(types.SimpleNamespace(), None, None, None, None)  # SimpleTuner builds one per run
+tracing_after_setup = tracemalloc.is_tracing()  # the training loop runs next
+factory._update_peak_memory()
+print("RESULT " + json.dumps({"tracing": tracing_after_setup, "memory_mb": factory.metrics["memory_usage"]}))
+"""
+
+
+def test_compat_keeps_python_allocations_untraced_through_the_training_loop(tmp_path):
+    """The pinned factory starts tracemalloc and never stops it: every Python allocation of the whole run then records
+    a traceback (a Python loop ran 14x slower inside the training process). Fixed: nothing is traced, and the factory
+    still reports the memory the process holds (its psutil fallback) instead of zeros."""
+    seen = {}
+    for mode in ("pinned", "fixed"):
+        proc = subprocess.run([sys.executable, "-c", _FACTORY_SCRIPT, mode], capture_output=True, text=True,
+                              cwd=tmp_path)
+        seen[mode] = _result(proc)
+    assert seen["pinned"]["tracing"] is True
+    assert seen["fixed"]["tracing"] is False
+    assert seen["fixed"]["memory_mb"]["start"] > 50 and seen["fixed"]["memory_mb"]["peak"] > 50  # MB: torch is loaded
+
+
+def test_compat_leaves_tracemalloc_to_a_user_who_started_it(tmp_path):
+    code = ("import tracemalloc, types; tracemalloc.start();"
+            "from sd3tune.simpletuner.compat import install; install();"
+            "from simpletuner.helpers.data_backend.factory import FactoryRegistry;"
+            "f = FactoryRegistry(types.SimpleNamespace(), None, None, None, None);"
+            "assert tracemalloc.is_tracing() and f.metrics['memory_usage']['start'] > 0, f.metrics")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)

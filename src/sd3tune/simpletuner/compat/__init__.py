@@ -44,6 +44,11 @@ imported eagerly: each fix is applied right after its target module is first imp
    ``timestep`` on the GPU and no other option set, training mode with gradients, one process, no gradient
    checkpointing, TREAD routing, block swapping or compiled blocks. Every other call (validation, sampling) runs
    SimpleTuner's forward unchanged.
+10. SimpleTuner's data backend factory calls ``tracemalloc.start()`` to report the memory its set-up takes and never
+   stops it, so every Python allocation of the whole run records a traceback: a Python loop runs 14x slower (measured
+   inside the training process, 2-core CPU), and each op a training step launches from Python pays for the objects
+   it allocates (the 24-block CPU proxy step: see the speed notes in the README). Keep tracemalloc off unless it was
+   already on: the factory then reports the process's resident memory (its own fallback) instead of traced bytes.
 """
 
 from __future__ import annotations
@@ -189,6 +194,36 @@ def _private_dataloader_generators(module) -> None:
     _replace(getattr(module, "FactoryRegistry", None), "_create_dataset_and_sampler", with_private_generator)
 
 
+class _UntracedMemory:
+    """What SimpleTuner's data backend factory sees as ``tracemalloc`` (fix 10): ``start`` does nothing, and the traced
+    memory is unavailable unless the process was already tracing (the factory then falls back to psutil's RSS)."""
+
+    def __init__(self, tracemalloc) -> None:
+        self._tracemalloc = tracemalloc
+
+    def start(self, *args) -> None:
+        return None
+
+    def get_traced_memory(self) -> tuple[int, int]:
+        if not self._tracemalloc.is_tracing():
+            raise RuntimeError("tracemalloc is off (sd3tune: SimpleTuner would leave it on for the whole run)")
+        return self._tracemalloc.get_traced_memory()
+
+    def __getattr__(self, name: str):
+        return getattr(self._tracemalloc, name)
+
+
+def _untraced_factory_memory(module) -> None:
+    tracemalloc = getattr(module, "tracemalloc", None)
+    if tracemalloc is not None and not isinstance(tracemalloc, _UntracedMemory):
+        module.tracemalloc = _UntracedMemory(tracemalloc)
+
+
+def _fix_data_backend_factory(module) -> None:
+    _private_dataloader_generators(module)
+    _untraced_factory_memory(module)
+
+
 def _compile_repeated_blocks_only(module) -> None:
     is_repeated = getattr(module, "is_repeated_blocks", None)
     if is_repeated is None:
@@ -287,7 +322,7 @@ FIXES = {
     "simpletuner.helpers.models.sd3.transformer": _fix_sd3_transformer,
     "simpletuner.helpers.training.dynamo": _skip_step_marker_without_compile,
     "simpletuner.helpers.training.trainer": _cache_trainable_parameters,
-    "simpletuner.helpers.data_backend.factory": _private_dataloader_generators,
+    "simpletuner.helpers.data_backend.factory": _fix_data_backend_factory,
     "accelerate.utils.other": _compile_repeated_blocks_only,
 }
 

@@ -23,7 +23,8 @@ regional-cudagraphs (+ dynamo_mode=reduce-overhead), regional-cudagraphs-noprefe
 (SimpleTuner's default C++ Inductor wrapper, which turns CUDA graphs off: "skipping cudagraphs due to cpp wrapper
 enabled"), inductor (the whole model compiled), cuda-graphs (the default + `sd3tune train --cuda-graphs`: the
 transformer's training forward and backward replayed from CUDA graphs, no compile), cuda-graphs-noprefetch,
-fused-adamw (optimizer_config=fused=true: torch's fused AdamW kernel), cuda-graphs-fused-adamw.
+fused-adamw (optimizer_config=fused=true: torch's fused AdamW kernel), cuda-graphs-fused-adamw, traced-allocations
+(the default with every Python allocation traced, as the pinned SimpleTuner ran before compat fix 10).
 Each variant compiles with an empty compile cache of its own (what a first run sees); --warm-cache shares one.
 
 --anchor-json FILE takes the anchor from ../shared/bench/anchor_sd3m.py's anchor.json (its
@@ -75,7 +76,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # of an eager H200 step in py-spy
     "fused-adamw": {**_EAGER, "dataloader_prefetch": True, "optimizer_config": "fused=true"},
     "cuda-graphs-fused-adamw": {**_EAGER, "dataloader_prefetch": True, "optimizer_config": "fused=true"},
+    # the default as the pinned SimpleTuner ran it before compat fix 10: every Python allocation traced (tracemalloc
+    # started in the training process; BENCH_SITE_ENV), to measure what that fix gains on this machine
+    "traced-allocations": {},
 }
+TRACED_ALLOCATIONS = {"traced-allocations"}
 # Variants that also set `sd3tune train` options (TrainOptions fields), not only SimpleTuner ones.
 TRAIN_OPTIONS: dict[str, dict[str, Any]] = {name: {"cuda_graphs": True} for name in VARIANTS
                                             if name.startswith("cuda-graphs")}
@@ -250,26 +255,32 @@ def cold_compile_cache(run_dir: Path) -> None:
     os.environ["TRITON_CACHE_DIR"] = str(cache / "triton")
 
 
-PROFILE_SITE = Path(__file__).resolve().parent / "_profile_site"
+BENCH_SITE = Path(__file__).resolve().parent / "_profile_site"
+BENCH_SITE_ENV = "SD3TUNE_BENCH_TRACEMALLOC"  # "1": _profile_site starts tracemalloc (variant traced-allocations)
+TRACING_MARK = "sd3tune bench: tracing Python allocations"  # what _profile_site prints when it did
 
 
 @contextlib.contextmanager
-def profiled_launches(spec: str | None, out: Path) -> Iterator[None]:
-    """While active, `sd3tune train` launches SimpleTuner with the step profiler (step_profile.py) loaded next to
-    sd3tune's compat fixes, writing its summary to ``out``. A benchmark aid: the product never loads it."""
+def bench_launches(profile: str | None, out: Path, trace_allocations: bool = False) -> Iterator[None]:
+    """While active, `sd3tune train` launches SimpleTuner with ``_profile_site`` loaded next to sd3tune's compat fixes:
+    with ``profile``, the step profiler (step_profile.py) writing its summary to ``out``; with ``trace_allocations``,
+    tracemalloc started as the pinned SimpleTuner left it. Benchmark aids: the product never loads them."""
     from sd3tune.commands import train
 
-    if spec is None:
+    if profile is None and not trace_allocations:
         yield
         return
     original = train.build_launch
 
     def build_launch(*args: Any, **kwargs: Any) -> Any:
         plan = original(*args, **kwargs)
-        env = {**plan.env, "PYTHONPATH": os.pathsep.join([str(PROFILE_SITE), plan.env["PYTHONPATH"]]),
-               step_profile.ENV: f"{spec}:{out}"}
-        if os.environ.get(step_profile.TRACE_ENV):
-            env[step_profile.TRACE_ENV] = os.environ[step_profile.TRACE_ENV]
+        env = {**plan.env, "PYTHONPATH": os.pathsep.join([str(BENCH_SITE), plan.env["PYTHONPATH"]])}
+        if profile is not None:
+            env[step_profile.ENV] = f"{profile}:{out}"
+            if os.environ.get(step_profile.TRACE_ENV):
+                env[step_profile.TRACE_ENV] = os.environ[step_profile.TRACE_ENV]
+        if trace_allocations:
+            env[BENCH_SITE_ENV] = "1"
         return dataclasses.replace(plan, env=env)
 
     train.build_launch = build_launch
@@ -327,7 +338,7 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
     error = None
     result = None
     profile_path = run_dir / "logs" / "step-profile.json"
-    with PeakMemory(mem_kind) as mem, profiled_launches(profile, profile_path):
+    with PeakMemory(mem_kind) as mem, bench_launches(profile, profile_path, name in TRACED_ALLOCATIONS):
         try:
             result = run_train(TrainOptions(run_dir=run_dir, **TRAIN_OPTIONS.get(name, {})), on_progress=on_progress,
                                on_status=on_status)
@@ -360,6 +371,10 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
         if mem_kind == "gpu" and not any(m.startswith("captured") for m in said):
             out["error"] = report(p + "error", "--cuda-graphs replayed nothing (see V.cuda_graphs): the timings below "
                                                "are eager ones")
+    traced = result.log is not None and TRACING_MARK in result.log.read_text(errors="replace")
+    if name in TRACED_ALLOCATIONS and not traced:
+        out["error"] = report(p + "error", "tracemalloc was not started in the training process: the timings below "
+                                           "are the default's")
     report(p + "inductor_graphs_compiled", compiled)
     report(p + "steps", total)
     if 0 in marks:

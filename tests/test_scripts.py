@@ -38,7 +38,8 @@ def bench_work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def train_bench(bench_work):
     return run_script("bench_train.py", "--size", "tiny", "--work", str(bench_work), "--steps", "8", "--warmup", "3",
-                      "--profile", "2", "--json", str(bench_work / "train.json"), timeout=420)
+                      "--variants", "default,traced-allocations", "--profile", "2", "--json",
+                      str(bench_work / "train.json"), timeout=600)
 
 
 @pytest.mark.e2e
@@ -72,6 +73,12 @@ def test_bench_train_runs_at_tiny_size(train_bench, bench_work):
         assert profile["steps"] == 2 and profile["device"] == "cpu"
         assert profile["wall_s_per_step"] > 0 and sum(profile["cpu_ops_per_step"].values()) > 100
         assert profile["gpu"]["kernels_per_step"] == 0 and profile["sync_sites"] == []  # no GPU here
+    # the pinned SimpleTuner's traced allocations, for measuring compat fix 10: the training process said it traced
+    # (bench_train reports traced-allocations.error otherwise) and the run trained
+    assert "traced-allocations.error" not in result and "default.error" not in result
+    positive(result, "traced-allocations.s_per_step")
+    assert "tracing Python allocations" in Path(result["traced-allocations.log"]).read_text()
+    assert "tracing Python allocations" not in Path(result["default.log"]).read_text()
 
 
 def test_the_deep_proxy_model_has_sd3_mediums_blocks_at_the_tiny_width(tmp_path, tiny_model):

@@ -1,12 +1,18 @@
-# bench_train.py --profile puts this folder first on the training process's PYTHONPATH: first what the product's own
-# sitecustomize does (sd3tune's compat fixes), then the step profiler of scripts/step_profile.py.
+# bench_train.py puts this folder first on the training process's PYTHONPATH (--profile, variant traced-allocations):
+# first what the product's own sitecustomize does (sd3tune's compat fixes), then the benchmark's aids: tracemalloc
+# started as the pinned SimpleTuner left it (SD3TUNE_BENCH_TRACEMALLOC=1), the step profiler of scripts/step_profile.py.
+import os
 import runpy
 import sys
+import tracemalloc
 from pathlib import Path
 
 from sd3tune.simpletuner.compat import SITE_DIR
 
 runpy.run_path(str(SITE_DIR / "sitecustomize.py"))
+if os.environ.get("SD3TUNE_BENCH_TRACEMALLOC") == "1":
+    tracemalloc.start()  # compat fix 10 leaves a tracemalloc it did not start running
+    print("sd3tune bench: tracing Python allocations (tracemalloc), as the pinned SimpleTuner did", file=sys.stderr)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import step_profile  # noqa: E402
 

@@ -214,14 +214,16 @@ def steady_seconds_per_step(marks: dict[int, float], total: int, warmup: int) ->
     return (end[1] - start[1]) / (end[0] - start[0])
 
 
-def log_highlights(log: Path | None, limit: int = 8) -> tuple[list[str], int, list[str]]:
+def log_highlights(log: Path | None, limit: int = 8) -> tuple[list[str], int, list[str], bool]:
     """SimpleTuner's lines about compilation, CUDA graphs and attention (to see what the run really did), how many
-    graphs Inductor compiled, and what sd3tune's CUDA-graph replay said (``train --cuda-graphs``)."""
+    graphs Inductor compiled, what sd3tune's CUDA-graph replay said (``train --cuda-graphs``), and whether the bench
+    site traced Python allocations (variant traced-allocations): one read of the log for all four."""
     if log is None or not log.is_file():
-        return [], 0, []
+        return [], 0, [], False
     found: list[str] = []
     said: list[str] = []
     compiled = 0
+    traced = False
     pattern = re.compile(r"Torch Dynamo|kohaku|attention backend|native SDPA|skipping cudagraphs"
                          r"|cudagraph.*(skip|disabl)|recompil|TorchInductor wrapper", re.I)
     for line in re.split(r"[\r\n]", log.read_text(errors="replace")):
@@ -231,10 +233,12 @@ def log_highlights(log: Path | None, limit: int = 8) -> tuple[list[str], int, li
             said.append(message)
         elif "done compiling" in line:
             compiled += 1
+        elif TRACING_MARK in line:
+            traced = True
         elif pattern.search(line) and line[:200] not in found and not line.startswith("Extra args"):
             if len(found) < limit:
                 found.append(line[:200])
-    return found, compiled, said
+    return found, compiled, said, traced
 
 
 def not_applied(requested: dict[str, Any], resolved: dict[str, Any]) -> dict[str, Any]:
@@ -363,7 +367,7 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
         if dropped:
             out["error"] = report(p + "error", f"SimpleTuner did not apply {sorted(dropped)} (it resolved "
                                                f"{dropped}); the timings below are not this variant's")
-    lines, compiled, said = log_highlights(result.log)
+    lines, compiled, said, traced = log_highlights(result.log)
     for i, line in enumerate(lines):
         report(p + f"log_line_{i}", line)
     if TRAIN_OPTIONS.get(name, {}).get("cuda_graphs"):
@@ -371,7 +375,6 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
         if mem_kind == "gpu" and not any(m.startswith("captured") for m in said):
             out["error"] = report(p + "error", "--cuda-graphs replayed nothing (see V.cuda_graphs): the timings below "
                                                "are eager ones")
-    traced = result.log is not None and TRACING_MARK in result.log.read_text(errors="replace")
     if name in TRACED_ALLOCATIONS and not traced:
         out["error"] = report(p + "error", "tracemalloc was not started in the training process: the timings below "
                                            "are the default's")

@@ -181,3 +181,69 @@ def test_pngs_match_diffusers_own_pil_output_pixel_for_pixel(tiny_model, tmp_pat
     for path, image in zip(written, diffusers_pil):
         assert np.array_equal(pixels(path), np.asarray(image, dtype=np.float32))
     assert not np.array_equal(pixels(written[0]), pixels(written[1]))
+
+
+def test_prompt_embeddings_are_encoded_once_per_prompt_and_give_diffusers_own_images(tiny_model, monkeypatch):
+    # later batches of a prompt reuse its text embeddings; the images must be those of diffusers' own prompt path
+    import torch
+
+    from sd3tune.inference import SamplerSettings, load_pipeline, run_images
+
+    s = SamplerSettings(steps=3, width=64, height=64, negative="blurry")
+    p = load_pipeline(str(tiny_model))
+    encodes = []
+    real_encode = p.pipe.encode_prompt
+
+    def encode_prompt(**kw):  # the pipeline calls it once more itself, with the embeddings given (prompt None)
+        if kw.get("prompt") is not None:
+            encodes.append(kw["prompt"])
+        return real_encode(**kw)
+
+    monkeypatch.setattr(p.pipe, "encode_prompt", encode_prompt)
+    ours = [*run_images(p, PROMPT, [0, 1], s, output_type="np"), *run_images(p, PROMPT, [2], s, output_type="np")]
+    assert encodes == [PROMPT]
+    run_images(p, "another prompt", [0], s, output_type="np")
+    run_images(p, PROMPT, [0], s, output_type="np")  # only the latest prompt is kept
+    assert encodes == [PROMPT, "another prompt", PROMPT]
+    p.set_lora_scale(1.0)  # a LoRA may reach the text encoders: encode again
+    run_images(p, PROMPT, [0], s, output_type="np")
+    assert len(encodes) == 4
+
+    def diffusers_own(seeds):  # the pipeline encoding the prompt itself, in every call (same batches as ours)
+        with torch.inference_mode():
+            return list(real_encode.__self__(
+                prompt=PROMPT, negative_prompt="blurry", num_images_per_prompt=len(seeds), num_inference_steps=3,
+                guidance_scale=s.guidance, width=64, height=64, max_sequence_length=s.max_sequence_length,
+                generator=[torch.Generator("cpu").manual_seed(i) for i in seeds], output_type="np").images)
+
+    assert np.array_equal(np.stack(ours), np.stack(diffusers_own([0, 1]) + diffusers_own([2])))
+
+
+def test_fused_feed_forwards_keep_the_model_on_the_cpu_and_compute_sd3s_tanh_gelu_on_cuda(tiny_model):
+    import torch
+    import torch.nn.functional as F
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.attention import FeedForward
+
+    from sd3tune.inference import fuse_gelu_epilogues
+
+    model = SD3Transformer2DModel.from_pretrained(tiny_model / "transformer").eval()
+    c = model.config
+    torch.manual_seed(0)
+    args = (torch.randn(2, c.in_channels, 8, 8), torch.randn(2, 5, c.joint_attention_dim),
+            torch.randn(2, c.pooled_projection_dim), torch.tensor([500.0, 20.0]))
+    with torch.inference_mode():
+        before = model(*args).sample
+        ff = sum(1 for b in model.transformer_blocks for name in ("ff", "ff_context") if getattr(b, name, None))
+        assert fuse_gelu_epilogues(model) == ff > 0
+        assert torch.equal(model(*args).sample, before)  # CPU tensors take diffusers' own path
+    if not torch.cuda.is_available():
+        return
+    layer = FeedForward(64, activation_fn="gelu-approximate").cuda().eval()
+    fuse_gelu_epilogues(layer)
+    x = torch.randn(2, 300, 64, device="cuda") * 3
+    with torch.inference_mode():
+        pre = layer.net[0].proj(x)
+        fused = layer.net[0](x)
+        tanh, exact = F.gelu(pre, approximate="tanh"), F.gelu(pre)
+    assert (fused - tanh).abs().max() < 1e-4 < (fused - exact).abs().max()  # SD3's GELU, not the exact one

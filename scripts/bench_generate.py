@@ -24,6 +24,7 @@ examples:
   python scripts/bench_generate.py                                  # CPU: tiny; CUDA: SD3M size, default + compile
   python scripts/bench_generate.py --images 24 --batch-size 4 --json /tmp/gen.json
   python scripts/bench_generate.py --lora /tmp/sd3tune-bench/runs/default   # with the LoRA bench_train trained
+  python scripts/bench_generate.py --variants compile --profile              # where a compiled image's GPU time goes
   python ../shared/bench/anchor_sd3m.py --out /tmp && python scripts/bench_generate.py --anchor-json /tmp/anchor.json
 """
 
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lora", type=Path, default=None, help="a LoRA (run folder or .safetensors) for both sides")
     ap.add_argument("--anchor-json", type=Path, default=None,
                     help="anchor_sd3m.py's anchor.json from the same command: use its generation row as the anchor")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each variant's timed run, load it again and profile one warm batch with torch.profiler "
+                         "(CUDA: GPU time per image by kernel kind, top kernels; summary in WORK/profiles/)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     return ap.parse_args(argv)
 
@@ -206,6 +210,51 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
             "time_to_first_image_s": first, "images": [i.path for i in result.images]}
 
 
+def profile_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda: bool, report: Report) -> None:
+    """One batch of ``name`` as `sd3tune generate` makes it (same load, LoRA, fast path and sampler settings), after a
+    warm-up batch, under torch.profiler; per image: wall time, GPU busy time, GPU time by kernel kind, top kernels."""
+    import json
+
+    import torch
+    from step_profile import summarize_trace
+    from torch.profiler import ProfilerActivity, profile
+
+    from sd3tune.inference import SamplerSettings, load_pipeline, make_images, resolve_lora
+
+    bs = args.batch_size or (4 if cuda else 2)
+    pipe = load_pipeline(str(model), lora=resolve_lora(args.lora) if args.lora is not None else None)
+    pipe.set_lora_scale(1.0)
+    if name == "compile":
+        pipe.fast_path()
+    settings = SamplerSettings(steps=args.steps, guidance=args.guidance, width=res, height=res,
+                               max_sequence_length=args.max_sequence_length)
+    seeds = list(range(bs))
+    make_images(pipe, PROMPTS[0], seeds, settings).pil(bs - 1)  # warm-up: compiles, encodes the prompt
+    sync(cuda)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        t = time.perf_counter()
+        make_images(pipe, PROMPTS[0], seeds, settings).pil(bs - 1)
+        sync(cuda)
+        wall = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as td:
+        prof.export_chrome_trace(str(Path(td) / "trace.json"))
+        summary = summarize_trace(json.loads((Path(td) / "trace.json").read_text()), bs, wall)
+    path = args.work / "profiles" / f"generate-{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1) + "\n")
+    gpu, p = summary["gpu"], f"{name}.profile_"
+    report(p + "summary", str(path))
+    report(p + "wall_s_per_image", summary["wall_s_per_step"], f"one warm batch of {bs}, slowed by the profiler")
+    report(p + "gpu_busy_s_per_image", gpu["busy_s_per_step"],
+           f"GPU busy fraction {gpu['busy_fraction']}, {gpu['kernels_per_step']} kernels per image")
+    report(p + "gpu_ms_per_image_by_kind", gpu["by_kind_ms_per_step"])
+    report(p + "top_kernels", gpu["top"][:8], "[kernel, ms per image, calls per image]")
+    del pipe
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cuda, size, report = start("generate", args)
@@ -232,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         made: dict[str, list[Path]] = {}
         for name in names:
             out = run_variant(name, args, model, res, cuda, Path(td), report)
+            if args.profile:
+                profile_variant(name, args, model, res, cuda, report)
             made[name] = out["images"]
             if name != "default" and "default" in made:
                 report(f"{name}.mean_abs_diff_vs_default", round(mean_abs_diff(made["default"], out["images"]), 3),

@@ -9,6 +9,7 @@ profiler after step ``start`` and stops it after step ``start + steps``, then wr
   gpu.busy_fraction        busy / wall: near 1 = GPU-bound; well below 1 = the GPU waits for the CPU
   gpu.kernels_per_step     kernels launched per step (batch 1 at 1024 px is bound by launching these)
   gpu.top                  the kernels that take the most GPU time
+  gpu.by_kind_ms_per_step  GPU time per kernel kind (attention, matmul, triton, conv, copy, elementwise, other)
   runtime                  CUDA runtime/driver calls on the CPU side (launches, synchronisations, copies)
   sync_wait_s_per_step     CPU time spent in calls that wait for the GPU (synchronize, device-to-host and pageable
                            copies)
@@ -70,6 +71,21 @@ def _union_seconds(intervals: list[tuple[float, float]]) -> float:
     return total / 1e6
 
 
+# What a GPU kernel does, from its name (first match wins): how a step's GPU time splits between attention, matmuls,
+# compiled (Triton) kernels, convolutions, copies and PyTorch's own elementwise/reduction kernels.
+KERNEL_KINDS = (("attention", ("sdpa", "flash", "fmha", "attention")),
+                ("conv", ("conv", "implicit_gemm", "winograd", "nchwtonhwc", "nhwctonchw")),
+                ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+                ("triton", ("triton",)),
+                ("copy", ("memcpy", "memset", "copy", "cat")),
+                ("elementwise", ("elementwise", "reduce", "vectorized", "norm")))
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in lower for k in keys)), "other")
+
+
 def _per_step(counter: dict[str, tuple[float, int]], steps: int, limit: int) -> list[list[Any]]:
     """[[name, ms per step, calls per step], ...] for the ``limit`` names with the most time."""
     rows = sorted(counter.items(), key=lambda kv: -kv[1][0])[:limit]
@@ -123,11 +139,20 @@ def summarize_trace(trace: dict[str, Any], steps: int, wall_s: float) -> dict[st
             "busy_fraction": round(busy / wall_s, 3) if wall_s > 0 and gpu else None,
             "kernels_per_step": round(n_kernels / steps, 1),
             "top": _per_step({k: (v[0], int(v[1])) for k, v in kernels.items()}, steps, 15),
+            "by_kind_ms_per_step": _by_kind(kernels, steps),
         },
         "runtime": _per_step({k: (v[0], int(v[1])) for k, v in runtime.items()}, steps, 10),
         "sync_wait_s_per_step": round(wait_us / 1e6 / steps, 4),
         "cpu_ops_per_step": {tid: round(n / steps, 1) for tid, n in ops_by_thread.most_common()},
     }
+
+
+def _by_kind(kernels: dict[str, list[float]], steps: int) -> dict[str, float]:
+    """GPU milliseconds per step of each kernel kind (summed durations: overlapping kernels count twice), most first."""
+    totals: collections.Counter[str] = collections.Counter()
+    for name, (us, _) in kernels.items():
+        totals[kernel_kind(name)] += us
+    return {kind: round(us / 1e3 / steps, 3) for kind, us in totals.most_common()}
 
 
 def _say(message: str) -> None:

@@ -97,7 +97,8 @@ def test_bench_generate_runs_at_tiny_size(train_bench, bench_work):
     # Reuses the tiny model bench_train built, and generates with the LoRA it trained.
     proc, result = run_script("bench_generate.py", "--size", "tiny", "--work", str(bench_work), "--variants",
                               "default,compile", "--images", "4", "--batch-size", "2", "--steps", "8",
-                              "--anchor-images", "1", "--lora", str(bench_work / "runs" / "default"), timeout=300)
+                              "--anchor-images", "1", "--lora", str(bench_work / "runs" / "default"), "--profile",
+                              timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert result["bench"] == "generate" and result["model_build_s"] == 0.0  # reused, not rebuilt
     for key in ("anchor.s_per_image", "anchor.time_to_first_image_s", "default.s_per_image",
@@ -108,6 +109,10 @@ def test_bench_generate_runs_at_tiny_size(train_bench, bench_work):
     assert "LoRA fused into the transformer weights" in result["compile.notes"], result["compile.notes"]
     assert any("nothing compiled on cpu" in note for note in result["compile.notes"]), result["compile.notes"]
     assert result["compile.mean_abs_diff_vs_default"] < 0.5  # fusing the LoRA only rounds differently
+    for name in ("default", "compile"):  # --profile: one warm batch each, on CPU without GPU numbers
+        positive(result, f"{name}.profile_wall_s_per_image")
+        assert result[f"{name}.profile_gpu_busy_s_per_image"] == 0.0
+        assert json.loads(Path(result[f"{name}.profile_summary"]).read_text())["cpu_ops_per_step"]
 
 
 def test_bench_cache_read_times_simpletuners_gzip_and_plain_reads():

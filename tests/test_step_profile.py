@@ -38,6 +38,7 @@ def test_gpu_busy_time_is_the_union_of_kernels_copies_and_memsets_and_sync_waits
     assert gpu["busy_fraction"] == pytest.approx(0.021 / 0.2, abs=1e-3)
     assert gpu["kernels_per_step"] == 1.0
     assert gpu["top"][0] == ["gemm", 10.0, 1.0]  # 20 ms in 2 calls over 2 steps
+    assert gpu["by_kind_ms_per_step"] == {"matmul": 10.0, "copy": 3.0}  # the memcpy 2 + the memset 1 per step
     assert summary["sync_wait_s_per_step"] == pytest.approx(60 / 2 / 1e3)  # cudaStreamSynchronize + cudaMemcpyAsync
     assert summary["runtime"][0] == ["cudaStreamSynchronize", 25.0, 0.5]
     assert summary["cpu_ops_per_step"] == {"1": 1.0, "2": 0.5}
@@ -46,7 +47,26 @@ def test_gpu_busy_time_is_the_union_of_kernels_copies_and_memsets_and_sync_waits
 
 def test_a_cpu_only_trace_has_no_gpu_numbers():
     summary = step_profile.summarize_trace({"traceEvents": [event("cpu_op", "aten::mm", 0, 2)]}, steps=1, wall_s=1.0)
-    assert summary["gpu"] == {"busy_s_per_step": 0.0, "busy_fraction": None, "kernels_per_step": 0.0, "top": []}
+    assert summary["gpu"] == {"busy_s_per_step": 0.0, "busy_fraction": None, "kernels_per_step": 0.0, "top": [],
+                              "by_kind_ms_per_step": {}}
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0",
+     "attention"),
+    ("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_NNT", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off", "matmul"),
+    ("triton_per_fused_add_mul_native_layer_norm_0", "triton"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "conv"),
+    ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::direct_copy_kernel_cuda",
+     "copy"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl", "elementwise"),
+    ("void cudnn::ops::nchwToNhwcKernel<__nv_bfloat16>", "conv"),
+    ("Memset (Device)", "copy"),
+    ("some_custom_kernel", "other"),
+])
+def test_kernels_are_sorted_into_kinds_by_name(name, kind):
+    assert step_profile.kernel_kind(name) == kind
 
 
 @pytest.mark.parametrize("spec", ["0:3:/tmp/x.json", "2:0:/tmp/x.json", "2:3"])

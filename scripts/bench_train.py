@@ -311,6 +311,7 @@ def report_profile(prefix: str, path: Path, report: Report) -> None:
     report(f"{prefix}.profile_sync_wait_s_per_step", prof["sync_wait_s_per_step"],
            "CPU time waiting in CUDA synchronisations and blocking copies")
     report(f"{prefix}.profile_sync_sites", prof["sync_sites"][:8])
+    report(f"{prefix}.profile_gpu_ms_per_step_by_kind", gpu.get("by_kind_ms_per_step"))
     report(f"{prefix}.profile_top_kernels", gpu["top"][:6])
     report(f"{prefix}.profile_cpu_ops_per_step", prof["cpu_ops_per_step"], "profiler op events (nested), per thread")
     if "warning" in prof:

@@ -73,6 +73,7 @@ def test_bench_train_runs_at_tiny_size(train_bench, bench_work):
         assert profile["steps"] == 2 and profile["device"] == "cpu"
         assert profile["wall_s_per_step"] > 0 and sum(profile["cpu_ops_per_step"].values()) > 100
         assert profile["gpu"]["kernels_per_step"] == 0 and profile["sync_sites"] == []  # no GPU here
+        assert result[f"{who}.profile_gpu_ms_per_step_by_kind"] == {}
     # the pinned SimpleTuner's traced allocations, for measuring compat fix 10: the training process said it traced
     # (bench_train reports traced-allocations.error otherwise) and the run trained
     assert "traced-allocations.error" not in result and "default.error" not in result

@@ -216,7 +216,7 @@ def profile_variant(name: str, args: argparse.Namespace, model: Path, res: int, 
     import json
 
     import torch
-    from step_profile import summarize_trace
+    from step_profile import chrome_trace, summarize_trace
     from torch.profiler import ProfilerActivity, profile
 
     from sd3tune.inference import SamplerSettings, load_pipeline, make_images, resolve_lora
@@ -236,9 +236,7 @@ def profile_variant(name: str, args: argparse.Namespace, model: Path, res: int, 
         make_images(pipe, PROMPTS[0], seeds, settings).pil(bs - 1)
         sync(cuda)
         wall = time.perf_counter() - t
-    with tempfile.TemporaryDirectory() as td:
-        prof.export_chrome_trace(str(Path(td) / "trace.json"))
-        summary = summarize_trace(json.loads((Path(td) / "trace.json").read_text()), bs, wall)
+    summary = summarize_trace(json.loads(chrome_trace(prof)), bs, wall)
     path = args.work / "profiles" / f"generate-{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=1) + "\n")

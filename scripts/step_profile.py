@@ -147,6 +147,14 @@ def summarize_trace(trace: dict[str, Any], steps: int, wall_s: float) -> dict[st
     }
 
 
+def chrome_trace(profiler: Any) -> bytes:
+    """A stopped torch.profiler's Chrome trace, as ``export_chrome_trace`` writes it (the input of summarize_trace)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        return path.read_bytes()
+
+
 def _by_kind(kernels: dict[str, list[float]], steps: int) -> dict[str, float]:
     """GPU milliseconds per step of each kernel kind (summed durations: overlapping kernels count twice), most first."""
     totals: collections.Counter[str] = collections.Counter()
@@ -269,10 +277,7 @@ class StepProfile:
         wall = time.perf_counter() - self.t0
         assert self.profiler is not None
         self.profiler.stop()
-        with tempfile.TemporaryDirectory() as tmp:
-            trace_path = Path(tmp) / "trace.json"
-            self.profiler.export_chrome_trace(str(trace_path))
-            raw = trace_path.read_bytes()
+        raw = chrome_trace(self.profiler)
         summary = summarize_trace(json.loads(raw), self.steps, wall)
         summary["sync_sites"] = [[where, round(n / self.steps, 2)] for where, n in self.sync_sites.sites.most_common(20)]
         summary["after_step"] = self.start

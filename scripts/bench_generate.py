@@ -6,14 +6,18 @@ On a CUDA host: an SD3-Medium-sized model with random weights (no download; cach
 CFG 7, T5 length 256. Without a GPU: the tiny random SD3 at 64 px, so CI keeps the script working (numbers labelled
 "tiny/CPU: not an acceptance number"). Printed per variant:
 
-  s_per_image            steady state: images after the first batch (sd3tune: includes writing the PNG)
+  s_per_image            steady state: images after the first batch, each counted when its PNG is on disk (the
+                         writer thread encodes a batch while the GPU makes the next one)
   time_to_first_image_s  from the call to the first image written (loading, compiling, first batch)
   peak_mem_gib           torch's peak allocated GPU memory in that phase (CPU: this process's RSS)
   ratio_s_per_image      s_per_image / anchor's
 
-Variants (--variants): default (`sd3tune generate` as shipped) and compile (`--compile`: LoRA fused, per-block
-torch.compile of the transformer and the VAE decoder compiled; ignored with a note on CPU). Each variant after
-default also reports how far its images are from default's at the same seeds (mean |pixel difference| out of 255).
+Variants (--variants): default (`sd3tune generate` as shipped), compile (`--compile`: LoRA fused, per-block
+torch.compile of the transformer and the VAE decoder compiled; ignored with a note on CPU) and compile-qkv, a
+candidate not yet in `generate --compile`: compile plus each joint attention's q/k/v computed by one matmul per
+stream (see fuse_qkv; applied on CPU too, so CI checks its images), and compile-autotune, another: the blocks
+compiled with max-autotune (CUDA only). Each variant after default also reports how far
+its images are from default's at the same seeds (mean |pixel difference| out of 255).
 Target on an H100-class card (H100, H200, H800, GH200): <= 1.1 s per 1024x1024 image.
 
 --anchor-json FILE takes the anchor from ../shared/bench/anchor_sd3m.py's anchor.json (its
@@ -36,8 +40,9 @@ import io
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_common import (SIZES, PeakMemory, Report, acceptance_label, anchor_row, median,  # noqa: E402
@@ -47,9 +52,71 @@ from sd3tune.sheets import mean_abs_diff  # noqa: E402
 
 TARGET_S_PER_IMAGE = 1.1  # on an H100-class (Hopper) card
 HOPPER = ("H100", "H200", "H800", "GH200")
-VARIANTS = ("default", "compile")
+VARIANTS = ("default", "compile", "compile-qkv", "compile-autotune")
 PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert city, concept art",
            "a lighthouse at dusk, oil painting", "a spaceship over a forest, concept art"]
+
+
+def fuse_qkv(transformer: Any) -> int:
+    """The compile-qkv candidate: each SD3 joint attention computes the image stream's q, k, v with one matmul and the
+    text stream's with another (diffusers' ``Attention.fuse_projections`` + ``FusedJointAttnProcessor2_0``): two GEMMs
+    per block instead of six, the input read once, and q/k/v reach SDPA in (batch, sequence, heads, dim) layout, so
+    the attention output's transpose back is a view instead of a copy. Only where that processor computes what
+    diffusers' default one does: joint attention without q/k normalisation (SD3 Medium; SD3.5 normalises q/k and is
+    left as is). Returns how many attention layers were fused."""
+    from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
+
+    fused = 0
+    for block in getattr(transformer, "transformer_blocks", []):
+        attn = block.attn
+        norms = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
+        if type(attn.processor) is JointAttnProcessor2_0 and all(getattr(attn, n, None) is None for n in norms):
+            attn.fuse_projections()
+            attn.set_processor(FusedJointAttnProcessor2_0())
+            fused += 1
+    return fused
+
+
+def autotune_blocks(transformer: Any) -> int:
+    """The compile-autotune candidate: the blocks compiled with ``mode="max-autotune-no-cudagraphs"`` (Inductor
+    benchmarks Triton GEMM templates against cuBLAS per shape and tunes its pointwise kernels). PERFORMANCE.md (H100,
+    CFG batch 2): the whole transformer so compiled took 1.15 s per 1024 px image against ~1.20 for per-block default
+    compile, after 520 s of compiling; per block, the 24 identical blocks share one set of shapes, so the autotuning
+    happens once. CUDA only (``generate --compile`` compiles nothing on CPU either); returns how many blocks."""
+    blocks = list(getattr(transformer, "transformer_blocks", []))
+    if not blocks or next(transformer.parameters()).device.type != "cuda":
+        return 0
+    for block in blocks:
+        block.compile(dynamic=False, mode="max-autotune-no-cudagraphs")
+    return len(blocks)
+
+
+CANDIDATES = {  # variant -> (what it adds to generate --compile's fast path, its note)
+    "compile-qkv": (fuse_qkv, "q/k/v fused into one matmul per stream in {} attention layers"),
+    "compile-autotune": (autotune_blocks, "{} blocks compiled with max-autotune-no-cudagraphs"),
+}
+
+
+@contextmanager
+def candidate(name: str) -> Iterator[None]:
+    """While a candidate variant runs, ``Pipeline.fast_path`` (what `generate --compile` calls) also applies the
+    candidate; compiling is lazy, so the compiled blocks see it. Nothing changes for default and compile."""
+    from sd3tune.inference import Pipeline
+
+    if name not in CANDIDATES:
+        yield
+        return
+    apply, note = CANDIDATES[name]
+    shipped = Pipeline.fast_path
+
+    def fast_path(self: Pipeline, images: int | None = None) -> list[str]:
+        return [*shipped(self, images), "candidate: " + note.format(apply(self.pipe.transformer))]
+
+    Pipeline.fast_path = fast_path
+    try:
+        yield
+    finally:
+        Pipeline.fast_path = shipped
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -179,8 +246,8 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
     opts = GenerateOptions(prompts=[PROMPTS[0]], model=str(model), lora=args.lora, num_images=n, batch_size=bs,
                            steps=args.steps, guidance=args.guidance, width=res, height=res,
                            max_sequence_length=args.max_sequence_length, out=out / name,
-                           compile=name == "compile")
-    with Phase(cuda) as phase:
+                           compile=name != "default")
+    with Phase(cuda) as phase, candidate(name):
         t0 = time.perf_counter()
         result = run_generate(opts, on_image=lambda _img: arrivals.append(time.perf_counter() - t0), progress=False)
     p = f"{name}."
@@ -195,7 +262,8 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
     s_per_image = median(per_image)
     report(p + "first_batch_s", round(ends[0] - result.load_seconds, 1), "includes any compile")
     report(p + "peak_mem_gib", phase.gib, phase.how)
-    # The PNG + provenance write is part of sd3tune's per-image time; measure it alone.
+    # Encoding a PNG with provenance, alone: the writer thread does this for every image while the GPU makes the next
+    # batch, so it reaches s_per_image only if a batch's PNGs take longer than a batch.
     from PIL import Image
 
     from sd3tune.inference import png_metadata
@@ -203,8 +271,9 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
     image = Image.open(result.images[-1].path).convert("RGB")
     t = time.perf_counter()
     image.save(io.BytesIO(), format="PNG", pnginfo=png_metadata({"prompt": PROMPTS[0], "seed": 0}))
-    png_s = report(p + "png_write_s", round(time.perf_counter() - t, 4), "one image, inside s_per_image")
-    report(p + "s_per_image_without_png", round(s_per_image - png_s, 4), "estimate: s_per_image - png_write_s")
+    png_s = report(p + "png_write_s", round(time.perf_counter() - t, 4), "one image, on the writer thread")
+    if png_s > s_per_image:
+        report(p + "png_bound", True, "the writer thread, not the GPU, sets s_per_image")
     return {"s_per_image": report(p + "s_per_image", round(s_per_image, 4),
                                   f"median over batches 2..{len(ends)}, images {bs + 1}..{n}"),
             "time_to_first_image_s": first, "images": [i.path for i in result.images]}
@@ -224,8 +293,9 @@ def profile_variant(name: str, args: argparse.Namespace, model: Path, res: int, 
     bs = args.batch_size or (4 if cuda else 2)
     pipe = load_pipeline(str(model), lora=resolve_lora(args.lora) if args.lora is not None else None)
     pipe.set_lora_scale(1.0)
-    if name == "compile":
-        pipe.fast_path()
+    if name != "default":
+        with candidate(name):
+            pipe.fast_path()
     settings = SamplerSettings(steps=args.steps, guidance=args.guidance, width=res, height=res,
                                max_sequence_length=args.max_sequence_length)
     seeds = list(range(bs))
@@ -282,9 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 profile_variant(name, args, model, res, cuda, report)
             made[name] = out["images"]
-            if name != "default" and "default" in made:
-                report(f"{name}.mean_abs_diff_vs_default", round(mean_abs_diff(made["default"], out["images"]), 3),
-                       "same seeds; 0..255")
+            for other in ("default", "compile"):  # a candidate is judged against what it would replace
+                if other in made and other != name and (other == "default" or name.startswith("compile-")):
+                    report(f"{name}.mean_abs_diff_vs_{other}", round(mean_abs_diff(made[other], out["images"]), 3),
+                           "same seeds; 0..255")
             report(f"{name}.ratio_s_per_image", ratio(out["s_per_image"], anchor), label or "sd3tune / anchor")
             if label:
                 report(f"{name}.verdict", verdict(None, label))

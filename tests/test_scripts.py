@@ -96,24 +96,50 @@ def test_the_deep_proxy_model_has_sd3_mediums_blocks_at_the_tiny_width(tmp_path,
 @pytest.mark.e2e
 def test_bench_generate_runs_at_tiny_size(train_bench, bench_work):
     # Reuses the tiny model bench_train built, and generates with the LoRA it trained.
+    variants = ("default", "compile", "compile-qkv", "compile-autotune")
     proc, result = run_script("bench_generate.py", "--size", "tiny", "--work", str(bench_work), "--variants",
-                              "default,compile", "--images", "4", "--batch-size", "2", "--steps", "8",
+                              ",".join(variants), "--images", "4", "--batch-size", "2", "--steps", "8",
                               "--anchor-images", "1", "--lora", str(bench_work / "runs" / "default"), "--profile",
                               timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert result["bench"] == "generate" and result["model_build_s"] == 0.0  # reused, not rebuilt
     for key in ("anchor.s_per_image", "anchor.time_to_first_image_s", "default.s_per_image",
                 "default.time_to_first_image_s", "default.peak_mem_gib", "default.ratio_s_per_image",
-                "compile.s_per_image"):
+                "compile.s_per_image", "compile-qkv.s_per_image", "compile-autotune.s_per_image"):
         positive(result, key)
     assert result["default.verdict"] == NOT_ACCEPTANCE
     assert "LoRA fused into the transformer weights" in result["compile.notes"], result["compile.notes"]
     assert any("nothing compiled on cpu" in note for note in result["compile.notes"]), result["compile.notes"]
     assert result["compile.mean_abs_diff_vs_default"] < 0.5  # fusing the LoRA only rounds differently
-    for name in ("default", "compile"):  # --profile: one warm batch each, on CPU without GPU numbers
+    # the candidate (applied on CPU too): q/k/v fused in both tiny blocks, the images those of compile
+    assert "candidate: q/k/v fused into one matmul per stream in 2 attention layers" in result["compile-qkv.notes"]
+    assert result["compile-qkv.mean_abs_diff_vs_compile"] < 0.5
+    assert "candidate: 0 blocks compiled with max-autotune-no-cudagraphs" in result["compile-autotune.notes"]  # CPU
+    for name in variants:  # --profile: one warm batch each, on CPU without GPU numbers
         positive(result, f"{name}.profile_wall_s_per_image")
         assert result[f"{name}.profile_gpu_busy_s_per_image"] == 0.0
         assert json.loads(Path(result[f"{name}.profile_summary"]).read_text())["cpu_ops_per_step"]
+
+
+def test_the_fused_qkv_candidate_computes_sd3_mediums_attention_and_leaves_normalised_q_k_alone(tiny_model):
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    sys.path.insert(0, str(SCRIPTS))
+    from bench_generate import fuse_qkv
+
+    config = SD3Transformer2DModel.load_config(tiny_model / "transformer")
+    for qk_norm, fused in ((None, config["num_layers"]), ("rms_norm", 0)):  # SD3 Medium; SD3.5-style q/k norms
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel.from_config({**config, "qk_norm": qk_norm}).eval()
+        args = (torch.randn(2, config["in_channels"], 8, 8), torch.randn(2, 5, config["joint_attention_dim"]),
+                torch.randn(2, config["pooled_projection_dim"]), torch.tensor([500.0, 20.0]))
+        with torch.inference_mode():
+            before = model(*args).sample
+            assert fuse_qkv(model) == fused
+            after = model(*args).sample
+        assert torch.allclose(after, before, atol=1e-5), (qk_norm, (after - before).abs().max())
+        assert sum(hasattr(b.attn, "to_qkv") for b in model.transformer_blocks) == fused
 
 
 def test_bench_cache_read_times_simpletuners_gzip_and_plain_reads():

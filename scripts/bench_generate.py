@@ -13,11 +13,11 @@ CFG 7, T5 length 256. Without a GPU: the tiny random SD3 at 64 px, so CI keeps t
   ratio_s_per_image      s_per_image / anchor's
 
 Variants (--variants): default (`sd3tune generate` as shipped), compile (`--compile`: LoRA fused, per-block
-torch.compile of the transformer and the VAE decoder compiled; ignored with a note on CPU) and compile-qkv, a
-candidate not yet in `generate --compile`: compile plus each joint attention's q/k/v computed by one matmul per
-stream (see fuse_qkv; applied on CPU too, so CI checks its images), and compile-autotune, another: the blocks
-compiled with max-autotune (CUDA only). Each variant after default also reports how far
-its images are from default's at the same seeds (mean |pixel difference| out of 255).
+torch.compile of the transformer and the VAE decoder compiled; ignored with a note on CPU), and two candidates not
+yet in `generate --compile`: compile-qkv (compile plus each joint attention's q/k/v computed by one matmul per
+stream; see fuse_qkv; applied on CPU too, so CI checks its images) and compile-autotune (the blocks compiled with
+max-autotune; CUDA only). Each variant after default also reports how far its images are from default's (and a
+candidate's from compile's) at the same seeds (mean |pixel difference| out of 255).
 Target on an H100-class card (H100, H200, H800, GH200): <= 1.1 s per 1024x1024 image.
 
 --anchor-json FILE takes the anchor from ../shared/bench/anchor_sd3m.py's anchor.json (its
@@ -60,10 +60,10 @@ PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert
 def fuse_qkv(transformer: Any) -> int:
     """The compile-qkv candidate: each SD3 joint attention computes the image stream's q, k, v with one matmul and the
     text stream's with another (diffusers' ``Attention.fuse_projections`` + ``FusedJointAttnProcessor2_0``): two GEMMs
-    per block instead of six, the input read once, and q/k/v reach SDPA in (batch, sequence, heads, dim) layout, so
-    the attention output's transpose back is a view instead of a copy. Only where that processor computes what
-    diffusers' default one does: joint attention without q/k normalisation (SD3 Medium; SD3.5 normalises q/k and is
-    left as is). Returns how many attention layers were fused."""
+    per block instead of six, each input read once. (The attention output still gets copied once: with a batch of
+    more than one, the image and text parts are not contiguous, in either processor.) Only where that processor
+    computes what diffusers' default one does: joint attention without q/k normalisation (SD3 Medium; SD3.5
+    normalises q/k and is left as is). Returns how many attention layers were fused."""
     from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 
     fused = 0

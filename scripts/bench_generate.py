@@ -247,6 +247,11 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
                            steps=args.steps, guidance=args.guidance, width=res, height=res,
                            max_sequence_length=args.max_sequence_length, out=out / name,
                            compile=name != "default")
+    import torch
+
+    # As in a fresh `sd3tune generate` process: no graph compiled for an earlier variant (all of them compile
+    # Module._call_impl, whose cache holds 8 graphs before torch.compile falls back to eager).
+    torch._dynamo.reset()
     with Phase(cuda) as phase, candidate(name):
         t0 = time.perf_counter()
         result = run_generate(opts, on_image=lambda _img: arrivals.append(time.perf_counter() - t0), progress=False)

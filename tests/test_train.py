@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shlex
 import subprocess
 from pathlib import Path
 
+import pytest
 from helpers import assert_one_line_user_error, child_env, sd3tune
 
 from sd3tune.commands.init import run_init
@@ -193,6 +196,13 @@ def _processes_in(folder: Path) -> list[int]:
     return pids
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "(gone)"
+
+
 def test_ctrl_c_stops_the_training_cleanly(tiny_init_options):
     import signal
     import sys
@@ -202,7 +212,7 @@ def test_ctrl_c_stops_the_training_cleanly(tiny_init_options):
     run_init(tiny_init_options)
     run = tiny_init_options.run_dir
     proc = subprocess.Popen([sys.executable, "-m", "sd3tune", "train", str(run)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env())
+                            stderr=subprocess.PIPE, text=True, env=child_env(PYTHONFAULTHANDLER="1"))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:  # wait until SimpleTuner is inside its training loop
         logs = list((run / "logs").glob("train-*.log"))
@@ -213,7 +223,18 @@ def test_ctrl_c_stops_the_training_cleanly(tiny_init_options):
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    try:
+        out, err = proc.communicate(timeout=120)  # sd3tune escalates to SIGKILL within 45 s
+    except subprocess.TimeoutExpired:  # seen once in a full run (not reproduced): make the next one explain itself
+        left = {pid: _cmdline(pid) for pid in _processes_in(run)}
+        proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack
+        out, err = proc.communicate(timeout=60)
+        log = next((run / "logs").glob("train-*.log")).read_text(errors="replace")
+        for pid in _processes_in(run):  # what sd3tune did not get to stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"sd3tune train still running 120 s after Ctrl-C; its stderr: {err[-4000:]}\n"
+                    f"processes in the run folder: {left}\nlog tail: {log[-2000:]}")
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
     assert _processes_in(run) == []

@@ -36,3 +36,12 @@ def assert_one_line_user_error(result: CliResult, *needles: str) -> None:
     assert len(lines) == 1, result.err
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
+
+
+def sd3_transformer_inputs(config) -> tuple:
+    """Random positional inputs for an SD3 transformer with ``config`` (its config, or ``load_config``'s dict):
+    2 latents of 8x8, 5 text tokens, pooled projections, two timesteps."""
+    import torch
+
+    return (torch.randn(2, config["in_channels"], 8, 8), torch.randn(2, 5, config["joint_attention_dim"]),
+            torch.randn(2, config["pooled_projection_dim"]), torch.tensor([500.0, 20.0]))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_user_error, sd3tune
+from helpers import assert_one_line_user_error, sd3_transformer_inputs, sd3tune
 from PIL import Image
 
 from sd3tune.commands.generate import GenerateOptions, run_generate
@@ -228,10 +228,8 @@ def test_fused_feed_forwards_keep_the_model_on_the_cpu_and_compute_sd3s_tanh_gel
     from sd3tune.inference import fuse_gelu_epilogues
 
     model = SD3Transformer2DModel.from_pretrained(tiny_model / "transformer").eval()
-    c = model.config
     torch.manual_seed(0)
-    args = (torch.randn(2, c.in_channels, 8, 8), torch.randn(2, 5, c.joint_attention_dim),
-            torch.randn(2, c.pooled_projection_dim), torch.tensor([500.0, 20.0]))
+    args = sd3_transformer_inputs(model.config)
     with torch.inference_mode():
         before = model(*args).sample
         ff = sum(1 for b in model.transformer_blocks for name in ("ff", "ff_context") if getattr(b, name, None))

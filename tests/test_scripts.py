@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import child_env
+from helpers import child_env, sd3_transformer_inputs
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 NOT_ACCEPTANCE = "tiny/CPU: not an acceptance number"
@@ -132,8 +132,7 @@ def test_the_fused_qkv_candidate_computes_sd3_mediums_attention_and_leaves_norma
     for qk_norm, fused in ((None, config["num_layers"]), ("rms_norm", 0)):  # SD3 Medium; SD3.5-style q/k norms
         torch.manual_seed(0)
         model = SD3Transformer2DModel.from_config({**config, "qk_norm": qk_norm}).eval()
-        args = (torch.randn(2, config["in_channels"], 8, 8), torch.randn(2, 5, config["joint_attention_dim"]),
-                torch.randn(2, config["pooled_projection_dim"]), torch.tensor([500.0, 20.0]))
+        args = sd3_transformer_inputs(config)
         with torch.inference_mode():
             before = model(*args).sample
             assert fuse_qkv(model) == fused

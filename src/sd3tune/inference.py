@@ -324,13 +324,13 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto", lora: L
     return Pipeline(pipe, model, dev, torch_dtype, lora, adapter, offload=offload)
 
 
-def compile_blocks(transformer: Any) -> int:
-    """Regional compilation: ``torch.compile`` each transformer block in place. The identical blocks share one
-    compiled graph, so compiling costs ~6-10 s on an H100/H200 instead of minutes for the whole model. It happens
-    lazily on the first call; each new batch size compiles once more (static shapes)."""
+def compile_blocks(transformer: Any, mode: str | None = None) -> int:
+    """Regional compilation: ``torch.compile`` each transformer block in place (``mode``: torch.compile's). The
+    identical blocks share one compiled graph, so compiling costs ~6-10 s on an H100/H200 instead of minutes for the
+    whole model. It happens lazily on the first call; each new batch size compiles once more (static shapes)."""
     blocks = getattr(transformer, "transformer_blocks", None) or []
     for block in blocks:
-        block.compile(dynamic=False)
+        block.compile(dynamic=False, mode=mode)
     return len(blocks)
 
 

@@ -15,8 +15,9 @@ CFG 7, T5 length 256. Without a GPU: the tiny random SD3 at 64 px, so CI keeps t
 Variants (--variants): default (`sd3tune generate` as shipped), compile (`--compile`: LoRA fused, per-block
 torch.compile of the transformer and the VAE decoder compiled; ignored with a note on CPU), and two candidates not
 yet in `generate --compile`: compile-qkv (compile plus each joint attention's q/k/v computed by one matmul per
-stream; see fuse_qkv; applied on CPU too, so CI checks its images) and compile-autotune (the blocks compiled with
-max-autotune; CUDA only). Each variant after default also reports how far its images are from default's (and a
+stream; see fuse_qkv), compile-tokenmajor (compile with the blocks' activations token-major, so the joint attention
+copies nothing; see token_major.py; both applied on CPU too, so CI checks their images) and compile-autotune (the
+blocks compiled with max-autotune; CUDA only). Each variant after default also reports how far its images are from default's (and a
 candidate's from compile's) at the same seeds (mean |pixel difference| out of 255).
 Target on an H100-class card (H100, H200, H800, GH200): <= 1.1 s per 1024x1024 image.
 
@@ -40,6 +41,7 @@ import io
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,7 +54,7 @@ from sd3tune.sheets import mean_abs_diff  # noqa: E402
 
 TARGET_S_PER_IMAGE = 1.1  # on an H100-class (Hopper) card
 HOPPER = ("H100", "H200", "H800", "GH200")
-VARIANTS = ("default", "compile", "compile-qkv", "compile-autotune")
+VARIANTS = ("default", "compile", "compile-qkv", "compile-tokenmajor", "compile-autotune")
 PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert city, concept art",
            "a lighthouse at dusk, oil painting", "a spaceship over a forest, concept art"]
 
@@ -60,10 +62,10 @@ PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert
 def fuse_qkv(transformer: Any) -> int:
     """The compile-qkv candidate: each SD3 joint attention computes the image stream's q, k, v with one matmul and the
     text stream's with another (diffusers' ``Attention.fuse_projections`` + ``FusedJointAttnProcessor2_0``): two GEMMs
-    per block instead of six, each input read once. (The attention output still gets copied once: with a batch of
-    more than one, the image and text parts are not contiguous, in either processor.) Only where that processor
-    computes what diffusers' default one does: joint attention without q/k normalisation (SD3 Medium; SD3.5
-    normalises q/k and is left as is). Returns how many attention layers were fused."""
+    per block instead of six, each input read once. (The q/k/v concatenations and the attention output's copy stay:
+    with a batch of more than one, the image and text parts are not contiguous in either processor; compile-tokenmajor
+    removes them.) Only where that processor computes what diffusers' default one does: joint attention without q/k
+    normalisation (SD3 Medium; SD3.5 normalises q/k and is left as is). Returns how many attention layers were fused."""
     from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 
     fused = 0
@@ -90,8 +92,17 @@ def autotune_blocks(transformer: Any) -> int:
     return compile_blocks(transformer, mode="max-autotune-no-cudagraphs")
 
 
+def token_major_blocks(transformer: Any) -> int:
+    """The compile-tokenmajor candidate: scripts/token_major.py (imports torch, so only when the variant runs)."""
+    import token_major
+
+    return token_major.apply(transformer)
+
+
 CANDIDATES = {  # variant -> (what it adds to generate --compile's fast path, its note)
     "compile-qkv": (fuse_qkv, "q/k/v fused into one matmul per stream in {} attention layers"),
+    "compile-tokenmajor": (token_major_blocks, "{} blocks token-major (fused q/k/v written in place, attention "
+                                               "output read in place)"),
     "compile-autotune": (autotune_blocks, "{} blocks compiled with max-autotune-no-cudagraphs"),
 }
 
@@ -349,10 +360,17 @@ def main(argv: list[str] | None = None) -> int:
         anchor = run_anchor(args, model, res, cuda, report)
     label = acceptance_label(cuda, size, res == 1024 and args.steps == 28, "1024 px, 28 steps")
     hopper = any(name in report.data["device"] for name in HOPPER)
+    failed = False
     with tempfile.TemporaryDirectory(dir=args.work) as td:
         made: dict[str, list[Path]] = {}
         for name in names:
-            out = run_variant(name, args, model, res, cuda, Path(td), report)
+            try:
+                out = run_variant(name, args, model, res, cuda, Path(td), report)
+            except Exception as exc:  # a candidate that fails on this machine must not cost the variants after it
+                traceback.print_exc()
+                report(f"{name}.error", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}")
+                failed = True
+                continue
             if args.profile:
                 profile_variant(name, args, model, res, cuda, report)
             made[name] = out["images"]
@@ -369,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 report(f"{name}.verdict", "n/a: the 1.1 s/image target is for an H100-class card; compare the ratio")
     report.finish()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

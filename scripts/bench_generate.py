@@ -13,12 +13,13 @@ CFG 7, T5 length 256. Without a GPU: the tiny random SD3 at 64 px, so CI keeps t
   ratio_s_per_image      s_per_image / anchor's
 
 Variants (--variants): default (`sd3tune generate` as shipped), compile (`--compile`: LoRA fused, per-block
-torch.compile of the transformer and the VAE decoder compiled; ignored with a note on CPU), and two candidates not
-yet in `generate --compile`: compile-qkv (compile plus each joint attention's q/k/v computed by one matmul per
-stream; see fuse_qkv), compile-tokenmajor (compile with the blocks' activations token-major, so the joint attention
-copies nothing; see token_major.py; both applied on CPU too, so CI checks their images) and compile-autotune (the
-blocks compiled with max-autotune; CUDA only). Each variant after default also reports how far its images are from default's (and a
-candidate's from compile's) at the same seeds (mean |pixel difference| out of 255).
+torch.compile of the transformer and the VAE decoder compiled; ignored with a note on CPU), and candidates not yet
+in `generate --compile`: compile-qkv (compile plus each joint attention's q/k/v computed by one matmul per stream;
+see fuse_qkv), compile-tokenmajor (compile with the blocks' activations token-major, so the joint attention copies
+nothing; see token_major.py; both applied on CPU too, so CI checks their images), compile-autotune (the blocks
+compiled with max-autotune; CUDA only) and compile-tokenmajor-autotune (both). Each variant after default also
+reports how far its images are from default's (and a candidate's from compile's) at the same seeds (mean |pixel
+difference| out of 255).
 Target on an H100-class card (H100, H200, H800, GH200): <= 1.1 s per 1024x1024 image.
 
 --anchor-json FILE takes the anchor from ../shared/bench/anchor_sd3m.py's anchor.json (its
@@ -54,7 +55,8 @@ from sd3tune.sheets import mean_abs_diff  # noqa: E402
 
 TARGET_S_PER_IMAGE = 1.1  # on an H100-class (Hopper) card
 HOPPER = ("H100", "H200", "H800", "GH200")
-VARIANTS = ("default", "compile", "compile-qkv", "compile-tokenmajor", "compile-autotune")
+VARIANTS = ("default", "compile", "compile-qkv", "compile-tokenmajor", "compile-autotune",
+            "compile-tokenmajor-autotune")
 PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert city, concept art",
            "a lighthouse at dusk, oil painting", "a spaceship over a forest, concept art"]
 
@@ -104,6 +106,8 @@ CANDIDATES = {  # variant -> (what it adds to generate --compile's fast path, it
     "compile-tokenmajor": (token_major_blocks, "{} blocks token-major (fused q/k/v written in place, attention "
                                                "output read in place)"),
     "compile-autotune": (autotune_blocks, "{} blocks compiled with max-autotune-no-cudagraphs"),
+    "compile-tokenmajor-autotune": (lambda t: (token_major_blocks(t), autotune_blocks(t)),
+                                    "{0[0]} blocks token-major, {0[1]} compiled with max-autotune-no-cudagraphs"),
 }
 
 

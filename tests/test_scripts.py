@@ -96,7 +96,8 @@ def test_the_deep_proxy_model_has_sd3_mediums_blocks_at_the_tiny_width(tmp_path,
 @pytest.mark.e2e
 def test_bench_generate_runs_at_tiny_size(train_bench, bench_work):
     # Reuses the tiny model bench_train built, and generates with the LoRA it trained.
-    variants = ("default", "compile", "compile-qkv", "compile-tokenmajor", "compile-autotune")
+    variants = ("default", "compile", "compile-qkv", "compile-tokenmajor", "compile-autotune",
+                "compile-tokenmajor-autotune")
     proc, result = run_script("bench_generate.py", "--size", "tiny", "--work", str(bench_work), "--variants",
                               ",".join(variants), "--images", "4", "--batch-size", "2", "--steps", "8",
                               "--anchor-images", "1", "--lora", str(bench_work / "runs" / "default"), "--profile",
@@ -117,6 +118,8 @@ def test_bench_generate_runs_at_tiny_size(train_bench, bench_work):
     for name in ("compile-qkv", "compile-tokenmajor"):
         assert result[f"{name}.mean_abs_diff_vs_compile"] < 0.5, name
     assert "candidate: 0 blocks compiled with max-autotune-no-cudagraphs" in result["compile-autotune.notes"]  # CPU
+    assert ("candidate: 2 blocks token-major, 0 compiled with max-autotune-no-cudagraphs"
+            in result["compile-tokenmajor-autotune.notes"])
     for name in variants:  # --profile: one warm batch each, on CPU without GPU numbers
         positive(result, f"{name}.profile_wall_s_per_image")
         assert result[f"{name}.profile_gpu_busy_s_per_image"] == 0.0

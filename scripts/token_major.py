@@ -15,7 +15,8 @@ Token-major, each stream's rows are one contiguous range of a 2-D matrix (row = 
   layout) writes its output token-major, so each output projection reads its stream's rows in place.
 The projections and the attention run in one custom op (``joint_attention``), so torch.compile cannot reintroduce
 the copies; the norms, modulation, gates and feed-forwards stay in the compiled block. The layout changes once per
-step: before the first block and after the last (its output is a transposed view the pipeline reads as usual).
+step: in the first block (which the transformer hands a contiguous tensor, so it compiles into one more graph than
+diffusers' blocks) and after the last (its output is a transposed view that the final norm reads as usual).
 
 Applied only to blocks whose computation this reproduces exactly (SD3 Medium's: no q/k normalisation, no second
 attention, no chunked feed-forward, adaLN-Zero norms); others keep diffusers' forward. For inference (no dropout)

@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = run_variant(name, args, model, res, cuda, Path(td), report)
             except Exception as exc:  # a candidate that fails on this machine must not cost the variants after it
                 traceback.print_exc()
-                report(f"{name}.error", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}")
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                report(f"{name}.error", f"{type(exc).__name__}: {first_line}")
                 failed = True
                 continue
             if args.profile:

@@ -9,7 +9,7 @@ the output projections. At SD3-Medium size, 1024 px and a CFG batch of 8 that is
 block and step, ~50 ms per image on an H100, ~4% of a compiled image.
 
 Token-major, each stream's rows are one contiguous range of a 2-D matrix (row = token * batch + sample), so:
-- one matmul per stream computes its q, k and v (diffusers' fused projections) straight into its rows of a shared
+- one matmul per stream computes its q, k and v (its three projections fused) straight into its rows of a shared
   q/k/v buffer: no concatenation;
 - the attention reads q, k and v as strided views of that buffer and (cuDNN and flash attention keep the query's
   layout) writes its output token-major, so each output projection reads its stream's rows in place.
@@ -73,22 +73,32 @@ def eligible(block: Any) -> bool:
 
 
 def apply(transformer: Any) -> int:
-    """Give every eligible block of ``transformer`` the token-major forward (fusing its q/k/v projections; the separate
-    q/k/v weights become views of the fused ones, so no memory is added). Returns how many blocks changed."""
+    """Give every eligible block of ``transformer`` the token-major forward, with each stream's q/k/v projections fused
+    into one weight and bias (buffers ``qkv_weight``/``qkv_bias`` and ``added_qkv_weight``/``added_qkv_bias`` of the
+    attention; the separate q/k/v weights become views of them, so no memory is added). Not diffusers'
+    ``Attention.fuse_projections``: importing SimpleTuner replaces it with one that deletes the separate projections.
+    Returns how many blocks changed."""
     changed = 0
     for block in getattr(transformer, "transformer_blocks", []):
         if not eligible(block):
             continue
         attn = block.attn
-        attn.fuse_projections()
-        for fused, parts in ((attn.to_qkv, (attn.to_q, attn.to_k, attn.to_v)),
-                             (attn.to_added_qkv, (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))):
-            for i, part in enumerate(parts):
-                rows = slice(i * part.out_features, (i + 1) * part.out_features)
-                part.weight.data, part.bias.data = fused.weight.data[rows], fused.bias.data[rows]
+        _fuse(attn, "qkv", (attn.to_q, attn.to_k, attn.to_v))
+        _fuse(attn, "added_qkv", (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
         block.forward = types.MethodType(_forward, block)
         changed += 1
     return changed
+
+
+def _fuse(attn: Any, name: str, parts: tuple) -> None:
+    weight = torch.cat([part.weight.data for part in parts])
+    bias = torch.cat([part.bias.data for part in parts])
+    attn.register_buffer(f"{name}_weight", weight, persistent=False)
+    attn.register_buffer(f"{name}_bias", bias, persistent=False)
+    rows = 0
+    for part in parts:
+        part.weight.data, part.bias.data = weight[rows:rows + part.out_features], bias[rows:rows + part.out_features]
+        rows += part.out_features
 
 
 def _forward(self: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
@@ -113,8 +123,8 @@ def _forward(self: Any, hidden_states: torch.Tensor, encoder_hidden_states: torc
 
     attn = self.attn
     out = torch.ops.sd3tune_bench.joint_attention(
-        norm_x.view(n * batch, -1), norm_c.view(t * batch, -1), attn.to_qkv.weight, attn.to_qkv.bias,
-        attn.to_added_qkv.weight, attn.to_added_qkv.bias, attn.heads, batch)
+        norm_x.view(n * batch, -1), norm_c.view(t * batch, -1), attn.qkv_weight, attn.qkv_bias,
+        attn.added_qkv_weight, attn.added_qkv_bias, attn.heads, batch)
     x = x + gate_msa * attn.to_out[0](out[:n * batch]).view(n, batch, -1)
     norm_x = self.norm2(x) * (1 + scale_mlp) + shift_mlp
     x = x + gate_mlp * self.ff(norm_x)

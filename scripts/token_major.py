@@ -91,6 +91,8 @@ def apply(transformer: Any) -> int:
 
 
 def _fuse(attn: Any, name: str, parts: tuple) -> None:
+    """Stack ``parts``' weights and biases into ``attn``'s buffers ``{name}_weight``/``{name}_bias``; the parts keep
+    working, as views of them."""
     weight = torch.cat([part.weight.data for part in parts])
     bias = torch.cat([part.bias.data for part in parts])
     attn.register_buffer(f"{name}_weight", weight, persistent=False)

@@ -13,6 +13,7 @@ import pytest
 from helpers import child_env, sd3_transformer_inputs
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))  # the tests below import bench_generate and token_major
 NOT_ACCEPTANCE = "tiny/CPU: not an acceptance number"
 
 
@@ -128,7 +129,6 @@ def test_bench_generate_runs_at_tiny_size(train_bench, bench_work):
 
 @pytest.mark.e2e
 def test_a_variant_that_fails_is_reported_and_the_next_one_still_runs(train_bench, bench_work, monkeypatch, capsys):
-    sys.path.insert(0, str(SCRIPTS))
     import bench_generate
 
     def broken(transformer):
@@ -151,7 +151,6 @@ def test_the_attention_candidates_compute_sd3_mediums_blocks_and_leave_normalise
     import torch
     from diffusers import SD3Transformer2DModel
 
-    sys.path.insert(0, str(SCRIPTS))
     import bench_generate
 
     apply = getattr(bench_generate, candidate)
@@ -180,7 +179,6 @@ def test_compiled_token_major_blocks_give_diffusers_outputs_without_the_attentio
     from diffusers.models.attention_processor import Attention
     from torch._inductor.utils import run_and_get_code
 
-    sys.path.insert(0, str(SCRIPTS))
     import token_major
 
     def replaced(self, fuse=True):  # as after importing SimpleTuner, whose version deletes the separate projections

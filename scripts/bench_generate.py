@@ -17,7 +17,9 @@ torch.compile of the transformer and the VAE decoder compiled; ignored with a no
 in `generate --compile`: compile-qkv (compile plus each joint attention's q/k/v computed by one matmul per stream;
 see fuse_qkv), compile-tokenmajor (compile with the blocks' activations token-major, so the joint attention copies
 nothing; see token_major.py; both applied on CPU too, so CI checks their images), compile-autotune (the blocks
-compiled with max-autotune; CUDA only) and compile-tokenmajor-autotune (both). Each variant after default also
+compiled with max-autotune; CUDA only), compile-tokenmajor-autotune (both) and compile-fp8 (the blocks' large matmuls
+in FP8 with row-wise scales: changes the images, so only ever an opt-in; see fp8_linear.py; sm89+ GPUs with bf16, and
+CPU). Each variant after default also
 reports how far its images are from default's (and a candidate's from compile's) at the same seeds (mean |pixel
 difference| out of 255).
 Target on an H100-class card (H100, H200, H800, GH200): <= 1.1 s per 1024x1024 image.
@@ -56,7 +58,7 @@ from sd3tune.sheets import mean_abs_diff  # noqa: E402
 TARGET_S_PER_IMAGE = 1.1  # on an H100-class (Hopper) card
 HOPPER = ("H100", "H200", "H800", "GH200")
 VARIANTS = ("default", "compile", "compile-qkv", "compile-tokenmajor", "compile-autotune",
-            "compile-tokenmajor-autotune")
+            "compile-tokenmajor-autotune", "compile-fp8")
 PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert city, concept art",
            "a lighthouse at dusk, oil painting", "a spaceship over a forest, concept art"]
 
@@ -101,6 +103,13 @@ def token_major_blocks(transformer: Any) -> int:
     return token_major.apply(transformer)
 
 
+def fp8_linears(transformer: Any) -> int:
+    """The compile-fp8 candidate: scripts/fp8_linear.py (imports torch, so only when the variant runs)."""
+    import fp8_linear
+
+    return fp8_linear.apply(transformer)
+
+
 CANDIDATES = {  # variant -> (what it adds to generate --compile's fast path, its note)
     "compile-qkv": (fuse_qkv, "q/k/v fused into one matmul per stream in {} attention layers"),
     "compile-tokenmajor": (token_major_blocks, "{} blocks token-major (fused q/k/v written in place, attention "
@@ -108,6 +117,7 @@ CANDIDATES = {  # variant -> (what it adds to generate --compile's fast path, it
     "compile-autotune": (autotune_blocks, "{} blocks compiled with max-autotune-no-cudagraphs"),
     "compile-tokenmajor-autotune": (lambda t: (token_major_blocks(t), autotune_blocks(t)),
                                     "{0[0]} blocks token-major, {0[1]} compiled with max-autotune-no-cudagraphs"),
+    "compile-fp8": (fp8_linears, "{} linear layers in FP8 (e4m3, row-wise scales)"),
 }
 
 

@@ -13,14 +13,13 @@ CFG 7, T5 length 256. Without a GPU: the tiny random SD3 at 64 px, so CI keeps t
   ratio_s_per_image      s_per_image / anchor's
 
 Variants (--variants): default (`sd3tune generate` as shipped), compile (`--compile`: LoRA fused, per-block
-torch.compile of the transformer and the VAE decoder compiled; ignored with a note on CPU), and candidates not yet
-in `generate --compile`: compile-qkv (compile plus each joint attention's q/k/v computed by one matmul per stream;
-see fuse_qkv), compile-tokenmajor (compile with the blocks' activations token-major, so the joint attention copies
-nothing; see token_major.py; both applied on CPU too, so CI checks their images), compile-autotune (the blocks
-compiled with max-autotune; CUDA only), compile-tokenmajor-autotune (both) and compile-fp8 (the blocks' large matmuls
-in FP8 with row-wise scales: changes the images, so only ever an opt-in; see fp8_linear.py; sm89+ GPUs with bf16, and
-CPU). Each variant after default also
-reports how far its images are from default's (and a candidate's from compile's) at the same seeds (mean |pixel
+torch.compile of the transformer and the VAE decoder compiled; ignored with a note on CPU), fp8 (`--fp8`: compile
+with the blocks' matmuls in FP8; sm89+ GPUs with bf16, and CPU), and candidates not yet in `generate --compile`:
+compile-qkv (compile plus each joint attention's q/k/v computed by one matmul per stream; see fuse_qkv),
+compile-tokenmajor (compile with the blocks' activations token-major, so the joint attention copies nothing; see
+token_major.py; both applied on CPU too, so CI checks their images), compile-autotune (the blocks compiled with
+max-autotune; CUDA only) and compile-tokenmajor-autotune (both). Each variant but default also reports how far its
+images are from default's, and fp8 and the candidates how far from compile's, at the same seeds (mean |pixel
 difference| out of 255).
 Target on an H100-class card (H100, H200, H800, GH200): <= 1.1 s per 1024x1024 image.
 
@@ -57,8 +56,8 @@ from sd3tune.sheets import mean_abs_diff  # noqa: E402
 
 TARGET_S_PER_IMAGE = 1.1  # on an H100-class (Hopper) card
 HOPPER = ("H100", "H200", "H800", "GH200")
-VARIANTS = ("default", "compile", "compile-qkv", "compile-tokenmajor", "compile-autotune",
-            "compile-tokenmajor-autotune", "compile-fp8")
+VARIANTS = ("default", "compile", "fp8", "compile-qkv", "compile-tokenmajor", "compile-autotune",
+            "compile-tokenmajor-autotune")
 PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert city, concept art",
            "a lighthouse at dusk, oil painting", "a spaceship over a forest, concept art"]
 
@@ -103,13 +102,6 @@ def token_major_blocks(transformer: Any) -> int:
     return token_major.apply(transformer)
 
 
-def fp8_linears(transformer: Any) -> int:
-    """The compile-fp8 candidate: scripts/fp8_linear.py (imports torch, so only when the variant runs)."""
-    import fp8_linear
-
-    return fp8_linear.apply(transformer)
-
-
 CANDIDATES = {  # variant -> (what it adds to generate --compile's fast path, its note)
     "compile-qkv": (fuse_qkv, "q/k/v fused into one matmul per stream in {} attention layers"),
     "compile-tokenmajor": (token_major_blocks, "{} blocks token-major (fused q/k/v written in place, attention "
@@ -117,7 +109,6 @@ CANDIDATES = {  # variant -> (what it adds to generate --compile's fast path, it
     "compile-autotune": (autotune_blocks, "{} blocks compiled with max-autotune-no-cudagraphs"),
     "compile-tokenmajor-autotune": (lambda t: (token_major_blocks(t), autotune_blocks(t)),
                                     "{0[0]} blocks token-major, {0[1]} compiled with max-autotune-no-cudagraphs"),
-    "compile-fp8": (fp8_linears, "{} linear layers in FP8 (e4m3, row-wise scales)"),
 }
 
 
@@ -133,8 +124,8 @@ def candidate(name: str) -> Iterator[None]:
     apply, note = CANDIDATES[name]
     shipped = Pipeline.fast_path
 
-    def fast_path(self: Pipeline, images: int | None = None) -> list[str]:
-        return [*shipped(self, images), "candidate: " + note.format(apply(self.pipe.transformer))]
+    def fast_path(self: Pipeline, images: int | None = None, fp8: bool = False) -> list[str]:
+        return [*shipped(self, images, fp8), "candidate: " + note.format(apply(self.pipe.transformer))]
 
     Pipeline.fast_path = fast_path
     try:
@@ -270,7 +261,7 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
     opts = GenerateOptions(prompts=[PROMPTS[0]], model=str(model), lora=args.lora, num_images=n, batch_size=bs,
                            steps=args.steps, guidance=args.guidance, width=res, height=res,
                            max_sequence_length=args.max_sequence_length, out=out / name,
-                           compile=name != "default")
+                           compile=name != "default", fp8=name == "fp8")
     import torch
 
     # As in a fresh `sd3tune generate` process: no graph compiled for an earlier variant (all of them compile
@@ -324,7 +315,7 @@ def profile_variant(name: str, args: argparse.Namespace, model: Path, res: int, 
     pipe.set_lora_scale(1.0)
     if name != "default":
         with candidate(name):
-            pipe.fast_path()
+            pipe.fast_path(fp8=name == "fp8")
     settings = SamplerSettings(steps=args.steps, guidance=args.guidance, width=res, height=res,
                                max_sequence_length=args.max_sequence_length)
     seeds = list(range(bs))
@@ -389,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 profile_variant(name, args, model, res, cuda, report)
             made[name] = out["images"]
-            for other in ("default", "compile"):  # a candidate is judged against what it would replace
-                if other in made and other != name and (other == "default" or name.startswith("compile-")):
+            for other in ("default", "compile"):  # how far from the images of generate and of generate --compile
+                if name not in ("default", other) and other in made:
                     report(f"{name}.mean_abs_diff_vs_{other}", round(mean_abs_diff(made[other], out["images"]), 3),
                            "same seeds; 0..255")
             report(f"{name}.ratio_s_per_image", ratio(out["s_per_image"], anchor), label or "sd3tune / anchor")

@@ -219,6 +219,71 @@ def test_prompt_embeddings_are_encoded_once_per_prompt_and_give_diffusers_own_im
     assert np.array_equal(np.stack(ours), np.stack(diffusers_own([0, 1]) + diffusers_own([2])))
 
 
+
+def test_fp8_runs_the_fast_path_with_the_blocks_matmuls_in_e4m3(trained_run, lora_images, tmp_path):
+    run = sd3tune("generate", "--lora", trained_run, "-p", PROMPT, "--steps", "6", "-n", "2", "--out", tmp_path,
+                  "--fp8")
+    assert run.code == 0, run.err
+    assert "--fp8 implies --compile" in run.err and "LoRA fused into the transformer weights" in run.err
+    layers = re.search(r"--fp8: (\d+) transformer matmuls in FP8", run.err)
+    assert layers and int(layers[1]) > 0, run.err
+    made = [Path(line) for line in run.out.splitlines()]  # the images, in seed order
+    assert len(made) == 2 and all(path.parent == tmp_path for path in made)
+    assert json.loads(Image.open(made[0]).text["sd3tune"])["fp8"] is True
+    assert json.loads(Image.open(lora_images[0]).text["sd3tune"])["fp8"] is False
+    diff = np.mean([np.abs(pixels(a) - pixels(b)).mean() for a, b in zip(made, lora_images)])
+    assert 0 < diff < 2, diff  # the e4m3 rounding moves the pixels, a little (the LoRA moves them >= 1/255)
+
+
+def test_fp8_layers_replace_the_blocks_projections_and_feed_forwards_and_stay_close(tiny_model):
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from sd3tune.fp8 import Float8Linear, quantize_blocks
+
+    def layers(model, kind):
+        return [name for block in model.transformer_blocks for name, m in block.named_modules() if type(m) is kind]
+
+    model = SD3Transformer2DModel.from_pretrained(tiny_model / "transformer").eval()
+    torch.manual_seed(0)
+    args = sd3_transformer_inputs(model.config)
+    modulation = [name for name in layers(model, torch.nn.Linear) if name.startswith("norm")]
+    projections = len(layers(model, torch.nn.Linear)) - len(modulation)
+    with torch.inference_mode():
+        before = model(*args).sample
+        assert quantize_blocks(model) == projections
+        after = model(*args).sample
+        for block in model.transformer_blocks:  # as --fp8 compiles them on a GPU
+            block.compile(fullgraph=True, dynamic=False)
+        compiled = model(*args).sample
+    assert layers(model, torch.nn.Linear) == modulation  # the adaLN modulation stays
+    assert len(layers(model, Float8Linear)) == projections
+    assert {m.weight_fp8.dtype for m in model.modules() if type(m) is Float8Linear} == {torch.float8_e4m3fn}
+    error = ((after - before).norm() / before.norm()).item()
+    assert 0 < error < 0.02, error
+    assert torch.allclose(compiled, after, atol=1e-5), (compiled - after).abs().max()
+
+
+def test_fp8_is_refused_where_the_fp8_matmul_does_not_run(monkeypatch):
+    import torch
+
+    from sd3tune.errors import Sd3tuneError
+    from sd3tune.fp8 import check_supported
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    for device, dtype, needle in (("mps", torch.float16, "needs a CUDA GPU"),
+                                  ("cuda", torch.bfloat16, "compute capability 8.9+); NVIDIA A100-SXM4-80GB is 8.0")):
+        with pytest.raises(Sd3tuneError, match=re.escape(needle)) as err:
+            check_supported(device, dtype)
+        assert "--fp8" in err.value.hint
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    with pytest.raises(Sd3tuneError, match="needs bf16 weights, not float16") as err:
+        check_supported("cuda", torch.float16)
+    assert "--dtype bf16" in err.value.hint
+    check_supported("cuda", torch.bfloat16)  # an H100
+    check_supported("cpu", torch.float32)
+
 def test_fused_feed_forwards_keep_the_model_on_the_cpu_and_compute_sd3s_tanh_gelu_on_cuda(tiny_model):
     import torch
     import torch.nn.functional as F

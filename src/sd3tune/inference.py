@@ -215,6 +215,7 @@ class Pipeline:
     lora: LoraSource | None = None
     adapter: str | None = None
     fused: bool = False  # the LoRA is folded into the weights (fast_path); its scale is fixed
+    fp8: bool = False  # the blocks' matmuls run in FP8 (fast_path(fp8=True))
     offload: str = "none"
     _embeddings: dict = field(default_factory=dict, repr=False)
 
@@ -252,9 +253,10 @@ class Pipeline:
         self.pipe.set_adapters([adapter], adapter_weights=[weight])
         return weight
 
-    def fast_path(self, images: int | None = None) -> list[str]:
+    def fast_path(self, images: int | None = None, fp8: bool = False) -> list[str]:
         """Speed for many images at one LoRA scale (``generate --compile``): fold the LoRA, at the scale set, into
-        the transformer's weights and drop the adapter layers (no LoRA matmuls per step), then (CUDA) fuse each
+        the transformer's weights and drop the adapter layers (no LoRA matmuls per step); with ``fp8`` (``--fp8``)
+        turn the blocks' matmuls into FP8 ones (sd3tune.fp8; on the CPU too); then (CUDA) fuse each bf16
         feed-forward's GELU into its matmul and compile every transformer block and the VAE decoder (the VAE decodes
         one image at a time, so one graph serves any batch size). Call after ``set_lora_scale``; returns
         notes for the user (``images``: how many will be made, for the note when compiling does not pay off).
@@ -264,7 +266,8 @@ class Pipeline:
         fusion and the per-prompt text encoding H100 1.144 (0.70x), H200 1.093 (0.70x). Blocks alone: 1.163 s/image
         (H200), 1.21 (H100)."""
         if self.offload != "none":
-            return ["--compile ignored with --offload: CPU offload hooks and fused/compiled blocks do not mix"]
+            flags = "--compile and --fp8" if fp8 else "--compile"
+            return [f"{flags} ignored with --offload: CPU offload hooks and fused/compiled blocks do not mix"]
         notes = []
         if self.adapter is not None:
             self.pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[self.adapter])
@@ -272,15 +275,24 @@ class Pipeline:
             self.adapter = None
             notes.append("LoRA fused into the transformer weights")
         self.fused = True
+        if fp8:
+            from sd3tune.fp8 import quantize_blocks
+
+            layers = quantize_blocks(self.pipe.transformer)
+            self.fp8 = True
+            notes.append(f"--fp8: {layers} transformer matmuls in FP8 (e4m3, row-wise scales); images differ slightly "
+                         "from bf16 ones")
         if self.device != "cuda":
             notes.append(f"--compile: nothing compiled on {self.device} (only pays off on a CUDA GPU)")
             return notes
-        fuse_gelu_epilogues(self.pipe.transformer)
+        if not fp8:  # the FP8 layers take no GELU epilogue
+            fuse_gelu_epilogues(self.pipe.transformer)
         compile_blocks(self.pipe.transformer)
         self.pipe.vae.enable_slicing()  # decode one image at a time: one compiled graph for any batch size
         self.pipe.vae.decoder.compile(dynamic=False)
-        notes.append("transformer blocks (feed-forward GELUs fused into their matmuls) and VAE decoder compiled: the "
-                     "first batch takes ~15-25 s longer, later images ~30% less")
+        what = "matmuls in FP8" if fp8 else "feed-forward GELUs fused into their matmuls"
+        notes.append(f"transformer blocks ({what}) and VAE decoder compiled: the first batch takes ~15-25 s longer, "
+                     "later images ~30% less")
         if images is not None and images < COMPILE_PAYS_OFF:
             notes.append(f"--compile for {images} image(s): at 1024 px compiling (~15 s) pays off from "
                          f"~{COMPILE_PAYS_OFF} images")
@@ -457,7 +469,7 @@ def provenance(p: Pipeline, prompt: str, seed: int, s: SamplerSettings, scale: f
             "lora": str(p.lora.file) if p.lora else None, "lora_scale": scale if p.lora else None,
             "lora_adapter_weight": weight if p.lora else None, "max_sequence_length": s.max_sequence_length,
             "scheduler_shift": getattr(p.pipe.scheduler.config, "shift", None), "dtype": str(p.dtype).replace("torch.", ""),
-            "device": p.device, "fused": p.fused, "sd3tune_version": __version__}
+            "device": p.device, "fused": p.fused, "fp8": p.fp8, "sd3tune_version": __version__}
 
 
 def chunks(seq: list[int], size: int) -> Iterator[list[int]]:

@@ -38,6 +38,7 @@ class GenerateOptions:
     offload: Literal["none", "model", "sequential"] = "none"
     batch_size: int = 4
     compile: bool = False  # fast path: LoRA fused into the weights, blocks compiled (CUDA); see Pipeline.fast_path
+    fp8: bool = False  # the fast path (implied) with the blocks' matmuls in FP8 (sd3tune.fp8)
     grid: bool = True  # also write a prompt x seed contact sheet when there is more than one image
 
 
@@ -136,14 +137,18 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
     model, settings, notes = resolve_settings(opts, lora)
     if opts.drop_t5:
         notes.append("T5 dropped (--drop-t5): lower memory, weaker prompt following")
+    if opts.fp8:
+        _check_fp8(opts)
+        if not opts.compile:
+            notes.append("--fp8 implies --compile (LoRA fused into the weights, blocks compiled on a GPU)")
     t0 = time.perf_counter()
     pipe = load_pipeline(model, device=opts.device, dtype=opts.dtype, lora=lora, drop_t5=opts.drop_t5,
                          offload=opts.offload, shift=settings.shift)
     weight = pipe.set_lora_scale(opts.scale)
     seeds = [opts.seed + i for i in range(opts.num_images)]
     total = len(prompts) * len(seeds)
-    if opts.compile:
-        notes += pipe.fast_path(images=total)
+    if opts.compile or opts.fp8:
+        notes += pipe.fast_path(images=total, fp8=opts.fp8)
     load_seconds = time.perf_counter() - t0
     opts.out.mkdir(parents=True, exist_ok=True)
     images: list[GeneratedImage] = []
@@ -174,6 +179,15 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
     seconds = time.perf_counter() - t1
     grid = _write_grid(opts.out, prompts, seeds, images) if opts.grid and len(images) > 1 else None
     return GenerateResult(images, notes, load_seconds, seconds, grid)
+
+
+def _check_fp8(opts: GenerateOptions) -> None:
+    """Refuse --fp8 on a device or dtype without the FP8 matmul before minutes of loading."""
+    from sd3tune.fp8 import check_supported
+    from sd3tune.inference import pick_device, pick_dtype
+
+    device = pick_device(opts.device)
+    check_supported(device, pick_dtype(opts.dtype, device))
 
 
 def _write(made: ImageBatch, index: int, item: GeneratedImage, fields: dict,

@@ -168,7 +168,7 @@ def generate_cmd(
     offload: Annotated[str, typer.Option("--offload", help="none, model (CPU offload) or sequential (least memory).")] = "none",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
     compile_: Annotated[bool, typer.Option("--compile", help="Fast path for many images: fuse the LoRA into the weights, compile the transformer blocks and the VAE decoder (CUDA): ~15 s once, then ~25% less time per image (1024 px); pays off from ~45 images.")] = False,
-    fp8: Annotated[bool, typer.Option("--fp8", help="--compile with the transformer blocks' matmuls in FP8 (e4m3, row-wise scales): Ada/Hopper GPUs (compute capability 8.9+), bf16; images differ slightly from bf16 ones.")] = False,
+    fp8: Annotated[bool, typer.Option("--fp8", help="--compile with the transformer blocks' matmuls in FP8 (e4m3, row-wise scales): Ada/Hopper GPUs (compute capability 8.9+), bf16; images differ slightly from those without it.")] = False,
 ) -> None:
     """Generate images with SD3 Medium (+ a LoRA); PNGs carry their settings in text chunks.
 

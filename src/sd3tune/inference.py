@@ -281,7 +281,7 @@ class Pipeline:
             layers = quantize_blocks(self.pipe.transformer)
             self.fp8 = True
             notes.append(f"--fp8: {layers} transformer matmuls in FP8 (e4m3, row-wise scales); images differ slightly "
-                         "from bf16 ones")
+                         "from those without --fp8")
         if self.device != "cuda":
             notes.append(f"--compile: nothing compiled on {self.device} (only pays off on a CUDA GPU)")
             return notes

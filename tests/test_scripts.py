@@ -218,14 +218,15 @@ def test_bench_cache_read_times_simpletuners_gzip_and_plain_reads():
         positive(result, f"{dtype}.gzip_over_plain")
 
 
-def test_bench_feedforward_times_both_feed_forward_paths_and_compares_their_outputs():
+def test_bench_feedforward_times_the_feed_forward_paths_and_compares_their_outputs():
     proc, result = run_script("bench_feedforward.py", "--repeats", "3", "--no-compile", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert result["fused_layers"] == 1 and NOT_ACCEPTANCE in proc.stdout
+    assert result["fused_layers"] == 1 and result["fp8_layers"] == 2 and NOT_ACCEPTANCE in proc.stdout
     for stream in ("image", "text"):
-        for key in ("unfused_ms", "fused_ms", "fused_vs_unfused"):
+        for key in ("unfused_ms", "fused_ms", "fp8_ms", "fused_vs_unfused", "fp8_vs_fused"):
             positive(result, f"{stream}.{key}")
         assert result[f"{stream}.max_abs_diff"] == 0.0  # CPU: both are diffusers' own ops
+        assert 0 < result[f"{stream}.fp8_relative_error"] < 0.1  # e4m3 rounding, nothing worse
 
 
 def test_bench_cli_reports_start_up_and_imports_stay_light():

@@ -71,15 +71,19 @@ class Float8Linear(torch.nn.Module):
 
 
 def quantize_blocks(transformer: Any) -> int:
-    """Replace every ``nn.Linear`` inside ``transformer``'s blocks, except the norms' modulation layers, by a
+    """``quantize_linears`` on each of ``transformer``'s blocks. Returns how many layers changed."""
+    return sum(quantize_linears(block) for block in getattr(transformer, "transformer_blocks", []))
+
+
+def quantize_linears(module: torch.nn.Module) -> int:
+    """Replace every ``nn.Linear`` inside ``module``, except the norms' (adaLN modulation) layers, by a
     ``Float8Linear`` (after any LoRA is fused: plain ``nn.Linear`` only). Returns how many layers changed."""
     changed = 0
-    for block in getattr(transformer, "transformer_blocks", []):
-        for name, module in list(block.named_modules()):
-            if name.rpartition(".")[2].startswith("norm"):
-                continue
-            for child_name, child in list(module.named_children()):
-                if type(child) is torch.nn.Linear:
-                    setattr(module, child_name, Float8Linear(child))
-                    changed += 1
+    for name, parent in list(module.named_modules()):
+        if name.rpartition(".")[2].startswith("norm"):
+            continue
+        for child_name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, child_name, Float8Linear(child))
+                changed += 1
     return changed

@@ -240,6 +240,7 @@ def test_fp8_layers_replace_the_blocks_projections_and_feed_forwards_and_stay_cl
     from diffusers import SD3Transformer2DModel
 
     from sd3tune.fp8 import Float8Linear, quantize_blocks
+    from sd3tune.inference import fuse_gelu_epilogues
 
     def layers(model, kind):
         return [name for block in model.transformer_blocks for name, m in block.named_modules() if type(m) is kind]
@@ -257,6 +258,7 @@ def test_fp8_layers_replace_the_blocks_projections_and_feed_forwards_and_stay_cl
             block.compile(fullgraph=True, dynamic=False)
         compiled = model(*args).sample
     assert layers(model, torch.nn.Linear) == modulation  # the adaLN modulation stays
+    assert fuse_gelu_epilogues(model) == 0  # its bf16 GELU epilogue would read the FP8 layers' weight
     assert len(layers(model, Float8Linear)) == projections
     assert {m.weight_fp8.dtype for m in model.modules() if type(m) is Float8Linear} == {torch.float8_e4m3fn}
     error = ((after - before).norm() / before.norm()).item()

@@ -285,8 +285,7 @@ class Pipeline:
         if self.device != "cuda":
             notes.append(f"--compile: nothing compiled on {self.device} (only pays off on a CUDA GPU)")
             return notes
-        if not fp8:  # the FP8 layers take no GELU epilogue
-            fuse_gelu_epilogues(self.pipe.transformer)
+        fuse_gelu_epilogues(self.pipe.transformer)  # skips the layers --fp8 made FP8
         compile_blocks(self.pipe.transformer)
         self.pipe.vae.enable_slicing()  # decode one image at a time: one compiled graph for any batch size
         self.pipe.vae.decoder.compile(dynamic=False)
@@ -351,15 +350,17 @@ def fuse_gelu_epilogues(transformer: Any) -> int:
     epilogue (``torch._addmm_activation``, whose CUDA GELU is the tanh approximation SD3 uses; its CPU kernel uses
     the exact GELU, so CPU tensors take diffusers' own path). Unfused, the 6144-wide activation is written by the
     matmul, read and written again by the GELU: ~0.8 GB of memory traffic per block and step at a CFG batch of 8 at
-    1024 px (H100: 1.99 -> 1.78 ms per image-stream feed-forward, compiled; scripts/bench_feedforward.py). For
-    inference; returns how many layers now take the fused path."""
+    1024 px (H100: 1.99 -> 1.78 ms per image-stream feed-forward, compiled; scripts/bench_feedforward.py). Layers
+    already FP8 (sd3tune.fp8) are left alone. For inference; returns how many layers now take the fused path."""
     import types
 
+    import torch
     from diffusers.models.activations import GELU
 
     fused = 0
     for module in transformer.modules():
-        if type(module) is GELU and module.approximate == "tanh" and module.proj.bias is not None:
+        if (type(module) is GELU and module.approximate == "tanh" and type(module.proj) is torch.nn.Linear
+                and module.proj.bias is not None):
             module.forward = types.MethodType(_linear_gelu_tanh, module)
             fused += 1
     return fused

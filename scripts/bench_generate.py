@@ -70,12 +70,12 @@ def fuse_qkv(transformer: Any) -> int:
     removes them.) Only where that processor computes what diffusers' default one does: joint attention without q/k
     normalisation (SD3 Medium; SD3.5 normalises q/k and is left as is). Returns how many attention layers were fused."""
     from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
+    from token_major import QK_NORMS
 
     fused = 0
     for block in getattr(transformer, "transformer_blocks", []):
         attn = block.attn
-        norms = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
-        if type(attn.processor) is JointAttnProcessor2_0 and all(getattr(attn, n, None) is None for n in norms):
+        if type(attn.processor) is JointAttnProcessor2_0 and all(getattr(attn, n, None) is None for n in QK_NORMS):
             attn.fuse_projections()
             attn.set_processor(FusedJointAttnProcessor2_0())
             fused += 1

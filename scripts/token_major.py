@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 
 
+QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")  # SD3.5's q/k normalisation: not SD3 Medium's block
+
+
 @torch.library.custom_op("sd3tune_bench::joint_attention", mutates_args=())
 def joint_attention(x: torch.Tensor, c: torch.Tensor, w_x: torch.Tensor, b_x: torch.Tensor, w_c: torch.Tensor,
                     b_c: torch.Tensor, heads: int, batch: int) -> torch.Tensor:
@@ -68,7 +71,7 @@ def eligible(block: Any) -> bool:
             and type(block.norm1) is AdaLayerNormZero and block.norm1.emb is None
             and type(block.norm1_context) is context_norm and getattr(block.norm1_context, "emb", None) is None
             and type(attn.processor) is JointAttnProcessor2_0
-            and all(getattr(attn, name, None) is None for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"))
+            and all(getattr(attn, name, None) is None for name in QK_NORMS)
             and all(p is not None and p.bias is not None for p in projections))
 
 

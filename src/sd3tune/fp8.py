@@ -6,8 +6,9 @@ stream's rows are 8 x 4096 tokens, so each q/k/v, output and feed-forward projec
 ``nn.Linear`` becomes a ``Float8Linear``:
 - its weight is stored in e4m3 with one float32 scale per output channel (half the bf16 weight's memory);
 - each call scales every input row by its own absolute maximum into e4m3 (compiled, this fuses into the kernel that
-  produced the input, e.g. the norm and modulation before q/k/v), then one ``torch._scaled_mm`` (CUTLASS's row-wise
-  kernel on sm89+, fast accumulation) applies both scales and the bias and returns the layer's dtype.
+  produced the input, e.g. the norm and modulation before q/k/v), then one ``torch._scaled_mm`` (row-wise scaling:
+  cuBLASLt's kernel on sm90+ with cuBLAS 12.9+, else CUTLASS's; fast accumulation) applies both scales and the bias
+  and returns the layer's dtype.
 The adaLN modulation layers (one row per sample), the embedders and the final projection stay as they are.
 
 e4m3 keeps 3 mantissa bits, so the images change slightly (a matmul's output moves ~3-4% of its size on random data);

@@ -219,7 +219,6 @@ def test_prompt_embeddings_are_encoded_once_per_prompt_and_give_diffusers_own_im
     assert np.array_equal(np.stack(ours), np.stack(diffusers_own([0, 1]) + diffusers_own([2])))
 
 
-
 def test_fp8_runs_the_fast_path_with_the_blocks_matmuls_in_e4m3(trained_run, lora_images, tmp_path):
     run = sd3tune("generate", "--lora", trained_run, "-p", PROMPT, "--steps", "6", "-n", "2", "--out", tmp_path,
                   "--fp8")
@@ -285,6 +284,7 @@ def test_fp8_is_refused_where_the_fp8_matmul_does_not_run(monkeypatch):
     assert "--dtype bf16" in err.value.hint
     check_supported("cuda", torch.bfloat16)  # an H100
     check_supported("cpu", torch.float32)
+
 
 def test_fused_feed_forwards_keep_the_model_on_the_cpu_and_compute_sd3s_tanh_gelu_on_cuda(tiny_model):
     import torch

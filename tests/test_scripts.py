@@ -207,7 +207,6 @@ def test_compiled_token_major_blocks_give_diffusers_outputs_without_the_attentio
     assert not [k for k in kernels["token-major"] if "_cat_" in k or "clone" in k], kernels["token-major"]
 
 
-
 def test_bench_cache_read_times_simpletuners_gzip_and_plain_reads():
     proc, result = run_script("bench_cache_read.py", "--repeats", "3", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

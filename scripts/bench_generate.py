@@ -124,8 +124,8 @@ def candidate(name: str) -> Iterator[None]:
     apply, note = CANDIDATES[name]
     shipped = Pipeline.fast_path
 
-    def fast_path(self: Pipeline, images: int | None = None, fp8: bool = False) -> list[str]:
-        return [*shipped(self, images, fp8), "candidate: " + note.format(apply(self.pipe.transformer))]
+    def fast_path(self: Pipeline, *args: Any, **kwargs: Any) -> list[str]:  # the shipped one's arguments, passed on
+        return [*shipped(self, *args, **kwargs), "candidate: " + note.format(apply(self.pipe.transformer))]
 
     Pipeline.fast_path = fast_path
     try:

@@ -7,7 +7,7 @@ import subprocess
 
 from helpers import assert_one_line_user_error, sd3tune
 
-from sd3tune.config.models import SD3M
+from sd3tune.defaults import SD3M
 from sd3tune.simpletuner.files import read_run
 
 

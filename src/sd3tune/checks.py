@@ -22,12 +22,13 @@ from pydantic import ValidationError
 
 from sd3tune.config.dataset import BACKENDS as BACKEND_LIST
 from sd3tune.config.dataset import ImageBackend, TextEmbedsBackend
-from sd3tune.config.models import SD3M, RunConfig
+from sd3tune.config.models import RunConfig
+from sd3tune.config.presets import PRESETS
 from sd3tune.datascan import (
     CLIP_MAX_TOKENS, T5_MAX_TOKENS, ScanResult, bucket_counts, estimate_clip_tokens, estimate_t5_tokens,
     megapixels, minimum_megapixels, scan_folder, too_small,
 )
-from sd3tune.config.presets import PRESETS
+from sd3tune.defaults import SD3M
 from sd3tune.findings import Finding, choice_error, error, errors_in, warning
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.catalog import Catalog, load_catalog

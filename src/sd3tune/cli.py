@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from sd3tune import __version__
-from sd3tune.commands.evaluate import evaluate_cmd
+from sd3tune.defaults import DEFAULT_CLIP, SD3M
 from sd3tune.errors import Sd3tuneError
 
 app = typer.Typer(
@@ -60,7 +60,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 def init_cmd(
     run_dir: RunDir,
     data: Annotated[Path, typer.Option("--data", help="Folder of training images (+ .txt captions).")],
-    model: Annotated[str, typer.Option("--model", help="Hub id or local diffusers folder.")] = "stabilityai/stable-diffusion-3-medium-diffusers",
+    model: Annotated[str, typer.Option("--model", help="Hub id or local diffusers folder.")] = SD3M,
     trigger: Annotated[Optional[str], typer.Option("--trigger", help="Trigger word of the concept.")] = None,
     validation_prompt: Annotated[Optional[str], typer.Option("--validation-prompt", help="Prompt sampled during training.")] = None,
     preset: Annotated[str, typer.Option("--preset", help="GPU memory preset: 16gb, 24gb or 80gb.")] = "24gb",
@@ -196,7 +196,53 @@ def generate_cmd(
                f"{result.load_seconds:.1f} s loading", err=True)
 
 
-app.command("evaluate")(evaluate_cmd)
+@app.command("evaluate")
+def evaluate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (trained with `sd3tune train`).")],
+    prompts: Annotated[Optional[Path], typer.Option(
+        "--prompts", help="Prompts file, one per line; 'neutral: TEXT' marks a neutral prompt (default: the run's "
+                          "validation prompt and 3 captions, plus 3 neutral prompts).")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per prompt (0..N-1), the same for every model.")] = 4,
+    checkpoints: Annotated[str, typer.Option(
+        "--checkpoints", help="latest: base vs the LoRA; all: also every checkpoint-N of the run.")] = "latest",
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Base model: Hub id or local diffusers folder (default: the run's model).")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(
+        "--clip-model", help=f"CLIP for the metrics: Hub id or local transformers folder (default: the run's, "
+                             f"else {DEFAULT_CLIP}).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: RUN_DIR/eval).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (default 28).")] = None,
+    guidance: Annotated[Optional[float], typer.Option("--guidance", help="CFG scale (default 7.0).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cuda, mps or cpu.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
+) -> None:
+    """Compare the base model, the LoRA and its checkpoints on a fixed prompt x seed grid (one model load).
+
+    Writes metrics.json (CLIP score, style similarity, diversity, KID, neutral-prompt drift: mean and std per
+    model, and the best checkpoint), contact_sheet.png and report.md / report.html.
+
+    \b
+    examples:
+      sd3tune evaluate runs/art
+      sd3tune evaluate runs/art --checkpoints all --seeds 8 --out runs/art/eval-all
+      sd3tune evaluate runs/art --prompts prompts.txt --clip-model ~/models/clip-vit-large-patch14
+    """
+    from sd3tune.commands.evaluate import EvaluateOptions, format_table, run_evaluate
+
+    result = run_evaluate(EvaluateOptions(
+        run_dir=run_dir, prompts_file=prompts, seeds=seeds, checkpoints=checkpoints, model=model,
+        clip_model=clip_model, out=out, steps=steps, guidance=guidance, device=device, dtype=dtype,
+        batch_size=batch_size))
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(format_table(result.metrics))
+    best = result.metrics["best"]
+    typer.echo(f"best: {best['label']} (* above; rule in metrics.json 'best.rule')")
+    typer.echo(f"metrics: {result.metrics_file}")
+    typer.echo(f"grid:    {result.sheet}")
+    typer.echo(f"report:  {result.report} ({result.report_html.name} beside it)")
+    typer.echo(f"done in {result.seconds:.1f} s", err=True)
 
 
 @app.command("quickstart")

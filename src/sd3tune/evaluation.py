@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from sd3tune.defaults import DEFAULT_CLIP
 from sd3tune.errors import Sd3tuneError
 
-DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 NEUTRAL_PREFIX = "neutral:"
 NEUTRAL_PROMPTS = (
     "a photograph of a red apple on a wooden table",

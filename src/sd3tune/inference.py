@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Collection, Iterator, Literal
 
 from sd3tune import __version__
-from sd3tune.config.models import SD3M, RunConfig
+from sd3tune.config.models import RunConfig
+from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.files import LoadedRun, checkpoints, read_run

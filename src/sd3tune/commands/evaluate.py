@@ -5,7 +5,6 @@ One load: the pipeline is loaded once with the run's LoRA (adapter ``sd3tune``);
 into the same pipeline as another adapter (``pipe.load_lora_weights(..., adapter_name=...)``), and each model is
 selected with ``set_adapters`` (the base model is the LoRA at weight 0, exactly the base weights).
 
-Top-level imports stay light (no torch/diffusers/transformers): the CLI imports this module to register the command.
 """
 
 from __future__ import annotations
@@ -13,12 +12,10 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 
-import typer
-
+from sd3tune.defaults import DEFAULT_CLIP
 from sd3tune.errors import Sd3tuneError
-from sd3tune.evaluation import DEFAULT_CLIP
 
 CHECKPOINT_CHOICES = ("latest", "all")
 EVAL_DIR = "eval"  # default --out, inside the run folder
@@ -327,7 +324,7 @@ def _record_in_manifest(run_dir: Path, out: Path, data: dict[str, Any]) -> None:
         pass
 
 
-# ----------------------------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------------------------- table
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -342,49 +339,3 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines.append((m["title"] + mark).ljust(width)
                      + "".join(fmt(m["metrics"][k], d).ljust(w) for k, _, d, w in cols))
     return "\n".join(line.rstrip() for line in lines)
-
-
-def evaluate_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (trained with `sd3tune train`).")],
-    prompts: Annotated[Optional[Path], typer.Option(
-        "--prompts", help="Prompts file, one per line; 'neutral: TEXT' marks a neutral prompt (default: the run's "
-                          "validation prompt and 3 captions, plus 3 neutral prompts).")] = None,
-    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per prompt (0..N-1), the same for every model.")] = 4,
-    checkpoints: Annotated[str, typer.Option(
-        "--checkpoints", help="latest: base vs the LoRA; all: also every checkpoint-N of the run.")] = "latest",
-    model: Annotated[Optional[str], typer.Option(
-        "--model", help="Base model: Hub id or local diffusers folder (default: the run's model).")] = None,
-    clip_model: Annotated[Optional[str], typer.Option(
-        "--clip-model", help=f"CLIP for the metrics: Hub id or local transformers folder (default: the run's, "
-                             f"else {DEFAULT_CLIP}).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: RUN_DIR/eval).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Sampling steps (default 28).")] = None,
-    guidance: Annotated[Optional[float], typer.Option("--guidance", help="CFG scale (default 7.0).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cuda, mps or cpu.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
-) -> None:
-    """Compare the base model, the LoRA and its checkpoints on a fixed prompt x seed grid (one model load).
-
-    Writes metrics.json (CLIP score, style similarity, diversity, KID, neutral-prompt drift: mean and std per
-    model, and the best checkpoint), contact_sheet.png and report.md / report.html.
-
-    \b
-    examples:
-      sd3tune evaluate runs/art
-      sd3tune evaluate runs/art --checkpoints all --seeds 8 --out runs/art/eval-all
-      sd3tune evaluate runs/art --prompts prompts.txt --clip-model ~/models/clip-vit-large-patch14
-    """
-    result = run_evaluate(EvaluateOptions(
-        run_dir=run_dir, prompts_file=prompts, seeds=seeds, checkpoints=checkpoints, model=model,
-        clip_model=clip_model, out=out, steps=steps, guidance=guidance, device=device, dtype=dtype,
-        batch_size=batch_size))
-    for note in result.notes:
-        typer.echo(f"note: {note}", err=True)
-    typer.echo(format_table(result.metrics))
-    best = result.metrics["best"]
-    typer.echo(f"best: {best['label']} (* above; rule in metrics.json 'best.rule')")
-    typer.echo(f"metrics: {result.metrics_file}")
-    typer.echo(f"grid:    {result.sheet}")
-    typer.echo(f"report:  {result.report} ({result.report_html.name} beside it)")
-    typer.echo(f"done in {result.seconds:.1f} s", err=True)

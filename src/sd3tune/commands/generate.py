@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from sd3tune.config.models import SD3M
+from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
 from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, ImageBatch, LoraSource, SamplerSettings,
                                check_runtime_choices, chunks, free_name, load_pipeline, make_images, provenance,

@@ -10,9 +10,10 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from sd3tune.config.dataset import ImageBackend, TextEmbedsBackend
-from sd3tune.config.models import SD3M, RunConfig
+from sd3tune.config.models import RunConfig
 from sd3tune.config.presets import DEFAULT_PRESET, PRESETS, merge
 from sd3tune.datascan import scan_folder
+from sd3tune.defaults import SD3M
 from sd3tune.errors import ConfigError, Sd3tuneError
 from sd3tune.findings import Finding, error, warning
 from sd3tune.fsutil import atomic_write_text, refuse_existing

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-SD3M = "stabilityai/stable-diffusion-3-medium-diffusers"
+from sd3tune.defaults import SD3M
 
 Scalar = StrictBool | int | float | str
 

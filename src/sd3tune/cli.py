@@ -26,7 +26,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-RunDir = Annotated[Path, typer.Argument(help="Run folder (holds config/, output/, cache/, logs/).")]
+RunDir = Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder (holds config/, output/, cache/, logs/).")]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Base model: Hub id or local diffusers folder "
                                                                  "(default: the run's model, else SD3 Medium).")]
 
@@ -198,7 +198,7 @@ def generate_cmd(
 
 @app.command("evaluate")
 def evaluate_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (trained with `sd3tune train`).")],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder (trained with `sd3tune train`).")],
     prompts: Annotated[Optional[Path], typer.Option(
         "--prompts", help="Prompts file, one per line; 'neutral: TEXT' marks a neutral prompt (default: the run's "
                           "validation prompt and 3 captions, plus 3 neutral prompts).")] = None,
@@ -247,7 +247,7 @@ def evaluate_cmd(
 
 @app.command("quickstart")
 def quickstart_cmd(
-    folder: Annotated[Path, typer.Argument(help="Folder for the tiny model, data, run and samples.")] = Path("sd3tune-quickstart"),
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder for the tiny model, data, run and samples.")] = Path("sd3tune-quickstart"),
     steps: Annotated[int, typer.Option("--steps", help="Training steps.")] = 20,
     force: Annotated[bool, typer.Option("--force", help="Reuse a non-empty folder (its run output is replaced).")] = False,
 ) -> None:
@@ -273,9 +273,11 @@ def quickstart_cmd(
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line and exit code 2 for user errors, tracebacks only with SD3TUNE_DEBUG=1."""
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=argv, prog_name="sd3tune", standalone_mode=False)
         if isinstance(code, int) and code:  # typer.Exit(n) is returned, not raised, without standalone mode
             sys.exit(code)
+    except typer.TyperException as exc:  # a usage error (unknown option, missing argument, bad value, ...)
+        _usage_error(exc)
     except Sd3tuneError as exc:
         if os.environ.get("SD3TUNE_DEBUG"):
             raise
@@ -289,10 +291,15 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+def _usage_error(exc: typer.TyperException) -> None:
+    """Typer's (vendored click's) usage errors as one line with a hint, exit 2; bare `sd3tune` shows the help."""
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:  # typer checks it by name too
+        typer.echo(ctx.get_help())
+        sys.exit(exc.exit_code)
+    command = ctx.command_path if ctx is not None else "sd3tune"
+    error = Sd3tuneError(exc.format_message(), hint=f"see {command} --help")
+    typer.echo(f"error: {error.one_line()}", err=True)
+    sys.exit(error.exit_code)

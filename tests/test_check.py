@@ -202,8 +202,10 @@ CASES: list[Case] = [
     ("captions-one-missing", "env", lambda r, d, t: (d / "concept_04.txt").unlink(), ("concept_04.txt",)),
     ("caption-not-utf8", "env", lambda r, d, t: (d / "concept_01.txt").write_bytes("caf\xe9".encode("latin-1")),
      ("concept_01.txt", "UTF-8")),
-    ("instance-prompt-missing", "env", lambda r, d, t: backend_set(r, caption_strategy="instance_prompt"),
+    ("instance-prompt-missing", "env", lambda r, d, t: backend_set(r, caption_strategy="instanceprompt"),
      ("instance_prompt",)),
+    ("instance-prompt-spelled-like-the-key", "env",  # SimpleTuner stops on it after loading the model
+     lambda r, d, t: backend_set(r, caption_strategy="instance_prompt", instance_prompt="myst"), ("instanceprompt",)),
     ("too-few-images-for-batch", "env", lambda r, d, t: env_set(r, "TRAIN_BATCH_SIZE", "16"), ("TRAIN_BATCH_SIZE",)),
     ("batch-times-accumulation-too-large", "env", lambda r, d, t: env_set(r, "GRADIENT_ACCUMULATION_STEPS", "8"),
      ("GRADIENT_ACCUMULATION_STEPS", "effective batch 16")),

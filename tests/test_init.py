@@ -65,16 +65,6 @@ def test_presets_and_flags_reach_the_config(tmp_path, data_copy):
     assert cfg.data.resolution == 768 and cfg.validation.resolution == "768x768"
 
 
-def test_uncaptioned_images_with_a_trigger_use_it_as_instance_prompt(tmp_path, data_copy):
-    for caption in data_copy.glob("*.txt"):
-        caption.unlink()
-    run = tmp_path / "run"
-    r = sd3tune("init", run, "--data", data_copy, "--trigger", "myst")
-    assert r.code == 0
-    image = read_run(run).backends[0]
-    assert image.caption_strategy == "instance_prompt" and image.instance_prompt == "myst"
-
-
 def test_user_errors_are_one_line_and_write_nothing(tmp_path, data_copy):
     empty = tmp_path / "empty"
     empty.mkdir()

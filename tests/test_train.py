@@ -16,6 +16,7 @@ from helpers import assert_one_line_user_error, child_env, sd3tune
 from sd3tune.commands.init import run_init
 from sd3tune.inference import read_safetensors_header
 from sd3tune.simpletuner import keys
+from sd3tune.simpletuner.files import read_run
 
 
 def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):
@@ -125,6 +126,18 @@ def test_dry_run_command_trains_when_run_by_hand_and_resume_continues(tiny_init_
     assert "step 6/6" in r.err
     manifest = json.loads((run / "sd3tune.json").read_text())
     assert manifest["trainings"][-1]["resume"] is True and manifest["trainings"][-1]["steps"] == 6
+
+
+def test_uncaptioned_images_with_a_trigger_train_with_the_trigger_as_every_caption(tiny_init_options):
+    for caption in tiny_init_options.data.glob("*.txt"):
+        caption.unlink()
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    image = read_run(run).backends[0]
+    assert (image.caption_strategy, image.instance_prompt) == ("instanceprompt", tiny_init_options.trigger)
+    r = sd3tune("train", run)  # SimpleTuner 4.10 knows "instanceprompt", and refuses "instance_prompt"
+    assert r.code == 0, r.err[-3000:]
+    assert (run / "output" / keys.LORA_WEIGHT_NAME).is_file()
 
 
 def test_stray_shell_variables_do_not_leak_into_the_run(tiny_init_options):

@@ -640,7 +640,7 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
             out.append(error(BACKENDS, f"{b.id}.caption_strategy",
                              f"textfile captions, but {what} .txt caption ({_names(txt, folder)} missing); "
                              "SimpleTuner stops at the first one",
-                             "add NAME.txt beside each image, or use caption_strategy filename or instance_prompt"))
+                             "add NAME.txt beside each image, or use caption_strategy filename or instanceprompt"))
         unreadable = {p for p, _ in scan.corrupt}
         empty = [i for i in scan.empty_captions if i.path.with_suffix(".txt") not in unreadable]
         if empty:
@@ -649,9 +649,9 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
                                                 "those images train unconditioned", "write a caption in each"))
         for i in scan.images:
             captions.update(i.captions)
-    elif b.caption_strategy == "instance_prompt":
+    elif b.caption_strategy == "instanceprompt":
         if not b.instance_prompt:
-            out.append(error(BACKENDS, f"{b.id}.instance_prompt", "caption_strategy instance_prompt needs "
+            out.append(error(BACKENDS, f"{b.id}.instance_prompt", "caption_strategy instanceprompt needs "
                                                                   "instance_prompt", "set it to your trigger word"))
         else:
             captions.add(b.instance_prompt)

@@ -156,7 +156,7 @@ def training_set(backends: Iterable[Any] | None, max_images: int = MAX_REAL_IMAG
         folders.append(folder)
         scan = scan_folder(folder)
         images += [i.path for i in scan.images]
-        if b.caption_strategy == "instance_prompt" and b.instance_prompt:
+        if b.caption_strategy == "instanceprompt" and b.instance_prompt:
             captions.append(b.instance_prompt)
         elif b.caption_strategy == "filename":
             captions += [i.path.stem.replace("_", " ") for i in scan.images]

@@ -99,7 +99,7 @@ def build_run(opts: InitOptions) -> InitResult:
             warnings.append(warning(str(data), "", f"{missing} captions do not contain the trigger {opts.trigger!r}",
                                     "add it to the captions so the LoRA binds to it"))
     elif opts.trigger:
-        strategy = "instance_prompt"
+        strategy = "instanceprompt"
     else:
         strategy = "filename"
         warnings.append(warning(str(data), "", "no .txt captions: file names are used as captions",
@@ -131,7 +131,7 @@ def build_run(opts: InitOptions) -> InitResult:
     image = {"id": _dataset_id(data), "instance_data_dir": str(data), "caption_strategy": strategy,
              "resolution": config.data.resolution, "resolution_type": config.data.resolution_type,
              "cache_dir_vae": str(paths.cache / "vae" / _dataset_id(data))}
-    if strategy == "instance_prompt":
+    if strategy == "instanceprompt":
         image["instance_prompt"] = opts.trigger
     if config.data.minimum_image_size is not None:
         image["minimum_image_size"] = config.data.minimum_image_size

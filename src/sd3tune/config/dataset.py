@@ -21,9 +21,9 @@ class _Backend(BaseModel):
 class ImageBackend(_Backend):
     dataset_type: Literal["image"] = Field("image", description="Training images.")
     instance_data_dir: str = Field(..., min_length=1, description="Folder of training images.")
-    caption_strategy: Literal["textfile", "filename", "instance_prompt"] = Field(
+    caption_strategy: Literal["textfile", "filename", "instanceprompt"] = Field(
         "textfile", description="Where captions come from: a .txt beside each image, the file name, or one prompt.")
-    instance_prompt: str | None = Field(None, description="Caption for every image (caption_strategy=instance_prompt).")
+    instance_prompt: str | None = Field(None, description="Caption for every image (caption_strategy=instanceprompt).")
     resolution: int | float = Field(1024, gt=0, description="Training resolution for this dataset.")
     resolution_type: Literal["pixel", "area", "pixel_area"] = Field("pixel_area", description="Unit of resolution.")
     minimum_image_size: int | float | None = Field(None, ge=0, description="Skip images smaller than this.")

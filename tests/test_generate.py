@@ -58,6 +58,30 @@ def test_png_metadata_records_how_the_image_was_made(trained_run, lora_images):
     assert "Seed: 1" in text["parameters"]
 
 
+def test_alpha_over_rank_applies_once_whether_the_file_carries_its_peft_config_or_not(trained_run, tiny_model,
+                                                                                     tmp_path):
+    # SimpleTuner writes the peft config (lora_alpha, r) into checkpoint files only, and diffusers then scales the
+    # adapter by lora_alpha / r itself: multiplying by alpha/rank again made checkpoints of an alpha != rank run
+    # weaker than the same weights as the final LoRA
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(trained_run / "output" / keys.LORA_WEIGHT_NAME))
+    peft = {"transformer.r": 16, "transformer.lora_alpha": 8.0, "transformer.target_modules": ["to_q", "to_k", "to_v",
+                                                                                                "to_out.0"]}
+    files = {"plain": {}, "stamped": {"sd3tune.lora_alpha": "8.0", "sd3tune.lora_rank": "16"},
+             "checkpoint": {"lora_adapter_metadata": json.dumps(peft)},
+             "both": {"sd3tune.lora_alpha": "8.0", "sd3tune.lora_rank": "16",
+                      "lora_adapter_metadata": json.dumps(peft)}}
+    images = {}
+    for name, metadata in files.items():
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata={"format": "pt", **metadata})
+        images[name] = gen(tmp_path / name, lora=tmp_path / f"{name}.safetensors", scale=0.5 if name == "plain" else 1,
+                           model=str(tiny_model), width=64, max_sequence_length=154, shift=3.0)
+        assert json.loads(Image.open(images[name][0]).text["sd3tune"])["lora_adapter_weight"] == 0.5, name
+    for name in ("stamped", "checkpoint", "both"):
+        assert [pixels(a).tobytes() for a in images[name]] == [pixels(b).tobytes() for b in images["plain"]], name
+
+
 def test_prompts_file_makes_a_grid_in_one_call(trained_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# my prompts\nsd3tune-style, a robot\n\nsd3tune-style, a forest\n")

@@ -18,6 +18,9 @@ from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.files import LoadedRun, checkpoints, read_run
 
 DIFFUSERS_T5_DEFAULT = 256  # StableDiffusion3Pipeline's max_sequence_length default
+# safetensors metadata key holding a LoRA's peft config (lora_alpha, r, ...); diffusers configures the adapter from it,
+# so peft then scales the LoRA by lora_alpha / r by itself. SimpleTuner 4.10 writes it into checkpoint-N files only.
+LORA_ADAPTER_METADATA = "lora_adapter_metadata"
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2
 # H200, 1024 px, batches of 4: generate --compile costs ~16 s once and saves ~0.37 s per image (scripts/README.md)
 COMPILE_PAYS_OFF = 45
@@ -33,11 +36,17 @@ class LoraSource:
 
     @property
     def alpha_over_rank(self) -> float:
+        """The LoRA's alpha / rank from training: the run's config, else sd3tune's stamp in the file, else the peft
+        config SimpleTuner writes into each checkpoint's file (``lora_adapter_metadata``), else 1."""
         if self.config is not None:
             return self.config.lora.effective_alpha / self.config.lora.rank
         if "sd3tune.lora_alpha" in self.metadata and "sd3tune.lora_rank" in self.metadata:
             return float(self.metadata["sd3tune.lora_alpha"]) / float(self.metadata["sd3tune.lora_rank"])
-        return 1.0
+        try:
+            peft = json.loads(self.metadata.get(LORA_ADAPTER_METADATA, "{}"))
+            return float(peft["transformer.lora_alpha"]) / float(peft["transformer.r"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError):
+            return 1.0
 
     @property
     def base_model(self) -> str | None:
@@ -242,17 +251,20 @@ class Pipeline:
                 for name, t in zip(names, self._embeddings[key])}
 
     def set_lora_scale(self, scale: float, adapter: str | None = None) -> float:
-        """Make ``adapter`` (default: the run's LoRA) the active one at strength ``scale``, with the run's alpha/rank
-        folded in; returns the effective adapter weight."""
+        """Make ``adapter`` (default: the run's LoRA) the active one at strength ``scale`` times the run's alpha/rank
+        (as training applied it); returns that strength: the factor on the LoRA's ``B @ A``. peft already scales an
+        adapter by its config's lora_alpha / r (not 1 when the file carried its peft config, as SimpleTuner's
+        checkpoints do), so the adapter weight is the strength divided by that."""
         if self.fused:
             raise RuntimeError("the LoRA is fused into the weights; its scale can no longer change")
         adapter = adapter or self.adapter
         self._embeddings.clear()  # a LoRA may reach the text encoders too
         if self.lora is None or adapter is None:
             return 0.0
-        weight = scale * self.lora.alpha_over_rank
-        self.pipe.set_adapters([adapter], adapter_weights=[weight])
-        return weight
+        strength = scale * self.lora.alpha_over_rank
+        peft = self.pipe.transformer.peft_config[adapter]
+        self.pipe.set_adapters([adapter], adapter_weights=[strength * peft.r / peft.lora_alpha])
+        return strength
 
     def fast_path(self, images: int | None = None, fp8: bool = False) -> list[str]:
         """Speed for many images at one LoRA scale (``generate --compile``): fold the LoRA, at the scale set, into

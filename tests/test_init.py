@@ -80,3 +80,20 @@ def test_user_errors_are_one_line_and_write_nothing(tmp_path, data_copy):
         run = tmp_path / f"run{i}"
         assert_one_line_user_error(sd3tune("init", run, *args), needle)
         assert not (run / "config").exists()
+
+
+def test_written_files_follow_the_umask_and_an_unwritable_folder_is_a_user_error(tmp_path, data_copy):
+    import os
+    import stat
+
+    old = os.umask(0o027)  # the child inherits it
+    try:
+        assert sd3tune("init", tmp_path / "run", "--data", data_copy).code == 0
+    finally:
+        os.umask(old)
+    for written in ("config/config.env", "config/multidatabackend.json", "sd3tune.json"):
+        assert stat.S_IMODE((tmp_path / "run" / written).stat().st_mode) == 0o640, written
+    (tmp_path / "a-file").write_text("")
+    assert_one_line_user_error(sd3tune("init", tmp_path / "a-file" / "run", "--data", data_copy),
+                               "cannot write", "Not a directory")
+

@@ -3,24 +3,46 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
-from sd3tune.errors import RefuseOverwriteError
+from sd3tune.errors import RefuseOverwriteError, Sd3tuneError
+
+
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import, before any thread: os.umask can only be read by setting it
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder, renamed over ``path`` when complete.
+    The file gets the permissions a plain ``open(path, "w")`` would give (an existing file's, else 0o666 less the
+    umask), not mkstemp's 0o600. A folder or file that cannot be written is a user error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else 0o666 & ~_UMASK
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise Sd3tuneError(f"cannot write {path}: {exc.strerror or exc}",
+                           hint="choose a folder you can write to") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise Sd3tuneError(f"cannot write {path}: {exc.strerror or exc}",
+                               hint="free some disk space, or choose a folder you can write to") from None
         raise
 
 

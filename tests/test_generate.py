@@ -13,6 +13,7 @@ from helpers import assert_one_line_user_error, sd3_transformer_inputs, sd3tune
 from PIL import Image
 
 from sd3tune.commands.generate import GenerateOptions, run_generate
+from sd3tune.errors import Sd3tuneError
 from sd3tune.inference import resolve_lora
 from sd3tune.simpletuner import keys
 
@@ -55,6 +56,7 @@ def test_png_metadata_records_how_the_image_was_made(trained_run, lora_images):
     blob = json.loads(text["sd3tune"])
     assert blob["lora"].endswith("pytorch_lora_weights.safetensors") and blob["lora_scale"] == 1.0
     assert blob["max_sequence_length"] == 154 and blob["scheduler_shift"] == 3.0 and blob["steps"] == 6
+    assert blob["drop_t5"] is False
     assert "Seed: 1" in text["parameters"]
 
 
@@ -80,6 +82,31 @@ def test_alpha_over_rank_applies_once_whether_the_file_carries_its_peft_config_o
         assert json.loads(Image.open(images[name][0]).text["sd3tune"])["lora_adapter_weight"] == 0.5, name
     for name in ("stamped", "checkpoint", "both"):
         assert [pixels(a).tobytes() for a in images[name]] == [pixels(b).tobytes() for b in images["plain"]], name
+
+
+def test_drop_t5_is_recorded_and_the_t5_length_is_the_one_used(trained_run, tmp_path):
+    r = sd3tune("generate", "--lora", trained_run, "-p", PROMPT, "--steps", "2", "--drop-t5",
+                "--max-sequence-length", "77", "--out", tmp_path)
+    assert r.code == 0, r.err
+    blob = json.loads(Image.open(r.out.split()[0]).text["sd3tune"])
+    assert blob["drop_t5"] is True and blob["max_sequence_length"] == 256  # the zero padding the pipeline used
+    assert "--max-sequence-length ignored with --drop-t5" in r.err and "T5 length 154" not in r.err
+
+
+def test_size_defaults_to_the_runs_resolution_rounded_to_what_sd3_can_sample(tmp_path):
+    from sd3tune.commands.generate import resolve_settings
+    from sd3tune.config.models import RunConfig
+    from sd3tune.inference import LoraSource
+
+    cfg = RunConfig.model_validate({"data": {"resolution": 520, "resolution_type": "pixel"},
+                                    "paths": {"output_dir": "o", "data_backend_config": "b.json"}})
+    run = LoraSource(tmp_path / "lora.safetensors", cfg)
+    _, s, notes = resolve_settings(GenerateOptions(prompts=["x"]), run)
+    assert (s.width, s.height) == (512, 512) and any("resolution 520" in n and "512" in n for n in notes)
+    _, s, _ = resolve_settings(GenerateOptions(prompts=["x"], width=640), run)
+    assert (s.width, s.height) == (640, 640)  # a width alone makes a square
+    with pytest.raises(Sd3tuneError, match="--width 0"):
+        resolve_settings(GenerateOptions(prompts=["x"], width=0), run)
 
 
 def test_prompts_file_makes_a_grid_in_one_call(trained_run, tmp_path):
@@ -122,6 +149,15 @@ def test_user_errors(trained_run, tiny_model, tmp_path):
     save_file({"unet.down_blocks.0.lora_A.weight": torch.zeros(4, 8)}, str(unet))
     assert_one_line_user_error(sd3tune("generate", "--model", tiny_model, "--lora", unet, "-p", "x"),
                                "not an SD3 transformer LoRA")
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "list.safetensors").write_bytes(b"\x02" + bytes(7) + b"[]")
+    for args, needles in ((["--out", tmp_path / "a-file"], ("--out", "is a file")),
+                          (["--out", tmp_path / "a-file" / "sub"], ("--out folder", "Not a directory")),
+                          (["--lora", tmp_path / "list.safetensors"], ("not a safetensors file",)),
+                          (["--offload", "model"], ("--offload model needs a CUDA GPU",)),
+                          (["--batch-size", "0"], ("--batch-size 0",))):
+        assert_one_line_user_error(sd3tune("generate", "--model", tiny_model, "-p", "x", "--device", "cpu", *args),
+                                   *needles)
 
 
 def test_each_image_is_reported_as_soon_as_it_is_written(tiny_model, tmp_path, monkeypatch):

@@ -91,6 +91,8 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, str], dict[str, Any]]
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise Sd3tuneError(f"{file} is not a safetensors file", hint="pass a .safetensors LoRA") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
+        raise Sd3tuneError(f"{file} is not a safetensors file", hint="pass a .safetensors LoRA")
     return dict(header.get("__metadata__") or {}), {k: v for k, v in header.items() if k != "__metadata__"}
 
 
@@ -234,8 +236,7 @@ class Pipeline:
         keyword arguments. Encoded once per prompt and reused by its later batches: otherwise the three text
         encoders run for the prompt and the negative in every batch (~0.04 s each for SD3M on an H100, ~2% of a
         compiled batch of four). The same tensors the pipeline would compute, so the same images."""
-        # without T5 the pipeline pads with zeros to its own default length, as it did before this cache
-        length = s.max_sequence_length if self.pipe.text_encoder_3 is not None else DIFFUSERS_T5_DEFAULT
+        length = self.t5_length(s)
         key = (prompt, s.negative or "", length, s.guidance > 1)
         if key not in self._embeddings:
             import torch
@@ -249,6 +250,11 @@ class Pipeline:
         names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
         return {name: None if t is None else t.repeat(n, *[1] * (t.dim() - 1))
                 for name, t in zip(names, self._embeddings[key])}
+
+    def t5_length(self, s: SamplerSettings) -> int:
+        """The T5 tokens of the text embeddings: without T5 (``--drop-t5``) the pipeline pads its T5 part with zeros
+        to its own default length, whatever ``max_sequence_length`` says."""
+        return s.max_sequence_length if self.pipe.text_encoder_3 is not None else DIFFUSERS_T5_DEFAULT
 
     def set_lora_scale(self, scale: float, adapter: str | None = None) -> float:
         """Make ``adapter`` (default: the run's LoRA) the active one at strength ``scale`` times the run's alpha/rank
@@ -318,6 +324,9 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto", lora: L
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     dev = pick_device(device)
+    if offload != "none" and dev != "cuda":
+        raise Sd3tuneError(f"--offload {offload} needs a CUDA GPU (it moves the model between GPU and CPU memory); "
+                           f"this runs on {dev}", hint="drop --offload")
     torch_dtype = pick_dtype(dtype, dev)
     local = Path(model).expanduser()
     if (model.startswith((".", "/", "~")) or local.exists()) and not (local / "model_index.json").is_file():
@@ -481,7 +490,8 @@ def provenance(p: Pipeline, prompt: str, seed: int, s: SamplerSettings, scale: f
     return {"prompt": prompt, "negative_prompt": s.negative, "seed": seed, "steps": s.steps, "guidance": s.guidance,
             "width": s.width, "height": s.height, "model": p.model,
             "lora": str(p.lora.file) if p.lora else None, "lora_scale": scale if p.lora else None,
-            "lora_adapter_weight": weight if p.lora else None, "max_sequence_length": s.max_sequence_length,
+            "lora_adapter_weight": weight if p.lora else None, "max_sequence_length": p.t5_length(s),
+            "drop_t5": p.pipe.text_encoder_3 is None,
             "scheduler_shift": getattr(p.pipe.scheduler.config, "shift", None), "dtype": str(p.dtype).replace("torch.", ""),
             "device": p.device, "fused": p.fused, "fp8": p.fp8, "sd3tune_version": __version__}
 

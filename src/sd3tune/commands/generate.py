@@ -41,6 +41,13 @@ class GenerateOptions:
     fp8: bool = False  # the fast path (implied) with the blocks' matmuls in FP8 (sd3tune.fp8)
     grid: bool = True  # also write a prompt x seed contact sheet when there is more than one image
 
+    def __post_init__(self) -> None:  # the Python API takes str paths and a single prompt too
+        if isinstance(self.prompts, str):
+            self.prompts = [self.prompts]
+        self.out = Path(self.out)
+        self.lora = Path(self.lora) if self.lora is not None else None
+        self.prompts_file = Path(self.prompts_file) if self.prompts_file is not None else None
+
 
 @dataclass
 class GeneratedImage:
@@ -83,7 +90,10 @@ def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[st
         run_len = int(lora.metadata["sd3tune.t5_max_length"])
     elif cfg is not None:
         run_len = keys.SD3_T5_MAX_LENGTH  # SimpleTuner caps SD3's T5 at 154 tokens in training
-    if opts.max_sequence_length is not None:
+    if opts.drop_t5:  # no T5 tokens: the pipeline pads its T5 part with zeros to its own default length
+        if opts.max_sequence_length is not None:
+            notes.append("--max-sequence-length ignored with --drop-t5 (there are no T5 tokens)")
+    elif opts.max_sequence_length is not None:
         s.max_sequence_length = opts.max_sequence_length
         if run_len and opts.max_sequence_length != run_len:
             notes.append(f"--max-sequence-length {opts.max_sequence_length} overrides the T5 length {run_len} the "
@@ -104,9 +114,14 @@ def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[st
         s.shift = run_shift
     if lora and abs(lora.alpha_over_rank - 1.0) > 1e-9:
         notes.append(f"LoRA scale multiplied by alpha/rank = {lora.alpha_over_rank:g} from training")
-    side = cfg.data.resolution if cfg and cfg.data.resolution_type != "area" else 1024
-    s.width = opts.width or side
-    s.height = opts.height or opts.width or side  # a width alone makes a square
+    side = int(cfg.data.resolution) if cfg and cfg.data.resolution_type != "area" else 1024
+    if (opts.width is None or opts.height is None) and side % SIZE_MULTIPLE:
+        notes.append(f"the run's resolution {side} is not a multiple of {SIZE_MULTIPLE}: sampling at "
+                     f"{side - side % SIZE_MULTIPLE} (--width/--height choose)")
+        side -= side % SIZE_MULTIPLE
+    s.width = opts.width if opts.width is not None else side
+    s.height = opts.height if opts.height is not None else s.width if opts.width is not None else side  # a width
+    # alone makes a square
     for name, v in (("width", s.width), ("height", s.height)):
         if v < 64 or v % SIZE_MULTIPLE:
             raise Sd3tuneError(f"--{name} {v} must be a multiple of {SIZE_MULTIPLE} and at least 64",
@@ -120,6 +135,8 @@ def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[st
             raise Sd3tuneError(f"--guidance {opts.guidance} must not be negative")
         s.guidance = opts.guidance
     s.negative = opts.negative
+    if opts.negative and s.guidance <= 1:
+        notes.append(f"--negative has no effect at guidance {s.guidance:g} (classifier-free guidance needs > 1)")
     return model, s, notes
 
 
@@ -133,8 +150,19 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
         raise Sd3tuneError(f"--num-images {opts.num_images} must be at least 1")
     if opts.scale < 0:
         raise Sd3tuneError(f"--scale {opts.scale} must not be negative", hint="0 gives the base model")
+    if opts.batch_size < 1:
+        raise Sd3tuneError(f"--batch-size {opts.batch_size} must be at least 1")
     lora = resolve_lora(opts.lora) if opts.lora is not None else None
     model, settings, notes = resolve_settings(opts, lora)
+    if lora is None and opts.scale != 1.0:
+        notes.append(f"--scale {opts.scale:g} ignored: no --lora")
+    if opts.out.exists() and not opts.out.is_dir():
+        raise Sd3tuneError(f"--out {opts.out} is a file", hint="pass a folder for the images")
+    try:
+        opts.out.mkdir(parents=True, exist_ok=True)  # before minutes of loading
+    except OSError as exc:
+        raise Sd3tuneError(f"cannot create the --out folder {opts.out}: {exc.strerror or exc}",
+                           hint="pass a folder you can write to") from None
     if opts.drop_t5:
         notes.append("T5 dropped (--drop-t5): lower memory, weaker prompt following")
     if opts.fp8:
@@ -150,7 +178,6 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
     if opts.compile or opts.fp8:
         notes += pipe.fast_path(images=total, fp8=opts.fp8)
     load_seconds = time.perf_counter() - t0
-    opts.out.mkdir(parents=True, exist_ok=True)
     images: list[GeneratedImage] = []
     from concurrent.futures import ThreadPoolExecutor
 
@@ -163,7 +190,7 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
         pending, taken = [], set()
         for index, prompt in enumerate(prompts):
-            for batch in chunks(seeds, max(1, opts.batch_size)):
+            for batch in chunks(seeds, opts.batch_size):
                 made = make_images(pipe, prompt, batch, settings)  # queued on the GPU; copied as it finishes
                 for i, seed in enumerate(batch):
                     path = free_name(opts.out, f"{index:03d}-{slug(prompt)}-s{seed}", taken)

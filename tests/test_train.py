@@ -103,8 +103,30 @@ def test_diffusers_loads_the_lora(trained_run, tiny_model):
     assert "t" in pipe.get_list_adapters()["transformer"]
 
 
-def test_existing_checkpoints_need_resume(trained_run):
+def test_existing_checkpoints_need_resume_and_a_finished_run_has_nothing_to_resume(trained_run):
     assert_one_line_user_error(sd3tune("train", trained_run), "checkpoint-20", "--resume")
+    assert_one_line_user_error(sd3tune("train", trained_run, "--resume"), "nothing to resume",
+                               "checkpoint-20 has all 20 steps")
+
+
+def test_a_trained_lora_without_checkpoints_is_not_silently_replaced(tiny_init_options, trained_run):
+    import shutil
+
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    (run / "output").mkdir()
+    shutil.copy(trained_run / "output" / keys.LORA_WEIGHT_NAME, run / "output")
+    assert_one_line_user_error(sd3tune("train", run), "already holds a trained", "move the output folder away")
+
+
+def test_a_relative_accelerate_config_is_the_users_file(tiny_init_options, tmp_path):
+    run_init(tiny_init_options)
+    (tmp_path / "acc.yaml").write_text("compute_environment: LOCAL_MACHINE\nnum_processes: 1\n")
+    r = sd3tune("train", tiny_init_options.run_dir, "--accelerate-config", "acc.yaml", "--dry-run", cwd=tmp_path)
+    assert r.code == 0, r.err
+    assert f"--config_file {tmp_path / 'acc.yaml'}" in r.out  # accelerate itself runs in the run folder
+    assert_one_line_user_error(sd3tune("train", tiny_init_options.run_dir, "--accelerate-config", tmp_path),
+                               "is not a file")
 
 
 def test_dry_run_command_trains_when_run_by_hand_and_resume_continues(tiny_init_options):
@@ -147,7 +169,7 @@ def test_stray_shell_variables_do_not_leak_into_the_run(tiny_init_options):
                      "SD3TUNE_CUDA_GRAPHS": "1"})
     words = shlex.split(r.out.strip().splitlines()[-1].split(" && ", 1)[1])
     assert not any(w.startswith(("MODEL_NAME=", "OUTPUT_DIR=", "ENV=", "SD3TUNE_CUDA_GRAPHS=")) for w in words)
-    assert "HF_TOKEN=hf_x" in words
+    assert "HF_TOKEN=$HF_TOKEN" in words and "hf_x" not in r.out  # passed on from the shell, never printed
     r = sd3tune("train", tiny_init_options.run_dir, "--dry-run", "--cuda-graphs")
     assert "SD3TUNE_CUDA_GRAPHS=1" in shlex.split(r.out.strip().splitlines()[-1].split(" && ", 1)[1])
 

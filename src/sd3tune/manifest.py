@@ -34,9 +34,10 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {}
+    return data if isinstance(data, dict) else {}  # a hand-edited manifest that is not an object: start afresh
 
 
 def update_manifest(run_dir: Path, key: str, entry: dict[str, Any], append: bool = False) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
                                         phase_of, run_plan)
-from sd3tune.simpletuner.files import RunPaths, checkpoints
+from sd3tune.simpletuner.files import RunPaths, checkpoint_step, checkpoints
 
 
 @dataclass
@@ -47,20 +47,31 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
                           hint=f"run `sd3tune check {opts.run_dir}` for the full list", findings=report.findings)
     cfg = report.run.config
     assert cfg is not None and report.run.format is not None
-    if opts.accelerate_config is not None and not opts.accelerate_config.is_file():
-        raise Sd3tuneError(f"accelerate config {opts.accelerate_config} does not exist",
-                           hint="create one with `accelerate config --config_file FILE`")
+    accelerate_config = None
+    if opts.accelerate_config is not None:  # accelerate runs in the run folder: pass the file as the user meant it
+        accelerate_config = opts.accelerate_config.expanduser().resolve()
+        if not accelerate_config.is_file():
+            raise Sd3tuneError(f"accelerate config {opts.accelerate_config} is not a file",
+                               hint="create one with `accelerate config --config_file FILE`")
     output = report.run.output_dir()
     existing = checkpoints(output)
     if existing and not opts.resume:
         raise Sd3tuneError(f"{output} already holds {existing[-1].name}; SimpleTuner would silently resume from it",
                            hint="pass --resume to continue, or move the output folder away to start over")
+    if not existing and (output / keys.LORA_WEIGHT_NAME).is_file():
+        raise Sd3tuneError(f"{output} already holds a trained {keys.LORA_WEIGHT_NAME} (and no checkpoint to resume "
+                           "from); training again would replace it",
+                           hint="move the output folder away to start over, or set OUTPUT_DIR to a new folder")
     if opts.resume and not existing:
         raise Sd3tuneError(f"nothing to resume: no checkpoint in {output}", hint="run without --resume")
+    steps = cfg.optim.max_train_steps or 0
+    if opts.resume and steps and (checkpoint_step(existing[-1]) or 0) >= steps:
+        raise Sd3tuneError(f"nothing to resume: {existing[-1].name} has all {steps} steps of the run",
+                           hint="raise the step count (MAX_NUM_STEPS) to train further")
     if opts.cuda_graphs:
         check_cuda_graphs(cfg, opts.gpus)
     plan = build_launch(report.run.paths.root, report.run.format, cfg.precision.mixed_precision, gpus=opts.gpus,
-                        accelerate_config=opts.accelerate_config, extra_accelerate_args=opts.extra_accelerate_args,
+                        accelerate_config=accelerate_config, extra_accelerate_args=opts.extra_accelerate_args,
                         cuda_graphs=opts.cuda_graphs)
     return plan, report
 

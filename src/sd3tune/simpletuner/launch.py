@@ -36,6 +36,7 @@ PASSTHROUGH = {
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
     "http_proxy", "https_proxy", "no_proxy", "VIRTUAL_ENV",
 }
+SECRETS = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"}  # passed on, never printed
 # ... and PyTorch's compiler settings (TORCHINDUCTOR_CACHE_DIR keeps compiled kernels across runs, TORCH_LOGS, ...).
 PASSTHROUGH_PREFIXES = ("LC_", "NCCL_", "MASTER_", "ACCELERATE_LOG", "TORCHINDUCTOR_", "TORCHDYNAMO_", "TRITON_",
                         "TORCH_")
@@ -71,8 +72,9 @@ class LaunchPlan:
     cwd: Path
 
     def shell(self) -> str:
-        """A copy-pasteable shell line that runs exactly this launch."""
-        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
+        """A copy-pasteable shell line that runs exactly this launch. Credentials are not printed: the line takes
+        them from the shell it is pasted into (``HF_TOKEN="$HF_TOKEN"``)."""
+        env = " ".join(f'{k}="${k}"' if k in SECRETS else f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
         return f"cd {shlex.quote(str(self.cwd))} && env -i {env} {shlex.join(self.argv)}"
 
 

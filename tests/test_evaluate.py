@@ -45,7 +45,8 @@ def _opts(run_dir: Path, clip: Path, prompts: Path, out: Path, **kw) -> Evaluate
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, trained_run, tiny_clip, prompts_file):
-    """One evaluation of base, LoRA and both checkpoints (checkpoint-10, checkpoint-20) from one pipeline load."""
+    """One evaluation of base, LoRA and checkpoint-10 from one pipeline load (checkpoint-20 holds the final LoRA's
+    weights: evaluated once, as the LoRA)."""
     out = tmp_path_factory.mktemp("eval") / "all"
     return run_evaluate(_opts(trained_run, tiny_clip, prompts_file, out, checkpoints="all"), progress=False)
 
@@ -60,7 +61,13 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
 
     data = json.loads(evaluated.metrics_file.read_text())
     assert data == json.loads(json.dumps(evaluated.metrics))  # the file is what the API returned
-    assert list(data["models"]) == ["base", "lora", "checkpoint-10", "checkpoint-20"]
+    # checkpoint-20 is the final LoRA (other metadata, same tensors): not generated and scored a second time
+    final, last = (trained_run / "output" / "pytorch_lora_weights.safetensors",
+                   trained_run / "output" / "checkpoint-20" / "pytorch_lora_weights.safetensors")
+    assert last.is_file() and final.read_bytes() != last.read_bytes()
+    assert list(data["models"]) == ["base", "lora", "checkpoint-10"]
+    assert "checkpoint-20 is the final LoRA (identical weights): evaluated once" in data["notes"]
+    assert not (evaluated.out / "images" / "checkpoint-20").exists()
     for label in ("base", "lora"):
         for metric in METRIC_ORDER:
             stat = data["models"][label]["metrics"][metric]
@@ -78,11 +85,11 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     assert data["training_images"]["used"] == 8
     assert data["kid"]["subset_size"] == SEEDS and "CLIP" in data["kid"]["feature"]
     # best checkpoint: a LoRA candidate, chosen by the stated rule
-    assert data["best"]["label"] in ("lora", "checkpoint-10", "checkpoint-20")
+    assert data["best"]["label"] in ("lora", "checkpoint-10")
     assert "z-score" in data["best"]["rule"] and "later training step" in data["best"]["rule"]
     # the grid: rows prompts, columns base | LoRA | checkpoints
     sheet = Image.open(evaluated.sheet)
-    assert sheet.size == (220 + 4 * (128 + 4) + 4, 22 + 2 * (128 + 4) + 4)
+    assert sheet.size == (220 + 3 * (128 + 4) + 4, 22 + 2 * (128 + 4) + 4)
     report = evaluated.report.read_text()
     assert "| model | CLIP score" in report and "](contact_sheet.png)" in report
     assert data["best"]["rule"] in report and "Inception" in report
@@ -94,7 +101,7 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
         "checkpoint-10/pytorch_lora_weights.safetensors") and fields["seed"] == 0
     # the run remembers its evaluations
     manifest = json.loads((trained_run / "sd3tune.json").read_text())
-    assert any(e["out"] == str(evaluated.out) for e in manifest["evaluations"])
+    assert [e["models"] for e in manifest["evaluations"] if e["out"] == str(evaluated.out)] == [list(data["models"])]
     assert "LoRA" in format_table(data) and "*" in format_table(data)
 
 
@@ -185,6 +192,55 @@ def test_cli_command_prints_the_table_and_paths(trained_run, tiny_clip, tmp_path
     assert all(math.isfinite(data["models"]["lora"]["metrics"][k]["mean"]) for k in METRIC_ORDER)
 
 
+@pytest.mark.e2e
+def test_an_earlier_evaluation_is_refused_and_replaced_only_with_force(evaluated, trained_run, tiny_clip,
+                                                                       prompts_file, tmp_path):
+    import shutil
+
+    from sd3tune.manifest import read_manifest, update_manifest
+
+    out = tmp_path / "eval"
+    shutil.copytree(evaluated.out, out)  # an earlier evaluation (--checkpoints all, 2 seeds) in this folder ...
+    entry = next(e for e in read_manifest(trained_run)["evaluations"] if e["out"] == str(evaluated.out))
+    update_manifest(trained_run, "evaluations", {**entry, "out": str(out), "metrics": str(out / "metrics.json")},
+                    append=True)  # ... as the run recorded it
+    (out / "mine.txt").write_text("not evaluate's")
+    earlier = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    args = ["evaluate", str(trained_run), "--prompts", str(prompts_file), "--seeds", "1", "--steps", str(STEPS),
+            "--clip-model", str(tiny_clip), "--out", str(out), "--device", "cpu", "--checkpoints", "latest"]
+
+    refused = CliRunner().invoke(app, args)
+    assert isinstance(refused.exception, Sd3tuneError), refused.output  # `sd3tune` prints it as one line, exit 2
+    err = refused.exception
+    assert err.exit_code == 2
+    assert f"--out {out} already holds an evaluation" in err.message and "\n" not in err.one_line()
+    assert "another --out" in err.hint and "--force" in err.hint
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier  # nothing touched
+
+    result = CliRunner().invoke(app, args + ["--force"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["seeds"] == [0] and list(data["models"]) == ["base", "lora"]
+    # no image of the earlier evaluation is left beside the new ones (its checkpoint-10 column, its seed 1)
+    assert sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*") if p.is_file()) == [
+        "images/base/00-s0.png", "images/base/01-s0.png", "images/lora/00-s0.png", "images/lora/01-s0.png"]
+    assert (out / "mine.txt").read_text() == "not evaluate's"  # only what evaluate writes is replaced
+    entries = [e for e in read_manifest(trained_run)["evaluations"] if e["out"] == str(out)]
+    assert len(entries) == 1 and entries[0]["models"] == ["base", "lora"]  # replaced, not a second entry
+
+
+def test_an_out_folder_with_files_is_refused_before_any_model_loads(trained_run, prompts_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    opts = EvaluateOptions(run_dir=trained_run, prompts_file=prompts_file, seeds=SEEDS, steps=STEPS,
+                           clip_model=str(tmp_path / "no-clip-here"), out=out, device="cpu")
+    with pytest.raises(Sd3tuneError) as info:  # refused first: the missing CLIP is not even looked at
+        run_evaluate(opts, progress=False)
+    assert f"--out {out} already holds files" in info.value.message and "--force" in info.value.hint
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 # ----------------------------------------------------------------------------------------------- user errors
 
 
@@ -197,13 +253,14 @@ def untrained_run(tiny_init_options) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing_run", "inside_run", "no_lora", "bad_checkpoints", "missing_clip",
-                                  "clip_not_a_model", "clip_not_on_hub", "missing_prompts", "zero_seeds"])
+                                  "clip_not_a_model", "clip_text_encoder", "clip_not_on_hub", "missing_prompts",
+                                  "zero_seeds"])
 def test_user_errors_are_one_line_with_a_hint(case, request, tmp_path, prompts_file):
     run = tmp_path / "nope"
     kw: dict = {}
     clip = tmp_path / "no-clip-here"
-    if case in ("bad_checkpoints", "missing_clip", "clip_not_a_model", "clip_not_on_hub", "missing_prompts",
-                "zero_seeds"):
+    if case in ("bad_checkpoints", "missing_clip", "clip_not_a_model", "clip_text_encoder", "clip_not_on_hub",
+                "missing_prompts", "zero_seeds"):
         run = request.getfixturevalue("trained_run")
     if case == "no_lora":
         run = request.getfixturevalue("untrained_run")
@@ -216,6 +273,8 @@ def test_user_errors_are_one_line_with_a_hint(case, request, tmp_path, prompts_f
     if case == "clip_not_a_model":
         clip = tmp_path / "empty"
         clip.mkdir()
+    if case == "clip_text_encoder":  # the text half of CLIP only (as in every SD3 model folder)
+        clip = request.getfixturevalue("tiny_model") / "text_encoder"
     if case == "clip_not_on_hub":
         clip = "sd3tune-tests/no-such-clip"  # the tests are offline (HF_HUB_OFFLINE=1): a Hub id cannot load
     if case == "zero_seeds":
@@ -229,10 +288,49 @@ def test_user_errors_are_one_line_with_a_hint(case, request, tmp_path, prompts_f
     assert err.exit_code == 2 and err.hint and "\n" not in err.one_line()
     expected = {"missing_run": "does not exist", "inside_run": "is inside the run folder", "no_lora": "no pytorch_lora_weights", "bad_checkpoints": "'best'",
                 "missing_clip": "--clip-model", "clip_not_a_model": "no config.json",
+                "clip_text_encoder": "is not a full CLIP model (vision + text)",
                 "clip_not_on_hub": "cannot load CLIP model sd3tune-tests/no-such-clip",
                 "missing_prompts": "prompts file", "zero_seeds": "--seeds 0"}[case]
     assert expected in err.message
+    if case == "no_lora":  # evaluate has no option for a .safetensors file: the fix is to train
+        assert "sd3tune train" in err.hint and "safetensors" not in err.hint
     assert not (tmp_path / "out").exists()  # nothing written, no model loaded
+
+
+def test_a_missing_clip_recorded_in_the_run_says_where_it_came_from(trained_run, prompts_file, tmp_path):
+    import shutil
+
+    from sd3tune.manifest import update_manifest
+
+    run = tmp_path / "run"  # the trained run (its config names its output folder) with a CLIP that was moved away
+    shutil.copytree(trained_run / "config", run / "config")
+    shutil.copy(trained_run / "sd3tune.json", run / "sd3tune.json")
+    update_manifest(run, "defaults", {"clip_model": str(tmp_path / "moved-clip")})
+    opts = EvaluateOptions(run_dir=run, prompts_file=prompts_file, seeds=SEEDS, steps=STEPS, out=tmp_path / "out",
+                           device="cpu")  # no --clip-model
+    with pytest.raises(Sd3tuneError) as info:
+        run_evaluate(opts, progress=False)
+    err = info.value
+    assert f"CLIP model {tmp_path / 'moved-clip'} (from defaults.clip_model in {run / 'sd3tune.json'}) does not " \
+           "exist" in err.message and "--clip-model" not in err.message
+    assert "pass --clip-model" in err.hint and "\n" not in err.one_line()
+
+
+def test_a_clip_folder_that_fails_to_load_as_a_full_clip_is_one_line(tiny_clip, monkeypatch):
+    """transformers raises RuntimeError for weights that do not fit CLIPModel (e.g. a text encoder whose config does
+    not say so): a one-line error, not a traceback."""
+    from transformers import CLIPModel
+
+    from sd3tune.evaluation import ClipModel
+
+    def mismatched(*args, **kwargs):
+        raise RuntimeError("You set `ignore_mismatched_sizes` to `False`, thus raising an error.\nsize mismatch ...")
+
+    monkeypatch.setattr(CLIPModel, "from_pretrained", mismatched)
+    with pytest.raises(Sd3tuneError) as info:
+        ClipModel.load(str(tiny_clip))
+    assert "cannot be loaded as a full CLIP model (vision + text)" in info.value.message
+    assert "CLIPModel" in info.value.hint and "\n" not in info.value.one_line()
 
 
 def test_cli_user_error_is_an_sd3tune_error_with_exit_code_2(tmp_path, tiny_clip):

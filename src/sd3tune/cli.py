@@ -216,6 +216,9 @@ def evaluate_cmd(
     device: Annotated[str, typer.Option("--device", help="auto, cuda, mps or cpu.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto, bf16, fp16 or fp32.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pipeline call.")] = 4,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace a previous evaluation in --out (its images/, metrics.json, contact sheet and "
+                        "reports; other files stay).")] = False,
 ) -> None:
     """Compare the base model, the LoRA and its checkpoints on a fixed prompt x seed grid (one model load).
 
@@ -226,6 +229,7 @@ def evaluate_cmd(
     examples:
       sd3tune evaluate runs/art
       sd3tune evaluate runs/art --checkpoints all --seeds 8 --out runs/art/eval-all
+      sd3tune evaluate runs/art --force          # replace the previous runs/art/eval
       sd3tune evaluate runs/art --prompts prompts.txt --clip-model ~/models/clip-vit-large-patch14
     """
     from sd3tune.commands.evaluate import EvaluateOptions, format_table, run_evaluate
@@ -233,7 +237,7 @@ def evaluate_cmd(
     result = run_evaluate(EvaluateOptions(
         run_dir=run_dir, prompts_file=prompts, seeds=seeds, checkpoints=checkpoints, model=model,
         clip_model=clip_model, out=out, steps=steps, guidance=guidance, device=device, dtype=dtype,
-        batch_size=batch_size))
+        batch_size=batch_size, force=force))
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(format_table(result.metrics))

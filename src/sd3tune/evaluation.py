@@ -198,6 +198,31 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists() or spec.count("/") > 1 or "\\" in spec
 
 
+_FULL_CLIP_HINT = (f"the metrics need both CLIP towers: pass a transformers CLIPModel folder (config.json model_type "
+                   f"'clip', e.g. a download of {DEFAULT_CLIP}); a text_encoder folder (as in SD3) is only the text "
+                   "half")
+
+
+def _check_clip_config(config_file: Path, what: str, fix: str) -> None:
+    """Refuse, before loading any weights, a folder whose config.json is not a full CLIP model (vision + text), e.g.
+    a CLIP text encoder (model_type 'clip_text_model', the text_encoder folder of an SD3 model). A config that says
+    nothing either way goes on to the loader, whose errors are caught too."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Sd3tuneError(f"{what}: {config_file} is not readable JSON ({type(exc).__name__})",
+                           hint=_FULL_CLIP_HINT + fix) from None
+    if not isinstance(config, dict):
+        raise Sd3tuneError(f"{what}: {config_file} is not a model config", hint=_FULL_CLIP_HINT + fix)
+    model_type = config.get("model_type")
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if (model_type is not None and model_type != "clip") or (
+            model_type is None and architectures and "CLIPModel" not in architectures):
+        found = f"model_type {model_type!r}" + (f", architectures {', '.join(architectures)}" if architectures else "")
+        raise Sd3tuneError(f"{what} is not a full CLIP model (vision + text): its config.json has {found}",
+                           hint=_FULL_CLIP_HINT + fix)
+
+
 class ClipModel:
     """A transformers CLIP model and processor, loaded from a folder or a Hub id; unit-norm embeddings."""
 
@@ -209,34 +234,46 @@ class ClipModel:
         self.device = "cpu"
 
     @classmethod
-    def load(cls, spec: str) -> "ClipModel":
+    def load(cls, spec: str, origin: str | None = None) -> "ClipModel":
+        """Load ``spec`` (a local folder or a Hub id). ``origin`` names where the spec came from when the user did
+        not pass --clip-model (e.g. the run's sd3tune.json): the error messages then say so."""
         from transformers import CLIPModel, CLIPProcessor
 
         from sd3tune.inference import quiet_libraries
 
         quiet_libraries()
+        what = f"--clip-model {spec}" if origin is None else f"CLIP model {spec} (from {origin})"
+        fix = "" if origin is None else "; or pass --clip-model PATH|HUB_ID"
         local = Path(spec).expanduser()
         if _looks_local(spec):
             if not local.exists():
-                raise Sd3tuneError(f"--clip-model {spec} does not exist",
-                                   hint=f"pass a local transformers CLIP folder, or a Hub id such as {DEFAULT_CLIP}")
+                hint = f"a local transformers CLIP folder, or a Hub id such as {DEFAULT_CLIP}"
+                raise Sd3tuneError(f"{what} does not exist", hint=("pass " if origin is None else "pass --clip-model: ")
+                                   + hint)
             if not (local / "config.json").is_file():
-                raise Sd3tuneError(f"--clip-model {spec} is not a transformers model folder (no config.json)",
-                                   hint="save one with CLIPModel.save_pretrained and CLIPProcessor.save_pretrained")
+                raise Sd3tuneError(f"{what} is not a transformers model folder (no config.json)",
+                                   hint="save one with CLIPModel.save_pretrained and CLIPProcessor.save_pretrained"
+                                        + fix)
+            _check_clip_config(local / "config.json", what, fix)
             target, source = str(local.resolve()), "local folder"
         else:
             target, source = spec, "Hub"
         try:
             model = CLIPModel.from_pretrained(target).eval()
             processor = CLIPProcessor.from_pretrained(target)
+        except RuntimeError as exc:  # e.g. a text encoder alone: transformers reports mismatched/missing weights
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise Sd3tuneError(f"{what} cannot be loaded as a full CLIP model (vision + text): {first}",
+                               hint=_FULL_CLIP_HINT + fix) from None
         except (OSError, ValueError, TypeError, KeyError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if source == "Hub":
                 hint = (f"offline or not downloaded? fetch it once with `hf download {spec}`, or pass --clip-model "
                         "PATH to a local CLIP folder")
             else:
-                hint = "the folder must hold a transformers CLIP model and its processor (save_pretrained)"
-            raise Sd3tuneError(f"cannot load CLIP model {spec}: {first}", hint=hint) from None
+                hint = "the folder must hold a transformers CLIP model and its processor (save_pretrained)" + fix
+            raise Sd3tuneError(f"cannot load CLIP model {spec}: {first}"
+                               + ("" if origin is None else f" (from {origin})"), hint=hint) from None
         model.requires_grad_(False)
         return cls(model, processor, target, source)
 

@@ -9,6 +9,7 @@ selected with ``set_adapters`` (the base model is the LoRA at weight 0, exactly 
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,10 @@ from sd3tune.errors import Sd3tuneError
 
 CHECKPOINT_CHOICES = ("latest", "all")
 EVAL_DIR = "eval"  # default --out, inside the run folder
+OUTPUT_FILES = ("metrics.json", "contact_sheet.png", "report.md", "report.html")  # + images/LABEL/NN-sS.png
+IMAGES_DIR = "images"
+_LABEL_DIR = re.compile(r"(base|lora|checkpoint-\d+)")
+_IMAGE_FILE = re.compile(r"\d+-s\d+\.png")
 
 
 @dataclass
@@ -37,6 +42,7 @@ class EvaluateOptions:
     batch_size: int = 4
     lora: Path | None = None  # Python API only: evaluate this LoRA (file/folder) instead of the run's latest
     lora_scale: float = 1.0  # Python API only: LoRA strength for the LoRA and checkpoint columns
+    force: bool = False  # replace a previous evaluation in ``out`` (only the files evaluate writes)
 
 
 @dataclass
@@ -110,11 +116,78 @@ def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str])
     if opts.checkpoints == "all":
         found = [(checkpoint_step(file.parent), file.resolve()) for file in checkpoint_loras(output_dir)
                  if file.resolve() != lora.file]
-        if not found:
+        same = [(s, file) for s, file in found if _same_tensors(file, lora.file)]
+        for s, _ in same:  # usually the last checkpoint: the final LoRA is saved from the same weights
+            what = "the final LoRA" if opts.lora is None and step is None else f"the evaluated LoRA {lora.file}"
+            notes.append(f"checkpoint-{s} is {what} (identical weights): evaluated once")
+        found = [f for f in found if f not in same]
+        if not found and not same:
             notes.append("--checkpoints all: the run has no other checkpoint-N folder with a LoRA")
         for s, file in found:
             out.append(_Candidate(f"checkpoint-{s}", f"checkpoint-{s}", "checkpoint", s, file, f"ckpt_{s}"))
     return out
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    """Whether two safetensors files hold the same tensors (names, dtypes, shapes and bytes), whatever their metadata
+    (the final LoRA carries sd3tune's stamp, a checkpoint SimpleTuner's) and tensor order. Stops at the first
+    difference, so a different checkpoint costs one tensor read. An unreadable file counts as different."""
+    import struct
+
+    from sd3tune.inference import read_safetensors_header
+
+    try:
+        _, ta = read_safetensors_header(a)
+        _, tb = read_safetensors_header(b)
+        if {k: (v["dtype"], v["shape"]) for k, v in ta.items()} != {k: (v["dtype"], v["shape"]) for k, v in tb.items()}:
+            return False
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            starts = [8 + struct.unpack("<Q", f.read(8))[0] for f in (fa, fb)]
+            for name in sorted(ta):
+                chunks = []
+                for f, start, info in ((fa, starts[0], ta[name]), (fb, starts[1], tb[name])):
+                    begin, end = info["data_offsets"]
+                    f.seek(start + begin)
+                    chunks.append(f.read(end - begin))
+                if chunks[0] != chunks[1]:
+                    return False
+        return True
+    except (Sd3tuneError, OSError, KeyError, TypeError, ValueError, struct.error):
+        return False
+
+
+def _check_out(out: Path, force: bool, defaulted: bool) -> None:
+    """Refuse an --out folder that holds anything (a previous evaluation above all) unless ``force``."""
+    name = f"--out {out}" if not defaulted else f"{out} (the default --out)"
+    if out.exists() and not out.is_dir():
+        raise Sd3tuneError(f"{name} is a file", hint="pass a folder")
+    if force or not out.is_dir() or not any(out.iterdir()):
+        return
+    from sd3tune.errors import RefuseOverwriteError
+
+    held = "an evaluation (metrics.json)" if (out / "metrics.json").exists() else "files"
+    raise RefuseOverwriteError(f"{name} already holds {held}; nothing was written",
+                               hint="pass another --out, or --force to replace the previous evaluation there (its "
+                                    f"images/, {', '.join(OUTPUT_FILES)}; other files stay)")
+
+
+def _remove_previous(out: Path) -> None:
+    """--force: remove what a previous evaluation wrote in ``out`` (metrics.json first: its presence means a finished
+    evaluation), so the new one is never mixed with old images. Other files stay."""
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    images = out / IMAGES_DIR
+    if not images.is_dir():
+        return
+    for folder in images.iterdir():
+        if folder.is_dir() and not folder.is_symlink() and _LABEL_DIR.fullmatch(folder.name):
+            for file in folder.iterdir():
+                if _IMAGE_FILE.fullmatch(file.name) and (file.is_file() or file.is_symlink()):
+                    file.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    if not any(images.iterdir()):
+        images.rmdir()
 
 
 def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult:
@@ -132,9 +205,13 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     timings: dict[str, float] = {}
     _check_options(opts)
     run_dir, loaded = _read_run(opts.run_dir)
+    out = (opts.out if opts.out is not None else run_dir / EVAL_DIR).expanduser().resolve()
+    _check_out(out, opts.force, defaulted=opts.out is None)
     config = loaded.config
     manifest = read_manifest(run_dir)
     trigger = (manifest.get("init") or {}).get("trigger")
+    if opts.lora is None:
+        _check_trained(run_dir, loaded)
     lora = resolve_lora(opts.lora, None) if opts.lora is not None else resolve_lora(run_dir, loaded)
     if lora.config is None:  # a bare .safetensors: the run's settings apply
         lora = replace(lora, config=config)
@@ -149,19 +226,19 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
         GenerateOptions(model=opts.model, steps=opts.steps, guidance=opts.guidance), lora)
     notes += setting_notes
     seeds = list(range(opts.seeds))
-    out = (opts.out if opts.out is not None else run_dir / EVAL_DIR).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise Sd3tuneError(f"--out {out} is a file", hint="pass a folder")
 
-    clip_spec = opts.clip_model
+    clip_spec, clip_origin = opts.clip_model, None
     if clip_spec is None:
         clip_spec = manifest.get("defaults", {}).get("clip_model") or DEFAULT_CLIP
         if clip_spec != DEFAULT_CLIP:
+            clip_origin = f"defaults.clip_model in {run_dir / 'sd3tune.json'}"
             notes.append(f"CLIP model {clip_spec} from the run's sd3tune.json (--clip-model overrides)")
     opts = replace(opts, clip_model=clip_spec)
     t = time.perf_counter()
-    clip = ClipModel.load(clip_spec)  # before the SD3 load: a wrong --clip-model fails in seconds
+    clip = ClipModel.load(clip_spec, origin=clip_origin)  # before the SD3 load: a wrong --clip-model fails in seconds
     timings["load_clip"] = time.perf_counter() - t
+    if opts.force:  # after every check: a refused evaluation leaves the previous one intact
+        _remove_previous(out)
 
     t = time.perf_counter()
     models, device, dtype = _generate(opts, model, lora, settings, prompts, seeds, candidates, out, progress)
@@ -216,6 +293,18 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     _record_in_manifest(run_dir, out, data)
     return EvaluateResult(out, paths["metrics"], paths["sheet"], paths["report"], paths["html"], data, notes,
                           time.perf_counter() - start)
+
+
+def _check_trained(run_dir: Path, loaded) -> None:
+    """The run's own LoRA must exist (final or a checkpoint's); say how to make one."""
+    from sd3tune.inference import latest_lora_in
+    from sd3tune.simpletuner import keys
+
+    output_dir = loaded.output_dir() or run_dir / "output"
+    if latest_lora_in(output_dir) is None:
+        raise Sd3tuneError(f"no {keys.LORA_WEIGHT_NAME} under {output_dir}: the run is not trained yet",
+                           hint=f"train it first: `sd3tune train {run_dir}` (evaluate compares the run's final "
+                                "LoRA, or with --checkpoints all also its checkpoint-N folders, with the base model)")
 
 
 def _definitions() -> dict[str, str]:
@@ -312,14 +401,17 @@ def _write_outputs(out: Path, data: dict[str, Any], models, prompts, settings) -
 
 
 def _record_in_manifest(run_dir: Path, out: Path, data: dict[str, Any]) -> None:
-    from sd3tune.manifest import update_manifest
+    from sd3tune.manifest import read_manifest, update_manifest
 
     best = data["best"]["label"]
+    entry = {"created": data["created"], "out": str(out), "metrics": str(out / "metrics.json"),
+             "clip_model": data["clip_model"]["name"], "models": list(data["models"]), "best": best}
     try:
-        update_manifest(run_dir, "evaluations", {
-            "created": data["created"], "out": str(out), "metrics": str(out / "metrics.json"),
-            "clip_model": data["clip_model"]["name"], "models": list(data["models"]), "best": best,
-        }, append=True)
+        earlier = read_manifest(run_dir).get("evaluations")
+        # one entry per out folder: an evaluation replaced there (--force) replaces its entry
+        kept = [e for e in earlier if not (isinstance(e, dict) and e.get("out") == str(out))] \
+            if isinstance(earlier, list) else []
+        update_manifest(run_dir, "evaluations", kept + [entry])
     except OSError:  # a read-only run folder: the evaluation itself is complete in ``out``
         pass
 

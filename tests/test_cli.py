@@ -29,3 +29,10 @@ def test_help_and_version():
         shown = sd3tune(command, "--help")
         assert shown.code == 0 and f"Usage: sd3tune {command}" in shown.out, (command, shown)
     assert sd3tune("--version").out.strip() == f"sd3tune {__version__}"
+
+
+def test_an_error_is_one_line_and_keeps_the_spaces_of_a_quoted_value():
+    from sd3tune.errors import Sd3tuneError
+
+    error = Sd3tuneError("VALIDATION_PROMPT value 'a  b' has repeated spaces,\n    which bash would keep", hint="use\n  one")
+    assert error.one_line() == "VALIDATION_PROMPT value 'a  b' has repeated spaces, which bash would keep (hint: use one)"

@@ -75,6 +75,8 @@ def test_user_errors_are_one_line_and_write_nothing(tmp_path, data_copy):
         (["--data", data_copy, "--preset", "8gb"], "unknown preset"),
         (["--data", data_copy, "--format", "yaml"], "--format"),
         (["--data", data_copy, "--validation-prompt", "it's $5"], "VALIDATION_PROMPT"),
+        (["--data", data_copy, "--steps", "0"], "--steps 0 must be at least 1"),
+        (["--data", next(data_copy.glob("*.png"))], "is a file, not a folder"),
     ]
     for i, (args, needle) in enumerate(cases):
         run = tmp_path / f"run{i}"
@@ -96,4 +98,16 @@ def test_written_files_follow_the_umask_and_an_unwritable_folder_is_a_user_error
     (tmp_path / "a-file").write_text("")
     assert_one_line_user_error(sd3tune("init", tmp_path / "a-file" / "run", "--data", data_copy),
                                "cannot write", "Not a directory")
+
+
+def test_a_relative_model_folder_is_recorded_as_the_folder_the_user_meant(tmp_path, data_copy, tiny_model):
+    import os
+
+    work = tmp_path / "work"
+    work.mkdir()
+    relative = os.path.relpath(tiny_model, work)
+    assert sd3tune("init", "runs/art", "--data", data_copy, "--model", relative, cwd=work).code == 0
+    run = work / "runs" / "art"
+    assert read_run(run).config.model.name_or_path == str(tiny_model.resolve())
+    assert sd3tune("check", run).code == 0  # read from anywhere: the path does not depend on where init ran
 

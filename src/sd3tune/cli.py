@@ -8,6 +8,7 @@ Set SD3TUNE_DEBUG=1 to see tracebacks.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -87,7 +88,7 @@ def init_cmd(
     _echo_findings(result.warnings)
     for path in result.written:
         typer.echo(f"wrote {path}")
-    typer.echo(f"next: sd3tune check {run_dir} && sd3tune train {run_dir}")
+    typer.echo(f"next: sd3tune check {shlex.quote(str(run_dir))} && sd3tune train {shlex.quote(str(run_dir))}")
 
 
 @app.command("check")
@@ -271,7 +272,8 @@ def quickstart_cmd(
     typer.echo(f"LoRA vs base, same seeds: mean |pixel difference| = {result.mean_abs_diff:.2f} / 255")
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
     typer.echo(f"done in {result.seconds:.1f} s ({parts})")
-    typer.echo(f"next: sd3tune evaluate {result.folder / 'run'} --out {result.folder / 'eval'}")
+    typer.echo(f"next: sd3tune evaluate {shlex.quote(str(result.folder / 'run'))} "
+               f"--out {shlex.quote(str(result.folder / 'eval'))}")
 
 
 def main(argv: list[str] | None = None) -> None:

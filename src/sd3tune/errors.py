@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class Sd3tuneError(Exception):
     """A problem the user can fix. Printed as ``error: MESSAGE (hint: HINT)``; exit code 2 unless stated."""
@@ -16,10 +18,16 @@ class Sd3tuneError(Exception):
             self.exit_code = exit_code
 
     def one_line(self) -> str:
-        text = " ".join(self.message.split())
+        text = _one_line(self.message)
         if self.hint:
-            text += f" (hint: {' '.join(self.hint.split())})"
+            text += f" (hint: {_one_line(self.hint)})"
         return text
+
+
+def _one_line(text: str) -> str:
+    """Line breaks (and the indentation around them) become one space; other spaces stay, so a quoted value shows
+    as it is."""
+    return re.sub(r"[ \t]*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+[ \t]*", " ", text).strip()
 
 
 class ConfigError(Sd3tuneError):

@@ -69,14 +69,27 @@ def _raise_validation(exc: ValidationError, source: str) -> None:
                       findings=findings)
 
 
+def local_model(model: str) -> str:
+    """A model folder as an absolute path (SimpleTuner and `check` read the config from the run folder, not from
+    where `init` ran); a Hub id as it is."""
+    local = Path(model).expanduser()
+    if model.startswith((".", "/", "~")) or local.exists():
+        return str(local.resolve())
+    return model
+
+
 def build_run(opts: InitOptions) -> InitResult:
     """Validate flags and data and build the models (writes nothing)."""
     if opts.preset not in PRESETS:
         raise Sd3tuneError(f"unknown preset {opts.preset!r}", hint=f"use one of {', '.join(PRESETS)}")
     data = opts.data.expanduser()
+    if data.exists() and not data.is_dir():
+        raise Sd3tuneError(f"--data {data} is a file, not a folder", hint="pass --data with the folder of images")
     if not data.is_dir():
         raise Sd3tuneError(f"data folder {data} does not exist", hint="pass --data with a folder of images")
     data = data.resolve()
+    if opts.steps is not None and opts.steps < 1:
+        raise Sd3tuneError(f"--steps {opts.steps} must be at least 1", hint="e.g. --steps 1500")
     scan = scan_folder(data)
     if not scan.images:
         raise Sd3tuneError(f"no readable images in {data}",
@@ -91,9 +104,11 @@ def build_run(opts: InitOptions) -> InitResult:
     captioned = [i for i in scan.images if i.caption]
     if captioned:
         strategy = "textfile"
-        if len(captioned) < len(scan.images):
-            warnings.append(warning(str(data), "", f"{len(scan.images) - len(captioned)} of {len(scan.images)} images "
-                                                   "have no .txt caption", "add NAME.txt beside each image"))
+        for which, what in ((scan.uncaptioned, "have no .txt caption"), (scan.empty_captions, "have an empty .txt")):
+            if which:  # SimpleTuner stops at the first: `check` and `train` refuse the run until they are fixed
+                warnings.append(warning(str(data), "", f"{len(which)} of {len(scan.images)} images {what} "
+                                                       f"(first: {which[0].path.name}); check and train refuse the "
+                                                       "run until each has one", "add a caption beside each image"))
         if opts.trigger and any(opts.trigger not in i.caption for i in captioned):
             missing = sum(opts.trigger not in i.caption for i in captioned)
             warnings.append(warning(str(data), "", f"{missing} captions do not contain the trigger {opts.trigger!r}",
@@ -112,7 +127,8 @@ def build_run(opts: InitOptions) -> InitResult:
 
     run_dir = opts.run_dir.expanduser().resolve()
     paths = RunPaths(run_dir)
-    flags: dict[str, dict[str, Any]] = {"model": {"name_or_path": opts.model}, "validation": {"prompt": prompt}}
+    flags: dict[str, dict[str, Any]] = {"model": {"name_or_path": local_model(opts.model)},
+                                        "validation": {"prompt": prompt}}
     if opts.resolution is not None:
         flags["data"] = {"resolution": opts.resolution}
         side = max(opts.resolution, keys.MEGAPIXEL_THRESHOLD)  # smaller numbers are read as megapixels
@@ -162,8 +178,8 @@ def run_init(opts: InitOptions) -> InitResult:
     for other in others:  # with --force: a leftover config.json would silently shadow config.env
         other.unlink(missing_ok=True)
     update_manifest(paths.root, "init", {
-        "created": now(), "preset": opts.preset, "format": opts.format, "data": str(opts.data.resolve()),
-        "model": opts.model, "trigger": opts.trigger, "versions": package_versions("simpletuner"),
+        "created": now(), "preset": opts.preset, "format": opts.format, "data": str(opts.data.expanduser().resolve()),
+        "model": result.config.model.name_or_path, "trigger": opts.trigger, "versions": package_versions("simpletuner"),
     })
     result.written = [config_file, paths.backends]
     return result

@@ -149,6 +149,18 @@ def test_user_errors(trained_run, tiny_model, tmp_path):
     save_file({"unet.down_blocks.0.lora_A.weight": torch.zeros(4, 8)}, str(unet))
     assert_one_line_user_error(sd3tune("generate", "--model", tiny_model, "--lora", unet, "-p", "x"),
                                "not an SD3 transformer LoRA")
+    from safetensors.torch import load_file
+
+    lora = load_file(str(trained_run / "output" / keys.LORA_WEIGHT_NAME))
+    q = "transformer.transformer_blocks.0.attn.to_q"
+    for name, change, needle in (
+            ("sd35", {q.replace("attn", "attn2") + ".lora_A.weight": lora[q + ".lora_A.weight"].clone()},
+             "a layer this model does not have"),  # diffusers dropped such keys silently: a partial LoRA
+            ("narrow", {q + ".lora_B.weight": lora[q + ".lora_B.weight"][:16].clone()}, "output width 16"),
+            ("kohya", {q + ".alpha": torch.tensor(8.0)}, "not a LoRA weight")):
+        file = tmp_path / f"{name}.safetensors"
+        save_file({**lora, **change}, str(file))
+        assert_one_line_user_error(sd3tune("generate", "--model", tiny_model, "--lora", file, "-p", "x"), needle)
     (tmp_path / "a-file").write_text("")
     (tmp_path / "list.safetensors").write_bytes(b"\x02" + bytes(7) + b"[]")
     for args, needles in ((["--out", tmp_path / "a-file"], ("--out", "is a file")),

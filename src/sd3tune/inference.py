@@ -119,31 +119,45 @@ def resolve_lora(spec: Path, run: LoadedRun | None = None) -> LoraSource:
     return LoraSource(file=file.resolve(), config=run.config if run is not None else None, metadata=metadata)
 
 
-def check_lora_fits(file: Path, transformer_config: dict[str, Any]) -> None:
-    """Refuse a LoRA whose keys or shapes do not belong to this SD3 transformer."""
+def check_lora_fits(file: Path, transformer: Any) -> None:
+    """Refuse a LoRA whose keys or shapes do not belong to this SD3 ``transformer`` (loaded): diffusers would drop
+    keys it cannot place (a partial LoRA, silently) or fail deep inside peft on a shape."""
     _, tensors = read_safetensors_header(file)
     names = list(tensors)
     if not names or not all(n.startswith("transformer.") for n in names):
         other = next((n for n in names if not n.startswith("transformer.")), "no tensors")
         raise Sd3tuneError(f"{file} is not an SD3 transformer LoRA (found key {other!r})",
                            hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
-    width = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
-    layers = transformer_config["num_layers"]
+    another = "the LoRA was trained for another model; pass the right --model"
+    layers = transformer.config["num_layers"]
     for name, info in tensors.items():
-        m = re.search(r"transformer_blocks\.(\d+)\.", name)
-        if m and int(m.group(1)) >= layers:
-            raise Sd3tuneError(f"{file} has block {m.group(1)} but this model has {layers} blocks",
-                               hint="the LoRA was trained for another model; pass the right --model")
-        if name.endswith("lora_A.weight") and ".attn.to_" in name and info["shape"][1] != width:
-            raise Sd3tuneError(f"{file} was trained for a transformer of width {info['shape'][1]}, this model's "
-                               f"is {width}", hint="the LoRA belongs to another model; pass the right --model")
+        block = re.search(r"transformer_blocks\.(\d+)\.", name)
+        if block and int(block.group(1)) >= layers:
+            raise Sd3tuneError(f"{file} has block {block.group(1)} but this model has {layers} blocks", hint=another)
+        m = re.fullmatch(r"transformer\.(.+)\.lora_([AB])\.weight", name)
+        if m is None:
+            raise Sd3tuneError(f"{file} has {name!r}, which is not a LoRA weight of the diffusers format",
+                               hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
+        try:
+            layer = transformer.get_submodule(m.group(1))
+        except AttributeError:
+            raise Sd3tuneError(f"{file} has a LoRA for {m.group(1)}, a layer this model does not have",
+                               hint=another) from None
+        shape, (out_features, in_features) = info["shape"], (getattr(layer, "out_features", None),
+                                                           getattr(layer, "in_features", None))
+        wanted = in_features if m.group(2) == "A" else out_features
+        got = shape[1] if m.group(2) == "A" else shape[0]
+        if len(shape) != 2 or got != wanted:
+            side = "input" if m.group(2) == "A" else "output"
+            raise Sd3tuneError(f"{file} was trained for a layer {m.group(1)} with {side} width {got}; this model's "
+                               f"has {wanted}", hint=another)
 
 
 def load_adapter(pipe: Any, file: Path, name: str) -> None:
     """Load a LoRA file into the pipeline as adapter ``name``, after checking it fits this transformer."""
     import warnings
 
-    check_lora_fits(file, dict(pipe.transformer.config))
+    check_lora_fits(file, pipe.transformer)
     with warnings.catch_warnings():  # peft warns when a second adapter joins the first: intended (evaluate)
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)

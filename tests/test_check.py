@@ -90,6 +90,14 @@ def fake_model(tmp: Path, class_name: str, parts: tuple[str, ...] = ()) -> Path:
     return folder
 
 
+def _psd(path: Path, size: tuple[int, int] = (64, 64)) -> None:
+    """A minimal RGB Photoshop file (PIL reads PSD but cannot write it): header, empty sections, raw planes."""
+    w, h = size
+    path.write_bytes(b"8BPS" + (1).to_bytes(2, "big") + bytes(6) + (3).to_bytes(2, "big") + h.to_bytes(4, "big")
+                     + w.to_bytes(4, "big") + (8).to_bytes(2, "big") + (3).to_bytes(2, "big") + bytes(12)
+                     + bytes(2) + bytes(3 * w * h))
+
+
 # ----------------------------------------------------------------------------------------------- the catalog
 # (id, config format, break(run, data, tmp) -> optional other path to check, strings the output must contain)
 
@@ -113,9 +121,20 @@ CASES: list[Case] = [
     ("env-lora-rank-zero", "env", lambda r, d, t: extra_args(r, "--lora_rank=16", "--lora_rank=0"), ("lora_rank",)),
     ("env-validation-resolution-garbage", "env", lambda r, d, t: env_set(r, "VALIDATION_RESOLUTION", "big"),
      ("VALIDATION_RESOLUTION",)),
+    ("env-lower-case-key", "env", lambda r, d, t: env_line(r, "learning_rate='2e-4'"),
+     ("learning_rate", "rename learning_rate to LEARNING_RATE")),
+    ("env-option-name-as-key", "env", lambda r, d, t: env_line(r, "max_train_steps=5"),
+     ("max_train_steps", "rename max_train_steps to MAX_NUM_STEPS")),
     # the SimpleTuner traps
-    ("trap-key-false-dropped", "env", lambda r, d, t: env_line(r, "USE_GRADIENT_CHECKPOINTING=false"),
-     ("USE_GRADIENT_CHECKPOINTING", "stays ON", "TRAINER_EXTRA_ARGS")),
+    ("trap-key-false-dropped", "env", lambda r, d, t: (extra_args(r, " --gradient_checkpointing=false", ""),
+                                                       env_line(r, "USE_GRADIENT_CHECKPOINTING=false")),
+     ("USE_GRADIENT_CHECKPOINTING", "stays ON (its default)",
+      "add --gradient_checkpointing=false to TRAINER_EXTRA_ARGS")),
+    ("trap-key-false-dropped-extra-arg-on", "env",
+     lambda r, d, t: (extra_args(r, "--gradient_checkpointing=false", "--gradient_checkpointing=true"),
+                      env_line(r, "USE_GRADIENT_CHECKPOINTING=false")),
+     ("USE_GRADIENT_CHECKPOINTING", "stays ON (set by TRAINER_EXTRA_ARGS",
+      "set --gradient_checkpointing=false in TRAINER_EXTRA_ARGS")),
     ("trap-extra-args-split-on-spaces", "env", lambda r, d, t: extra_args(r, "", "--tracker_run_name=my run"),
      ("TRAINER_EXTRA_ARGS", "'run'")),
     ("trap-validation-megapixels", "env", lambda r, d, t: env_set(r, "VALIDATION_RESOLUTION", "64"),
@@ -185,6 +204,12 @@ CASES: list[Case] = [
      ("text_embeds", "nope")),
     ("backends-max-size-without-target", "env", lambda r, d, t: backend_set(r, maximum_image_size=1024),
      ("maximum_image_size", "target_downsample_size")),
+    ("backends-quoted-resolution", "env", lambda r, d, t: backend_set(r, resolution="64"),
+     ("resolution: the string '64' is not a number", "write 64 without quotes")),
+    ("backends-quoted-repeats", "env", lambda r, d, t: backend_set(r, repeats="1"),
+     ("repeats", "write 1 without quotes")),
+    ("backends-quoted-minimum-size", "env", lambda r, d, t: backend_set(r, minimum_image_size="32"),
+     ("minimum_image_size", "'32' is not a number")),
     ("backends-area-minimum-megapixels", "env",
      lambda r, d, t: backend_set(r, resolution_type="area", resolution=0.25, minimum_image_size=64),
      ("minimum_image_size", "megapixels")),
@@ -197,6 +222,11 @@ CASES: list[Case] = [
     ("data-truncated-image", "env", lambda r, d, t: (d / "concept_05.png").write_bytes(
         (d / "concept_05.png").read_bytes()[:200]), ("concept_05.png",)),
     ("data-empty-image-file", "env", lambda r, d, t: (d / "concept_02.png").write_bytes(b""), ("concept_02.png",)),
+    ("data-uncaptioned-psd", "env", lambda r, d, t: _psd(d / "sketch.psd"), ("sketch.txt", "1 of 9 images")),
+    ("data-uncaptioned-video", "env", lambda r, d, t: (d / "reference.mp4").write_bytes(b"\0\0\0\x18ftypmp42"),
+     ("reference.txt", "1 of 9 files", "reference.mp4: a video file")),
+    ("data-unreadable-psd", "env", lambda r, d, t: ((d / "sketch.psd").write_bytes(b"8BPS broken"),
+                                                    (d / "sketch.txt").write_text("a sketch")), ("sketch.psd",)),
     ("captions-all-missing", "env", lambda r, d, t: [p.unlink() for p in d.glob("*.txt")],
      ("caption_strategy", ".txt")),
     ("captions-one-missing", "env", lambda r, d, t: (d / "concept_04.txt").unlink(), ("concept_04.txt",)),
@@ -270,6 +300,49 @@ def _section(output: str, kind: str) -> str:
         if inside:
             lines.append(line)
     return "\n".join(lines)
+
+
+def test_a_dropped_key_false_line_beside_the_extra_arg_that_decides_only_warns(make_run):
+    # init turns checkpointing off with --gradient_checkpointing=false in TRAINER_EXTRA_ARGS; SimpleTuner drops the
+    # hand-added KEY=false line, so the extra arg decides: off, as the user meant
+    run, _ = make_run()
+    env_line(run, "USE_GRADIENT_CHECKPOINTING=false")
+    result, _ = check(run)
+    assert result.exit_code == 0, result.output
+    assert "stays ON" not in result.output
+    assert re.search(r"USE_GRADIENT_CHECKPOINTING \(line \d+\): SimpleTuner drops 'USE_GRADIENT_CHECKPOINTING=false'; "
+                     r"--gradient_checkpointing is off \(set by TRAINER_EXTRA_ARGS \(line \d+\) "
+                     r"--gradient_checkpointing, not by this line\) — remove the line",
+                     _section(result.output, "warning"))
+
+
+def test_a_bare_number_is_a_square_validation_resolution_in_config_json(make_run):
+    # SimpleTuner passes a JSON number on as its text (--validation_resolution=512): the same as "512"
+    run, _ = make_run("json")
+    json_edit(json_path(run), lambda c: c.update(validation_resolution=512))
+    result, _ = check(run)
+    assert result.exit_code == 0, result.output
+    assert "validation_resolution" not in result.output
+    json_edit(json_path(run), lambda c: c.update(validation_resolution=64))
+    result, _ = check(run)
+    assert result.exit_code == 2 and "config.json:validation_resolution: '64': SimpleTuner reads numbers below 128 " \
+                                      "as megapixels" in _section(result.output, "error")
+    json_edit(json_path(run), lambda c: c.update(validation_resolution=512.5))
+    result, _ = check(run)
+    assert result.exit_code == 2 and "validation_resolution" in _section(result.output, "error")
+
+
+def test_dataset_numbers_may_be_written_as_simpletuner_reads_them(make_run):
+    # a quoted number fails (see CASES); an int where SimpleTuner takes a float, or 1.0 for an int it int()s, passes
+    run, _ = make_run()
+    backend_set(run, probability=1, repeats=0.0, crop=True, crop_aspect="random", crop_aspect_buckets=[1, 0.75])
+    result, _ = check(run)
+    assert result.exit_code == 0, result.output
+    backend_set(run, repeats=0.5, probability=True)
+    result, _ = check(run)
+    errors = _section(result.output, "error")
+    assert "images.repeats: 0.5: Input should be a valid integer" in errors
+    assert "images.probability: true is not a number — write a number" in errors
 
 
 def test_findings_are_file_key_problem_fix_lines(make_run):

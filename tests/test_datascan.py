@@ -48,6 +48,8 @@ def test_scan_reads_sizes_captions_and_names_every_broken_file(folder):
     assert bad == {"truncated.png", "truncated.jpg", "truncated.webp", "garbage.png", "empty.png", "trailing.txt"}
     by_name = {i.path.name: i for i in scan.images}
     assert by_name["ok.png"].captions == ["first caption", "second caption"]
+    assert ImageInfo(Path("x.png"), 1, 1, "one\u2028caption\r\nand\rone more\n").captions == ["one\u2028caption",
+                                                                                          "and\rone more"]
     assert by_name["nested.png"].caption is None and by_name["rotated.jpg"].caption == ""
     assert {i.path.name for i in scan.uncaptioned} >= {"nested.png"}
     assert "rotated.jpg" in {i.path.name for i in scan.empty_captions}
@@ -56,6 +58,30 @@ def test_scan_reads_sizes_captions_and_names_every_broken_file(folder):
 def test_listing_follows_simpletuner_walk(folder):
     names = {p.name for p in list_images(folder)}
     assert "nested.png" in names and "skipped.png" not in names and "notes.md" not in names
+
+
+def test_every_file_simpletuner_trains_on_is_listed_and_needs_a_caption(tmp_path):
+    """SimpleTuner lists every format Pillow opens plus videos and sounds, and reads each one's NAME.txt."""
+    Image.new("RGB", (96, 64)).save(tmp_path / "painted.png")
+    (tmp_path / "painted.txt").write_text("a painting")
+    Image.new("RGB", (80, 48)).save(tmp_path / "scan.PCX")  # a format the old image list missed
+    (tmp_path / "scan.txt").write_text("a scan")
+    Image.new("RGB", (64, 64)).save(tmp_path / "sketch.sgi")  # no caption
+    (tmp_path / "reference.mp4").write_bytes(b"\0\0\0\x18ftypmp42")  # no caption
+    (tmp_path / "voice.wav").write_bytes(b"RIFF\0\0\0\0WAVE")
+    (tmp_path / "voice.txt").write_text("a voice")
+    (tmp_path / "layers.xcf").write_bytes(b"gimp xcf")  # not a file SimpleTuner lists
+    assert [p.name for p in list_images(tmp_path)] == ["painted.png", "reference.mp4", "scan.PCX", "sketch.sgi",
+                                                      "voice.wav"]
+    scan = scan_folder(tmp_path)
+    assert {i.path.name: (i.width, i.height) for i in scan.images} == {"painted.png": (96, 64), "scan.PCX": (80, 48),
+                                                                      "sketch.sgi": (64, 64)}
+    assert [p.name for p in scan.missing_captions] == ["reference.txt", "sketch.txt"]
+    reasons = dict((p.name, why) for p, why in scan.corrupt)
+    assert reasons == {"reference.mp4": "a video file: SimpleTuner lists it with the images and loads it as a video, "
+                                        "not an image",
+                       "voice.wav": "an audio file: SimpleTuner lists it with the images and loads it as audio, "
+                                    "not an image"}
 
 
 def test_minimum_size_mirrors_simpletuner_units():

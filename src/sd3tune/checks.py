@@ -25,8 +25,8 @@ from sd3tune.config.dataset import ImageBackend, TextEmbedsBackend
 from sd3tune.config.models import RunConfig
 from sd3tune.config.presets import PRESETS
 from sd3tune.datascan import (
-    CLIP_MAX_TOKENS, T5_MAX_TOKENS, ScanResult, bucket_counts, estimate_clip_tokens, estimate_t5_tokens,
-    megapixels, minimum_megapixels, scan_folder, too_small,
+    CLIP_MAX_TOKENS, T5_MAX_TOKENS, ScanResult, bucket_counts, caption_path, estimate_clip_tokens,
+    estimate_t5_tokens, megapixels, minimum_megapixels, scan_folder, too_small,
 )
 from sd3tune.defaults import SD3M
 from sd3tune.findings import Finding, choice_error, error, errors_in, warning
@@ -618,8 +618,11 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
         return [error(BACKENDS, key, f"{folder} is a file, not a folder of images", "point it at the folder")], None
     scan = ctx.scan(folder)
     for path, why in scan.corrupt[:MAX_LISTED]:
-        out.append(error(str(path), "", f"unreadable: {why}",
-                         "save it as UTF-8 text" if path.suffix == ".txt" else "delete it or re-export it"))
+        if keys.dataset_file_kind(path.name) in ("video", "audio"):
+            out.append(error(str(path), "", why, "move it out of the dataset folder"))
+        else:
+            out.append(error(str(path), "", f"unreadable: {why}",
+                             "save it as UTF-8 text" if path.suffix == ".txt" else "delete it or re-export it"))
     if len(scan.corrupt) > MAX_LISTED:
         rest = [p for p, _ in scan.corrupt[MAX_LISTED:]]
         shown = ", ".join(_relative(p, folder) for p in rest[:40]) + (" ..." if len(rest) > 40 else "")
@@ -632,20 +635,22 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
     # captions
     captions: set[str] = set()
     if b.caption_strategy == "textfile":
-        missing = scan.uncaptioned
+        # SimpleTuner reads the caption of every file it lists, unreadable images and videos included
+        # (prompts.py get_all_captions -> FileNotFoundError at the first missing one)
+        missing = scan.missing_captions
         if missing:
-            txt = [i.path.with_suffix(".txt") for i in missing]
-            what = "no image has a" if len(missing) == len(scan.images) else \
-                f"{len(missing)} of {len(scan.images)} images have no"
+            noun = "images" if len(scan.files) == len(scan.images) else "files"
+            what = f"no {noun[:-1]} has a" if len(missing) == len(scan.files) else \
+                f"{len(missing)} of {len(scan.files)} {noun} have no"
             out.append(error(BACKENDS, f"{b.id}.caption_strategy",
-                             f"textfile captions, but {what} .txt caption ({_names(txt, folder)} missing); "
-                             "SimpleTuner stops at the first one",
-                             "add NAME.txt beside each image, or use caption_strategy filename or instanceprompt"))
+                             f"textfile captions, but {what} .txt caption ({_names(missing, folder)} missing); "
+                             "SimpleTuner stops at the first one (FileNotFoundError)",
+                             "add NAME.txt beside each file, remove the files that are not training images, or use "
+                             "caption_strategy filename or instanceprompt"))
         unreadable = {p for p, _ in scan.corrupt}
-        empty = [i for i in scan.empty_captions if i.path.with_suffix(".txt") not in unreadable]
+        empty = [caption_path(i.path) for i in scan.empty_captions if caption_path(i.path) not in unreadable]
         if empty:
-            out.append(warning(str(folder), "", f"{len(empty)} caption files are empty "
-                                                f"({_names([i.path.with_suffix('.txt') for i in empty], folder)}); "
+            out.append(warning(str(folder), "", f"{len(empty)} caption files are empty ({_names(empty, folder)}); "
                                                 "those images train unconditioned", "write a caption in each"))
         for i in scan.images:
             captions.update(i.captions)

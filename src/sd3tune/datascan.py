@@ -3,7 +3,10 @@
 - sizes come from file headers (PIL reads only the first bytes; EXIF rotation is applied like SimpleTuner's
   ``exif_transpose``); a cheap tail test (PNG ``IEND``, JPEG end marker, WebP RIFF size) spots truncated files,
   and only a suspicious file is fully decoded to confirm;
-- captions are the ``NAME.txt`` beside each image (``caption_strategy=textfile``), one caption per line;
+- the files are exactly those SimpleTuner's local backend lists for an image dataset (every extension Pillow opens,
+  plus SimpleTuner's video and audio ones: ``keys.DATASET_FILE_EXTENSIONS``); a video or sound file, or one PIL cannot
+  read, is reported as unusable;
+- captions are the ``NAME.txt`` beside each listed file (``caption_strategy=textfile``), one caption per line;
 - aspect buckets and the minimum-size filter mirror SimpleTuner's ``MultiaspectImage`` and
   ``meets_resolution_requirements`` for SD3 (64 px alignment);
 - token counts are estimates (no tokenizer is loaded): CLIP BPE and T5 sentencepiece pieces.
@@ -24,9 +27,8 @@ from typing import Iterable
 
 from sd3tune.simpletuner import keys
 
-# Extensions SimpleTuner lists as images (the common subset of what PIL opens).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
-                  ".avif", ".jp2", ".j2k", ".tga", ".ppm", ".pgm", ".pbm", ".pnm", ".ico")
+# File names SimpleTuner's local backend lists in an image dataset (images, and videos and sounds too).
+DATASET_SUFFIXES = keys.DATASET_FILE_SUFFIXES
 # Folders SimpleTuner's local backend never walks into (helpers/data_backend/local.py).
 SKIP_DIRS = {".Spotlight-V100", ".Trashes", ".fseventsd", ".TemporaryItems", ".zfs", ".ipynb_checkpoints"}
 SD3_ALIGNMENT = keys.SD3_BUCKET_ALIGNMENT
@@ -45,17 +47,20 @@ class ImageInfo:
 
     @property
     def captions(self) -> list[str]:
-        """SimpleTuner splits a multi-line caption file into one caption per non-empty line."""
+        """SimpleTuner splits a multi-line caption file into one caption per non-empty line, at ``\n`` only
+        (``prepare_instance_prompt_from_textfile``: a U+2028 or a lone ``\r`` stays inside a caption)."""
         if not self.caption:
             return []
-        return [line.strip() for line in self.caption.splitlines() if line.strip()]
+        return [line.strip() for line in self.caption.split("\n") if line.strip()]
 
 
 @dataclass
 class ScanResult:
     folder: Path
     images: list[ImageInfo] = field(default_factory=list)
-    corrupt: list[tuple[Path, str]] = field(default_factory=list)  # unreadable images and caption files
+    corrupt: list[tuple[Path, str]] = field(default_factory=list)  # unusable listed files and unreadable captions
+    files: list[Path] = field(default_factory=list)  # every file SimpleTuner lists (readable or not)
+    missing_captions: list[Path] = field(default_factory=list)  # NAME.txt of each listed file that has none
 
     @property
     def uncaptioned(self) -> list[ImageInfo]:
@@ -68,7 +73,8 @@ class ScanResult:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` as SimpleTuner's local backend walks it (recursive, follows links)."""
+    """The files under ``folder`` that SimpleTuner's local backend lists for an image dataset (recursive, follows
+    links; ``LocalDataBackend.list_files``): images of every format Pillow opens, and videos and sounds."""
     found: list[Path] = []
     seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
@@ -79,7 +85,7 @@ def list_images(folder: Path) -> list[Path]:
         seen.add(real)
         dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
         for name in files:
-            if name.lower().endswith(IMAGE_SUFFIXES):
+            if name.lower().endswith(DATASET_SUFFIXES):
                 found.append(Path(root, name))
     found.sort()
     return found
@@ -151,21 +157,35 @@ def _read_caption(path: Path) -> tuple[str | None, str | None]:
         return None, f"caption is not UTF-8 text (byte {exc.start})"
 
 
+def caption_path(path: Path) -> Path:
+    """The caption file SimpleTuner reads for ``path`` (``os.path.splitext(path)[0] + ".txt"``)."""
+    return Path(os.path.splitext(path)[0] + ".txt")
+
+
 def scan_folder(folder: str | Path) -> ScanResult:
-    """Read every image's header and caption under ``folder``."""
+    """Read the header and caption of every file SimpleTuner lists under ``folder``."""
     folder = Path(folder)
     result = ScanResult(folder)
     for path in list_images(folder):
+        result.files.append(path)
+        caption_file = caption_path(path)
+        caption, problem = _read_caption(caption_file)
+        if problem:
+            result.corrupt.append((caption_file, problem))
+            caption = ""  # present but unusable: not reported again as missing
+        elif caption is None:
+            result.missing_captions.append(caption_file)  # SimpleTuner reads every listed file's caption
+        kind = keys.dataset_file_kind(path.name)
+        if kind != "image":
+            what = "a video" if kind == "video" else "audio"
+            result.corrupt.append((path, f"{'an' if kind == 'audio' else 'a'} {kind} file: SimpleTuner lists it with "
+                                         f"the images and loads it as {what}, not an image"))
+            continue
         try:
             width, height = read_size(path)
         except _Unreadable as exc:
             result.corrupt.append((path, str(exc)))
             continue
-        caption_file = path.with_suffix(".txt")
-        caption, problem = _read_caption(caption_file)
-        if problem:
-            result.corrupt.append((caption_file, problem))
-            caption = ""  # present but unusable: not reported again as missing
         result.images.append(ImageInfo(path, width, height, caption))
     return result
 

@@ -1,13 +1,33 @@
 """Typed entries of SimpleTuner's ``multidatabackend.json`` for SD3 LoRA runs on local folders.
 
-SimpleTuner silently ignores unknown keys and treats the string "false" as true; these models forbid both.
+SimpleTuner silently ignores unknown keys, treats the string "false" as true and uses numbers as JSON gives them (a
+quoted ``"resolution": "64"`` fails with a TypeError once the models are loaded); these models forbid all three.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool, Tag, TypeAdapter
+from pydantic_core import PydanticCustomError
+
+NUMBER_ERROR = "number_type"  # the error type of a string (or boolean) where a number belongs
+
+
+def _json_number(value: Any) -> Any:
+    """Only JSON numbers: no string that looks like one, no boolean (pydantic would convert both)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = {bool: "a boolean", str: "a string", type(None): "null", list: "a list", dict: "an object"}
+        raise PydanticCustomError(NUMBER_ERROR, "Input should be a number, not {kind}",
+                                  {"kind": kind.get(type(value), type(value).__name__)})
+    return value
+
+
+# Numbers only; past that check the usual rules: an int field takes 1.0 (SimpleTuner int()s repeats) but not 1.5,
+# a float field takes an int (as SimpleTuner does).
+Int = Annotated[int, BeforeValidator(_json_number)]
+Float = Annotated[float, BeforeValidator(_json_number)]
+Number = Annotated[int | float, BeforeValidator(_json_number)]
 
 
 class _Backend(BaseModel):
@@ -24,18 +44,18 @@ class ImageBackend(_Backend):
     caption_strategy: Literal["textfile", "filename", "instanceprompt"] = Field(
         "textfile", description="Where captions come from: a .txt beside each image, the file name, or one prompt.")
     instance_prompt: str | None = Field(None, description="Caption for every image (caption_strategy=instanceprompt).")
-    resolution: int | float = Field(1024, gt=0, description="Training resolution for this dataset.")
+    resolution: Number = Field(1024, gt=0, description="Training resolution for this dataset.")
     resolution_type: Literal["pixel", "area", "pixel_area"] = Field("pixel_area", description="Unit of resolution.")
-    minimum_image_size: int | float | None = Field(None, ge=0, description="Skip images smaller than this.")
-    maximum_image_size: int | float | None = Field(None, gt=0, description="Downsample images larger than this.")
-    target_downsample_size: int | float | None = Field(None, gt=0, description="Size large images are reduced to.")
+    minimum_image_size: Number | None = Field(None, ge=0, description="Skip images smaller than this.")
+    maximum_image_size: Number | None = Field(None, gt=0, description="Downsample images larger than this.")
+    target_downsample_size: Number | None = Field(None, gt=0, description="Size large images are reduced to.")
     crop: StrictBool = Field(False, description="Crop images to the bucket instead of resizing.")
     crop_aspect: Literal["square", "preserve", "random", "closest"] = Field("square", description="Crop shape.")
-    crop_aspect_buckets: list[float] | None = Field(
+    crop_aspect_buckets: list[Float] | None = Field(
         None, description="Aspect ratios to crop to (needed by crop_aspect random and closest).")
     crop_style: Literal["random", "center", "centre", "corner", "face"] = Field("random", description="Crop position.")
-    repeats: int = Field(0, ge=0, description="Extra passes over this dataset per epoch.")
-    probability: float = Field(1.0, gt=0, le=1, description="Chance this dataset is sampled for a batch.")
+    repeats: Int = Field(0, ge=0, description="Extra passes over this dataset per epoch.")
+    probability: Float = Field(1.0, gt=0, le=1, description="Chance this dataset is sampled for a batch.")
     cache_dir_vae: str = Field(..., min_length=1, description="Where VAE latents are cached.")
     metadata_backend: Literal["discovery", "json", "parquet"] = Field("discovery",
                                                                       description="How image metadata is read.")
@@ -49,7 +69,7 @@ class TextEmbedsBackend(_Backend):
     dataset_type: Literal["text_embeds"] = Field(..., description="Cache of prompt embeddings.")
     default: StrictBool = Field(True, description="The text-embeds cache used by image datasets.")
     cache_dir: str = Field(..., min_length=1, description="Where text embeddings are cached.")
-    write_batch_size: int | None = Field(None, ge=1, description="Embeddings written per batch.")
+    write_batch_size: Int | None = Field(None, ge=1, description="Embeddings written per batch.")
 
 
 def _kind(value) -> str:

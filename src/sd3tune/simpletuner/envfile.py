@@ -7,9 +7,14 @@ What SimpleTuner 4.10.1 does with a line (the traps the writer avoids):
 - any line containing ``+=`` anywhere (even inside a quoted value) is an *append* line split at the first ``+=``.
 - an empty value is dropped, and so is ``KEY=false`` for a mapped key (only ``true`` emits a flag).
 
+- lines are what Python's text-mode file iteration yields (``for line in open(path)``, universal newlines): they end
+  at ``\n``, ``\r`` or ``\r\n`` only. Other separators that ``str.splitlines`` knows (U+2028, U+0085, ``\x0b``,
+  ``\x0c``, ``\x1c``-``\x1e``, ...) stay inside the line, where ``strip``/``split`` treat them as whitespace.
+
 So a value is written in single quotes (bash expands nothing inside them). A value containing a single quote is
 written in double quotes when nothing in it is special to bash inside double quotes; anything else, and values
-that cannot survive the whitespace rejoin (newlines, tabs, repeated or edge spaces) or contain ``+=``, is refused.
+that cannot survive the whitespace rejoin (any whitespace but the plain space: newlines, tabs, U+2028, no-break
+spaces, ...; repeated or edge spaces), contain a NUL (bash cannot hold one) or ``+=``, is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from sd3tune.errors import UnsafeValueError
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LINE_END = re.compile(r"\r\n|\r|\n")  # universal newlines: what ends a line for SimpleTuner's parser
 _DOUBLE_QUOTE_SPECIAL = set('$`\\"!')
 
 
@@ -28,8 +34,12 @@ def quote_value(key: str, value: str) -> str:
     problem = None
     if value == "":
         problem = "is empty (SimpleTuner drops empty values)"
-    elif any(ch in value for ch in "\n\r\t\v\f\0"):
-        problem = "contains a newline, tab or control character"
+    elif "\0" in value:
+        problem = "contains a NUL character (bash cannot hold one)"
+    elif any(ch.isspace() and ch != " " for ch in value):
+        ch = next(ch for ch in value if ch.isspace() and ch != " ")
+        problem = (f"contains a newline, tab or other whitespace character (U+{ord(ch):04X}); SimpleTuner ends the "
+                   "line there or reads it as a space")
     elif value != value.strip() or "  " in value:
         problem = "has leading, trailing or repeated spaces (SimpleTuner collapses them)"
     elif "+=" in value:
@@ -73,7 +83,10 @@ def parse_env_text(text: str) -> tuple[list[EnvLine], list[MalformedLine]]:
     """
     entries: list[EnvLine] = []
     malformed: list[MalformedLine] = []
-    for number, raw in enumerate(text.splitlines(), 1):
+    lines = _LINE_END.split(text)
+    if lines and lines[-1] == "":
+        lines.pop()  # the text ends with a line end: no further line
+    for number, raw in enumerate(lines, 1):
         line = raw.strip()
         if line.startswith("#") or line == "":
             continue

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +13,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from sd3tune import __version__
-from sd3tune.config.dataset import BACKENDS, ImageBackend, TextEmbedsBackend, dump_backends
+from sd3tune.config.dataset import BACKENDS, NUMBER_ERROR, ImageBackend, TextEmbedsBackend, dump_backends
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import UnsafeValueError
 from sd3tune.findings import Finding, choice_error, error, warning
@@ -207,11 +208,12 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> bool:
             run.findings.append(error(name, f"line {entry.line}",
                                       f"'+=' makes SimpleTuner treat this line as an append to {entry.key!r}",
                                       "values must not contain '+='; use KEY='value'"))
-    for key, (value, line) in envfile.resolve(entries).items():
+    resolved = envfile.resolve(entries)
+    dropped: list[tuple[str, str, str]] = []  # (KEY, option, where) of KEY=false lines SimpleTuner drops
+    for key, (value, line) in resolved.items():
         where = f"{key} (line {line})"
         if key == keys.EXTRA_ARGS_KEY:
-            _read_extra_args(run, catalog, value, where)
-            continue
+            continue  # SimpleTuner appends these after every KEY's option (load_env_config): read last, they win
         option = catalog.env_keys.get(key)
         if key in keys.ENV_LOADER_SKIPS:
             skipped = keys.ENV_LOADER_SKIPS[key]
@@ -220,32 +222,66 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> bool:
                                       f"add --{skipped}={value} to {keys.EXTRA_ARGS_KEY} instead"))
             continue
         if option is None:
-            as_option = catalog.option(key.lower())
-            close = catalog.closest_env_key(key)
-            if as_option is not None:
-                hint = f"this option has no config.env key: add --{as_option.name}=VALUE to {keys.EXTRA_ARGS_KEY}"
-            elif close:
-                hint = f"did you mean {close}?"
-            else:
-                hint = f"put SimpleTuner options in {keys.EXTRA_ARGS_KEY} as --option=value"
-            run.findings.append(error(name, where, "unknown key; SimpleTuner silently ignores it", hint))
+            run.findings.append(error(name, where, "unknown key; SimpleTuner silently ignores it",
+                                      _unknown_env_key_hint(key, catalog)))
             continue
         opt = catalog.option(option)
         lowered = value.lower()
         if lowered == "false":
-            if opt is not None and opt.default is True:
-                run.findings.append(error(name, where, f"SimpleTuner drops '{key}=false', so --{option} stays ON",
-                                          f"remove the line and add --{option}=false to {keys.EXTRA_ARGS_KEY}"))
-            else:
-                run.findings.append(warning(name, where, f"SimpleTuner drops '{key}=false' (off is already the default)",
-                                            "remove the line"))
+            dropped.append((key, option, where))
             continue
         if lowered == "true" and opt is not None and opt.kind != "bool":
             run.findings.append(error(name, where, f"--{option} takes a value, but 'true' makes SimpleTuner pass it "
                                                    "without one", f"set {key} to a {opt.kind} value"))
             continue
         _set_arg(run, option, value, where)
+    if keys.EXTRA_ARGS_KEY in resolved:
+        value, line = resolved[keys.EXTRA_ARGS_KEY]
+        _read_extra_args(run, catalog, value, f"{keys.EXTRA_ARGS_KEY} (line {line})")
+    for key, option, where in dropped:
+        run.findings.append(_dropped_false_finding(run, catalog, key, option, where))
     return True
+
+
+def _unknown_env_key_hint(key: str, catalog: Catalog) -> str:
+    """The fix for a config.env KEY SimpleTuner does not map: its real key, an extra arg, or the closest key."""
+    upper = key.upper()
+    if upper != key and upper in catalog.env_keys:
+        return f"config.env keys are upper case: rename {key} to {upper}"
+    as_option = catalog.option(key.lower())
+    if as_option is not None:
+        env_key = catalog.env_key_for().get(as_option.name)
+        if env_key:
+            return f"SimpleTuner's config.env key for --{as_option.name} is {env_key}: rename {key} to {env_key}"
+        return f"this option has no config.env key: add --{as_option.name}=VALUE to {keys.EXTRA_ARGS_KEY}"
+    close = catalog.closest_env_key(upper)
+    if close:
+        return f"did you mean {close}?"
+    return f"put SimpleTuner options in {keys.EXTRA_ARGS_KEY} as --option=value"
+
+
+def _dropped_false_finding(run: LoadedRun, catalog: Catalog, key: str, option: str, where: str) -> Finding:
+    """SimpleTuner drops a ``KEY=false`` line (only ``true`` emits a flag): say what then decides the option."""
+    name = keys.ENV_FILE
+    opt = catalog.option(option)
+    source = run.sources.get(option)  # TRAINER_EXTRA_ARGS (or another key) setting it, if any
+    if source is not None:
+        raw = run.args[option]
+        state = raw if isinstance(raw, bool) else keys.parse_bool_word(str(raw))
+    else:
+        state = opt.default if opt is not None else None
+    if opt is not None and opt.kind == "bool" and state is True:
+        in_extra = source is not None and source.startswith(keys.EXTRA_ARGS_KEY)
+        fix = f"set --{option}=false in {source.rsplit(' --', 1)[0]}" if in_extra else \
+            f"add --{option}=false to {keys.EXTRA_ARGS_KEY}"
+        return error(name, where, f"SimpleTuner drops '{key}=false', so --{option} stays ON "
+                                  f"({'set by ' + source if source else 'its default'})", f"remove the line and {fix}")
+    if opt is not None and opt.kind == "bool" and state is False:
+        return warning(name, where, f"SimpleTuner drops '{key}=false'; --{option} is off "
+                                    f"({'set by ' + source + ', not by this line' if source else 'the default'})",
+                       "remove the line")
+    return warning(name, where, f"SimpleTuner drops '{key}=false', so --{option} keeps "
+                                f"{'the value set by ' + source if source else 'its default'}", "remove the line")
 
 
 def _read_extra_args(run: LoadedRun, catalog: Catalog, value: str, where: str) -> None:
@@ -365,8 +401,6 @@ def _value_finding(file: str, where: str, err: dict) -> Finding:
     """A pydantic error as a finding; a bad choice names the closest valid one and lists them once."""
     given = err.get("input")
     if err["type"] == "literal_error":
-        import re
-
         choices = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
         return choice_error(file, where, str(given), choices)
     return error(file, where, f"{given!r}: {err['msg']}")
@@ -406,8 +440,22 @@ def _read_backends(run: LoadedRun) -> None:
                                                                                               "without quotes"))
             elif err["type"] == "missing":
                 run.findings.append(error(name, where, "is required", "see `sd3tune init` for a complete entry"))
+            elif err["type"] == NUMBER_ERROR:
+                run.findings.append(_number_finding(name, where, err["input"]))
             else:
                 run.findings.append(_value_finding(name, where, err))
+
+
+def _number_finding(file: str, where: str, given: Any) -> Finding:
+    """A dataset value that is not a JSON number (a quoted one, typically)."""
+    if isinstance(given, str):
+        text = given.strip()
+        numeric = re.fullmatch(r"-?\d+(\.\d+)?([eE][-+]?\d+)?", text)
+        return error(file, where, f"the string {given!r} is not a number; SimpleTuner needs a JSON number here (a "
+                                  "quoted resolution or image size fails with TypeError after the models load)",
+                     f"write {text} without quotes" if numeric else "write a number without quotes")
+    return error(file, where, f"{json.dumps(given) if isinstance(given, (bool, type(None))) else repr(given)} is not "
+                              "a number", "write a number")
 
 
 def read_run(run_dir: str | Path, catalog: Catalog | None = None) -> LoadedRun:

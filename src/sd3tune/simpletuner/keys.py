@@ -4,6 +4,7 @@ config loaders (measured facts, see SIMPLETUNER_NOTES.md). The rest of sd3tune s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -28,6 +29,41 @@ FALSE_WORDS = {"false", "0", "no", "n", "off"}
 SD3_T5_MAX_LENGTH = 154  # T5 tokens used in training (models/sd3/model.py)
 SD3_BUCKET_ALIGNMENT = 64  # pixels
 MEGAPIXEL_THRESHOLD = 128  # VALIDATION_RESOLUTION / RESOLUTION integers below this are read as megapixels
+
+# The files SimpleTuner 4.10.1's local backend collects for an image dataset: metadata/backends/discovery.py
+# (``_discover_new_files``), caching/vae.py and prompts.py (``get_all_captions``) all list the folder with
+# ``helpers.training.image_file_extensions``, which is every extension Pillow opens (``Image.registered_extensions()``
+# with an OPEN plugin; the list below is Pillow 13's) united with SimpleTuner's video and audio lists. Every such file
+# needs its caption (a missing NAME.txt stops training with FileNotFoundError) and is loaded as an image, a video or
+# a sound by its extension (``LocalDataBackend.read_image``). A test compares these sets with the installed ones.
+PIL_IMAGE_EXTENSIONS = frozenset({
+    "apng", "avif", "avifs", "blp", "bmp", "bufr", "bw", "cur", "dcx", "dds", "dib", "emf", "eps", "fit", "fits",
+    "flc", "fli", "ftc", "ftu", "gbr", "gif", "grib", "h5", "hdf", "icb", "icns", "ico", "iim", "im", "j2c", "j2k",
+    "jfif", "jp2", "jpc", "jpe", "jpeg", "jpf", "jpg", "jpx", "mpeg", "mpg", "msp", "pbm", "pcd", "pcx", "pfm",
+    "pgm", "png", "pnm", "ppm", "ps", "psd", "pxr", "qoi", "ras", "rgb", "rgba", "sgi", "tga", "tif", "tiff", "vda",
+    "vst", "webp", "wmf", "xbm", "xpm",
+})
+VIDEO_FILE_EXTENSIONS = frozenset({"mp4", "avi", "mov", "mkv", "webm", "flv", "wmv", "m4v", "mpeg", "mpg", "3gp",
+                                   "ogv"})
+AUDIO_FILE_EXTENSIONS = frozenset({"wav", "wave", "flac", "mp3", "mp4a", "m4a", "aac", "ogg", "oga", "opus", "wma",
+                                   "aiff", "aif", "aifc", "alac", "mp4", "mpeg", "mpg", "mkv", "webm"})
+DATASET_FILE_EXTENSIONS = PIL_IMAGE_EXTENSIONS | VIDEO_FILE_EXTENSIONS | AUDIO_FILE_EXTENSIONS
+DATASET_FILE_SUFFIXES = tuple(sorted(f".{ext}" for ext in DATASET_FILE_EXTENSIONS))  # list_files' name test
+
+
+def dataset_file_kind(name: str) -> str | None:
+    """How SimpleTuner loads a file of an image dataset: "image", "video" or "audio" (by the extension, as
+    ``LocalDataBackend.read_image`` does: video wins over audio and image for shared ones such as .mpg); None for a
+    file name its folder listing skips."""
+    if not name.lower().endswith(DATASET_FILE_SUFFIXES):
+        return None
+    ext = os.path.splitext(name)[1].lower().strip(".")
+    if ext in VIDEO_FILE_EXTENSIONS:
+        return "video"
+    if ext in AUDIO_FILE_EXTENSIONS:
+        return "audio"
+    return "image"
+
 
 # LoRA layout SimpleTuner writes for SD3 (PEFT keys, image-stream attention by default, no alpha stored).
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -69,6 +105,14 @@ def _invert(value: Any) -> Any:
 
 def _mode_from_st(mode: Any) -> Any:
     return "default" if mode == "" else mode  # SimpleTuner's unset mode: torch.compile's default
+
+
+def _number_as_text(value: Any) -> Any:
+    """A JSON number where SimpleTuner's option is text: config.json values reach its argument parser as
+    ``--option=str(value)`` (configuration/cli_utils.py ``mapping_to_cli_args``), so 512 means exactly "512"."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 def _uniform_to_st(sampling: str) -> bool:
@@ -137,7 +181,7 @@ KEYS: tuple[Key, ...] = (
     Key("validation.prompt", "validation_prompt"),
     Key("validation.negative_prompt", "validation_negative_prompt"),
     Key("validation.step_interval", "validation_step_interval"),
-    Key("validation.resolution", "validation_resolution"),
+    Key("validation.resolution", "validation_resolution", None, _number_as_text),
     Key("validation.guidance", "validation_guidance"),
     Key("validation.num_inference_steps", "validation_num_inference_steps"),
     Key("validation.seed", "validation_seed"),

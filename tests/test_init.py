@@ -111,3 +111,16 @@ def test_a_relative_model_folder_is_recorded_as_the_folder_the_user_meant(tmp_pa
     assert read_run(run).config.model.name_or_path == str(tiny_model.resolve())
     assert sd3tune("check", run).code == 0  # read from anywhere: the path does not depend on where init ran
 
+
+
+def test_missing_and_empty_captions_are_warned_apart_as_check_judges_them(tmp_path, data_copy):
+    captions = sorted(data_copy.glob("*.txt"))
+    captions[0].unlink()
+    captions[1].write_text("")
+    r = sd3tune("init", tmp_path / "run", "--data", data_copy)
+    assert r.code == 0, r.err
+    count = len(list(data_copy.glob("*.png")))
+    assert f"1 of {count} files have no .txt caption (first: {captions[0].name}); check and train refuse" in r.err
+    assert f"1 of {count} files have an empty .txt caption" in r.err and "unconditioned" in r.err
+    check = sd3tune("check", tmp_path / "run")
+    assert check.code == 2 and captions[0].name in check.out

@@ -99,16 +99,22 @@ def build_run(opts: InitOptions) -> InitResult:
     if not preset.verified:
         warnings.append(warning("flags", "--preset", preset.caveat))
     for path, why in scan.corrupt:
-        warnings.append(warning(str(path), "", f"unreadable, SimpleTuner will skip or fail on it: {why}"))
+        media = keys.dataset_file_kind(path.name) in ("video", "audio")  # the reason says what SimpleTuner does
+        warnings.append(warning(str(path), "", why if media else f"unreadable, SimpleTuner will skip or fail on it: "
+                                                                 f"{why}"))
 
     captioned = [i for i in scan.images if i.caption]
     if captioned:
         strategy = "textfile"
-        for which, what in ((scan.uncaptioned, "have no .txt caption"), (scan.empty_captions, "have an empty .txt")):
-            if which:  # SimpleTuner stops at the first: `check` and `train` refuse the run until they are fixed
-                warnings.append(warning(str(data), "", f"{len(which)} of {len(scan.images)} images {what} "
-                                                       f"(first: {which[0].path.name}); check and train refuse the "
-                                                       "run until each has one", "add a caption beside each image"))
+        if scan.missing_captions:  # SimpleTuner stops at the first: `check` and `train` refuse the run
+            warnings.append(warning(str(data), "", f"{len(scan.missing_captions)} of {len(scan.files)} files have no "
+                                                   f".txt caption (first: {scan.missing_captions[0].name}); check and "
+                                                   "train refuse the run until each has one",
+                                    "add a caption beside each file"))
+        if scan.empty_captions:
+            warnings.append(warning(str(data), "", f"{len(scan.empty_captions)} of {len(scan.files)} files have an "
+                                                   f"empty .txt caption (first: {scan.empty_captions[0].path.name}); "
+                                                   "they train unconditioned", "write a caption in each"))
         if opts.trigger and any(opts.trigger not in i.caption for i in captioned):
             missing = sum(opts.trigger not in i.caption for i in captioned)
             warnings.append(warning(str(data), "", f"{missing} captions do not contain the trigger {opts.trigger!r}",

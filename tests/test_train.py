@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from helpers import assert_one_line_user_error, child_env, sd3tune
 
 from sd3tune.commands.init import run_init
+from sd3tune.errors import Sd3tuneError
 from sd3tune.inference import read_safetensors_header
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.files import read_run
@@ -110,8 +112,6 @@ def test_existing_checkpoints_need_resume_and_a_finished_run_has_nothing_to_resu
 
 
 def test_a_trained_lora_without_checkpoints_is_not_silently_replaced(tiny_init_options, trained_run):
-    import shutil
-
     run_init(tiny_init_options)
     run = tiny_init_options.run_dir
     (run / "output").mkdir()
@@ -162,6 +162,42 @@ def test_uncaptioned_images_with_a_trigger_train_with_the_trigger_as_every_capti
     assert (run / "output" / keys.LORA_WEIGHT_NAME).is_file()
 
 
+def test_latents_cached_at_another_resolution_are_encoded_again(tiny_init_options):
+    # SimpleTuner reuses any cached latent file: after `init --force` at 128 px it trained on the 64 px latents
+    import dataclasses
+
+    import torch
+
+    from sd3tune.config.presets import merge
+
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    assert sd3tune("train", run).code == 0
+    latents = sorted((run / "cache" / "vae").rglob("*.pt"))
+    assert latents and torch.load(latents[0]).shape[-1] == 8  # 64 px / 8
+    shutil.rmtree(run / "output")
+    run_init(dataclasses.replace(tiny_init_options, force=True, overrides=merge(
+        tiny_init_options.overrides, {"data": {"resolution": 128}})))
+    r = sd3tune("train", run)
+    assert r.code == 0, r.err[-3000:]
+    assert "cached latents were made with other settings (resolution 64 -> 128)" in r.err
+    assert torch.load(latents[0]).shape[-1] == 16
+
+
+def test_latents_cached_outside_the_run_with_other_settings_are_refused(tmp_path):
+    from sd3tune.config.dataset import ImageBackend
+    from sd3tune.simpletuner.latents import prepare_latent_caches
+
+    shared = tmp_path / "shared-latents"
+    backend = ImageBackend(id="art", instance_data_dir=str(tmp_path / "art"), cache_dir_vae=str(shared), resolution=64)
+    assert prepare_latent_caches([backend], "model", tmp_path / "run") == []  # records the settings
+    (shared / "latent.pt").write_bytes(b"")
+    assert prepare_latent_caches([backend], "model", tmp_path / "run") == []  # same settings: kept
+    with pytest.raises(Sd3tuneError, match="resolution 64 -> 128"):
+        prepare_latent_caches([backend.model_copy(update={"resolution": 128})], "model", tmp_path / "run")
+    assert (shared / "latent.pt").exists()  # not ours to delete
+
+
 def test_stray_shell_variables_do_not_leak_into_the_run(tiny_init_options):
     run_init(tiny_init_options)
     r = sd3tune("train", tiny_init_options.run_dir, "--dry-run",
@@ -200,8 +236,6 @@ def test_cuda_graphs_refuse_a_run_they_could_never_replay(tiny_init_options):
 
 def test_failing_simpletuner_exit_code_and_log_are_reported(tiny_init_options, tiny_model, tmp_path):
     """A model whose weights are garbage passes the preflight (structure is fine) and fails inside SimpleTuner."""
-    import shutil
-
     broken = Path(shutil.copytree(tiny_model, tmp_path / "broken-model"))
     for weights in (broken / "transformer").glob("*.safetensors"):
         weights.write_bytes(b"not a safetensors file")

@@ -16,6 +16,7 @@ from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
                                         phase_of, run_plan)
 from sd3tune.simpletuner.files import RunPaths, checkpoint_step, checkpoints
+from sd3tune.simpletuner.latents import prepare_latent_caches
 
 
 @dataclass
@@ -113,6 +114,9 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         return result
     cfg = report.run.config
     paths: RunPaths = report.run.paths
+    for note in prepare_latent_caches(report.run.backends or [], cfg.model.name_or_path, paths.root):
+        if on_status:
+            on_status(note)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log = paths.logs / f"train-{stamp}.log"
     result.log = log

@@ -609,3 +609,11 @@ def test_check_imports_no_torch(make_run):
             "print('clean')\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "clean" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_run_folder_given_with_a_quoted_tilde_is_found(make_run):
+    run, _ = make_run()
+    home = run.parent
+    for command in (["check"], ["train", "--dry-run"]):
+        r = sd3tune(*command, f"~/{run.name}", env={"HOME": str(home)})
+        assert r.code == 0, (command, r.err)

@@ -143,7 +143,7 @@ def check_run(run_dir: str | Path, gpus: int = 1) -> CheckReport:
     try:
         run = read_run(run_dir, catalog)
     except OSError as exc:  # e.g. a config file without read permission
-        run = LoadedRun(paths=RunPaths(Path(run_dir)))
+        run = LoadedRun(paths=RunPaths(Path(run_dir).expanduser()))
         name = Path(exc.filename).name if exc.filename else str(run_dir)
         run.findings.append(error(name, "", f"cannot be read: {exc.strerror or exc}",
                                   "check the file's permissions"))

@@ -461,7 +461,7 @@ def _number_finding(file: str, where: str, given: Any) -> Finding:
 def read_run(run_dir: str | Path, catalog: Catalog | None = None) -> LoadedRun:
     """Read a run folder into typed models. Problems become findings; nothing raises for a user mistake."""
     catalog = catalog or load_catalog()
-    run = LoadedRun(paths=RunPaths(Path(run_dir)))
+    run = LoadedRun(paths=RunPaths(Path(run_dir).expanduser()))
     paths = run.paths
     present = [p for p in (paths.json, paths.toml, paths.env) if p.is_file()]
     if not paths.root.is_dir():

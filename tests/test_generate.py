@@ -109,6 +109,14 @@ def test_size_defaults_to_the_runs_resolution_rounded_to_what_sd3_can_sample(tmp
         resolve_settings(GenerateOptions(prompts=["x"], width=0), run)
 
 
+def test_a_relative_model_folder_is_recorded_as_an_absolute_one(tiny_model, monkeypatch):
+    from sd3tune.commands.generate import resolve_settings
+
+    monkeypatch.chdir(tiny_model.parent)
+    model, _, _ = resolve_settings(GenerateOptions(prompts=["x"], model=tiny_model.name), None)
+    assert model == str(tiny_model.resolve())  # what PNGs record, whatever folder generate ran in
+
+
 def test_prompts_file_makes_a_grid_in_one_call(trained_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# my prompts\nsd3tune-style, a robot\n\nsd3tune-style, a forest\n")

@@ -59,3 +59,12 @@ def refuse_existing(paths: list[Path], force: bool) -> None:
         names = ", ".join(str(p) for p in existing)
         raise RefuseOverwriteError(f"{names} already exists; nothing was written",
                                    hint="pass --force to overwrite, or choose another folder")
+
+
+def absolute_model(model: str) -> str:
+    """A model given as a folder, as an absolute path (a run's config is read from the run folder, and outputs
+    record where the model was, whatever folder a command ran in); a Hub id as it is."""
+    local = Path(model).expanduser()
+    if model.startswith((".", "/", "~")) or local.exists():
+        return str(local.resolve())
+    return model

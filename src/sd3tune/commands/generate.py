@@ -9,6 +9,7 @@ from typing import Callable, Literal
 
 from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
+from sd3tune.fsutil import absolute_model
 from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, ImageBatch, LoraSource, SamplerSettings,
                                check_runtime_choices, chunks, free_name, load_pipeline, make_images, provenance,
                                resolve_lora, save_png, slug)
@@ -81,8 +82,8 @@ def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[st
     """Merge flags with the run's training settings; say when a flag overrides the run."""
     notes: list[str] = []
     cfg = lora.config if lora else None
-    model = opts.model or (lora.base_model if lora else None) or SD3M
-    if opts.model and lora and lora.base_model and opts.model != lora.base_model:
+    model = absolute_model(opts.model or (lora.base_model if lora else None) or SD3M)
+    if opts.model and lora and lora.base_model and model != absolute_model(lora.base_model):
         notes.append(f"--model {opts.model} overrides the run's base model {lora.base_model}")
     s = SamplerSettings()
     run_len = None

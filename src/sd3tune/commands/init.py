@@ -16,7 +16,7 @@ from sd3tune.datascan import scan_folder
 from sd3tune.defaults import SD3M
 from sd3tune.errors import ConfigError, Sd3tuneError
 from sd3tune.findings import Finding, error, warning
-from sd3tune.fsutil import atomic_write_text, refuse_existing
+from sd3tune.fsutil import absolute_model, atomic_write_text, refuse_existing
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.files import RunPaths, render_backends, render_env, render_json
@@ -67,15 +67,6 @@ def _raise_validation(exc: ValidationError, source: str) -> None:
     first = findings[0]
     raise ConfigError(f"{first.key}: {first.message}", hint="see `sd3tune init --help` for valid values",
                       findings=findings)
-
-
-def local_model(model: str) -> str:
-    """A model folder as an absolute path (SimpleTuner and `check` read the config from the run folder, not from
-    where `init` ran); a Hub id as it is."""
-    local = Path(model).expanduser()
-    if model.startswith((".", "/", "~")) or local.exists():
-        return str(local.resolve())
-    return model
 
 
 def build_run(opts: InitOptions) -> InitResult:
@@ -133,7 +124,7 @@ def build_run(opts: InitOptions) -> InitResult:
 
     run_dir = opts.run_dir.expanduser().resolve()
     paths = RunPaths(run_dir)
-    flags: dict[str, dict[str, Any]] = {"model": {"name_or_path": local_model(opts.model)},
+    flags: dict[str, dict[str, Any]] = {"model": {"name_or_path": absolute_model(opts.model)},
                                         "validation": {"prompt": prompt}}
     if opts.resolution is not None:
         flags["data"] = {"resolution": opts.resolution}

@@ -308,7 +308,9 @@ def test_ctrl_c_stops_the_training_cleanly(tiny_init_options):
         pytest.fail(f"sd3tune train still running 120 s after Ctrl-C; its stderr: {err[-4000:]}\n"
                     f"processes in the run folder: {left}\nlog tail: {log[-2000:]}")
     assert proc.returncode == 130, err[-2000:]
-    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert "interrupted" in err and "Traceback" not in err
+    kept = list((run / "output").glob("checkpoint-*"))  # the hint resumes only from a checkpoint that exists
+    assert ("--resume" in err) == bool(kept) and ("start again" in err) == (not kept), err[-1000:]
     assert _processes_in(run) == []
     manifest = json.loads((run / "sd3tune.json").read_text())
     assert manifest["trainings"][-1]["status"] == "interrupted"

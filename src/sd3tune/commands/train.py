@@ -118,7 +118,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         if on_status:
             on_status(note)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    log = paths.logs / f"train-{stamp}.log"
+    log = (paths.logs / f"train-{stamp}.log").resolve()  # absolute in the manifest, wherever train ran from
     result.log = log
     if on_status:
         on_status(f"launching SimpleTuner ({opts.gpus} process(es)); full log: {log}")
@@ -144,8 +144,11 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
              "versions": package_versions("simpletuner", "accelerate", "diffusers", "peft", "transformers", "torch")}
     if outcome.interrupted:
         update_manifest(paths.root, "trainings", {**entry, "status": "interrupted"}, append=True)
-        raise TrainingFailed("training interrupted; checkpoints so far are kept",
-                             hint=f"continue with `sd3tune train {opts.run_dir} --resume`", exit_code=130)
+        kept = checkpoints(report.run.output_dir())
+        raise TrainingFailed(f"training interrupted; {kept[-1].name} is kept" if kept else
+                             "training interrupted before its first checkpoint",
+                             hint=f"continue with `sd3tune train {opts.run_dir} --resume`" if kept else
+                             f"start again with `sd3tune train {opts.run_dir}`", exit_code=130)
     if outcome.returncode != 0:
         update_manifest(paths.root, "trainings", {**entry, "status": "failed"}, append=True)
         detail = failure_reason(outcome.tail)
@@ -162,7 +165,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         "sd3tune.lora_alpha": repr(cfg.lora.effective_alpha), "sd3tune.t5_max_length": str(keys.SD3_T5_MAX_LENGTH),
         "sd3tune.flow_schedule_shift": repr(cfg.timesteps.schedule_shift),
         "sd3tune.resolution": str(cfg.data.resolution), "sd3tune.steps": str(steps),
-        "sd3tune.run_dir": str(paths.root), "sd3tune.trained_at": now(),
+        "sd3tune.run_dir": str(paths.root.resolve()), "sd3tune.trained_at": now(),
     })
     update_manifest(paths.root, "trainings", {**entry, "status": "ok", "lora": str(lora), "steps": steps,
                                               "final_loss": outcome.last_progress.loss if outcome.last_progress else None},

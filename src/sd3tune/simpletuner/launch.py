@@ -140,7 +140,7 @@ PHASES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"Initialise text embed pre-computation|Pre-computing null embedding"), "caching text embeddings"),
     (re.compile(r"Executing VAE cache update|Creating VAE latent cache"), "caching VAE latents"),
     (re.compile(r"Loading diffusion model"), "loading the SD3 transformer"),
-    (re.compile(r"Saving current state to (\S+)"), "saving {0}"),
+    (re.compile(r"Saving current state to (.+?)\s*$"), "saving {0}"),  # a run folder may have spaces
 )
 
 

@@ -109,6 +109,24 @@ def test_size_defaults_to_the_runs_resolution_rounded_to_what_sd3_can_sample(tmp
         resolve_settings(GenerateOptions(prompts=["x"], width=0), run)
 
 
+def test_what_the_lora_file_says_it_trained_with_wins_over_a_run_config_edited_since(tmp_path):
+    from sd3tune.commands.generate import resolve_settings
+    from sd3tune.config.models import RunConfig
+    from sd3tune.inference import LoraSource
+
+    edited = RunConfig.model_validate({"lora": {"rank": 16, "alpha": 32}, "timesteps": {"schedule_shift": 1.0},
+                                       "data": {"resolution": 256, "resolution_type": "pixel"},
+                                       "paths": {"output_dir": "o", "data_backend_config": "b.json"}})
+    stamp = {"sd3tune.lora_alpha": "16.0", "sd3tune.lora_rank": "16", "sd3tune.flow_schedule_shift": "3.0",
+             "sd3tune.resolution": "128", "sd3tune.resolution_type": "pixel"}
+    lora = LoraSource(tmp_path / "lora.safetensors", edited, stamp)
+    _, s, notes = resolve_settings(GenerateOptions(prompts=["x"]), lora)
+    assert lora.alpha_over_rank == 1.0 and (s.shift, s.width, s.height) == (3.0, 128, 128)
+    assert not any("alpha/rank" in n for n in notes)
+    unstamped = LoraSource(tmp_path / "checkpoint.safetensors", edited, {})  # nothing in the file: the run's config
+    assert unstamped.alpha_over_rank == 2.0 and unstamped.schedule_shift == 1.0 and unstamped.square_side == 256
+
+
 def test_a_relative_model_folder_is_recorded_as_an_absolute_one(tiny_model, monkeypatch):
     from sd3tune.commands.generate import resolve_settings
 

@@ -34,25 +34,44 @@ class LoraSource:
     config: RunConfig | None = None
     metadata: dict[str, str] = field(default_factory=dict)
 
+    # What trained this file comes first: sd3tune's stamp (written into the final LoRA when training finished), then
+    # the peft config SimpleTuner writes into each checkpoint (``lora_adapter_metadata``), and only then the run's
+    # config, which may have been edited since.
+
     @property
     def alpha_over_rank(self) -> float:
-        """The LoRA's alpha / rank from training: the run's config, else sd3tune's stamp in the file, else the peft
-        config SimpleTuner writes into each checkpoint's file (``lora_adapter_metadata``), else 1."""
-        if self.config is not None:
-            return self.config.lora.effective_alpha / self.config.lora.rank
+        """The LoRA's alpha / rank as it was trained (1 when nothing says)."""
         if "sd3tune.lora_alpha" in self.metadata and "sd3tune.lora_rank" in self.metadata:
             return float(self.metadata["sd3tune.lora_alpha"]) / float(self.metadata["sd3tune.lora_rank"])
         try:
             peft = json.loads(self.metadata.get(LORA_ADAPTER_METADATA, "{}"))
             return float(peft["transformer.lora_alpha"]) / float(peft["transformer.r"])
         except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError):
-            return 1.0
+            pass
+        if self.config is not None:
+            return self.config.lora.effective_alpha / self.config.lora.rank
+        return 1.0
 
     @property
     def base_model(self) -> str | None:
-        if self.config is not None:
-            return self.config.model.name_or_path
-        return self.metadata.get("sd3tune.base_model")
+        return self.metadata.get("sd3tune.base_model") or (self.config.model.name_or_path if self.config else None)
+
+    @property
+    def schedule_shift(self) -> float | None:
+        if "sd3tune.flow_schedule_shift" in self.metadata:
+            return float(self.metadata["sd3tune.flow_schedule_shift"])
+        return self.config.timesteps.schedule_shift if self.config else None
+
+    @property
+    def square_side(self) -> int | None:
+        """The side of the square images the LoRA was trained at (None for an area resolution: SD3's 1024 then)."""
+        if "sd3tune.resolution" in self.metadata:
+            if self.metadata.get("sd3tune.resolution_type", "pixel") == "area":
+                return None
+            return int(float(self.metadata["sd3tune.resolution"]))
+        if self.config is not None and self.config.data.resolution_type != "area":
+            return int(self.config.data.resolution)
+        return None
 
 
 def find_run_root(path: Path) -> Path | None:

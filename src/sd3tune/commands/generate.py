@@ -104,9 +104,7 @@ def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[st
         notes.append(f"T5 length {run_len} (as SimpleTuner trained the LoRA)")
     else:
         s.max_sequence_length = DIFFUSERS_T5_DEFAULT
-    run_shift = cfg.timesteps.schedule_shift if cfg else (
-        float(lora.metadata["sd3tune.flow_schedule_shift"]) if lora and "sd3tune.flow_schedule_shift" in lora.metadata
-        else None)
+    run_shift = lora.schedule_shift if lora else None
     if opts.shift is not None:
         s.shift = opts.shift
         if run_shift is not None and run_shift != opts.shift:
@@ -115,7 +113,7 @@ def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[st
         s.shift = run_shift
     if lora and abs(lora.alpha_over_rank - 1.0) > 1e-9:
         notes.append(f"LoRA scale multiplied by alpha/rank = {lora.alpha_over_rank:g} from training")
-    side = int(cfg.data.resolution) if cfg and cfg.data.resolution_type != "area" else 1024
+    side = (lora.square_side if lora else None) or 1024
     if (opts.width is None or opts.height is None) and side % SIZE_MULTIPLE:
         notes.append(f"the run's resolution {side} is not a multiple of {SIZE_MULTIPLE}: sampling at "
                      f"{side - side % SIZE_MULTIPLE} (--width/--height choose)")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from sd3tune.checks import check_run
+from sd3tune.config.dataset import ImageBackend
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
 from sd3tune.manifest import now, package_versions, update_manifest
@@ -159,12 +160,15 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         raise TrainingFailed(f"SimpleTuner finished but wrote no {keys.LORA_WEIGHT_NAME} in {lora.parent}",
                              hint=f"see the full log {log}", exit_code=1)
     steps = outcome.last_progress.step if outcome.last_progress else None
+    # the resolution the images trained at: the (first) dataset's, which SimpleTuner uses over RESOLUTION
+    trained = next((b for b in report.run.backends or [] if isinstance(b, ImageBackend) and not b.disabled), cfg.data)
     stamp_lora(lora, {
         "sd3tune.version": package_versions()["sd3tune"], "sd3tune.base_model": cfg.model.name_or_path,
         "sd3tune.model_family": cfg.model.family, "sd3tune.lora_rank": str(cfg.lora.rank),
         "sd3tune.lora_alpha": repr(cfg.lora.effective_alpha), "sd3tune.t5_max_length": str(keys.SD3_T5_MAX_LENGTH),
         "sd3tune.flow_schedule_shift": repr(cfg.timesteps.schedule_shift),
-        "sd3tune.resolution": str(cfg.data.resolution), "sd3tune.steps": str(steps),
+        "sd3tune.resolution": str(trained.resolution), "sd3tune.resolution_type": trained.resolution_type,
+        "sd3tune.steps": str(steps),
         "sd3tune.run_dir": str(paths.root.resolve()), "sd3tune.trained_at": now(),
     })
     update_manifest(paths.root, "trainings", {**entry, "status": "ok", "lora": str(lora), "steps": steps,

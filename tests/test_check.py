@@ -617,3 +617,14 @@ def test_a_run_folder_given_with_a_quoted_tilde_is_found(make_run):
     for command in (["check"], ["train", "--dry-run"]):
         r = sd3tune(*command, f"~/{run.name}", env={"HOME": str(home)})
         assert r.code == 0, (command, r.err)
+
+
+def test_a_copied_run_folder_is_refused_while_it_points_into_the_original(make_run):
+    import shutil
+
+    run, _ = make_run()
+    copy = Path(shutil.copytree(run, run.with_name("copy")))
+    r = sd3tune("check", copy)
+    assert r.code == 2 and "inside another run's folder" in r.out and str(run) in r.out
+    assert "OUTPUT_DIR" in r.out and "cache_dir_vae" in r.out
+    assert sd3tune("check", run).code == 0  # the original is fine

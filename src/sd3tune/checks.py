@@ -32,7 +32,8 @@ from sd3tune.defaults import SD3M
 from sd3tune.findings import Finding, choice_error, error, errors_in, warning
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
-from sd3tune.simpletuner.files import LoadedRun, RunPaths, config_from_args, read_run, with_simpletuner_defaults
+from sd3tune.simpletuner.files import (LoadedRun, RunPaths, config_from_args, find_run_root, read_run,
+                                      with_simpletuner_defaults)
 
 BACKENDS = keys.BACKENDS_FILE
 MAX_LISTED = 5  # file names quoted in one finding
@@ -493,7 +494,23 @@ def check_paths(ctx: Context) -> list[Finding]:
             if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
                 out.append(error(f, ctx.where("output_dir"), f"{parent} is not writable, so {output} cannot be "
                                                              "written", "choose a folder you can write to"))
+        out += _in_another_run(ctx, output, f, ctx.where("output_dir"), ctx.run.paths.output)
+    for b in ctx.run.backends or []:
+        folder = b.cache_dir_vae if isinstance(b, ImageBackend) else b.cache_dir
+        key = f"{b.id}.{'cache_dir_vae' if isinstance(b, ImageBackend) else 'cache_dir'}"
+        out += _in_another_run(ctx, ctx.path(folder), BACKENDS, key, ctx.run.paths.cache)
     return out
+
+
+def _in_another_run(ctx: Context, path: Path, file: str, key: str, ours: Path) -> list[Finding]:
+    """A run folder copied or moved after `init` keeps absolute paths into the old one: training would then write
+    (and resume from) the other run's LoRA, checkpoints or caches."""
+    other = find_run_root(path.parent if path.exists() else _existing_ancestor(path) or path)
+    if other is None or other.resolve() == ctx.run.paths.root.resolve():
+        return []
+    return [error(file, key, f"{path} is inside another run's folder ({other}): this run would write and resume "
+                              "from that run's files (was the run folder copied or moved?)",
+                  f"point it at this run's own folder, e.g. {ours}")]
 
 
 def _existing_ancestor(path: Path) -> Path | None:

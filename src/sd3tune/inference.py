@@ -15,7 +15,7 @@ from sd3tune.config.models import RunConfig
 from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
 from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.files import LoadedRun, checkpoints, read_run
+from sd3tune.simpletuner.files import LoadedRun, checkpoints, find_run_root, read_run
 
 DIFFUSERS_T5_DEFAULT = 256  # StableDiffusion3Pipeline's max_sequence_length default
 # safetensors metadata key holding a LoRA's peft config (lora_alpha, r, ...); diffusers configures the adapter from it,
@@ -72,14 +72,6 @@ class LoraSource:
         if self.config is not None and self.config.data.resolution_type != "area":
             return int(self.config.data.resolution)
         return None
-
-
-def find_run_root(path: Path) -> Path | None:
-    """The run folder (the one holding config/config.env or config/config.json) at ``path`` or up to 4 above."""
-    for candidate in [path, *path.parents][:5]:
-        if (candidate / keys.CONFIG_DIR / keys.ENV_FILE).is_file() or (candidate / keys.CONFIG_DIR / keys.JSON_FILE).is_file():
-            return candidate
-    return None
 
 
 def checkpoint_loras(output_dir: Path) -> list[Path]:

@@ -84,9 +84,8 @@ def _check_options(opts: EvaluateOptions) -> None:
 
 def _read_run(run_dir: Path):
     from sd3tune.findings import errors_in
-    from sd3tune.inference import find_run_root
     from sd3tune.simpletuner import keys
-    from sd3tune.simpletuner.files import read_run
+    from sd3tune.simpletuner.files import find_run_root, read_run
 
     run_dir = run_dir.expanduser()
     if not run_dir.is_dir():

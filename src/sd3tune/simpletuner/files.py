@@ -458,6 +458,14 @@ def _number_finding(file: str, where: str, given: Any) -> Finding:
                               "a number", "write a number")
 
 
+def find_run_root(path: Path) -> Path | None:
+    """The run folder (the one holding config/config.env or config/config.json) at ``path`` or up to 4 above."""
+    for candidate in [path, *path.parents][:5]:
+        if (candidate / keys.CONFIG_DIR / keys.ENV_FILE).is_file() or (candidate / keys.CONFIG_DIR / keys.JSON_FILE).is_file():
+            return candidate
+    return None
+
+
 def read_run(run_dir: str | Path, catalog: Catalog | None = None) -> LoadedRun:
     """Read a run folder into typed models. Problems become findings; nothing raises for a user mistake."""
     catalog = catalog or load_catalog()

@@ -86,6 +86,16 @@ def test_a_regionally_compiled_run_trains_its_blocks_compiled_and_learns_the_sam
     assert all(compiled[k].equal(eager[k]) for k in eager)
 
 
+def test_each_run_keeps_its_own_bucket_cache_in_a_shared_image_folder(trained_run, tiny_init_options):
+    # SimpleTuner fills (or puts back) a dataset's settings from the bucket cache in the image folder: a second run
+    # on the same folder took the first run's crop and resolution
+    image = read_run(trained_run).backends[0]
+    folder = Path(image.instance_data_dir)
+    assert (folder / f"aspect_ratio_bucket_indices_{image.cache_file_suffix}.json").is_file()
+    run_init(tiny_init_options)
+    assert read_run(tiny_init_options.run_dir).backends[0].cache_file_suffix != image.cache_file_suffix
+
+
 def test_caches_are_written_uncompressed(trained_run):
     # gzip-compressed caches cost 20-35 ms of reads per 1024 px step (scripts/bench_cache_read.py); sd3tune turns
     # SimpleTuner's compression off with a false flag, which only works through TRAINER_EXTRA_ARGS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +144,9 @@ def build_run(opts: InitOptions) -> InitResult:
 
     image = {"id": _dataset_id(data), "instance_data_dir": str(data), "caption_strategy": strategy,
              "resolution": config.data.resolution, "resolution_type": config.data.resolution_type,
-             "cache_dir_vae": str(paths.cache / "vae" / _dataset_id(data))}
+             "cache_dir_vae": str(paths.cache / "vae" / _dataset_id(data)),
+             # SimpleTuner keeps its bucket cache in the image folder: one per run, or runs sharing it mix settings
+             "cache_file_suffix": f"{_dataset_id(data)}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"}
     if strategy == "instanceprompt":
         image["instance_prompt"] = opts.trigger
     if config.data.minimum_image_size is not None:

@@ -63,6 +63,12 @@ class ImageBackend(_Backend):
     is_regularisation_data: StrictBool = Field(False, description="Regularisation images (prior preservation).")
     vae_cache_clear_each_epoch: StrictBool = Field(False, description="Re-encode latents every epoch.")
     text_embeds: str | None = Field(None, description="id of the text-embeds dataset to use (default one if empty).")
+    cache_file_suffix: str | None = Field(
+        None, min_length=1, description="Suffix of the aspect-bucket files SimpleTuner writes into the image folder "
+                                        "(aspect_ratio_bucket_indices_SUFFIX.json; default: the id). sd3tune makes it "
+                                        "unique per run: SimpleTuner fills settings missing from a dataset entry, or "
+                                        "put back ones that differ, from that file, so runs sharing a folder mixed "
+                                        "their crop and resolution.")
 
 
 class TextEmbedsBackend(_Backend):

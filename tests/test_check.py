@@ -628,3 +628,12 @@ def test_a_copied_run_folder_is_refused_while_it_points_into_the_original(make_r
     assert r.code == 2 and "inside another run's folder" in r.out and str(run) in r.out
     assert "OUTPUT_DIR" in r.out and "cache_dir_vae" in r.out
     assert sd3tune("check", run).code == 0  # the original is fine
+
+
+def test_a_missing_required_option_is_named_in_the_runs_own_format(make_run):
+    run, _ = make_run("json")
+    config = json.loads((run / "config" / "config.json").read_text())
+    del config["model_type"]
+    (run / "config" / "config.json").write_text(json.dumps(config))
+    r = sd3tune("check", run)
+    assert r.code == 2 and "config.json:model_type: is not set — set model_type to lora" in r.out

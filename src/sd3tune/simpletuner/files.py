@@ -379,7 +379,9 @@ def config_from_args(args: dict[str, Any]) -> RunConfig:
 def _validate_config(run: LoadedRun, catalog: Catalog) -> None:
     for option, hint in keys.REQUIRED_OPTIONS.items():  # without MODEL_NAME an sd3 run silently trains SD3.5
         if option not in run.args:
-            run.findings.append(error(run.paths_name(), run.key_for(option, catalog=catalog), "is not set", hint))
+            key = run.key_for(option, catalog=catalog)
+            run.findings.append(error(run.paths_name(), key, "is not set",
+                                      hint.format(key=run.key_for(option, located=False, catalog=catalog))))
     try:
         run.config = config_from_args(with_simpletuner_defaults(run.args, catalog))
     except ValidationError as exc:

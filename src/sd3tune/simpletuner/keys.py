@@ -80,13 +80,14 @@ ENV_LOADER_SKIPS = {"TRAINER_DYNAMO_BACKEND": "dynamo_backend", "TRAINING_DYNAMO
 CUDAGRAPH_DYNAMO_MODES = {"reduce-overhead", "max-autotune"}
 
 # Options a run must set explicitly: SimpleTuner's defaults for them are wrong for an SD3M LoRA or missing.
+# Options every run must set, with the value to set ({key}: the config.env key or config.json key of the run).
 REQUIRED_OPTIONS = {
-    "model_type": "set MODEL_TYPE='lora'",
-    "model_family": "set MODEL_FAMILY='sd3'",
-    "pretrained_model_name_or_path": "set MODEL_NAME='stabilityai/stable-diffusion-3-medium-diffusers' "
+    "model_type": "set {key} to lora",
+    "model_family": "set {key} to sd3",
+    "pretrained_model_name_or_path": "set {key} to stabilityai/stable-diffusion-3-medium-diffusers or a local folder "
                                      "(without it SimpleTuner trains SD3.5 Medium, not SD3 Medium)",
-    "output_dir": "set OUTPUT_DIR to a folder for the LoRA and checkpoints",
-    "data_backend_config": "set DATALOADER_CONFIG to the multidatabackend.json path",
+    "output_dir": "set {key} to a folder for the LoRA and checkpoints",
+    "data_backend_config": "set {key} to the multidatabackend.json path",
 }
 
 # Variables SimpleTuner reads from the process environment besides its mapped config.env keys.

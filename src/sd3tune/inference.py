@@ -118,10 +118,11 @@ def resolve_lora(spec: Path, run: LoadedRun | None = None) -> LoraSource:
         run = read_run(root)
     if spec.is_dir():
         if run is not None and spec.resolve() == root.resolve():  # the run folder: its OUTPUT_DIR, wherever it is
-            file = latest_lora_in(run.output_dir() or spec / "output")
-        else:
-            file = latest_lora_in(spec)
-        if file is None:
+            output_dir = run.output_dir() or spec / "output"
+            if (file := latest_lora_in(output_dir)) is None:
+                raise Sd3tuneError(f"no {keys.LORA_WEIGHT_NAME} under {output_dir}: the run is not trained yet",
+                                   hint=f"train it first: `sd3tune train {spec}`")
+        elif (file := latest_lora_in(spec)) is None:
             raise Sd3tuneError(f"no {keys.LORA_WEIGHT_NAME} under {spec}",
                                hint="train first (`sd3tune train RUN_DIR`), or pass the .safetensors file")
     else:

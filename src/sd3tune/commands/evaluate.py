@@ -209,8 +209,6 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     config = loaded.config
     manifest = read_manifest(run_dir)
     trigger = (manifest.get("init") or {}).get("trigger")
-    if opts.lora is None:
-        _check_trained(run_dir, loaded)
     lora = resolve_lora(opts.lora, None) if opts.lora is not None else resolve_lora(run_dir, loaded)
     if lora.config is None:  # a bare .safetensors: the run's settings apply
         lora = replace(lora, config=config)
@@ -292,18 +290,6 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     _record_in_manifest(run_dir, out, data)
     return EvaluateResult(out, paths["metrics"], paths["sheet"], paths["report"], paths["html"], data, notes,
                           time.perf_counter() - start)
-
-
-def _check_trained(run_dir: Path, loaded) -> None:
-    """The run's own LoRA must exist (final or a checkpoint's); say how to make one."""
-    from sd3tune.inference import latest_lora_in
-    from sd3tune.simpletuner import keys
-
-    output_dir = loaded.output_dir() or run_dir / "output"
-    if latest_lora_in(output_dir) is None:
-        raise Sd3tuneError(f"no {keys.LORA_WEIGHT_NAME} under {output_dir}: the run is not trained yet",
-                           hint=f"train it first: `sd3tune train {run_dir}` (evaluate compares the run's final "
-                                "LoRA, or with --checkpoints all also its checkpoint-N folders, with the base model)")
 
 
 def _definitions() -> dict[str, str]:

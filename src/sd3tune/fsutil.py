@@ -61,10 +61,14 @@ def refuse_existing(paths: list[Path], force: bool) -> None:
                                    hint="pass --force to overwrite, or choose another folder")
 
 
+def model_folder(model: str) -> Path | None:
+    """The local folder a model spec names (a path-like spec, or a folder that exists), or None for a Hub id."""
+    local = Path(model).expanduser()
+    return local if model.startswith((".", "/", "~")) or local.exists() else None
+
+
 def absolute_model(model: str) -> str:
     """A model given as a folder, as an absolute path (a run's config is read from the run folder, and outputs
     record where the model was, whatever folder a command ran in); a Hub id as it is."""
-    local = Path(model).expanduser()
-    if model.startswith((".", "/", "~")) or local.exists():
-        return str(local.resolve())
-    return model
+    folder = model_folder(model)
+    return str(folder.resolve()) if folder is not None else model

@@ -14,6 +14,7 @@ from sd3tune import __version__
 from sd3tune.config.models import RunConfig
 from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
+from sd3tune.fsutil import model_folder
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.files import LoadedRun, checkpoints, find_run_root, read_run
 
@@ -155,12 +156,11 @@ def check_lora_fits(file: Path, transformer: Any) -> None:
         except AttributeError:
             raise Sd3tuneError(f"{file} has a LoRA for {m.group(1)}, a layer this model does not have",
                                hint=another) from None
-        shape, (out_features, in_features) = info["shape"], (getattr(layer, "out_features", None),
-                                                           getattr(layer, "in_features", None))
-        wanted = in_features if m.group(2) == "A" else out_features
-        got = shape[1] if m.group(2) == "A" else shape[0]
-        if len(shape) != 2 or got != wanted:
-            side = "input" if m.group(2) == "A" else "output"
+        side = "input" if m.group(2) == "A" else "output"  # lora_A is (rank, in), lora_B (out, rank)
+        wanted = getattr(layer, "in_features" if side == "input" else "out_features", None)
+        shape = info["shape"]
+        got = (shape[1] if side == "input" else shape[0]) if len(shape) == 2 else shape
+        if got != wanted:
             raise Sd3tuneError(f"{file} was trained for a layer {m.group(1)} with {side} width {got}; this model's "
                                f"has {wanted}", hint=another)
 
@@ -354,8 +354,8 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto", lora: L
         raise Sd3tuneError(f"--offload {offload} needs a CUDA GPU (it moves the model between GPU and CPU memory); "
                            f"this runs on {dev}", hint="drop --offload")
     torch_dtype = pick_dtype(dtype, dev)
-    local = Path(model).expanduser()
-    if (model.startswith((".", "/", "~")) or local.exists()) and not (local / "model_index.json").is_file():
+    local = model_folder(model)
+    if local is not None and not (local / "model_index.json").is_file():
         raise Sd3tuneError(f"{model} is not a diffusers model folder (no model_index.json)",
                            hint="pass an SD3 diffusers folder or the Hub id " + SD3M)
     quiet_libraries()
@@ -363,7 +363,7 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto", lora: L
     if drop_t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     try:
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(local) if local.exists() else model, **kwargs)
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(local) if local is not None else model, **kwargs)
     except OSError as exc:
         raise Sd3tuneError(f"cannot load {model}: {str(exc).splitlines()[0]}",
                            hint="check the id/path; gated Hub models need `hf auth login` and accepted terms") from None

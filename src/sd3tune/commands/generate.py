@@ -119,8 +119,7 @@ def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[st
                      f"{side - side % SIZE_MULTIPLE} (--width/--height choose)")
         side -= side % SIZE_MULTIPLE
     s.width = opts.width if opts.width is not None else side
-    s.height = opts.height if opts.height is not None else s.width if opts.width is not None else side  # a width
-    # alone makes a square
+    s.height = opts.height if opts.height is not None else s.width  # a width alone makes a square
     for name, v in (("width", s.width), ("height", s.height)):
         if v < 64 or v % SIZE_MULTIPLE:
             raise Sd3tuneError(f"--{name} {v} must be a multiple of {SIZE_MULTIPLE} and at least 64",

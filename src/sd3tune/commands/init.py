@@ -142,11 +142,12 @@ def build_run(opts: InitOptions) -> InitResult:
     except ValidationError as exc:
         _raise_validation(exc, "flags")
 
-    image = {"id": _dataset_id(data), "instance_data_dir": str(data), "caption_strategy": strategy,
+    ident = _dataset_id(data)
+    image = {"id": ident, "instance_data_dir": str(data), "caption_strategy": strategy,
              "resolution": config.data.resolution, "resolution_type": config.data.resolution_type,
-             "cache_dir_vae": str(paths.cache / "vae" / _dataset_id(data)),
+             "cache_dir_vae": str(paths.cache / "vae" / ident),
              # SimpleTuner keeps its bucket cache in the image folder: one per run, or runs sharing it mix settings
-             "cache_file_suffix": f"{_dataset_id(data)}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"}
+             "cache_file_suffix": f"{ident}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"}
     if strategy == "instanceprompt":
         image["instance_prompt"] = opts.trigger
     if config.data.minimum_image_size is not None:

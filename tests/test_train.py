@@ -18,7 +18,7 @@ from sd3tune.commands.init import run_init
 from sd3tune.errors import Sd3tuneError
 from sd3tune.inference import read_safetensors_header
 from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.files import read_run
+from sd3tune.simpletuner.files import RunPaths, read_run
 
 
 def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):
@@ -196,16 +196,68 @@ def test_latents_cached_at_another_resolution_are_encoded_again(tiny_init_option
 
 def test_latents_cached_outside_the_run_with_other_settings_are_refused(tmp_path):
     from sd3tune.config.dataset import ImageBackend
-    from sd3tune.simpletuner.latents import prepare_latent_caches
+    from sd3tune.simpletuner.caches import prepare_dataset_caches
 
-    shared = tmp_path / "shared-latents"
+    shared, run = tmp_path / "shared-latents", RunPaths(tmp_path / "run")
     backend = ImageBackend(id="art", instance_data_dir=str(tmp_path / "art"), cache_dir_vae=str(shared), resolution=64)
-    assert prepare_latent_caches([backend], "model", tmp_path / "run") == []  # records the settings
+    assert prepare_dataset_caches([backend], "model", run) == []  # records the settings
     (shared / "latent.pt").write_bytes(b"")
-    assert prepare_latent_caches([backend], "model", tmp_path / "run") == []  # same settings: kept
+    assert prepare_dataset_caches([backend], "model", run) == []  # same settings: kept
     with pytest.raises(Sd3tuneError, match="resolution 64 -> 128"):
-        prepare_latent_caches([backend.model_copy(update={"resolution": 128})], "model", tmp_path / "run")
+        prepare_dataset_caches([backend.model_copy(update={"resolution": 128})], "model", run)
     assert (shared / "latent.pt").exists()  # not ours to delete
+
+
+def test_a_dataset_setting_changed_by_hand_is_trained_with_not_put_back_from_the_bucket_cache(tiny_init_options):
+    # SimpleTuner takes the settings recorded in its bucket cache over the dataset entry ("Expected value crop=True
+    # differs from current value=False" in its log, then it trained square crops anyway)
+    import torch
+    from PIL import Image
+
+    for image in tiny_init_options.data.glob("*.png"):
+        Image.open(image).convert("RGB").resize((96, 64)).save(image)
+    run_init(tiny_init_options)  # crop to squares
+    run = tiny_init_options.run_dir
+    assert sd3tune("train", run).code == 0
+    latents = sorted((run / "cache" / "vae").rglob("*.pt"))
+    assert latents and torch.load(latents[0]).shape[-2:] == (8, 8)  # 64 px squares
+    shutil.rmtree(run / "output")
+    backends = run / "config" / keys.BACKENDS_FILE
+    entries = json.loads(backends.read_text())
+    entries[0]["crop"] = False  # by hand: keep the whole 3:2 picture
+    backends.write_text(json.dumps(entries))
+    r = sd3tune("train", run)
+    assert r.code == 0, r.err[-3000:]
+    assert "bucket cache" in r.err and "crop True -> False" in r.err
+    height, width = torch.load(latents[0]).shape[-2:]
+    assert width > height  # no longer cropped square
+
+
+def test_a_bucket_cache_made_with_other_settings_is_cleared_and_an_agreeing_one_kept(tmp_path):
+    from sd3tune.config.dataset import ImageBackend
+    from sd3tune.simpletuner.caches import bucket_files, prepare_dataset_caches, stale_bucket_settings
+
+    run = RunPaths(tmp_path / "run")
+    backend = ImageBackend(id="art", instance_data_dir="../art", cache_dir_vae="cache/vae", resolution=64,
+                           cache_file_suffix="art-1")
+    indices, metadata = bucket_files(backend, run)
+    (tmp_path / "art").mkdir()
+    run.root.mkdir()
+    assert indices.resolve() == tmp_path / "art" / "aspect_ratio_bucket_indices_art-1.json"  # from the run folder
+    recorded = {"resolution": 64, "resolution_type": "pixel_area", "crop": False, "caption_strategy": "textfile"}
+    indices.write_text(json.dumps({"config": recorded, "aspect_ratio_bucket_indices": {}}))
+    metadata.write_text("{}")
+    assert stale_bucket_settings(backend, run) == {}
+    assert prepare_dataset_caches([backend], "model", run) == [] and indices.exists()
+
+    # a setting missing from the entry is filled from the cache: another run's crop, or a default left by hand
+    indices.write_text(json.dumps({"config": {**recorded, "crop": True, "resolution_type": "area"}}))
+    unset_type = backend.model_copy()
+    unset_type.model_fields_set.discard("resolution_type")  # then RESOLUTION_TYPE applies, not the model default
+    assert stale_bucket_settings(unset_type, run) == {"crop": (True, False)}
+    notes = prepare_dataset_caches([unset_type], "model", run)
+    assert len(notes) == 1 and "crop True -> False" in notes[0] and indices.name in notes[0]
+    assert not indices.exists() and not metadata.exists()
 
 
 def test_stray_shell_variables_do_not_leak_into_the_run(tiny_init_options):

@@ -121,9 +121,7 @@ class Context:
         return self.cfg is not None and not (set(options) & self.bad)
 
     def path(self, value: str) -> Path:
-        """A path from the run's files as SimpleTuner resolves it: relative to the run folder, its working dir."""
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else self.root / p
+        return self.run.paths.resolve(value)
 
     def flag(self, option: str) -> bool:
         return self.run.args.get(option) is True  # the reader made every boolean option a bool

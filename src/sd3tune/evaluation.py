@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from sd3tune.defaults import DEFAULT_CLIP
 from sd3tune.errors import Sd3tuneError
+from sd3tune.simpletuner.files import RunPaths
 
 NEUTRAL_PREFIX = "neutral:"
 NEUTRAL_PROMPTS = (
@@ -140,15 +141,16 @@ class TrainingSet:
     captions: list[str] = field(default_factory=list)
 
 
-def training_set(backends: Iterable[Any] | None, max_images: int = MAX_REAL_IMAGES) -> TrainingSet:
-    """The training images (and captions) of a run's enabled, non-regularisation image datasets."""
+def training_set(backends: Iterable[Any] | None, paths: RunPaths, max_images: int = MAX_REAL_IMAGES) -> TrainingSet:
+    """The training images (and captions) of a run's enabled, non-regularisation image datasets (``paths``: the
+    run's, which relative image folders are read from)."""
     from sd3tune.datascan import scan_folder
 
     folders, images, captions = [], [], []
     for b in backends or []:
         if getattr(b, "dataset_type", None) != "image" or b.disabled or b.is_regularisation_data:
             continue
-        folder = Path(b.instance_data_dir).expanduser()
+        folder = paths.resolve(b.instance_data_dir)
         if not folder.is_dir():
             raise Sd3tuneError(f"training image folder {folder} (dataset {b.id!r}) does not exist",
                                hint="style similarity and KID compare with the training images; restore the folder "

@@ -214,7 +214,7 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
         lora = replace(lora, config=config)
     notes: list[str] = []
     candidates = _candidates(opts, loaded.output_dir(), lora, notes)
-    train = training_set(loaded.backends)
+    train = training_set(loaded.backends, loaded.paths)
     if opts.prompts_file is not None:
         prompts = read_prompts_file(opts.prompts_file, trigger)
     else:

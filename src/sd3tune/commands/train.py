@@ -17,7 +17,7 @@ from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
                                         phase_of, run_plan)
 from sd3tune.simpletuner.files import RunPaths, checkpoint_step, checkpoints
-from sd3tune.simpletuner.latents import prepare_latent_caches
+from sd3tune.simpletuner.caches import prepare_dataset_caches
 
 
 @dataclass
@@ -115,7 +115,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         return result
     cfg = report.run.config
     paths: RunPaths = report.run.paths
-    for note in prepare_latent_caches(report.run.backends or [], cfg.model.name_or_path, paths.root):
+    for note in prepare_dataset_caches(report.run.backends or [], cfg.model.name_or_path, paths):
         if on_status:
             on_status(note)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -64,6 +64,11 @@ class RunPaths:
     def config_file(self, fmt: Format) -> Path:
         return self.env if fmt == "env" else self.json
 
+    def resolve(self, value: str) -> Path:
+        """A path from the run's files as SimpleTuner reads it: relative ones from the run folder, its working dir."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.root / p
+
 
 # ----------------------------------------------------------------------------------------------- writers
 

@@ -377,3 +377,21 @@ def test_default_prompts_and_best_rule():
     assert pick_best(models, metrics)["label"] == "checkpoint-10"  # base is never a candidate
     tie = {"base": m(1.0, 0.1), "lora": m(20.0, 0.5), "checkpoint-10": m(20.0, 0.5), "checkpoint-20": m(20.0, 0.5)}
     assert pick_best(models, tie)["label"] == "lora"  # ties go to the later step; the final LoRA is the last
+
+
+def test_a_relative_image_folder_is_read_from_the_run_folder_whatever_the_shells_cwd(concept_data, tmp_path,
+                                                                                     monkeypatch):
+    # SimpleTuner trains in the run folder, so a relative instance_data_dir names a folder there
+    import shutil
+
+    from sd3tune.config.dataset import ImageBackend
+    from sd3tune.evaluation import training_set
+    from sd3tune.simpletuner.files import RunPaths
+
+    shutil.copytree(concept_data, tmp_path / "images")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "shell" / "cwd").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "shell" / "cwd")
+    backend = ImageBackend(id="art", instance_data_dir="../images", cache_dir_vae="cache/vae")
+    found = training_set([backend], RunPaths(tmp_path / "run"))
+    assert len(found.images) == len(list(concept_data.glob("*.png"))) and found.captions

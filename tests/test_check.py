@@ -385,8 +385,10 @@ def test_json_output_lists_errors_warnings_and_summary(make_run):
     result, _ = check(run, "--json")
     report = json.loads(result.output)
     assert result.exit_code == 2 and report["ok"] is False
-    assert [e["key"].split(" ")[0] for e in report["errors"]] == ["OPTIMIZER"]
-    assert set(report["errors"][0]) == {"severity", "file", "key", "message", "hint"}
+    assert [e["key"] for e in report["errors"]] == ["OPTIMIZER"]  # as the user spells it, the line apart
+    line = report["errors"][0]["line"]
+    assert (run / "config" / "config.env").read_text().splitlines()[line - 1].startswith("OPTIMIZER=")
+    assert set(report["errors"][0]) == {"severity", "file", "key", "line", "message", "hint"}
     assert any("empty" in w["message"] for w in report["warnings"])
 
 

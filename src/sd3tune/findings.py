@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import dataclass
 from typing import Literal
+
+_LINE = re.compile(r" \(line (\d+)\)")
+
+
+def at_line(key: str, line: int) -> str:
+    """Where a config.env entry is, as findings show it: ``KEY (line N)``."""
+    return f"{key} (line {line})"
 
 
 @dataclass(frozen=True)
@@ -19,7 +27,10 @@ class Finding:
         return f"{where}: {self.message}" + (f" — {self.hint}" if self.hint else "")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """For --json: the key as the user spells it, and its config.env line apart (``line`` null elsewhere)."""
+        line = _LINE.search(self.key)
+        return {"severity": self.severity, "file": self.file, "key": _LINE.sub("", self.key, count=1),
+                "line": int(line[1]) if line else None, "message": self.message, "hint": self.hint}
 
 
 def error(file: str, key: str, message: str, hint: str = "") -> Finding:

@@ -16,7 +16,7 @@ from sd3tune import __version__
 from sd3tune.config.dataset import BACKENDS, NUMBER_ERROR, ImageBackend, TextEmbedsBackend, dump_backends
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import UnsafeValueError
-from sd3tune.findings import Finding, choice_error, error, warning
+from sd3tune.findings import Finding, at_line, choice_error, error, warning
 from sd3tune.simpletuner import envfile, keys
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
 
@@ -216,7 +216,7 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> bool:
     resolved = envfile.resolve(entries)
     dropped: list[tuple[str, str, str]] = []  # (KEY, option, where) of KEY=false lines SimpleTuner drops
     for key, (value, line) in resolved.items():
-        where = f"{key} (line {line})"
+        where = at_line(key, line)
         if key == keys.EXTRA_ARGS_KEY:
             continue  # SimpleTuner appends these after every KEY's option (load_env_config): read last, they win
         option = catalog.env_keys.get(key)
@@ -242,7 +242,7 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> bool:
         _set_arg(run, option, value, where)
     if keys.EXTRA_ARGS_KEY in resolved:
         value, line = resolved[keys.EXTRA_ARGS_KEY]
-        _read_extra_args(run, catalog, value, f"{keys.EXTRA_ARGS_KEY} (line {line})")
+        _read_extra_args(run, catalog, value, at_line(keys.EXTRA_ARGS_KEY, line))
     for key, option, where in dropped:
         run.findings.append(_dropped_false_finding(run, catalog, key, option, where))
     return True

@@ -402,6 +402,20 @@ def test_warnings_alone_exit_zero(make_run):
     assert result.output.rstrip().endswith("ok (with warnings)")
 
 
+def test_a_run_resolution_no_dataset_uses_warns_and_one_a_dataset_inherits_does_not(make_run):
+    # init writes the resolution into the dataset entry too, and SimpleTuner takes the dataset's: RESOLUTION edited
+    # alone changed nothing that trained
+    run, _ = make_run()
+    env_set(run, "RESOLUTION", "128")
+    result, _ = check(run)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"RESOLUTION \(line \d+\): 128 here, but every dataset sets its own resolution \(images 64\)",
+                     _section(result.output, "warning"))
+    json_edit(backends_path(run), lambda data: image_backend(data).pop("resolution") and None)
+    result, _ = check(run)  # now the dataset trains at RESOLUTION
+    assert "every dataset sets its own" not in result.output and "128x128" in result.output
+
+
 def test_gated_sd3m_without_a_token_warns_and_a_token_in_the_xdg_cache_counts(make_run, tmp_path):
     run, _ = make_run()
     env_set(run, "MODEL_NAME", "stabilityai/stable-diffusion-3-medium-diffusers")

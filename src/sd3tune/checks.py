@@ -571,6 +571,7 @@ def check_backends(ctx: Context) -> list[Finding]:
         out += found
         if dataset is not None:
             datasets.append(dataset)
+    out += _check_run_resolution(ctx, images)
     out += _check_batches(ctx, datasets)
     _summarise(ctx, datasets)
     out += _check_disk(ctx, datasets, text)
@@ -706,6 +707,28 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
                            "use larger images or a lower resolution"))
     counts = bucket_counts(kept, res, rtype, crop_square)
     return out, _Dataset(b, len(scan.images), counts, captions)
+
+
+def _check_run_resolution(ctx: Context, images: list[ImageBackend]) -> list[Finding]:
+    """RESOLUTION / RESOLUTION_TYPE set in the config while every image dataset sets its own, and to another value:
+    SimpleTuner takes the dataset's (factory.py), so editing the config alone changes nothing that trains."""
+    out = []
+    for option in ("resolution", "resolution_type"):
+        if option not in ctx.run.sources or not ctx.valid(option) or not images:
+            continue
+        if any(option not in b.model_fields_set for b in images):
+            continue  # the config's value applies to that dataset
+        mine, theirs = getattr(ctx.cfg.data, option), {b.id: getattr(b, option) for b in images}
+        if mine not in theirs.values():
+            sets = ", ".join(f"{ident} {_show(value)}" for ident, value in theirs.items())
+            out.append(warning(ctx.file, ctx.where(option), f"{_show(mine)} here, but every dataset sets its own "
+                               f"{option} ({sets}) and SimpleTuner uses those", f"change {option} in {BACKENDS} "
+                               "(or make the two equal)"))
+    return out
+
+
+def _show(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
 
 
 def _check_sizes(b: ImageBackend, res: float, rtype: str, minimum: float | None) -> list[Finding]:

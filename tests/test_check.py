@@ -416,6 +416,27 @@ def test_a_run_resolution_no_dataset_uses_warns_and_one_a_dataset_inherits_does_
     assert "every dataset sets its own" not in result.output and "128x128" in result.output
 
 
+def test_folders_simpletuner_must_write_are_checked_for_write_access(make_run, monkeypatch):
+    # a read-only dataset mount or cache disk failed only after the model loaded; the tests run as root, who may write
+    # anywhere, so the permission answer is what is replaced here
+    import os
+
+    run, data = make_run()
+    read_only = {data, run}  # the image folder, and the run folder the output and caches are made in
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: real_access(path, mode, **kw) and not (
+        mode & os.W_OK and Path(path) in read_only))
+    result, _ = check(run)
+    assert result.exit_code == 2
+    errors = _section(result.output, "error")
+    assert f"images.instance_data_dir: {data} is not writable; SimpleTuner writes its aspect-bucket cache" in errors
+    assert f"images.cache_dir_vae: {run} is not writable, so {run / 'cache'}" in errors
+    assert f"text-embeds.cache_dir: {run} is not writable" in errors
+    assert re.search(rf"OUTPUT_DIR \(line \d+\): {run} is not writable, so {run / 'output'} cannot be made", errors)
+    read_only.clear()
+    assert check(run)[0].exit_code == 0
+
+
 def test_gated_sd3m_without_a_token_warns_and_a_token_in_the_xdg_cache_counts(make_run, tmp_path):
     run, _ = make_run()
     env_set(run, "MODEL_NAME", "stabilityai/stable-diffusion-3-medium-diffusers")

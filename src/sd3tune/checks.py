@@ -488,16 +488,29 @@ def check_paths(ctx: Context) -> list[Finding]:
         if output.exists() and not output.is_dir():
             out.append(error(f, ctx.where("output_dir"), f"{output} is a file", "choose a folder path"))
         else:
-            parent = _existing_ancestor(output)
-            if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-                out.append(error(f, ctx.where("output_dir"), f"{parent} is not writable, so {output} cannot be "
-                                                             "written", "choose a folder you can write to"))
+            out += _unwritable(output, f, ctx.where("output_dir"))
         out += _in_another_run(ctx, output, f, ctx.where("output_dir"), ctx.run.paths.output)
     for b in ctx.run.backends or []:
-        folder = b.cache_dir_vae if isinstance(b, ImageBackend) else b.cache_dir
+        folder = ctx.path(b.cache_dir_vae if isinstance(b, ImageBackend) else b.cache_dir)
         key = f"{b.id}.{'cache_dir_vae' if isinstance(b, ImageBackend) else 'cache_dir'}"
-        out += _in_another_run(ctx, ctx.path(folder), BACKENDS, key, ctx.run.paths.cache)
+        out += _in_another_run(ctx, folder, BACKENDS, key, ctx.run.paths.cache)
+        if not b.disabled:
+            out += _unwritable(folder, BACKENDS, key)
+        if isinstance(b, ImageBackend) and not b.disabled and ctx.path(b.instance_data_dir).is_dir():
+            out += _unwritable(ctx.path(b.instance_data_dir), BACKENDS, f"{b.id}.instance_data_dir",
+                               "SimpleTuner writes its aspect-bucket cache (aspect_ratio_bucket_*.json) into the "
+                               "image folder", "copy the images to a folder you can write to")
     return out
+
+
+def _unwritable(path: Path, file: str, key: str, why: str = "",
+                hint: str = "choose a folder you can write to") -> list[Finding]:
+    """``path`` (a folder SimpleTuner writes, made if missing) cannot be written: it fails there after loading."""
+    parent = _existing_ancestor(path)
+    if parent is None or os.access(parent, os.W_OK | os.X_OK):
+        return []
+    what = f"{parent} is not writable" + ("" if parent == path else f", so {path} cannot be made")
+    return [error(file, key, what + (f"; {why}" if why else ""), hint)]
 
 
 def _in_another_run(ctx: Context, path: Path, file: str, key: str, ours: Path) -> list[Finding]:

@@ -6,6 +6,7 @@ loaded from a folder exactly as a Hub CLIP would be. Sizes are tiny: 64 px, 4 st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -99,9 +100,18 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     fields = json.loads(Image.open(first).text["sd3tune"])
     assert fields["evaluate_model"] == "checkpoint-10" and fields["lora"].endswith(
         "checkpoint-10/pytorch_lora_weights.safetensors") and fields["seed"] == 0
+    # which exact weights: a retrain replaces the file at the same path
+    checkpoint = trained_run / "output" / "checkpoint-10" / "pytorch_lora_weights.safetensors"
+    assert fields["lora_sha256"] == data["models"]["checkpoint-10"]["lora_sha256"] == hashlib.sha256(
+        checkpoint.read_bytes()).hexdigest()
+    assert data["lora"]["sha256"] == data["models"]["lora"]["lora_sha256"] == hashlib.sha256(
+        final.read_bytes()).hexdigest() != fields["lora_sha256"]
+    assert data["models"]["base"]["lora_sha256"] is None
+    assert f"(sha256 `{data['lora']['sha256'][:12]}`)" in report
     # the run remembers its evaluations
     manifest = json.loads((trained_run / "sd3tune.json").read_text())
-    assert [e["models"] for e in manifest["evaluations"] if e["out"] == str(evaluated.out)] == [list(data["models"])]
+    assert [(e["models"], e["lora_sha256"]) for e in manifest["evaluations"] if e["out"] == str(evaluated.out)] == [
+        (list(data["models"]), data["lora"]["sha256"])]
     assert "LoRA" in format_table(data) and "*" in format_table(data)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -55,6 +56,8 @@ def test_png_metadata_records_how_the_image_was_made(trained_run, lora_images):
     assert text["sd3tune:prompt"] == PROMPT and text["sd3tune:seed"] == "1"
     blob = json.loads(text["sd3tune"])
     assert blob["lora"].endswith("pytorch_lora_weights.safetensors") and blob["lora_scale"] == 1.0
+    lora = Path(blob["lora"])  # the exact weights, after a retrain has replaced the file at that path
+    assert blob["lora_sha256"] == text["sd3tune:lora_sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
     assert blob["max_sequence_length"] == 154 and blob["scheduler_shift"] == 3.0 and blob["steps"] == 6
     assert blob["drop_t5"] is False
     assert "Seed: 1" in text["parameters"]

@@ -504,7 +504,7 @@ def render_markdown(data: dict[str, Any], sheet_name: str) -> str:
     """The report: settings, the contact sheet, the metric table, the best checkpoint and what each number means."""
     lines = [f"# sd3tune evaluation: {data['run_dir']}", ""]
     lines += [f"- base model: `{data['model']}`",
-              f"- LoRA: `{data['lora']['file']}`",
+              f"- LoRA: `{data['lora']['file']}` (sha256 `{data['lora']['sha256'][:12]}`)",
               f"- CLIP model for the metrics: `{data['clip_model']['name']}` ({data['clip_model']['source']})",
               f"- sampler: {_sampler_text(data['sampler'])}",
               f"- seeds per prompt: {', '.join(map(str, data['seeds']))}",
@@ -556,7 +556,7 @@ def render_html(data: dict[str, Any], sheet_name: str) -> str:
             f"<style>body{{font-family:sans-serif;max-width:1100px}}td,th{{padding:4px 8px;border:1px solid #ccc}}"
             f"table{{border-collapse:collapse}}</style>"
             f"<h1>sd3tune evaluation</h1><p>{e(data['run_dir'])}<br>base <code>{e(data['model'])}</code>, LoRA "
-            f"<code>{e(data['lora']['file'])}</code>, CLIP <code>{e(data['clip_model']['name'])}</code><br>"
+            f"<code>{e(data['lora']['file'])}</code> (sha256 <code>{e(data['lora']['sha256'][:12])}</code>), CLIP <code>{e(data['clip_model']['name'])}</code><br>"
             f"{e(_sampler_text(data['sampler']))}; seeds {e(', '.join(map(str, data['seeds'])))}</p>"
             f"<h2>Prompts</h2><ol>{prompts}</ol><h2>Images</h2><img src='{e(sheet_name)}'>"
             f"<h2>Metrics (mean ± std)</h2><table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"

@@ -72,3 +72,14 @@ def absolute_model(model: str) -> str:
     record where the model was, whatever folder a command ran in); a Hub id as it is."""
     folder = model_folder(model)
     return str(folder.resolve()) if folder is not None else model
+
+
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256 (hex): which exact weights made an output, after the file at that path was replaced."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

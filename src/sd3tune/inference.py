@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Collection, Iterator, Literal
 
@@ -14,7 +15,7 @@ from sd3tune import __version__
 from sd3tune.config.models import RunConfig
 from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
-from sd3tune.fsutil import model_folder
+from sd3tune.fsutil import file_sha256, model_folder
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.files import LoadedRun, checkpoints, find_run_root, read_run
 
@@ -52,6 +53,11 @@ class LoraSource:
         if self.config is not None:
             return self.config.lora.effective_alpha / self.config.lora.rank
         return 1.0
+
+    @cached_property
+    def sha256(self) -> str:
+        """The file's SHA-256: outputs record it, since a retrain replaces the file at the same path."""
+        return file_sha256(self.file)
 
     @property
     def base_model(self) -> str | None:
@@ -515,7 +521,8 @@ def free_name(folder: Path, stem: str, taken: Collection[Path] = ()) -> Path:
 def provenance(p: Pipeline, prompt: str, seed: int, s: SamplerSettings, scale: float, weight: float) -> dict[str, Any]:
     return {"prompt": prompt, "negative_prompt": s.negative, "seed": seed, "steps": s.steps, "guidance": s.guidance,
             "width": s.width, "height": s.height, "model": p.model,
-            "lora": str(p.lora.file) if p.lora else None, "lora_scale": scale if p.lora else None,
+            "lora": str(p.lora.file) if p.lora else None, "lora_sha256": p.lora.sha256 if p.lora else None,
+            "lora_scale": scale if p.lora else None,
             "lora_adapter_weight": weight if p.lora else None, "max_sequence_length": p.t5_length(s),
             "drop_t5": p.pipe.text_encoder_3 is None,
             "scheduler_shift": getattr(p.pipe.scheduler.config, "shift", None), "dtype": str(p.dtype).replace("torch.", ""),

@@ -65,6 +65,7 @@ class _Candidate:
     step: int | None
     file: Path | None
     adapter: str | None
+    sha256: str | None = None  # of ``file``: a retrain replaces the file at the same path
 
 
 def _check_options(opts: EvaluateOptions) -> None:
@@ -105,13 +106,14 @@ def _read_run(run_dir: Path):
 
 
 def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str]) -> list[_Candidate]:
+    from sd3tune.fsutil import file_sha256
     from sd3tune.inference import checkpoint_loras
     from sd3tune.simpletuner.files import checkpoint_step
 
     step = checkpoint_step(lora.file.parent)
     title = "LoRA" if step is None else f"LoRA (checkpoint-{step})"
     out = [_Candidate("base", "base", "base", None, None, None),
-           _Candidate("lora", title, "lora", step, lora.file, "sd3tune")]
+           _Candidate("lora", title, "lora", step, lora.file, "sd3tune", lora.sha256)]
     if opts.checkpoints == "all":
         found = [(checkpoint_step(file.parent), file.resolve()) for file in checkpoint_loras(output_dir)
                  if file.resolve() != lora.file]
@@ -123,7 +125,8 @@ def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str])
         if not found and not same:
             notes.append("--checkpoints all: the run has no other checkpoint-N folder with a LoRA")
         for s, file in found:
-            out.append(_Candidate(f"checkpoint-{s}", f"checkpoint-{s}", "checkpoint", s, file, f"ckpt_{s}"))
+            out.append(_Candidate(f"checkpoint-{s}", f"checkpoint-{s}", "checkpoint", s, file, f"ckpt_{s}",
+                                  file_sha256(file)))
     return out
 
 
@@ -254,13 +257,15 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
 
     from sd3tune.manifest import package_versions
 
+    sha256 = {c.label: c.sha256 for c in candidates}
     data: dict[str, Any] = {
         "sd3tune_version": __version__,
         "created": now(),
         "run_dir": str(run_dir),
         "out": str(out),
         "model": model,
-        "lora": {"file": str(lora.file), "alpha_over_rank": lora.alpha_over_rank, "scale": opts.lora_scale},
+        "lora": {"file": str(lora.file), "sha256": lora.sha256, "alpha_over_rank": lora.alpha_over_rank,
+                 "scale": opts.lora_scale},
         "checkpoints": opts.checkpoints,
         "clip_model": {"name": clip.name, "requested": opts.clip_model, "source": clip.source},
         "sampler": asdict(settings),
@@ -273,6 +278,7 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
         "dtype": dtype,
         "models": {m.label: {"title": m.title, "kind": m.kind, "step": m.step,
                              "lora_file": str(m.lora_file) if m.lora_file else None,
+                             "lora_sha256": sha256[m.label],
                              "adapter_weight": m.adapter_weight, "metrics": result.models[m.label],
                              "images": [[relpath(p, out) for p in row] for row in m.paths]}
                    for m in models},
@@ -329,7 +335,7 @@ def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds,
                     made = make_images(pipe, prompt.text, batch, settings)
                     for i, seed in enumerate(batch):
                         fields = provenance(pipe, prompt.text, seed, settings, opts.lora_scale, w)
-                        fields.update(lora=str(c.file) if c.file else None,
+                        fields.update(lora=str(c.file) if c.file else None, lora_sha256=c.sha256,
                                       lora_scale=None if c.kind == "base" else opts.lora_scale, evaluate_model=c.label)
                         path = out / "images" / c.label / f"{index:02d}-s{seed}.png"
                         row.append(writer.submit(_save_image, made, i, path, fields))
@@ -390,7 +396,8 @@ def _record_in_manifest(run_dir: Path, out: Path, data: dict[str, Any]) -> None:
 
     best = data["best"]["label"]
     entry = {"created": data["created"], "out": str(out), "metrics": str(out / "metrics.json"),
-             "clip_model": data["clip_model"]["name"], "models": list(data["models"]), "best": best}
+             "lora_sha256": data["lora"]["sha256"], "clip_model": data["clip_model"]["name"],
+             "models": list(data["models"]), "best": best}
     try:
         earlier = read_manifest(run_dir).get("evaluations")
         # one entry per out folder: an evaluation replaced there (--force) replaces its entry

@@ -10,9 +10,9 @@ to a fresh process whose memory is measured on its own:
 tests), ``deep`` the tiny SD3 with SD3 Medium's 24 transformer blocks (a CPU proxy for the GPU step at batch 1,
 which is bound by launching SD3M's ~thousands of small ops from Python: same ops, tiny tensors), ``sd3m`` has SD3
 Medium's real transformer (2.03 B parameters) and VAE, and text encoders with SD3 Medium's output widths but 2
-layers (speed does not depend on the weights' values; PERFORMANCE.md).
+layers (speed does not depend on the weights' values).
 
-``anchor-train`` is the plain diffusers + peft LoRA loop that PERFORMANCE.md calls the anchor: the diffusers
+``anchor-train`` is the plain diffusers + peft LoRA loop that anchor_sd3m.py times (the anchor): the diffusers
 dreambooth-lora-sd3 attention targets, rank 16, fp32 LoRA parameters, bf16 autocast, torch AdamW, latents and
 text embeddings given (cached), no gradient checkpointing.
 """
@@ -38,7 +38,7 @@ SCRIPTS = Path(__file__).resolve().parent
 NOT_ACCEPTANCE = "tiny/CPU: not an acceptance number"
 GIB = 2**30
 
-# The anchor's LoRA targets (diffusers' train_dreambooth_lora_sd3.py defaults; PERFORMANCE.md anchor rows).
+# The anchor's LoRA targets (diffusers' train_dreambooth_lora_sd3.py defaults; anchor_sd3m.py's training rows).
 ANCHOR_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                   "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]
 
@@ -257,8 +257,8 @@ class Report:
 
 def anchor_row(path: Path, row: str, metric: str, recipe: str, report: Report, extra: tuple[str, ...] = ()
                ) -> float | None:
-    """Report one row of ../shared/bench/anchor_sd3m.py's anchor.json (written in the same command, on the same
-    machine) as ``anchor.<metric>``, with the card it ran on; None (and ``anchor.error``) when the row is missing."""
+    """Report one row of scripts/anchor_sd3m.py's anchor.json (written in the same command, on the same machine)
+    as ``anchor.<metric>``, with the card it ran on; None (and ``anchor.error``) when the row is missing."""
     data = json.loads(path.read_text()) if path.is_file() else {}
     if row not in data:
         report("anchor.error", f"{path} has no {row} row (was anchor_sd3m.py run with --skip-gen or --skip-train?)")
@@ -353,8 +353,8 @@ def ensure_data(work: Path, count: int, size: int) -> Path:
 
 def anchor_train(model: Path, resolution: int, batch: int, rank: int, text_tokens: int, warmup: int, steps: int,
                  profile: str | None = None) -> dict[str, Any]:
-    """The plain diffusers + peft LoRA step (PERFORMANCE.md's anchor), timed in this process; ``profile`` "N:FILE":
-    then N more steps under step_profile.py, summary to FILE."""
+    """The plain diffusers + peft LoRA step (anchor_sd3m.py's training anchor), timed in this process; ``profile``
+    "N:FILE": then N more steps under step_profile.py, summary to FILE."""
     t_start = time.perf_counter()
     offline_env()
     import torch

@@ -23,7 +23,7 @@ images are from default's, and fp8 and the candidates how far from compile's, at
 difference| out of 255).
 Target on an H100-class card (H100, H200, H800, GH200): <= 1.1 s per 1024x1024 image.
 
---anchor-json FILE takes the anchor from ../shared/bench/anchor_sd3m.py's anchor.json (its
+--anchor-json FILE takes the anchor from scripts/anchor_sd3m.py's anchor.json (its
 gen_1024_28steps_cfg_s row), written by that script earlier in the same command on the same machine, instead
 of timing the plain pipeline here.
 
@@ -32,7 +32,7 @@ examples:
   python scripts/bench_generate.py --images 24 --batch-size 4 --json /tmp/gen.json
   python scripts/bench_generate.py --lora /tmp/sd3tune-bench/runs/default   # with the LoRA bench_train trained
   python scripts/bench_generate.py --variants compile --profile              # where a compiled image's GPU time goes
-  python ../shared/bench/anchor_sd3m.py --out /tmp && python scripts/bench_generate.py --anchor-json /tmp/anchor.json
+  python scripts/anchor_sd3m.py --out /tmp && python scripts/bench_generate.py --anchor-json /tmp/anchor.json
 """
 
 from __future__ import annotations
@@ -84,10 +84,11 @@ def fuse_qkv(transformer: Any) -> int:
 
 def autotune_blocks(transformer: Any) -> int:
     """The compile-autotune candidate: the blocks compiled with ``mode="max-autotune-no-cudagraphs"`` (Inductor
-    benchmarks Triton GEMM templates against cuBLAS per shape and tunes its pointwise kernels). PERFORMANCE.md (H100,
-    CFG batch 2): the whole transformer so compiled took 1.15 s per 1024 px image against ~1.20 for per-block default
-    compile, after 520 s of compiling; per block, the 24 identical blocks share one set of shapes, so the autotuning
-    happens once. CUDA only (``generate --compile`` compiles nothing on CPU either); returns how many blocks."""
+    benchmarks Triton GEMM templates against cuBLAS per shape and tunes its pointwise kernels). Measured by the
+    project (H100, CFG batch 2): the whole transformer so compiled took 1.15 s per 1024 px image against ~1.20 for
+    per-block default compile, after 520 s of compiling; per block, the 24 identical blocks share one set of shapes,
+    so the autotuning happens once. CUDA only (``generate --compile`` compiles nothing on CPU either); returns how
+    many blocks."""
     from sd3tune.inference import compile_blocks
 
     if next(transformer.parameters()).device.type != "cuda":

@@ -1,19 +1,22 @@
 #!/bin/bash
 # The speed acceptance measurements in one command, on one CUDA machine, with a time budget:
-#   the plain diffusers + peft anchor (anchor_sd3m.py), then bench_train.py and bench_generate.py against it.
+#   the plain diffusers + peft anchor (scripts/anchor_sd3m.py), then bench_train.py and bench_generate.py against it.
 #
-#   scripts/bench_suite.sh ANCHOR_SCRIPT OUT_DIR [DEADLINE_S]
+#   scripts/bench_suite.sh [ANCHOR_SCRIPT.py] OUT_DIR [DEADLINE_S]
 #
-# ANCHOR_SCRIPT is ../shared/bench/anchor_sd3m.py (or a copy); OUT_DIR gets anchor.json and one log per stage.
+# ANCHOR_SCRIPT (a first argument ending in .py) defaults to scripts/anchor_sd3m.py, the reference anchor kept
+# verbatim in this repository; OUT_DIR gets anchor.json and one log per stage.
 # Stages run most important first; each gets what is left of DEADLINE_S (default 580) and is stopped with SIGINT
 # (sd3tune then stops SimpleTuner's whole process group), so the command ends in time and keeps what it measured.
 # Environment: PY (python, default python3), SIZE (sd3m | tiny: CPU rehearsal; default sd3m), WORK (model, images
 # and runs; default /tmp/sd3tune-bench), TRAIN / GEN (comma-separated variants; "" skips the stage),
 # TRAIN_ARGS / GEN_ARGS (more arguments for each script), ANCHOR_ARGS (e.g. --skip-gen).
 set -u
-ANCHOR=${1:?anchor_sd3m.py path}; OUT=${2:?output folder}; DEADLINE=${3:-580}
-PY=${PY:-python3}; SIZE=${SIZE:-sd3m}; WORK=${WORK:-/tmp/sd3tune-bench}
 HERE="$(cd "$(dirname "$0")" && pwd)"
+ANCHOR="$HERE/anchor_sd3m.py"
+if [[ ${1-} == *.py ]]; then ANCHOR=$1; shift; fi
+OUT=${1:?usage: bench_suite.sh [ANCHOR_SCRIPT.py] OUT_DIR [DEADLINE_S]}; DEADLINE=${2:-580}
+PY=${PY:-python3}; SIZE=${SIZE:-sd3m}; WORK=${WORK:-/tmp/sd3tune-bench}
 T0=$(date +%s)
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Time sd3tune's LoRA training step (SimpleTuner, with the `sd3tune init` defaults) against the plain
-diffusers + peft loop (the anchor of ../shared/PERFORMANCE.md), in the same command on the same machine.
+diffusers + peft loop (the anchor that scripts/anchor_sd3m.py times), in the same command on the same machine.
 
 On a CUDA host it builds an SD3-Medium-sized model with random weights (no download; cached in --work), writes
 1024 px images, runs the anchor in a fresh process, then `sd3tune init` + `sd3tune train` (through the Python API,
@@ -27,7 +27,7 @@ fused-adamw (optimizer_config=fused=true: torch's fused AdamW kernel), cuda-grap
 (the default with every Python allocation traced, as the pinned SimpleTuner ran before compat fix 10).
 Each variant compiles with an empty compile cache of its own (what a first run sees); --warm-cache shares one.
 
---anchor-json FILE takes the anchor from ../shared/bench/anchor_sd3m.py's anchor.json (its
+--anchor-json FILE takes the anchor from scripts/anchor_sd3m.py's anchor.json (its
 train_bs<batch>_nockpt_s_per_step row), written by that script earlier in the same command on the same machine.
 
 examples:
@@ -117,7 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--anchor-json", type=Path, default=None,
                     help="anchor_sd3m.py's anchor.json from the same command: use its training row as the anchor")
     ap.add_argument("--anchor-text-tokens", type=int, default=154,
-                    help="text tokens of the anchor's step (PERFORMANCE.md anchor: 77 + 77)")
+                    help="text tokens of the anchor's step (anchor_sd3m.py's: 77 + 77)")
     ap.add_argument("--warm-cache", action="store_true",
                     help="share PyTorch's compile cache between variants and runs (default: a cold one per variant)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",

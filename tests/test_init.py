@@ -113,14 +113,21 @@ def test_a_relative_model_folder_is_recorded_as_the_folder_the_user_meant(tmp_pa
 
 
 
-def test_missing_and_empty_captions_are_warned_apart_as_check_judges_them(tmp_path, data_copy):
+def test_init_shows_what_check_finds_in_the_written_run(tmp_path, data_copy, tiny_model):
+    # a missing caption stops SimpleTuner (and so check and train); an empty one trains unconditioned
     captions = sorted(data_copy.glob("*.txt"))
     captions[0].unlink()
     captions[1].write_text("")
-    r = sd3tune("init", tmp_path / "run", "--data", data_copy)
-    assert r.code == 0, r.err
+    r = sd3tune("init", tmp_path / "run", "--data", data_copy, "--model", tiny_model, "--resolution", "64")
+    assert r.code == 0, r.err  # the run is written; the check says what to fix before training
     count = len(list(data_copy.glob("*.png")))
-    assert f"1 of {count} files have no .txt caption (first: {captions[0].name}); check and train refuse" in r.err
-    assert f"1 of {count} files have an empty .txt caption" in r.err and "unconditioned" in r.err
-    check = sd3tune("check", tmp_path / "run")
-    assert check.code == 2 and captions[0].name in check.out
+    assert (f"1 error:\n  multidatabackend.json:images.caption_strategy: textfile captions, but 1 of {count} images "
+            f"has no .txt caption ({captions[0].name} missing)") in r.out
+    assert f"1 caption file is empty ({captions[1].name})" in r.out
+    assert "check failed: fix the 1 error above" in r.out and "next: sd3tune train" not in r.out
+    assert sd3tune("check", tmp_path / "run").out == r.out[r.out.index("checked "):]  # the same report
+
+    captions[0].with_suffix(".txt").write_text("a castle")
+    captions[1].write_text("a tower")
+    r = sd3tune("init", tmp_path / "run", "--data", data_copy, "--model", tiny_model, "--resolution", "64", "--force")
+    assert r.out.rstrip().endswith(f"ok\nnext: sd3tune train {tmp_path / 'run'}"), r.out

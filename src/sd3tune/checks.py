@@ -670,7 +670,7 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
         if missing:
             noun = "images" if len(scan.files) == len(scan.images) else "files"
             what = f"no {noun[:-1]} has a" if len(missing) == len(scan.files) else \
-                f"{len(missing)} of {len(scan.files)} {noun} have no"
+                f"{len(missing)} of {len(scan.files)} {noun} {'has' if len(missing) == 1 else 'have'} no"
             out.append(error(BACKENDS, f"{b.id}.caption_strategy",
                              f"textfile captions, but {what} .txt caption ({_names(missing, folder)} missing); "
                              "SimpleTuner stops at the first one (FileNotFoundError)",
@@ -679,8 +679,9 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
         unreadable = {p for p, _ in scan.corrupt}
         empty = [caption_path(i.path) for i in scan.empty_captions if caption_path(i.path) not in unreadable]
         if empty:
-            out.append(warning(str(folder), "", f"{len(empty)} caption files are empty ({_names(empty, folder)}); "
-                                                "those images train unconditioned", "write a caption in each"))
+            what = "1 caption file is" if len(empty) == 1 else f"{len(empty)} caption files are"
+            out.append(warning(str(folder), "", f"{what} empty ({_names(empty, folder)}); those images train "
+                                                "unconditioned", "write a caption in each"))
         for i in scan.images:
             captions.update(i.captions)
     elif b.caption_strategy == "instanceprompt":

@@ -85,10 +85,14 @@ def init_cmd(
     result = run_init(InitOptions(run_dir=run_dir, data=data, model=model, trigger=trigger,
                                   validation_prompt=validation_prompt, preset=preset, resolution=resolution,
                                   rank=rank, steps=steps, format=fmt, force=force))  # type: ignore[arg-type]
+    from sd3tune.commands.check import render_report
+
     _echo_findings(result.warnings)
     for path in result.written:
         typer.echo(f"wrote {path}")
-    typer.echo(f"next: sd3tune check {shlex.quote(str(run_dir))} && sd3tune train {shlex.quote(str(run_dir))}")
+    typer.echo(render_report(result.check))
+    if result.check.ok:
+        typer.echo(f"next: sd3tune train {shlex.quote(str(run_dir))}")
 
 
 @app.command("check")

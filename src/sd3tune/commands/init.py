@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from sd3tune.checks import CheckReport, check_run
 from sd3tune.config.dataset import ImageBackend, TextEmbedsBackend
 from sd3tune.config.models import RunConfig
 from sd3tune.config.presets import DEFAULT_PRESET, PRESETS, merge
@@ -47,7 +48,8 @@ class InitResult:
     config: RunConfig
     backends: list
     written: list[Path]
-    warnings: list[Finding]
+    warnings: list[Finding]  # init's own: the preset's caveat, how captions were chosen
+    check: CheckReport | None = None  # `sd3tune check` of the written run (data, captions, buckets, memory, ...)
 
 
 def _dataset_id(folder: Path) -> str:
@@ -90,23 +92,10 @@ def build_run(opts: InitOptions) -> InitResult:
     preset = PRESETS[opts.preset]
     if not preset.verified:
         warnings.append(warning("flags", "--preset", preset.caveat))
-    for path, why in scan.corrupt:
-        media = keys.dataset_file_kind(path.name) in ("video", "audio")  # the reason says what SimpleTuner does
-        warnings.append(warning(str(path), "", why if media else f"unreadable, SimpleTuner will skip or fail on it: "
-                                                                 f"{why}"))
-
+    # unreadable files, missing or empty captions: judged by check once the run is written (run_init)
     captioned = [i for i in scan.images if i.caption]
     if captioned:
         strategy = "textfile"
-        if scan.missing_captions:  # SimpleTuner stops at the first: `check` and `train` refuse the run
-            warnings.append(warning(str(data), "", f"{len(scan.missing_captions)} of {len(scan.files)} files have no "
-                                                   f".txt caption (first: {scan.missing_captions[0].name}); check and "
-                                                   "train refuse the run until each has one",
-                                    "add a caption beside each file"))
-        if scan.empty_captions:
-            warnings.append(warning(str(data), "", f"{len(scan.empty_captions)} of {len(scan.files)} files have an "
-                                                   f"empty .txt caption (first: {scan.empty_captions[0].path.name}); "
-                                                   "they train unconditioned", "write a caption in each"))
         if opts.trigger and any(opts.trigger not in i.caption for i in captioned):
             missing = sum(opts.trigger not in i.caption for i in captioned)
             warnings.append(warning(str(data), "", f"{missing} captions do not contain the trigger {opts.trigger!r}",
@@ -166,6 +155,7 @@ def run_init(opts: InitOptions) -> InitResult:
     """Write ``config/config.env`` (or ``config.json``) and ``config/multidatabackend.json`` for a new run.
 
     Nothing is written when any flag or the data folder is wrong, or when a config exists and ``force`` is off.
+    The written run is then checked as `sd3tune check` would (``result.check``): what train would refuse shows now.
     """
     result = build_run(opts)
     paths = result.paths
@@ -183,4 +173,5 @@ def run_init(opts: InitOptions) -> InitResult:
         "model": result.config.model.name_or_path, "trigger": opts.trigger, "versions": package_versions("simpletuner"),
     })
     result.written = [config_file, paths.backends]
+    result.check = check_run(paths.root)
     return result

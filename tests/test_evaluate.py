@@ -405,3 +405,17 @@ def test_a_relative_image_folder_is_read_from_the_run_folder_whatever_the_shells
     backend = ImageBackend(id="art", instance_data_dir="../images", cache_dir_vae="cache/vae")
     found = training_set([backend], RunPaths(tmp_path / "run"))
     assert len(found.images) == len(list(concept_data.glob("*.png"))) and found.captions
+
+
+def test_contact_sheet_labels_draw_accented_prompts():
+    # Pillow's built-in font drew the same box for every non-ASCII letter: "café" and "cafü" looked alike
+    from PIL import Image
+
+    from sd3tune.sheets import contact_sheet
+
+    cells = [[Image.new("RGB", (8, 8))]]
+
+    def sheet(label: str) -> bytes:
+        return contact_sheet(cells, [label], ["base"], cell=8).tobytes()
+
+    assert sheet("a café") != sheet("a cafü") != sheet("a caf\u25a1")

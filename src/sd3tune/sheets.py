@@ -25,18 +25,39 @@ def contact_sheet(rows: Sequence[Sequence[object]], row_labels: Sequence[str], c
     from PIL import Image, ImageDraw
 
     label_w, label_h, pad = 220, 22, 4
+    font = label_font()
     ncols = max((len(r) for r in rows), default=0)
     sheet = Image.new("RGB", (label_w + ncols * (cell + pad) + pad, label_h + len(rows) * (cell + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
     for c, text in enumerate(col_labels):
-        draw.text((label_w + pad + c * (cell + pad), 4), text[:30], fill="black")
+        draw.text((label_w + pad + c * (cell + pad), 4), text[:30], fill="black", font=font)
     for r, row in enumerate(rows):
         y = label_h + pad + r * (cell + pad)
-        draw.text((4, y + 4), _wrap(row_labels[r] if r < len(row_labels) else "", 34), fill="black")
+        draw.text((4, y + 4), _wrap(row_labels[r] if r < len(row_labels) else "", 34), fill="black", font=font)
         for c, image in enumerate(row):
             im = image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)  # type: ignore[attr-defined]
             sheet.paste(im, (label_w + pad + c * (cell + pad), y))
     return sheet
+
+
+def label_font(size: int = 11):
+    """DejaVu Sans for the labels (accented prompts; Pillow's built-in font draws a box for any non-ASCII letter):
+    matplotlib's copy when it is installed (SimpleTuner brings it), else the system's, else Pillow's own."""
+    import importlib.util
+
+    from PIL import ImageFont
+
+    spec = importlib.util.find_spec("matplotlib")
+    bundled = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf" if spec and spec.origin \
+        else None
+    for candidate in (bundled, "DejaVuSans.ttf"):
+        if candidate is None:
+            continue
+        try:
+            return ImageFont.truetype(str(candidate), size)
+        except OSError:
+            continue
+    return ImageFont.load_default(size)
 
 
 def _wrap(text: str, width: int) -> str:

@@ -27,11 +27,13 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from sd3tune.defaults import DEFAULT_CLIP
 from sd3tune.errors import Sd3tuneError
-from sd3tune.simpletuner.files import RunPaths
+
+if TYPE_CHECKING:
+    from sd3tune.simpletuner.files import RunPaths
 
 NEUTRAL_PREFIX = "neutral:"
 NEUTRAL_PROMPTS = (
@@ -556,7 +558,8 @@ def render_html(data: dict[str, Any], sheet_name: str) -> str:
             f"<style>body{{font-family:sans-serif;max-width:1100px}}td,th{{padding:4px 8px;border:1px solid #ccc}}"
             f"table{{border-collapse:collapse}}</style>"
             f"<h1>sd3tune evaluation</h1><p>{e(data['run_dir'])}<br>base <code>{e(data['model'])}</code>, LoRA "
-            f"<code>{e(data['lora']['file'])}</code> (sha256 <code>{e(data['lora']['sha256'][:12])}</code>), CLIP <code>{e(data['clip_model']['name'])}</code><br>"
+            f"<code>{e(data['lora']['file'])}</code> (sha256 <code>{e(data['lora']['sha256'][:12])}</code>), "
+            f"CLIP <code>{e(data['clip_model']['name'])}</code><br>"
             f"{e(_sampler_text(data['sampler']))}; seeds {e(', '.join(map(str, data['seeds'])))}</p>"
             f"<h2>Prompts</h2><ol>{prompts}</ol><h2>Images</h2><img src='{e(sheet_name)}'>"
             f"<h2>Metrics (mean ± std)</h2><table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"

@@ -255,15 +255,17 @@ class Report:
         print("RESULT " + json.dumps(self.data, default=str), flush=True)
 
 
-def anchor_row(path: Path, row: str, metric: str, recipe: str, report: Report, extra: tuple[str, ...] = ()
-               ) -> float | None:
+def anchor_row(path: Path, row: str, metric: str, recipe: str, report: Report, extra: tuple[str, ...] = (),
+               missing: str = "was anchor_sd3m.py run with --skip-gen or --skip-train?") -> float | None:
     """Report one row of scripts/anchor_sd3m.py's anchor.json (written in the same command, on the same machine)
-    as ``anchor.<metric>``, with the card it ran on; None (and ``anchor.error``) when the row is missing."""
+    as ``anchor.<metric>``, with the card it ran on; None (and ``anchor.error``, ending with ``missing`` when the file
+    has other rows) when the row is missing."""
     data = json.loads(path.read_text()) if path.is_file() else {}
     if row not in data:
-        report("anchor.error", f"{path} has no {row} row (was anchor_sd3m.py run with --skip-gen or --skip-train?)")
+        why = missing if data else "no such file" if not path.is_file() else "it is empty"
+        report("anchor.error", f"{path} has no {row} row ({why})")
         return None
-    report("anchor.source", f"anchor_sd3m.py ({path}): {recipe}")
+    report("anchor.source", f"anchor_sd3m.py ({path}, row {row}): {recipe}")
     for key in ("gpu", "torch", "matmul_bf16_tflops", *extra):
         if key in data:
             report(f"anchor.{key}", data[key])

@@ -171,7 +171,8 @@ def run_anchor(args: argparse.Namespace, model: Path, size: str, cfg: Any, mem_k
     recipe = ("plain diffusers + peft loop, 8 attention targets, rank 16, 1024 px (64 with --tiny), 154 text tokens, "
               "torch AdamW, no checkpointing")
     if args.anchor_json is not None:
-        return anchor_row(args.anchor_json, row, "s_per_step", recipe, report, (f"train_bs{batch}_nockpt_peak_gib",))
+        return anchor_row(args.anchor_json, row, "s_per_step", recipe, report, (f"train_bs{batch}_nockpt_peak_gib",),
+                          anchor_batches_hint(args.anchor_json, batch))
     result_path = out / "anchor.json"
     result_path.unlink(missing_ok=True)
     t = time.perf_counter()
@@ -200,6 +201,17 @@ def run_anchor(args: argparse.Namespace, model: Path, size: str, cfg: Any, mem_k
         if key in data:
             report(f"anchor.{key}", data[key])
     return report("anchor.s_per_step", data["s_per_step"])
+
+
+def anchor_batches_hint(path: Path, batch: int) -> str:
+    """Why anchor.json has no training row for ``batch``: the batch sizes it timed (anchor_sd3m.py: 1 and 4), or that
+    it timed none."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    timed = sorted(int(m[1]) for k in data if (m := re.fullmatch(r"train_bs(\d+)_nockpt_s_per_step", k)))
+    if not timed:
+        return "no training rows: was anchor_sd3m.py run with --skip-train?"
+    return (f"anchor_sd3m.py timed batch {' and '.join(map(str, timed))}, this run trains batch {batch}: pass "
+            f"--batch {timed[0]} to compare")
 
 
 def steady_seconds_per_step(marks: dict[int, float], total: int, warmup: int) -> float | None:
@@ -466,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             if "s_per_step" not in out:
                 continue
         r = report(f"{name}.ratio_s_per_step", ratio(out.get("s_per_step"), anchor),
-                   label or f"sd3tune / anchor, target <= {TARGET_RATIO}")
+                   "no anchor to compare with: see anchor.error" if anchor is None and args.anchor != "none"
+                   else label or f"sd3tune / anchor, target <= {TARGET_RATIO}")
         first = out.get("time_to_first_step_s")
         report(f"{name}.verdict_step", verdict(None if r is None else r <= TARGET_RATIO, label))
         report(f"{name}.verdict_first_step", verdict(None if first is None else first <= TARGET_FIRST_STEP_S, label))

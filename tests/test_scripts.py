@@ -256,21 +256,56 @@ def test_the_vendored_anchor_is_the_reference_anchor_unchanged():
 def test_bench_suite_runs_the_vendored_anchor_then_the_benchmarks_within_a_deadline(train_bench, bench_work,
                                                                                      tmp_path):
     # no anchor argument: scripts/anchor_sd3m.py --tiny (~15 s on 2 cores) writes OUT/anchor.json
+    work = tmp_path / "work"  # the tiny model bench_train built, its runs left alone
+    work.mkdir()
+    (work / "model-tiny").symlink_to(bench_work / "model-tiny")
     out = tmp_path / "out"
-    env = child_env(PY=sys.executable, SIZE="tiny", WORK=str(bench_work), TRAIN="", GEN="default",
-                    GEN_ARGS="--images 2 --batch-size 1 --steps 2")
-    proc = subprocess.run(["bash", str(SCRIPTS / "bench_suite.sh"), str(out), "300"], env=env,
-                          capture_output=True, text=True, timeout=400)
+    env = child_env(PY=sys.executable, SIZE="tiny", WORK=str(work), TRAIN="default", GEN="default",
+                    TRAIN_ARGS="--steps 6 --warmup 2", GEN_ARGS="--images 2 --batch-size 1 --steps 2")
+    proc = subprocess.run(["bash", str(SCRIPTS / "bench_suite.sh"), str(out), "400"], env=env,
+                          capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "=== anchor exit 0" in proc.stdout and "=== generate exit 0" in proc.stdout
-    assert "=== train" not in proc.stdout  # TRAIN="" skips the stage
+    for stage in ("anchor", "train", "generate"):
+        assert f"=== {stage} exit 0" in proc.stdout, proc.stdout[-3000:]
     anchor = json.loads((out / "anchor.json").read_text())
-    result = json.loads(next(line for line in (out / "generate.log").read_text().splitlines()
-                             if line.startswith("RESULT "))[len("RESULT "):])
+
+    def result(stage: str) -> dict:
+        return json.loads(next(line for line in (out / f"{stage}.log").read_text().splitlines()
+                               if line.startswith("RESULT "))[len("RESULT "):])
+
+    # training is compared with a row the tiny anchor writes (batch 1 and 4; the tiny preset trains batch 2)
+    train = result("train")
+    assert "anchor.error" not in train and train["config"]["batch"] == 1
+    assert train["anchor.s_per_step"] == anchor["train_bs1_nockpt_s_per_step"] > 0
+    assert "row train_bs1_nockpt_s_per_step" in train["anchor.source"]
+    assert train["default.ratio_s_per_step"] == round(train["default.s_per_step"] / train["anchor.s_per_step"], 3)
+    assert f"default.ratio_s_per_step: {train['default.ratio_s_per_step']}  ({NOT_ACCEPTANCE})" in proc.stdout
     # bench_suite.sh hands anchor.json to bench_generate.py (--anchor-json): no anchor of its own is timed
-    assert result["anchor.s_per_image"] == anchor["gen_1024_28steps_cfg_s"] > 0 and result["default.s_per_image"] > 0
-    assert "anchor.time_to_first_image_s" not in result
-    assert result["default.ratio_s_per_image"] == round(result["default.s_per_image"] / result["anchor.s_per_image"], 3)
+    gen = result("generate")
+    assert gen["anchor.s_per_image"] == anchor["gen_1024_28steps_cfg_s"] > 0 and gen["default.s_per_image"] > 0
+    assert "anchor.time_to_first_image_s" not in gen
+    assert gen["default.ratio_s_per_image"] == round(gen["default.s_per_image"] / gen["anchor.s_per_image"], 3)
+
+
+def test_bench_train_says_which_batch_sizes_the_anchor_json_timed(tmp_path, capsys):
+    """Without a row for the run's batch there is no ratio; anchor.error says which batches anchor_sd3m.py timed."""
+    import bench_train
+    from _bench_common import Report, anchor_row
+
+    path = tmp_path / "anchor.json"
+    path.write_text(json.dumps({"train_bs1_nockpt_s_per_step": 0.02, "train_bs4_nockpt_s_per_step": 0.05,
+                                "train_bs1_ckpt_s_per_step": 0.03}))
+    report = Report()
+    assert anchor_row(path, "train_bs2_nockpt_s_per_step", "s_per_step", "", report,
+                      missing=bench_train.anchor_batches_hint(path, 2)) is None
+    assert report.data["anchor.error"] == (f"{path} has no train_bs2_nockpt_s_per_step row (anchor_sd3m.py timed "
+                                           "batch 1 and 4, this run trains batch 2: pass --batch 1 to compare)")
+    path.write_text(json.dumps({"gen_1024_28steps_cfg_s": 0.2}))  # anchor_sd3m.py --skip-train
+    assert bench_train.anchor_batches_hint(path, 1) == "no training rows: was anchor_sd3m.py run with --skip-train?"
+    assert anchor_row(path, "train_bs1_nockpt_s_per_step", "s_per_step", "", report) is None
+    assert report.data["anchor.error"].endswith("(was anchor_sd3m.py run with --skip-gen or --skip-train?)")
+    assert anchor_row(tmp_path / "none.json", "x", "s_per_step", "", report) is None
+    assert report.data["anchor.error"].endswith("has no x row (no such file)")
 
 
 def test_bench_suite_takes_another_anchor_script_as_its_first_argument(tmp_path):

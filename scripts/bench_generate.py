@@ -25,7 +25,9 @@ Target on an H100-class card (H100, H200, H800, GH200): <= 1.1 s per 1024x1024 i
 
 --anchor-json FILE takes the anchor from scripts/anchor_sd3m.py's anchor.json (its
 gen_1024_28steps_cfg_s row), written by that script earlier in the same command on the same machine, instead
-of timing the plain pipeline here.
+of timing the plain pipeline here. sd3tune then runs as many denoising steps as that anchor did unless --steps says
+otherwise: 28, or 2 when anchor_sd3m.py ran with --tiny (its row keeps its name); a different --steps prints no
+ratio. Without --anchor-json both sides run --steps (default 28).
 
 examples:
   python scripts/bench_generate.py                                  # CPU: tiny; CUDA: SD3M size, default + compile
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import gc
 import io
+import json
 import sys
 import tempfile
 import time
@@ -58,6 +61,9 @@ TARGET_S_PER_IMAGE = 1.1  # on an H100-class (Hopper) card
 HOPPER = ("H100", "H200", "H800", "GH200")
 VARIANTS = ("default", "compile", "fp8", "compile-qkv", "compile-tokenmajor", "compile-autotune",
             "compile-tokenmajor-autotune")
+# scripts/anchor_sd3m.py's denoising steps: 28, or 2 with --tiny (its CPU run, the only one that logs no "gpu")
+ANCHOR_SD3M_STEPS = 28
+ANCHOR_SD3M_TINY_STEPS = 2
 PROMPTS = ["concept art of a castle on a hill, warm light", "a robot in a desert city, concept art",
            "a lighthouse at dusk, oil painting", "a spaceship over a forest, concept art"]
 
@@ -147,7 +153,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=None, help="sd3tune generate --batch-size (sd3m 4, tiny 2)")
     ap.add_argument("--anchor-images", type=int, default=None, help="timed anchor images after one warm-up "
                                                                     "(sd3m 3, tiny 2)")
-    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="denoising steps, both sides (default 28; with --anchor-json, as many as that anchor ran: "
+                         f"{ANCHOR_SD3M_TINY_STEPS} for anchor_sd3m.py --tiny)")
     ap.add_argument("--guidance", type=float, default=7.0)
     ap.add_argument("--resolution", type=int, default=None, help="pixels (sd3m 1024, tiny 64)")
     ap.add_argument("--max-sequence-length", type=int, default=256, help="T5 tokens, the same for both")
@@ -203,6 +211,14 @@ def sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
+def anchor_json_steps(path: Path) -> int | None:
+    """How many denoising steps anchor_sd3m.py's generation row in ``path`` took (None: no such row)."""
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if "gen_1024_28steps_cfg_s" not in data:
+        return None
+    return ANCHOR_SD3M_STEPS if "gpu" in data else ANCHOR_SD3M_TINY_STEPS
+
+
 def run_anchor(args: argparse.Namespace, model: Path, res: int, cuda: bool, report: Report) -> float | None:
     """Plain diffusers: load, then one pipeline call per image (eager, CFG batched by diffusers)."""
     import torch
@@ -244,6 +260,7 @@ def run_anchor(args: argparse.Namespace, model: Path, res: int, cuda: bool, repo
             sync(cuda)
             times.append(time.perf_counter() - t)
     report("anchor.source", "diffusers StableDiffusion3Pipeline, eager, one image per call, PIL output (no PNG)")
+    report("anchor.steps", args.steps)
     report("anchor.load_s", round(load_s, 1))
     report("anchor.time_to_first_image_s", round(first, 1))
     report("anchor.peak_mem_gib", phase.gib, phase.how)  # the pipeline is freed on return; Phase clears the cache
@@ -273,6 +290,7 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
         result = run_generate(opts, on_image=lambda _img: arrivals.append(time.perf_counter() - t0), progress=False)
     p = f"{name}."
     report(p + "notes", result.notes)
+    report(p + "steps", args.steps)
     report(p + "images", f"{n} in batches of {bs} (CFG batch {2 * bs})")
     report(p + "load_s", round(result.load_seconds, 1))
     first = report(p + "time_to_first_image_s", round(arrivals[0], 1))
@@ -303,8 +321,6 @@ def run_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda
 def profile_variant(name: str, args: argparse.Namespace, model: Path, res: int, cuda: bool, report: Report) -> None:
     """One batch of ``name`` as `sd3tune generate` makes it (same load, LoRA, fast path and sampler settings), after a
     warm-up batch, under torch.profiler; per image: wall time, GPU busy time, GPU time by kernel kind, top kernels."""
-    import json
-
     import torch
     from step_profile import chrome_trace, summarize_trace
     from torch.profiler import ProfilerActivity, profile
@@ -351,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         print("note: SD3M size on CPU is very slow (minutes per image)", flush=True)
     names = parse_variants(args.variants or ("default,compile" if cuda else "default"), VARIANTS)
     res = args.resolution or (1024 if size == "sd3m" else 64)
+    anchor_steps = anchor_json_steps(args.anchor_json) if args.anchor_json else None
+    args.steps = args.steps or anchor_steps or ANCHOR_SD3M_STEPS  # both sides run the anchor's steps
     model = model_for(args.work, size, report)
     report("config", {"resolution": res, "steps": args.steps, "guidance": args.guidance,
                       "max_sequence_length": args.max_sequence_length, "lora": str(args.lora) if args.lora else None})
@@ -360,11 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.anchor_json:
         anchor = anchor_row(args.anchor_json, "gen_1024_28steps_cfg_s", "s_per_image",
                             "diffusers StableDiffusion3Pipeline, eager, prompt embeddings given, 1024 px, 28 steps, "
-                            "CFG batch 2, PIL output; median of 3", report,
+                            "CFG batch 2, PIL output, median of 3 (--tiny: 64 px, 2 steps, 1 image)", report,
                             ("gen_transformer_only_s", "vae_decode_s", "gen_peak_gib"))
+        if anchor_steps is not None:
+            report("anchor.steps", anchor_steps, "anchor_sd3m.py --tiny" if anchor_steps == ANCHOR_SD3M_TINY_STEPS
+                   else "anchor_sd3m.py")
     else:
         anchor = run_anchor(args, model, res, cuda, report)
     label = acceptance_label(cuda, size, res == 1024 and args.steps == 28, "1024 px, 28 steps")
+    unlike = (f"no ratio: the anchor ran {anchor_steps} denoising steps, sd3tune --steps {args.steps}"
+              if anchor_steps is not None and anchor_steps != args.steps else "")
     hopper = any(name in report.data["device"] for name in HOPPER)
     failed = False
     with tempfile.TemporaryDirectory(dir=args.work) as td:
@@ -385,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                 if name not in ("default", other) and other in made:
                     report(f"{name}.mean_abs_diff_vs_{other}", round(mean_abs_diff(made[other], out["images"]), 3),
                            "same seeds; 0..255")
-            report(f"{name}.ratio_s_per_image", ratio(out["s_per_image"], anchor), label or "sd3tune / anchor")
+            report(f"{name}.ratio_s_per_image", None if unlike else ratio(out["s_per_image"], anchor),
+                   unlike or label or "sd3tune / anchor")
             if label:
                 report(f"{name}.verdict", verdict(None, label))
             elif hopper:

@@ -261,7 +261,7 @@ def test_bench_suite_runs_the_vendored_anchor_then_the_benchmarks_within_a_deadl
     (work / "model-tiny").symlink_to(bench_work / "model-tiny")
     out = tmp_path / "out"
     env = child_env(PY=sys.executable, SIZE="tiny", WORK=str(work), TRAIN="default", GEN="default",
-                    TRAIN_ARGS="--steps 6 --warmup 2", GEN_ARGS="--images 2 --batch-size 1 --steps 2")
+                    TRAIN_ARGS="--steps 6 --warmup 2", GEN_ARGS="--images 2 --batch-size 1")
     proc = subprocess.run(["bash", str(SCRIPTS / "bench_suite.sh"), str(out), "400"], env=env,
                           capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -285,6 +285,29 @@ def test_bench_suite_runs_the_vendored_anchor_then_the_benchmarks_within_a_deadl
     assert gen["anchor.s_per_image"] == anchor["gen_1024_28steps_cfg_s"] > 0 and gen["default.s_per_image"] > 0
     assert "anchor.time_to_first_image_s" not in gen
     assert gen["default.ratio_s_per_image"] == round(gen["default.s_per_image"] / gen["anchor.s_per_image"], 3)
+    # like with like: sd3tune runs the denoising steps anchor_sd3m.py --tiny ran (2), not its own default (28)
+    assert gen["anchor.steps"] == gen["default.steps"] == gen["config"]["steps"] == 2
+
+
+@pytest.mark.e2e
+def test_bench_generate_prints_no_ratio_when_its_steps_differ_from_the_anchor_jsons(train_bench, bench_work, tmp_path,
+                                                                                    capsys):
+    import bench_generate
+
+    anchor = tmp_path / "anchor.json"
+    anchor.write_text(json.dumps({"gpu": "test card", "gen_1024_28steps_cfg_s": 1.6}))  # a full-size anchor: 28
+    assert bench_generate.anchor_json_steps(anchor) == 28
+    anchor.write_text(json.dumps({"gen_1024_28steps_cfg_s": 0.25}))  # anchor_sd3m.py --tiny logs no gpu: 2 steps
+    assert bench_generate.anchor_json_steps(anchor) == 2
+    code = bench_generate.main(["--size", "tiny", "--work", str(bench_work), "--variants", "default", "--images", "2",
+                                "--batch-size", "1", "--steps", "3", "--anchor-json", str(anchor)])
+    out = capsys.readouterr().out
+    result = json.loads(out.splitlines()[-1][len("RESULT "):])
+    assert code == 0
+    assert result["anchor.steps"] == 2 and result["default.steps"] == 3 and result["default.s_per_image"] > 0
+    assert result["default.ratio_s_per_image"] is None
+    assert ("default.ratio_s_per_image: None  (no ratio: the anchor ran 2 denoising steps, sd3tune --steps 3)"
+            in out)
 
 
 def test_bench_train_says_which_batch_sizes_the_anchor_json_timed(tmp_path, capsys):

@@ -4,9 +4,19 @@
 Builds, in a temporary folder, N small images of three aspect ratios in PNG, JPEG and WebP with .txt captions,
 a skeleton SD3 diffusers folder (so the model check passes without weights), and a run written by `sd3tune init`.
 Times `check_run` in-process (median of --repeat runs after one warm-up) and the whole `sd3tune check` command in
-a fresh process (interpreter start and imports included), then prints PASS/FAIL against the budget.
+a fresh process (interpreter start and imports included), then prints PASS/FAIL against the budget:
 
-Usage: .venv/bin/python scripts/bench_check.py [--images 1000] [--repeat 5] [--budget 2.0] [--keep DIR]
+  import_s        importing sd3tune.checks in this process (before anything else of sd3tune's is loaded)
+  check_run_s     check_run on the run, median of --repeat after one warm-up (check_run_times_s: each run)
+  summary         what the check saw: images, buckets, steps, errors, warnings (unexpected_errors: any errors)
+  cli_s           `sd3tune check RUN` in a fresh process, median of 3 (cli_exit: its exit status)
+  verdict         PASS when check_run_s and cli_s are within --budget and the check found no errors
+
+Exit status 0 on PASS, 1 on FAIL.
+
+examples:
+  python scripts/bench_check.py
+  python scripts/bench_check.py --images 200 --repeat 3 --json /tmp/check.json
 """
 
 from __future__ import annotations
@@ -15,12 +25,14 @@ import argparse
 import json
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench_common import Report, median, verdict  # noqa: E402
 
 SIZES = [(256, 256), (320, 256), (256, 320)]
 FORMATS = ["png", "jpg", "webp"]
@@ -57,14 +69,25 @@ def make_skeleton_model(folder: Path) -> None:
         (folder / part / "diffusion_pytorch_model.safetensors").write_bytes(b"")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1000, help="number of captioned images (default 1000)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs after the warm-up (default 5)")
     parser.add_argument("--budget", type=float, default=2.0, help="seconds allowed (default 2.0)")
     parser.add_argument("--keep", type=Path, help="build in this folder and keep it (default: a temp folder)")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.images < 1 or args.repeat < 1:
+        raise SystemExit("--images and --repeat must be at least 1")
 
+    report = Report(args.json)
+    report("bench", "check")
+    report("images", args.images)
+    report("budget_s", args.budget)
+    t = time.perf_counter()
+    from sd3tune.checks import check_run
+
+    report("import_s", round(time.perf_counter() - t, 3), "import sd3tune.checks, in this process")
     base = args.keep or Path(tempfile.mkdtemp(prefix="sd3tune-bench-"))
     try:
         t = time.perf_counter()
@@ -74,26 +97,21 @@ def main() -> int:
         make_skeleton_model(base / "model")
         run_init(InitOptions(run_dir=base / "run", data=base / "data", model=str(base / "model"), trigger="bench-style",
                              resolution=256, steps=500))
-        print(f"built {args.images} images + run in {time.perf_counter() - t:.1f} s ({base})")
+        report("build_s", round(time.perf_counter() - t, 1), f"images, skeleton model, sd3tune init ({base})")
 
-        t = time.perf_counter()
-        from sd3tune.checks import check_run
-
-        import_s = time.perf_counter() - t
-        report = check_run(base / "run")  # warm-up (catalog, PIL plugins, page cache)
+        findings = check_run(base / "run")  # warm-up (catalog, PIL plugins, page cache)
         times = []
         for _ in range(args.repeat):
             t = time.perf_counter()
-            report = check_run(base / "run")
+            findings = check_run(base / "run")
             times.append(time.perf_counter() - t)
-        median = statistics.median(times)
-        s = report.summary
-        print(f"check_run: median {median:.3f} s over {args.repeat} runs (min {min(times):.3f}, max {max(times):.3f});"
-              f" import {import_s:.3f} s; {s.images} images, {len(s.buckets)} bucket(s), {s.steps} steps, "
-              f"{len(report.errors)} errors, {len(report.warnings)} warnings")
-        if not report.ok:
-            for f in report.errors:
-                print(f"  unexpected error: {f.render()}")
+        check_s = report("check_run_s", round(median(times), 4), f"median of {args.repeat} after a warm-up")
+        report("check_run_times_s", [round(x, 4) for x in times])
+        s = findings.summary
+        report("summary", {"images": s.images, "buckets": len(s.buckets), "steps": s.steps,
+                           "errors": len(findings.errors), "warnings": len(findings.warnings)})
+        if not findings.ok:
+            report("unexpected_errors", [f.render() for f in findings.errors])
 
         cli = []
         for _ in range(3):
@@ -101,12 +119,13 @@ def main() -> int:
             proc = subprocess.run([sys.executable, "-m", "sd3tune", "check", str(base / "run")],
                                   capture_output=True, text=True)
             cli.append(time.perf_counter() - t)
-        cli_median = statistics.median(cli)
-        print(f"`sd3tune check` in a fresh process: median {cli_median:.3f} s of 3 (exit {proc.returncode})")
+        cli_s = report("cli_s", round(median(cli), 4), "`sd3tune check` in a fresh process, median of 3")
+        report("cli_exit", proc.returncode)
 
-        passed = median <= args.budget and cli_median <= args.budget and report.ok
-        print(f"{'PASS' if passed else 'FAIL'}: check_run {median:.3f} s, CLI {cli_median:.3f} s for {args.images} "
-              f"images (budget {args.budget:.1f} s)")
+        passed = check_s <= args.budget and cli_s <= args.budget and findings.ok
+        report("verdict", verdict(passed), f"check_run and the CLI within {args.budget:.1f} s for {args.images} "
+                                           "images, no errors")
+        report.finish()
         return 0 if passed else 1
     finally:
         if args.keep is None:

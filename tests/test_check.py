@@ -526,7 +526,7 @@ def test_summary_reports_memory_for_the_preset_and_warns_when_it_does_not_fit(ma
     run, _ = make_run()
     report = checks.check_run(run)
     assert report.summary.preset == "24gb" and 4 < report.summary.gpu_memory_gb < 24
-    assert checks.gpu_memory_estimate(1, 1024**2, False, False) == 10.8  # PERFORMANCE.md: SimpleTuner, batch 1
+    assert checks.gpu_memory_estimate(1, 1024**2, False, False) == 10.8  # reference profile: SimpleTuner, batch 1
     assert checks.gpu_memory_estimate(4, 1024**2, False, False) == 28.0
     assert checks.gpu_memory_estimate(1, 1024**2, True, False) == 10.6
     env_set(run, "RESOLUTION", "1024")

@@ -54,7 +54,7 @@ def test_bench_train_runs_at_tiny_size(train_bench, bench_work):
         positive(result, key)
     assert result["default.verdict_step"] == NOT_ACCEPTANCE
     assert f"default.ratio_s_per_step: {result['default.ratio_s_per_step']}  ({NOT_ACCEPTANCE})" in proc.stdout
-    # The defaults PERFORMANCE.md chose are what SimpleTuner really ran with.
+    # The defaults the reference profile chose are what SimpleTuner really ran with.
     resolved = result["default.simpletuner_resolved"]
     assert resolved["optimizer"] == "torch-adamw"
     assert resolved["grad_clip_method"] == "norm"

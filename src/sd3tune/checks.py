@@ -944,7 +944,7 @@ def _folder_size(path: Path) -> int:
 
 
 def gpu_memory_estimate(batch: int, pixels: float, checkpointing: bool, quantised: bool) -> float:
-    """Rough peak GB for SD3 Medium LoRA training, fitted to PERFORMANCE.md's SimpleTuner rows at 1024 px:
+    """Rough peak GB for SD3 Medium LoRA training, fitted to the reference profile's SimpleTuner rows at 1024 px:
     10.8 at batch 1 and 28.0 at batch 4 without gradient checkpointing, 10.6 at batch 1 with it (+0.63 GB per extra
     image, from the plain loop); activations scale with the image area (``pixels`` / 1024²). An int8 base saves ~2 GB.
     """

@@ -2,8 +2,8 @@
 
 Speed-relevant defaults shared by all presets (RunConfig defaults), measured with SD3-Medium-sized weights at
 1024 px, batch 1, as ratios to the plain diffusers + peft loop: SimpleTuner's own defaults (adamw_bf16, value
-clipping, LoRA dropout 0.1) 2.3x (PERFORMANCE.md); torch-adamw + norm clipping + no dropout 1.46-1.49x (H200, H100;
-scripts/README.md). Uncompressed caches (compress_disk_cache=false) take the gzip reads off each step. Prefetching
+clipping, LoRA dropout 0.1) 2.3x (the project's H100 reference profile); torch-adamw + norm clipping + no dropout
+1.46-1.49x (H200, H100; scripts/README.md). Uncompressed caches (compress_disk_cache=false) take the gzip reads off each step. Prefetching
 batches is on (the defaults together: 1.30-1.51x, H200): with compat fix 7 seeded runs repeat exactly with it too.
 Gradients are dropped, not zeroed, between steps (set_grads_to_none: the same LoRA, 192 kernels fewer per SD3M step).
 Compiling (CompileSettings) is off: with CUDA graphs it is 1.11x, but the first step comes after 102 s instead of

@@ -2,8 +2,8 @@
 
 At batch 1 a 1024 px SD3 Medium LoRA step is bound by launching kernels from Python, not by the GPU
 (the project's reference profile: the plain diffusers loop runs at 13% of the matmul peak; SimpleTuner's eager step
-is 1.3-1.5x slower still). Capturing the transformer's forward and its backward once, as two CUDA graphs, turns the thousands
-of launches of each pass into one replay; the loss, the optimizer and SimpleTuner's bookkeeping stay eager.
+is 1.3-1.5x slower still). Capturing the transformer's forward and its backward once, as two CUDA graphs, turns the
+thousands of launches of each pass into one replay; the loss, the optimizer and SimpleTuner's bookkeeping stay eager.
 
 A replay re-runs the captured kernels on the captured memory, so :class:`GraphedModule` replays only a call it
 can prove is the captured one, and lets the caller run eagerly otherwise:

@@ -194,17 +194,25 @@ def test_latents_cached_at_another_resolution_are_encoded_again(tiny_init_option
     assert torch.load(latents[0]).shape[-1] == 16
 
 
+def _run_config(run: RunPaths, **data):
+    from sd3tune.config.models import RunConfig
+
+    return RunConfig.model_validate({"paths": {"output_dir": str(run.output), "data_backend_config": str(run.backends)},
+                                     "data": data})
+
+
 def test_latents_cached_outside_the_run_with_other_settings_are_refused(tmp_path):
     from sd3tune.config.dataset import ImageBackend
     from sd3tune.simpletuner.caches import prepare_dataset_caches
 
     shared, run = tmp_path / "shared-latents", RunPaths(tmp_path / "run")
     backend = ImageBackend(id="art", instance_data_dir=str(tmp_path / "art"), cache_dir_vae=str(shared), resolution=64)
-    assert prepare_dataset_caches([backend], "model", run) == []  # records the settings
+    cfg = _run_config(run)
+    assert prepare_dataset_caches(cfg, [backend], run) == []  # records the settings
     (shared / "latent.pt").write_bytes(b"")
-    assert prepare_dataset_caches([backend], "model", run) == []  # same settings: kept
+    assert prepare_dataset_caches(cfg, [backend], run) == []  # same settings: kept
     with pytest.raises(Sd3tuneError, match="resolution 64 -> 128"):
-        prepare_dataset_caches([backend.model_copy(update={"resolution": 128})], "model", run)
+        prepare_dataset_caches(cfg, [backend.model_copy(update={"resolution": 128})], run)
     assert (shared / "latent.pt").exists()  # not ours to delete
 
 
@@ -228,36 +236,87 @@ def test_a_dataset_setting_changed_by_hand_is_trained_with_not_put_back_from_the
     backends.write_text(json.dumps(entries))
     r = sd3tune("train", run)
     assert r.code == 0, r.err[-3000:]
-    assert "bucket cache" in r.err and "crop True -> False" in r.err
+    assert "crop True -> False" in r.err and "cleared" in r.err
     height, width = torch.load(latents[0]).shape[-2:]
     assert width > height  # no longer cropped square
 
 
-def test_a_bucket_cache_made_with_other_settings_is_cleared_and_an_agreeing_one_kept(tmp_path):
+def test_what_changed_since_the_last_launch_decides_which_caches_are_made_again(tmp_path, concept_data):
     from sd3tune.config.dataset import ImageBackend
-    from sd3tune.simpletuner.caches import bucket_files, prepare_dataset_caches, stale_bucket_settings
+    from sd3tune.simpletuner.caches import bucket_files, latent_file, prepare_dataset_caches
 
-    run = RunPaths(tmp_path / "run")
-    backend = ImageBackend(id="art", instance_data_dir="../art", cache_dir_vae="cache/vae", resolution=64,
-                           cache_file_suffix="art-1")
-    indices, metadata = bucket_files(backend, run)
-    (tmp_path / "art").mkdir()
+    run, images = RunPaths(tmp_path / "run"), Path(shutil.copytree(concept_data, tmp_path / "art"))
     run.root.mkdir()
-    assert indices.resolve() == tmp_path / "art" / "aspect_ratio_bucket_indices_art-1.json"  # from the run folder
-    recorded = {"resolution": 64, "resolution_type": "pixel_area", "crop": False, "caption_strategy": "textfile"}
-    indices.write_text(json.dumps({"config": recorded, "aspect_ratio_bucket_indices": {}}))
-    metadata.write_text("{}")
-    assert stale_bucket_settings(backend, run) == {}
-    assert prepare_dataset_caches([backend], "model", run) == [] and indices.exists()
+    backend = ImageBackend(id="art", instance_data_dir="../art", cache_dir_vae="cache/vae", cache_file_suffix="a-1")
+    cfg = _run_config(run, resolution=64, resolution_type="pixel")  # the entry sets no resolution: RESOLUTION's
+    pictures = sorted(images.glob("*.png"))
+    latents = [latent_file(run.root / "cache" / "vae", images, p) for p in pictures]
+    buckets = bucket_files(backend, run)
+    assert buckets[0].resolve() == images / "aspect_ratio_bucket_indices_a-1.json"  # read from the run folder
 
-    # a setting missing from the entry is filled from the cache: another run's crop, or a default left by hand
-    indices.write_text(json.dumps({"config": {**recorded, "crop": True, "resolution_type": "area"}}))
-    unset_type = backend.model_copy()
-    unset_type.model_fields_set.discard("resolution_type")  # then RESOLUTION_TYPE applies, not the model default
-    assert stale_bucket_settings(unset_type, run) == {"crop": (True, False)}
-    notes = prepare_dataset_caches([unset_type], "model", run)
-    assert len(notes) == 1 and "crop True -> False" in notes[0] and indices.name in notes[0]
-    assert not indices.exists() and not metadata.exists()
+    def simpletuner_ran() -> None:  # what a training leaves: a latent per image, the bucket files
+        for file in latents + buckets:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_bytes(b"x")
+
+    assert prepare_dataset_caches(cfg, [backend], run) == []  # first launch: records what it encodes
+    simpletuner_ran()
+    assert prepare_dataset_caches(cfg, [backend], run) == []  # nothing changed: everything kept
+    assert all(f.exists() for f in latents + buckets)
+
+    pictures[2].write_bytes(pictures[2].read_bytes() + b"\0")  # re-exported under the same name
+    notes = prepare_dataset_caches(cfg, [backend], run)
+    assert len(notes) == 1 and f"1 cached latents are of images changed since ({pictures[2].name})" in notes[0]
+    assert not latents[2].exists() and all(f.exists() for f in latents[:2] + latents[3:])
+    assert not any(f.exists() for f in buckets)  # its size may have changed: buckets made again
+    simpletuner_ran()
+
+    notes = prepare_dataset_caches(cfg, [backend.model_copy(update={"caption_strategy": "filename"})], run)
+    assert len(notes) == 1 and "bucket cache aspect_ratio_bucket_indices_a-1.json was made with other settings " \
+                                "(caption_strategy 'textfile' -> 'filename')" in notes[0]
+    assert all(f.exists() for f in latents) and not any(f.exists() for f in buckets)
+    simpletuner_ran()
+
+    notes = prepare_dataset_caches(_run_config(run, resolution=128, resolution_type="pixel"), [backend], run)
+    assert len(notes) == 1 and f"{len(latents)} cached latents were made with other settings (resolution 64 -> 128" \
+                               ", caption_strategy 'filename' -> 'textfile')" in notes[0]
+    assert not any(f.exists() for f in latents + buckets)
+
+
+def test_latents_are_where_simpletuner_caches_them(trained_run):
+    # sd3tune clears the latent of a changed image by name: the name must be SimpleTuner's
+    from sd3tune.simpletuner.caches import latent_file
+
+    image = read_run(trained_run).backends[0]
+    folder, cache = Path(image.instance_data_dir), trained_run / "cache" / "vae" / image.id
+    cached = set(cache.rglob("*.pt"))
+    assert cached and cached == {latent_file(cache, folder, p) for p in folder.glob("*.png")}
+
+
+def test_a_dataset_without_its_own_resolution_trains_at_resolution_and_says_so(tiny_init_options):
+    # the entry's resolution removed, RESOLUTION applies: sd3tune recorded (and stamped) its model default 1024, and
+    # when RESOLUTION changed it cleared nothing, so SimpleTuner trained on the old latents
+    import torch
+
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    backends = run / "config" / keys.BACKENDS_FILE
+    entries = json.loads(backends.read_text())
+    del entries[0]["resolution"], entries[0]["resolution_type"]
+    backends.write_text(json.dumps(entries))
+    assert sd3tune("train", run).code == 0
+    lora = run / "output" / keys.LORA_WEIGHT_NAME
+    assert read_safetensors_header(lora)[0]["sd3tune.resolution"] == "64"
+    latents = sorted((run / "cache" / "vae").rglob("*.pt"))
+    assert torch.load(latents[0]).shape[-1] == 8
+    shutil.rmtree(run / "output")
+    env = run / "config" / "config.env"
+    env.write_text(env.read_text().replace("RESOLUTION='64'", "RESOLUTION='128'"))
+    r = sd3tune("train", run)
+    assert r.code == 0, r.err[-3000:]
+    assert "cached latents were made with other settings (resolution 64 -> 128)" in r.err
+    assert torch.load(latents[0]).shape[-1] == 16
+    assert read_safetensors_header(lora)[0]["sd3tune.resolution"] == "128"
 
 
 def test_stray_shell_variables_do_not_leak_into_the_run(tiny_init_options):

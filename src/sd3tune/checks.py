@@ -616,12 +616,8 @@ def _check_text_embeds(text: list[TextEmbedsBackend], images: list[ImageBackend]
 
 def _effective(ctx: Context, b: ImageBackend) -> tuple[float, str, float | None]:
     """(resolution, resolution_type, minimum_image_size): the dataset's own, else the config's (factory.py)."""
-    cfg = ctx.cfg
-    res = b.resolution if "resolution" in b.model_fields_set or cfg is None else cfg.data.resolution
-    rtype = b.resolution_type if "resolution_type" in b.model_fields_set or cfg is None else cfg.data.resolution_type
-    minimum = b.minimum_image_size if "minimum_image_size" in b.model_fields_set or cfg is None \
-        else cfg.data.minimum_image_size
-    return res, rtype, minimum
+    e = b.effective(ctx.cfg.data) if ctx.cfg is not None else b
+    return e.resolution, e.resolution_type, e.minimum_image_size
 
 
 def _relative(path: Path, base: Path | None) -> str:

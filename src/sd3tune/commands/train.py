@@ -115,7 +115,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         return result
     cfg = report.run.config
     paths: RunPaths = report.run.paths
-    for note in prepare_dataset_caches(report.run.backends or [], cfg.model.name_or_path, paths):
+    for note in prepare_dataset_caches(cfg, report.run.backends or [], paths):
         if on_status:
             on_status(note)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -161,7 +161,8 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
                              hint=f"see the full log {log}", exit_code=1)
     steps = outcome.last_progress.step if outcome.last_progress else None
     # the resolution the images trained at: the (first) dataset's, which SimpleTuner uses over RESOLUTION
-    trained = next((b for b in report.run.backends or [] if isinstance(b, ImageBackend) and not b.disabled), cfg.data)
+    trained = next((b.effective(cfg.data) for b in report.run.backends or []
+                    if isinstance(b, ImageBackend) and not b.disabled), cfg.data)
     stamp_lora(lora, {
         "sd3tune.version": package_versions()["sd3tune"], "sd3tune.base_model": cfg.model.name_or_path,
         "sd3tune.model_family": cfg.model.family, "sd3tune.lora_rank": str(cfg.lora.rank),

@@ -38,6 +38,11 @@ class _Backend(BaseModel):
     disabled: StrictBool = Field(False, description="Skip this dataset.")
 
 
+# Image dataset settings the run's config sets (RESOLUTION, RESOLUTION_TYPE, MINIMUM_RESOLUTION) where an entry does
+# not set its own
+RUN_DEFAULTED = ("resolution", "resolution_type", "minimum_image_size")
+
+
 class ImageBackend(_Backend):
     dataset_type: Literal["image"] = Field("image", description="Training images.")
     instance_data_dir: str = Field(..., min_length=1, description="Folder of training images.")
@@ -69,6 +74,11 @@ class ImageBackend(_Backend):
                                         "unique per run: SimpleTuner fills settings missing from a dataset entry, or "
                                         "put back ones that differ, from that file, so runs sharing a folder mixed "
                                         "their crop and resolution.")
+
+    def effective(self, data: Any) -> ImageBackend:
+        """This dataset as SimpleTuner trains it, given the run config's ``data`` section: the settings in
+        RUN_DEFAULTED come from there unless the entry sets its own (factory.py), not from this model's defaults."""
+        return self.model_copy(update={k: getattr(data, k) for k in RUN_DEFAULTED if k not in self.model_fields_set})
 
 
 class TextEmbedsBackend(_Backend):

@@ -24,3 +24,15 @@ def test_quickstart_runs_the_whole_loop(tmp_path):
     assert re.search(r"done in [\d.]+ s", r.out)
     # a second run into the same folder is refused unless --force
     assert_one_line_user_error(sd3tune("quickstart", folder), "not empty", "--force")
+
+
+def test_a_file_or_zero_steps_is_refused_before_anything_is_built(tmp_path):
+    image = tmp_path / "photo.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert_one_line_user_error(sd3tune("quickstart", image), f"{image} is a file", "pass a folder")
+    assert_one_line_user_error(sd3tune("quickstart", image / "demo"), f"{image} (in the path", "is a file")
+    # --steps 0 is refused before the model and images are built: the folder stays empty, so the corrected command
+    # is not refused as "not empty"
+    folder = tmp_path / "demo"
+    assert_one_line_user_error(sd3tune("quickstart", folder, "--steps", "0"), "--steps 0 must be at least 1")
+    assert not folder.exists()

@@ -69,7 +69,15 @@ def run_quickstart(folder: Path, steps: int = 20, force: bool = False,
                    on_status: Callable[[str], None] = lambda m: None,
                    on_progress: Callable[[Progress], None] | None = None) -> QuickstartResult:
     start = time.perf_counter()
+    # every check before anything is built: a refused command leaves the folder as it was, so the corrected one runs
+    if steps < 1:
+        raise Sd3tuneError(f"--steps {steps} must be at least 1", hint="the quickstart's default is --steps 20")
     folder = folder.expanduser().resolve()
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        what = f"{folder} is a file" if blocker == folder else f"{blocker} (in the path {folder}) is a file"
+        raise Sd3tuneError(f"{what}, not a folder", hint="pass a folder for the tiny model, data, run and samples "
+                           "(a new one, or an empty one)")
     if folder.exists() and any(folder.iterdir()) and not force:
         raise Sd3tuneError(f"{folder} is not empty", hint="pass --force to reuse it, or choose a new folder")
     if force and (folder / "run" / "output").exists():

@@ -201,6 +201,20 @@ def test_user_errors(trained_run, tiny_model, tmp_path):
                                    *needles)
 
 
+def test_a_file_that_is_not_an_sd3_lora_is_refused_before_any_model_loads(tmp_path):
+    # e.g. a CLIP model's model.safetensors: without --model, generate tried the default Hub model first and failed
+    # with a misleading "cannot load stabilityai/..."; the file's keys are read from its header before any load
+    from safetensors.torch import save_file
+    import torch
+
+    clip = tmp_path / "model.safetensors"
+    save_file({"logit_scale": torch.zeros(())}, str(clip))
+    r = sd3tune("generate", "--lora", clip, "-p", "x", "--out", tmp_path / "out",
+                env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})  # no Hub either way
+    assert_one_line_user_error(r, f"{clip} is not an SD3 transformer LoRA (found key 'logit_scale')")
+    assert "stabilityai" not in r.err and "Retrying" not in r.err
+
+
 def test_each_image_is_reported_as_soon_as_it_is_written(tiny_model, tmp_path, monkeypatch):
     # A caller (progress display, benchmark) hears of batch 1's images while batch 2 is still to be made.
     import threading

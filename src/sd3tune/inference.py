@@ -134,29 +134,41 @@ def resolve_lora(spec: Path, run: LoadedRun | None = None) -> LoraSource:
                                hint="train first (`sd3tune train RUN_DIR`), or pass the .safetensors file")
     else:
         file = spec
-    metadata, _ = read_safetensors_header(file)
+    metadata, tensors = read_safetensors_header(file)
+    check_lora_keys(file, tensors)  # from the header alone: a file that is no LoRA fails before any model loads
     return LoraSource(file=file.resolve(), config=run.config if run is not None else None, metadata=metadata)
+
+
+_LORA_KEY = re.compile(r"transformer\.(.+)\.lora_([AB])\.weight")
+
+
+def check_lora_keys(file: Path, tensors: dict[str, Any]) -> None:
+    """Refuse a file whose tensor names (``tensors``: its safetensors header) are not those of an SD3 transformer
+    LoRA in the diffusers format, e.g. a CLIP or UNet checkpoint, or a kohya-format LoRA. Needs no model."""
+    names = list(tensors)
+    if not names or not all(n.startswith("transformer.") for n in names):
+        other = next((n for n in names if not n.startswith("transformer.")), "no tensors")
+        raise Sd3tuneError(f"{file} is not an SD3 transformer LoRA (found key {other!r})",
+                           hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
+    for name in names:
+        if _LORA_KEY.fullmatch(name) is None:
+            raise Sd3tuneError(f"{file} has {name!r}, which is not a LoRA weight of the diffusers format",
+                               hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
 
 
 def check_lora_fits(file: Path, transformer: Any) -> None:
     """Refuse a LoRA whose keys or shapes do not belong to this SD3 ``transformer`` (loaded): diffusers would drop
     keys it cannot place (a partial LoRA, silently) or fail deep inside peft on a shape."""
     _, tensors = read_safetensors_header(file)
-    names = list(tensors)
-    if not names or not all(n.startswith("transformer.") for n in names):
-        other = next((n for n in names if not n.startswith("transformer.")), "no tensors")
-        raise Sd3tuneError(f"{file} is not an SD3 transformer LoRA (found key {other!r})",
-                           hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
+    check_lora_keys(file, tensors)
     another = "the LoRA was trained for another model; pass the right --model"
     layers = transformer.config["num_layers"]
     for name, info in tensors.items():
         block = re.search(r"transformer_blocks\.(\d+)\.", name)
         if block and int(block.group(1)) >= layers:
             raise Sd3tuneError(f"{file} has block {block.group(1)} but this model has {layers} blocks", hint=another)
-        m = re.fullmatch(r"transformer\.(.+)\.lora_([AB])\.weight", name)
-        if m is None:
-            raise Sd3tuneError(f"{file} has {name!r}, which is not a LoRA weight of the diffusers format",
-                               hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
+        m = _LORA_KEY.fullmatch(name)
+        assert m is not None  # check_lora_keys
         try:
             layer = transformer.get_submodule(m.group(1))
         except AttributeError:

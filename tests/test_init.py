@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 
 from helpers import assert_one_line_user_error, sd3tune
 
 from sd3tune.defaults import SD3M
+from sd3tune.manifest import read_manifest
 from sd3tune.simpletuner.files import read_run
 
 
+
+def init_cli(*args, **kw):
+    """`sd3tune init` as a user runs it online: init ends with check, which (offline) refuses the default Hub model
+    when it is not in the cache; these tests look at what init writes and says, not at the cache."""
+    return sd3tune("init", *args, env={"HF_HUB_OFFLINE": "0"}, **kw)
+
 def test_init_writes_sd3m_lora_configs_that_read_back(tmp_path, data_copy):
     run = tmp_path / "run"
-    r = sd3tune("init", run, "--data", data_copy, "--trigger", "myst")
+    r = init_cli(run, "--data", data_copy, "--trigger", "myst")
     assert r.code == 0, r.err
     assert (run / "config" / "config.env").is_file() and (run / "config" / "multidatabackend.json").is_file()
     loaded = read_run(run)
@@ -29,17 +37,17 @@ def test_init_writes_sd3m_lora_configs_that_read_back(tmp_path, data_copy):
 
 def test_second_init_without_force_refuses_and_changes_nothing(tmp_path, data_copy):
     run = tmp_path / "run"
-    assert sd3tune("init", run, "--data", data_copy).code == 0
+    assert init_cli(run, "--data", data_copy).code == 0
     before = {p: p.read_bytes() for p in (run / "config").iterdir()}
-    r = sd3tune("init", run, "--data", data_copy, "--rank", "64", "--format", "json")
+    r = init_cli(run, "--data", data_copy, "--rank", "64", "--format", "json")
     assert_one_line_user_error(r, "already exists", "--force")
     assert {p: p.read_bytes() for p in (run / "config").iterdir()} == before
 
 
 def test_force_switching_format_removes_the_shadowing_file(tmp_path, data_copy):
     run = tmp_path / "run"
-    assert sd3tune("init", run, "--data", data_copy, "--format", "json").code == 0
-    assert sd3tune("init", run, "--data", data_copy, "--force").code == 0
+    assert init_cli(run, "--data", data_copy, "--format", "json").code == 0
+    assert init_cli(run, "--data", data_copy, "--force").code == 0
     assert not (run / "config" / "config.json").exists()  # it would silently win over config.env
     assert read_run(run).format == "env"
 
@@ -48,7 +56,7 @@ def test_prompt_with_shell_metacharacters_is_inert_when_sourced(tmp_path, data_c
     run = tmp_path / "run"
     sentinel = tmp_path / "pwned"
     prompt = f"myst, a castle $(touch {sentinel}) `touch {sentinel}` & \"moon\"; night"
-    assert sd3tune("init", run, "--data", data_copy, "--validation-prompt", prompt).code == 0
+    assert init_cli(run, "--data", data_copy, "--validation-prompt", prompt).code == 0
     out = subprocess.run(["bash", "-c", f'set -a; source "{run}/config/config.env"; printf %s "$VALIDATION_PROMPT"'],
                          capture_output=True, text=True, check=True)
     assert out.stdout == prompt and not sentinel.exists()
@@ -57,7 +65,7 @@ def test_prompt_with_shell_metacharacters_is_inert_when_sourced(tmp_path, data_c
 
 def test_presets_and_flags_reach_the_config(tmp_path, data_copy):
     run = tmp_path / "run"
-    assert sd3tune("init", run, "--data", data_copy, "--preset", "80gb", "--rank", "32", "--steps", "2000",
+    assert init_cli(run, "--data", data_copy, "--preset", "80gb", "--rank", "32", "--steps", "2000",
                    "--resolution", "768").code == 0
     cfg = read_run(run).config
     assert (cfg.optim.train_batch_size, cfg.lora.rank, cfg.optim.max_train_steps, cfg.optim.num_train_epochs) == \
@@ -80,7 +88,7 @@ def test_user_errors_are_one_line_and_write_nothing(tmp_path, data_copy):
     ]
     for i, (args, needle) in enumerate(cases):
         run = tmp_path / f"run{i}"
-        assert_one_line_user_error(sd3tune("init", run, *args), needle)
+        assert_one_line_user_error(init_cli(run, *args), needle)
         assert not (run / "config").exists()
 
 
@@ -90,13 +98,13 @@ def test_written_files_follow_the_umask_and_an_unwritable_folder_is_a_user_error
 
     old = os.umask(0o027)  # the child inherits it
     try:
-        assert sd3tune("init", tmp_path / "run", "--data", data_copy).code == 0
+        assert init_cli(tmp_path / "run", "--data", data_copy).code == 0
     finally:
         os.umask(old)
     for written in ("config/config.env", "config/multidatabackend.json", "sd3tune.json"):
         assert stat.S_IMODE((tmp_path / "run" / written).stat().st_mode) == 0o640, written
     (tmp_path / "a-file").write_text("")
-    assert_one_line_user_error(sd3tune("init", tmp_path / "a-file" / "run", "--data", data_copy),
+    assert_one_line_user_error(init_cli(tmp_path / "a-file" / "run", "--data", data_copy),
                                "cannot write", "Not a directory")
 
 
@@ -106,7 +114,7 @@ def test_a_relative_model_folder_is_recorded_as_the_folder_the_user_meant(tmp_pa
     work = tmp_path / "work"
     work.mkdir()
     relative = os.path.relpath(tiny_model, work)
-    assert sd3tune("init", "runs/art", "--data", data_copy, "--model", relative, cwd=work).code == 0
+    assert init_cli("runs/art", "--data", data_copy, "--model", relative, cwd=work).code == 0
     run = work / "runs" / "art"
     assert read_run(run).config.model.name_or_path == str(tiny_model.resolve())
     assert sd3tune("check", run).code == 0  # read from anywhere: the path does not depend on where init ran
@@ -118,8 +126,8 @@ def test_init_shows_what_check_finds_in_the_written_run(tmp_path, data_copy, tin
     captions = sorted(data_copy.glob("*.txt"))
     captions[0].unlink()
     captions[1].write_text("")
-    r = sd3tune("init", tmp_path / "run", "--data", data_copy, "--model", tiny_model, "--resolution", "64")
-    assert r.code == 0, r.err  # the run is written; the check says what to fix before training
+    r = init_cli(tmp_path / "run", "--data", data_copy, "--model", tiny_model, "--resolution", "64")
+    assert r.code == 2, r.err  # written, and the check says what to fix before training
     count = len(list(data_copy.glob("*.png")))
     assert (f"1 error:\n  multidatabackend.json:images.caption_strategy: textfile captions, but 1 of {count} images "
             f"has no .txt caption ({captions[0].name} missing)") in r.out
@@ -129,5 +137,16 @@ def test_init_shows_what_check_finds_in_the_written_run(tmp_path, data_copy, tin
 
     captions[0].with_suffix(".txt").write_text("a castle")
     captions[1].write_text("a tower")
-    r = sd3tune("init", tmp_path / "run", "--data", data_copy, "--model", tiny_model, "--resolution", "64", "--force")
-    assert r.out.rstrip().endswith(f"ok\nnext: sd3tune train {tmp_path / 'run'}"), r.out
+    r = init_cli(tmp_path / "run", "--data", data_copy, "--model", tiny_model, "--resolution", "64", "--force")
+    assert r.code == 0 and r.out.rstrip().endswith(f"ok\nnext: sd3tune train {tmp_path / 'run'}"), r.out
+
+
+def test_init_again_over_a_trained_run_says_train_would_refuse_and_offers_no_next_step(trained_run, tmp_path):
+    # init --force rewrites the config, not the output: `next: sd3tune train` was then refused
+    run = tmp_path / "run"
+    shutil.copytree(trained_run / "output", run / "output")
+    options = read_manifest(trained_run)["init"]
+    r = init_cli(run, "--data", options["data"], "--model", options["model"], "--resolution", "64")
+    assert r.code == 0, r.err
+    assert f"{run / 'output'} already holds checkpoint-20" in r.out and "`sd3tune train` refuses" in r.out
+    assert "next:" not in r.out

@@ -32,8 +32,8 @@ from sd3tune.defaults import SD3M
 from sd3tune.findings import Finding, choice_error, error, errors_in, warning
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
-from sd3tune.simpletuner.files import (LoadedRun, RunPaths, config_from_args, find_run_root, read_run,
-                                      with_simpletuner_defaults)
+from sd3tune.simpletuner.files import (LoadedRun, RunPaths, config_from_args, find_run_root, output_conflict,
+                                      read_run, with_simpletuner_defaults)
 
 BACKENDS = keys.BACKENDS_FILE
 MAX_LISTED = 5  # file names quoted in one finding
@@ -490,6 +490,10 @@ def check_paths(ctx: Context) -> list[Finding]:
         else:
             out += _unwritable(output, f, ctx.where("output_dir"))
         out += _in_another_run(ctx, output, f, ctx.where("output_dir"), ctx.run.paths.output)
+        conflict = output_conflict(output, resume=False, steps=None) if output.is_dir() else None
+        if conflict:  # a finished or interrupted run: train refuses until the user says what they want
+            out.append(warning(f, ctx.where("output_dir"), f"{conflict[0]}, so `sd3tune train` refuses",
+                               conflict[1]))
     for b in ctx.run.backends or []:
         folder = ctx.path(b.cache_dir_vae if isinstance(b, ImageBackend) else b.cache_dir)
         key = f"{b.id}.{'cache_dir_vae' if isinstance(b, ImageBackend) else 'cache_dir'}"

@@ -86,12 +86,15 @@ def init_cmd(
                                   validation_prompt=validation_prompt, preset=preset, resolution=resolution,
                                   rank=rank, steps=steps, format=fmt, force=force))  # type: ignore[arg-type]
     from sd3tune.commands.check import render_report
+    from sd3tune.simpletuner.files import output_conflict
 
     _echo_findings(result.warnings)
     for path in result.written:
         typer.echo(f"wrote {path}")
     typer.echo(render_report(result.check))
-    if result.check.ok:
+    if not result.check.ok:  # written, but train would refuse it: `init ... && sd3tune train ...` stops here
+        raise typer.Exit(2)
+    if not output_conflict(Path(result.config.paths.output_dir), resume=False, steps=None):
         typer.echo(f"next: sd3tune train {shlex.quote(str(run_dir))}")
 
 

@@ -185,6 +185,7 @@ def test_init_refuses_a_prompt_simpletuner_would_not_read_back_and_json_takes_it
     result = sd3tune("init", tmp_path / "env", "--data", data_copy, "--validation-prompt", prompt)
     assert_one_line_user_error(result, "VALIDATION_PROMPT", "U+2028", "--format json")
     assert not (tmp_path / "env" / "config").exists()
-    result = sd3tune("init", tmp_path / "json", "--data", data_copy, "--validation-prompt", prompt, "--format", "json")
+    result = sd3tune("init", tmp_path / "json", "--data", data_copy, "--validation-prompt", prompt, "--format", "json",
+                     env={"HF_HUB_OFFLINE": "0"})  # init's check: the default Hub model is not cached here
     assert result.code == 0, result.err
     assert read_run(tmp_path / "json").config.validation.prompt == prompt

@@ -16,7 +16,7 @@ from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
                                         phase_of, run_plan)
-from sd3tune.simpletuner.files import RunPaths, checkpoint_step, checkpoints
+from sd3tune.simpletuner.files import RunPaths, checkpoints, output_conflict
 from sd3tune.simpletuner.caches import prepare_dataset_caches
 
 
@@ -55,21 +55,9 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
         if not accelerate_config.is_file():
             raise Sd3tuneError(f"accelerate config {opts.accelerate_config} is not a file",
                                hint="create one with `accelerate config --config_file FILE`")
-    output = report.run.output_dir()
-    existing = checkpoints(output)
-    if existing and not opts.resume:
-        raise Sd3tuneError(f"{output} already holds {existing[-1].name}; SimpleTuner would silently resume from it",
-                           hint="pass --resume to continue, or move the output folder away to start over")
-    if not existing and (output / keys.LORA_WEIGHT_NAME).is_file():
-        raise Sd3tuneError(f"{output} already holds a trained {keys.LORA_WEIGHT_NAME} (and no checkpoint to resume "
-                           "from); training again would replace it",
-                           hint="move the output folder away to start over, or set OUTPUT_DIR to a new folder")
-    if opts.resume and not existing:
-        raise Sd3tuneError(f"nothing to resume: no checkpoint in {output}", hint="run without --resume")
-    steps = cfg.optim.max_train_steps or 0
-    if opts.resume and steps and (checkpoint_step(existing[-1]) or 0) >= steps:
-        raise Sd3tuneError(f"nothing to resume: {existing[-1].name} has all {steps} steps of the run",
-                           hint="raise the step count (MAX_NUM_STEPS) to train further")
+    conflict = output_conflict(report.run.output_dir(), opts.resume, cfg.optim.max_train_steps)
+    if conflict:
+        raise Sd3tuneError(conflict[0], hint=conflict[1])
     if opts.cuda_graphs:
         check_cuda_graphs(cfg, opts.gpus)
     plan = build_launch(report.run.paths.root, report.run.format, cfg.precision.mixed_precision, gpus=opts.gpus,

@@ -183,6 +183,25 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def output_conflict(output: Path, resume: bool, steps: int | None) -> tuple[str, str] | None:
+    """(problem, fix) when `sd3tune train` (``resume``: with --resume) must refuse this output folder: SimpleTuner
+    would silently resume from a checkpoint in it, or replace its finished LoRA; None when it may train."""
+    existing = checkpoints(output)
+    if existing and not resume:
+        return (f"{output} already holds {existing[-1].name}; SimpleTuner would silently resume from it",
+                "pass --resume to continue, or move the output folder away to start over")
+    if not existing and (output / keys.LORA_WEIGHT_NAME).is_file():
+        return (f"{output} already holds a trained {keys.LORA_WEIGHT_NAME} (and no checkpoint to resume from); "
+                "training again would replace it",
+                "move the output folder away to start over, or set OUTPUT_DIR to a new folder")
+    if resume and not existing:
+        return f"nothing to resume: no checkpoint in {output}", "run without --resume"
+    if resume and steps and (checkpoint_step(existing[-1]) or 0) >= steps:
+        return (f"nothing to resume: {existing[-1].name} has all {steps} steps of the run",
+                "raise the step count (MAX_NUM_STEPS) to train further")
+    return None
+
+
 def _coerce_bool_options(args: dict[str, Any], catalog: Catalog) -> None:
     for option, value in list(args.items()):
         opt = catalog.option(option)

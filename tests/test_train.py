@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -32,7 +33,12 @@ def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):
     assert meta["sd3tune.steps"] == "20"
     manifest = json.loads((trained_run / "sd3tune.json").read_text())
     assert manifest["trainings"][-1]["status"] == "ok" and manifest["trainings"][-1]["exit_code"] == 0
-    assert (trained_run / "output" / "checkpoint-10").is_dir()
+    # which exact file this training made: a later training writes to the same path
+    assert manifest["trainings"][-1]["lora_sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
+    # checkpoints carry the stamp too (a copied checkpoint file samples as it trained), with their own step
+    checkpoint, _ = read_safetensors_header(trained_run / "output" / "checkpoint-10" / keys.LORA_WEIGHT_NAME)
+    assert checkpoint["sd3tune.steps"] == "10" and checkpoint["sd3tune.t5_max_length"] == "154"
+    assert checkpoint["sd3tune.resolution"] == meta["sd3tune.resolution"] == "64"
 
 
 def test_the_same_seed_trains_the_same_lora_whether_gradients_are_dropped_or_zeroed(trained_run, tiny_model,

@@ -12,11 +12,13 @@ from sd3tune.checks import check_run
 from sd3tune.config.dataset import ImageBackend
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
+from sd3tune.fsutil import file_sha256
+from sd3tune.inference import read_safetensors_header
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
                                         phase_of, run_plan)
-from sd3tune.simpletuner.files import RunPaths, checkpoints, output_conflict
+from sd3tune.simpletuner.files import RunPaths, checkpoint_step, checkpoints, output_conflict
 from sd3tune.simpletuner.caches import prepare_dataset_caches
 
 
@@ -151,7 +153,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     # the resolution the images trained at: the (first) dataset's, which SimpleTuner uses over RESOLUTION
     trained = next((b.effective(cfg.data) for b in report.run.backends or []
                     if isinstance(b, ImageBackend) and not b.disabled), cfg.data)
-    stamp_lora(lora, {
+    stamp = {
         "sd3tune.version": package_versions()["sd3tune"], "sd3tune.base_model": cfg.model.name_or_path,
         "sd3tune.model_family": cfg.model.family, "sd3tune.lora_rank": str(cfg.lora.rank),
         "sd3tune.lora_alpha": repr(cfg.lora.effective_alpha), "sd3tune.t5_max_length": str(keys.SD3_T5_MAX_LENGTH),
@@ -159,10 +161,18 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         "sd3tune.resolution": str(trained.resolution), "sd3tune.resolution_type": trained.resolution_type,
         "sd3tune.steps": str(steps),
         "sd3tune.run_dir": str(paths.root.resolve()), "sd3tune.trained_at": now(),
-    })
-    update_manifest(paths.root, "trainings", {**entry, "status": "ok", "lora": str(lora), "steps": steps,
-                                              "final_loss": outcome.last_progress.loss if outcome.last_progress else None},
-                    append=True)
+    }
+    stamp_lora(lora, stamp)
+    # this training's checkpoints too (those without a stamp: earlier trainings stamped theirs), so a checkpoint's
+    # file copied elsewhere still samples as it trained (T5 length, shift, size)
+    for folder in checkpoints(report.run.output_dir()):
+        file = folder / keys.LORA_WEIGHT_NAME
+        if file.is_file() and "sd3tune.version" not in read_safetensors_header(file)[0]:
+            stamp_lora(file, {**stamp, "sd3tune.steps": str(checkpoint_step(folder))})
+    final_loss = outcome.last_progress.loss if outcome.last_progress else None
+    update_manifest(paths.root, "trainings", {**entry, "status": "ok", "lora": str(lora),
+                                              "lora_sha256": file_sha256(lora), "steps": steps,
+                                              "final_loss": final_loss}, append=True)
     result.lora = lora
     return result
 

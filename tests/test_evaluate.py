@@ -91,6 +91,19 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     # the grid: rows prompts, columns base | LoRA | checkpoints
     sheet = Image.open(evaluated.sheet)
     assert sheet.size == (220 + 3 * (128 + 4) + 4, 22 + 2 * (128 + 4) + 4)
+    # the sheet's own provenance: what made it, its rows (prompts at seed 0) and columns (models and their LoRAs)
+    text = sheet.text
+    made = json.loads(text["sd3tune"])
+    assert made["sd3tune_version"] == text["sd3tune:sd3tune_version"] == data["sd3tune_version"]
+    assert made["model"] == text["sd3tune:model"] == data["model"]
+    assert made["lora"] == text["sd3tune:lora"] == data["lora"]["file"]
+    assert made["lora_sha256"] == text["sd3tune:lora_sha256"] == data["lora"]["sha256"]
+    assert made["prompts"] == json.loads(text["sd3tune:prompts"]) == [p["text"] for p in data["prompts"]]
+    assert made["seeds"] == [0] and (made["rows"], made["columns"]) == ("prompt", "model")
+    assert made["column_labels"] == ["base", "LoRA", "checkpoint-10"]
+    assert [(m["label"], m["lora_sha256"]) for m in made["models"]] == [
+        (label, m["lora_sha256"]) for label, m in data["models"].items()]
+    assert made["images"][1] == [m["images"][1][0] for m in data["models"].values()]
     report = evaluated.report.read_text()
     assert "| model | CLIP score" in report and "](contact_sheet.png)" in report
     assert data["best"]["rule"] in report and "Inception" in report
@@ -107,6 +120,8 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     assert data["lora"]["sha256"] == data["models"]["lora"]["lora_sha256"] == hashlib.sha256(
         final.read_bytes()).hexdigest() != fields["lora_sha256"]
     assert data["models"]["base"]["lora_sha256"] is None
+    base_text = Image.open(evaluated.out / data["models"]["base"]["images"][0][0]).text
+    assert json.loads(base_text["sd3tune"])["lora"] is None and "sd3tune:lora" not in base_text  # null: no chunk
     assert f"(sha256 `{data['lora']['sha256'][:12]}`)" in report
     # the run remembers its evaluations
     manifest = json.loads((trained_run / "sd3tune.json").read_text())

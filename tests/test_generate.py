@@ -61,6 +61,25 @@ def test_png_metadata_records_how_the_image_was_made(trained_run, lora_images):
     assert blob["max_sequence_length"] == 154 and blob["scheduler_shift"] == 3.0 and blob["steps"] == 6
     assert blob["drop_t5"] is False
     assert "Seed: 1" in text["parameters"]
+    # no negative prompt: null in the JSON and no text chunk (an empty one read as an empty negative prompt)
+    assert blob["negative_prompt"] is None and "sd3tune:negative_prompt" not in text
+    assert "Negative prompt" not in text["parameters"]
+    # the LoRA in the A1111 parameters, as A1111 names one
+    assert f'Lora hashes: "pytorch_lora_weights: {blob["lora_sha256"][:12]}"' in text["parameters"]
+
+
+def test_png_text_chunks_agree_with_the_json_chunk(tmp_path):
+    from sd3tune.inference import save_png
+
+    fields = {"prompt": "a castle", "negative_prompt": "", "seed": 3, "steps": 2, "guidance": 7.0, "width": 64,
+              "height": 64, "model": "/m", "lora": None, "lora_sha256": None, "fused": False}
+    save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png", fields)
+    text = Image.open(tmp_path / "a.png").text
+    blob = json.loads(text["sd3tune"])
+    assert blob == fields
+    assert text["sd3tune:negative_prompt"] == "" and "Negative prompt: \n" in text["parameters"]  # given, empty
+    assert "sd3tune:lora" not in text and "sd3tune:lora_sha256" not in text and "Lora hashes" not in text["parameters"]
+    assert text["parameters"].endswith("Size: 64x64, Model: /m")
 
 
 def test_alpha_over_rank_applies_once_whether_the_file_carries_its_peft_config_or_not(trained_run, tiny_model,
@@ -149,6 +168,20 @@ def test_prompts_file_makes_a_grid_in_one_call(trained_run, tmp_path):
     assert "T5 length 154" in r.err
     grid = Image.open(tmp_path / "out" / "grid.png")  # rows: prompts, columns: seeds
     assert grid.height > grid.width / 2 and "grid:" in r.err
+    # the grid's own provenance: what made its images, its rows and columns, and the file of each cell
+    text = grid.text
+    blob = json.loads(text["sd3tune"])
+    lora = trained_run / "output" / keys.LORA_WEIGHT_NAME
+    assert blob["lora"] == text["sd3tune:lora"] == str(lora.resolve())
+    assert blob["lora_sha256"] == text["sd3tune:lora_sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
+    assert blob["model"] == text["sd3tune:model"] == json.loads(Image.open(files[0]).text["sd3tune"])["model"]
+    assert blob["sd3tune_version"] == text["sd3tune:sd3tune_version"] and blob["steps"] == 2
+    assert blob["prompts"] == json.loads(text["sd3tune:prompts"]) == ["sd3tune-style, a robot",
+                                                                      "sd3tune-style, a forest"]
+    assert blob["seeds"] == [0, 1] and (blob["rows"], blob["columns"]) == ("prompt", "seed")
+    assert blob["column_labels"] == ["seed 0", "seed 1"]
+    assert blob["images"] == [[f.name for f in files[:2]], [f.name for f in files[2:]]]
+    assert "prompt" not in blob and "seed" not in blob and "parameters" not in text  # not one image
 
 
 def test_checkpoint_folder_is_accepted_as_lora(trained_run, tmp_path):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 
 from helpers import assert_one_line_user_error, sd3tune
+from PIL import Image
 
 from sd3tune.inference import read_safetensors_header
 
@@ -18,7 +21,15 @@ def test_quickstart_runs_the_whole_loop(tmp_path):
     assert any(".attn.to_q.lora_A." in k for k in tensors)
     assert len(list((folder / "samples" / "base").glob("*.png"))) == 2
     assert len(list((folder / "samples" / "lora").glob("*.png"))) == 2
-    assert (folder / "samples" / "compare.png").is_file()
+    # the side-by-side sheet says what made it: model, the LoRA file and its SHA-256, prompts, seeds, rows, columns
+    text = Image.open(folder / "samples" / "compare.png").text
+    made = json.loads(text["sd3tune"])
+    assert made["lora"] == text["sd3tune:lora"] == str(lora.resolve())
+    assert made["lora_sha256"] == text["sd3tune:lora_sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
+    assert made["model"] == text["sd3tune:model"] == str((folder / "model").resolve())
+    assert made["sd3tune_version"] == text["sd3tune:sd3tune_version"]
+    assert len(made["prompts"]) == 2 and made["seeds"] == [0] and made["lora_scale"] == [0.0, 1.0]
+    assert (made["rows"], made["columns"], made["column_labels"]) == ("prompt", "model", ["base", "LoRA"])
     diff = float(re.search(r"mean \|pixel difference\| = ([\d.]+) / 255", r.out).group(1))
     assert diff >= 1.0
     assert re.search(r"done in [\d.]+ s", r.out)

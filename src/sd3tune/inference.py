@@ -501,18 +501,37 @@ def save_png(image, path: Path, fields: dict[str, Any] | None = None) -> None:
 
 
 def png_metadata(fields: dict[str, Any]):
-    """PNG text chunks: one per field (``sd3tune:<name>``), a JSON blob, and an A1111-style ``parameters``."""
+    """PNG text chunks: one per field (``sd3tune:<name>``; none for a field that is None, which the JSON blob
+    records as null; lists and objects as JSON), a JSON blob (``sd3tune``) and, for a single generated image (its
+    fields have a ``prompt``), an A1111-style ``parameters``."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for k, v in fields.items():
-        info.add_text(f"sd3tune:{k}", "" if v is None else str(v))
+        if v is None:  # absent, as the JSON's null: an empty chunk would read as an empty value (negative prompt "")
+            continue
+        text = json.dumps(v, ensure_ascii=False) if isinstance(v, (list, tuple, dict)) else str(v)
+        info.add_text(f"sd3tune:{k}", text)
     info.add_text("sd3tune", json.dumps(fields, sort_keys=True))
-    neg = fields.get("negative_prompt") or ""
-    info.add_text("parameters", f"{fields.get('prompt')}\nNegative prompt: {neg}\nSteps: {fields.get('steps')}, "
-                                f"CFG scale: {fields.get('guidance')}, Seed: {fields.get('seed')}, "
-                                f"Size: {fields.get('width')}x{fields.get('height')}, Model: {fields.get('model')}")
+    if "prompt" in fields:
+        info.add_text("parameters", a1111_parameters(fields))
     return info
+
+
+def a1111_parameters(fields: dict[str, Any]) -> str:
+    """The ``parameters`` text AUTOMATIC1111's web UI writes (and image sites read): the prompt, a ``Negative
+    prompt:`` line when there is one, then ``key: value`` pairs; a LoRA as A1111 names one, ``Lora hashes: "NAME:
+    HASH"`` (the file's name and the first 12 hex digits of its SHA-256)."""
+    lines = [str(fields.get("prompt"))]
+    if fields.get("negative_prompt") is not None:
+        lines.append(f"Negative prompt: {fields['negative_prompt']}")
+    pairs = [f"Steps: {fields.get('steps')}", f"CFG scale: {fields.get('guidance')}", f"Seed: {fields.get('seed')}",
+             f"Size: {fields.get('width')}x{fields.get('height')}", f"Model: {fields.get('model')}"]
+    if fields.get("lora"):
+        name = Path(str(fields["lora"])).stem.replace(":", "_").replace('"', "_").replace(",", "_")
+        pairs.append(f'Lora hashes: "{name}: {str(fields.get("lora_sha256") or "")[:12]}"')
+    lines.append(", ".join(pairs))
+    return "\n".join(lines)
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -4,7 +4,7 @@ the benchmarks."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def mean_abs_diff(a: Sequence[Path], b: Sequence[Path]) -> float:
@@ -17,6 +17,21 @@ def mean_abs_diff(a: Sequence[Path], b: Sequence[Path]) -> float:
             return np.asarray(im.convert("RGB"), dtype=np.float32)
 
     return float(np.mean([np.abs(rgb(x) - rgb(y)).mean() for x, y in zip(a, b)]))
+
+
+PER_IMAGE_FIELDS = ("prompt", "seed")  # what differs from cell to cell: the sheet lists them instead
+
+
+def sheet_fields(image_fields: dict[str, Any], *, sheet: str, rows: str, columns: str,
+                 row_labels: Sequence[str], column_labels: Sequence[str], prompts: Sequence[str],
+                 seeds: Sequence[int], **extra: Any) -> dict[str, Any]:
+    """A contact sheet's provenance (``inference.save_png``'s fields): what made its images (``image_fields``, one
+    image's, less what differs per cell: its prompt and seed), which ``sheet`` it is, what its rows and columns are
+    (``rows`` / ``columns``: e.g. "prompt", "seed", "model"; the labels as drawn), and every prompt and seed shown."""
+    fields = {k: v for k, v in image_fields.items() if k not in PER_IMAGE_FIELDS}
+    fields.update(sheet=sheet, rows=rows, columns=columns, row_labels=list(row_labels),
+                  column_labels=list(column_labels), prompts=list(prompts), seeds=list(seeds), **extra)
+    return fields
 
 
 def contact_sheet(rows: Sequence[Sequence[object]], row_labels: Sequence[str], col_labels: Sequence[str],

@@ -384,11 +384,33 @@ def _write_outputs(out: Path, data: dict[str, Any], models, prompts, settings) -
     labels = [f"{i + 1}. ({p.kind}) {p.text}" for i, p in enumerate(prompts)]
     cell = 256 if max(settings.width, settings.height) >= 256 else 128
     sheet = contact_sheet(rows, labels, [m.title for m in models], cell=cell)
-    save_png(sheet, paths["sheet"])
+    save_png(sheet, paths["sheet"], _sheet_fields(data, models, prompts, settings, labels))
     atomic_write_text(paths["report"], render_markdown(data, paths["sheet"].name))
     atomic_write_text(paths["html"], render_html(data, paths["sheet"].name))
     atomic_write_text(paths["metrics"], dumps(data))  # last: its presence means the evaluation finished
     return paths
+
+
+def _sheet_fields(data: dict[str, Any], models, prompts, settings, labels: list[str]) -> dict[str, Any]:
+    """The contact sheet's provenance: what made its images (base model, the LoRA and its SHA-256, sampler), its
+    rows (prompts, first seed) and columns (models: each one's LoRA file, SHA-256 and adapter weight)."""
+    from sd3tune.sheets import sheet_fields
+
+    made_with = {"sd3tune_version": data["sd3tune_version"], "run_dir": data["run_dir"], "model": data["model"],
+                 "lora": data["lora"]["file"], "lora_sha256": data["lora"]["sha256"],
+                 "lora_scale": data["lora"]["scale"], "negative_prompt": settings.negative, "steps": settings.steps,
+                 "guidance": settings.guidance, "width": settings.width, "height": settings.height,
+                 "max_sequence_length": settings.max_sequence_length, "scheduler_shift": settings.shift,
+                 "dtype": data["dtype"], "device": data["device"]}
+    seed = data["seeds"][0]
+    return sheet_fields(
+        made_with, sheet="sd3tune evaluate contact sheet", rows="prompt", columns="model", row_labels=labels,
+        column_labels=[m.title for m in models], prompts=[p.text for p in prompts], seeds=[seed],
+        prompt_kinds=[p.kind for p in prompts],
+        models=[{"label": m.label, "title": m.title, "lora": data["models"][m.label]["lora_file"],
+                 "lora_sha256": data["models"][m.label]["lora_sha256"], "adapter_weight": m.adapter_weight}
+                for m in models],
+        images=[[data["models"][m.label]["images"][p][0] for m in models] for p in range(len(prompts))])
 
 
 def _record_in_manifest(run_dir: Path, out: Path, data: dict[str, Any]) -> None:

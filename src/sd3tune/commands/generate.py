@@ -202,7 +202,10 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
             images.append(item)
     bar.close()
     seconds = time.perf_counter() - t1
-    grid = _write_grid(opts.out, prompts, seeds, images) if opts.grid and len(images) > 1 else None
+    grid = None
+    if opts.grid and len(images) > 1:
+        made_with = provenance(pipe, prompts[0], seeds[0], settings, opts.scale, weight)  # less the prompt and seed
+        grid = _write_grid(opts.out, prompts, seeds, images, made_with)
     return GenerateResult(images, notes, load_seconds, seconds, grid)
 
 
@@ -224,14 +227,20 @@ def _write(made: ImageBatch, index: int, item: GeneratedImage, fields: dict,
         on_image(item)
 
 
-def _write_grid(out: Path, prompts: list[str], seeds: list[int], images: list[GeneratedImage]) -> Path:
-    """A contact sheet: one row per prompt, one column per seed."""
+def _write_grid(out: Path, prompts: list[str], seeds: list[int], images: list[GeneratedImage],
+                made_with: dict) -> Path:
+    """A contact sheet: one row per prompt, one column per seed; its PNG records what made the images
+    (``made_with``: one image's provenance), its rows and columns, and the file of each cell."""
     from PIL import Image
 
-    from sd3tune.sheets import contact_sheet
+    from sd3tune.sheets import contact_sheet, sheet_fields
 
-    rows = [[Image.open(i.path) for i in images[r * len(seeds):(r + 1) * len(seeds)]] for r in range(len(prompts))]
-    sheet = contact_sheet(rows, prompts, [f"seed {s}" for s in seeds])
+    rows = [images[r * len(seeds):(r + 1) * len(seeds)] for r in range(len(prompts))]
+    columns = [f"seed {s}" for s in seeds]
+    sheet = contact_sheet([[Image.open(i.path) for i in row] for row in rows], prompts, columns)
+    fields = sheet_fields(made_with, sheet="sd3tune generate grid", rows="prompt", columns="seed",
+                          row_labels=prompts, column_labels=columns, prompts=prompts, seeds=seeds,
+                          images=[[i.path.name for i in row] for row in rows])
     path = free_name(out, "grid")
-    save_png(sheet, path)
+    save_png(sheet, path, fields)
     return path

@@ -3,6 +3,7 @@ generate base and LoRA samples, and measure that the LoRA changed the output."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -107,13 +108,23 @@ def run_quickstart(folder: Path, steps: int = 20, force: bool = False,
     from PIL import Image
 
     from sd3tune.inference import save_png
-    from sd3tune.sheets import contact_sheet, mean_abs_diff
+    from sd3tune.sheets import contact_sheet, mean_abs_diff, sheet_fields
 
     base = [Image.open(i.path) for i in grids["base"]]
     lora = [Image.open(i.path) for i in grids["lora"]]
     diff = mean_abs_diff([i.path for i in grids["base"]], [i.path for i in grids["lora"]])
     sheet_path = samples / "compare.png"
-    save_png(contact_sheet([[a, b] for a, b in zip(base, lora)], PROMPTS, ["base", "LoRA"], cell=128), sheet_path)
+    columns = ["base", "LoRA"]
+    # what made the images (model, LoRA file and SHA-256, sampler), as their own PNGs record it; the LoRA's scale
+    # and adapter weight per column (the base column is the LoRA at scale 0)
+    made = [json.loads(column[0].text["sd3tune"]) for column in (base, lora)]
+    fields = sheet_fields(made[1], sheet="sd3tune quickstart comparison", rows="prompt", columns="model",
+                          row_labels=PROMPTS, column_labels=columns, prompts=PROMPTS, seeds=[0],
+                          lora_scale=[m["lora_scale"] for m in made],
+                          lora_adapter_weight=[m["lora_adapter_weight"] for m in made],
+                          images=[[str(a.path.relative_to(samples)), str(b.path.relative_to(samples))]
+                                  for a, b in zip(grids["base"], grids["lora"])])
+    save_png(contact_sheet([[a, b] for a, b in zip(base, lora)], PROMPTS, columns, cell=128), sheet_path, fields)
     assert trained.lora is not None
     return QuickstartResult(folder, trained.lora, [i.path for i in grids["base"] + grids["lora"]], sheet_path, diff,
                             time.perf_counter() - start, timings)

@@ -389,6 +389,11 @@ def test_json_output_lists_errors_warnings_and_summary(make_run):
     line = report["errors"][0]["line"]
     assert (run / "config" / "config.env").read_text().splitlines()[line - 1].startswith("OPTIMIZER=")
     assert set(report["errors"][0]) == {"severity", "file", "key", "line", "message", "hint"}
+    empty = next(w for w in report["warnings"] if "empty" in w["message"])
+    assert empty["key"] is None and empty["line"] is None  # a finding about a folder: no key, no line
+    env_line(run, "this is no assignment")
+    bad = next(e for e in json.loads(check(run, "--json")[0].output)["errors"] if "KEY=VALUE" in e["message"])
+    assert bad["key"] is None and bad["line"] == len(env_path(run).read_text().splitlines())
     assert any("empty" in w["message"] for w in report["warnings"])
 
 
@@ -435,6 +440,32 @@ def test_folders_simpletuner_must_write_are_checked_for_write_access(make_run, m
     assert re.search(rf"OUTPUT_DIR \(line \d+\): {run} is not writable, so {run / 'output'} cannot be made", errors)
     read_only.clear()
     assert check(run)[0].exit_code == 0
+
+
+def test_hand_edits_simpletuner_reads_differently_from_a_shell_warn(make_run):
+    # a second MAX_NUM_STEPS line silently won; $(...) in a double-quoted value is text to SimpleTuner but runs when
+    # a shell sources the file (which sd3tune's own quoting never allows)
+    run, _ = make_run()
+    env_line(run, 'VALIDATION_PROMPT="$(touch /tmp/pwned) castle"')
+    env_line(run, "MAX_NUM_STEPS=6")
+    result, _ = check(run)
+    warnings = _section(result.output, "warning")
+    assert re.search(r"MAX_NUM_STEPS \(line \d+\): also set on line \d+; SimpleTuner takes this later value", warnings)
+    assert re.search(r"VALIDATION_PROMPT \(line \d+\): holds \$\(...\)", warnings)
+    assert "summary: 8 images; 1 bucket [64x64: 8]; effective batch 2; 6 steps" in result.output  # the later value
+    env_line(run, "VALIDATION_PROMPT='$(not run) castle'")  # single quotes: bash expands nothing
+    assert _section(check(run)[0].output, "warning").count("holds $(") == 1
+
+
+def test_a_copied_run_keeps_the_originals_bucket_cache_suffix_and_is_told(make_run, tmp_path):
+    run, _ = make_run()
+    assert "cache_file_suffix" not in check(run)[0].output
+    copy = Path(shutil.copytree(run, tmp_path / "copy"))
+    result, _ = check(copy)
+    assert "images.cache_file_suffix" in result.output and "was made for another run folder" in result.output
+    fix = re.search(r"set it to '([^']+)'", result.output)[1]
+    json_edit(backends_path(copy), lambda data: image_backend(data).update(cache_file_suffix=fix))
+    assert "cache_file_suffix" not in check(copy)[0].output
 
 
 def test_gated_sd3m_without_a_token_warns_and_a_token_in_the_xdg_cache_counts(make_run, tmp_path):

@@ -31,6 +31,7 @@ from sd3tune.datascan import (
 from sd3tune.defaults import SD3M
 from sd3tune.findings import Finding, choice_error, error, errors_in, warning
 from sd3tune.simpletuner import keys
+from sd3tune.simpletuner.caches import run_bucket_suffix
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
 from sd3tune.simpletuner.files import (LoadedRun, RunPaths, config_from_args, find_run_root, output_conflict,
                                       read_run, with_simpletuner_defaults)
@@ -500,11 +501,26 @@ def check_paths(ctx: Context) -> list[Finding]:
         out += _in_another_run(ctx, folder, BACKENDS, key, ctx.run.paths.cache)
         if not b.disabled:
             out += _unwritable(folder, BACKENDS, key)
+        if isinstance(b, ImageBackend) and b.cache_file_suffix:
+            out += _other_runs_suffix(ctx, b)
         if isinstance(b, ImageBackend) and not b.disabled and ctx.path(b.instance_data_dir).is_dir():
             out += _unwritable(ctx.path(b.instance_data_dir), BACKENDS, f"{b.id}.instance_data_dir",
                                "SimpleTuner writes its aspect-bucket cache (aspect_ratio_bucket_*.json) into the "
                                "image folder", "copy the images to a folder you can write to")
     return out
+
+
+def _other_runs_suffix(ctx: Context, b: ImageBackend) -> list[Finding]:
+    """A run folder copied after `init` keeps the original's cache_file_suffix: the two runs then share (and fill in
+    each other's settings from) SimpleTuner's bucket cache in the image folder."""
+    ours = run_bucket_suffix(b.id, ctx.root)
+    made_by_init = re.fullmatch(rf"{re.escape(b.id)}-[0-9a-f]{{8}}", b.cache_file_suffix or "")
+    if not made_by_init or b.cache_file_suffix == ours:
+        return []
+    return [warning(BACKENDS, f"{b.id}.cache_file_suffix", f"{b.cache_file_suffix!r} was made for another run folder "
+                                                           "(copied?); both runs would share SimpleTuner's bucket "
+                                                           "cache in the image folder and mix their settings",
+                    f"set it to {ours!r}")]
 
 
 def _unwritable(path: Path, file: str, key: str, why: str = "",
@@ -716,8 +732,9 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
         area = (megapixels(res, rtype) or 0) * 1_000_000
         upscaled = [i for i in kept if i.width * i.height < 0.25 * area]
     if upscaled:
-        out.append(warning(str(folder), "", f"{len(upscaled)} images are under half the training resolution and "
-                                            f"will be upscaled (blurry): {_names([i.path for i in upscaled], folder)}",
+        what = "1 image is" if len(upscaled) == 1 else f"{len(upscaled)} images are"
+        out.append(warning(str(folder), "", f"{what} under half the training resolution and will be upscaled "
+                                            f"(blurry): {_names([i.path for i in upscaled], folder)}",
                            "use larger images or a lower resolution"))
     counts = bucket_counts(kept, res, rtype, crop_square)
     return out, _Dataset(b, len(scan.images), counts, captions)
@@ -755,8 +772,10 @@ def _check_sizes(b: ImageBackend, res: float, rtype: str, minimum: float | None)
         out.append(error(BACKENDS, f"{b.id}.resolution", f"pixel_area needs a whole pixel edge, not {res!r}",
                          "write e.g. 1024"))
     if rtype != "area" and int(res) % keys.SD3_BUCKET_ALIGNMENT:
-        out.append(warning(BACKENDS, f"{b.id}.resolution", f"{res:g} is not a multiple of 64",
-                           "SD3 buckets are aligned to 64 px"))
+        low = int(res) // keys.SD3_BUCKET_ALIGNMENT * keys.SD3_BUCKET_ALIGNMENT
+        out.append(warning(BACKENDS, f"{b.id}.resolution", f"{res:g} is not a multiple of 64 (SD3 buckets are "
+                                                           "aligned to 64 px)",
+                           f"use {low or keys.SD3_BUCKET_ALIGNMENT} or {low + keys.SD3_BUCKET_ALIGNMENT}"))
     if minimum and rtype != "pixel" and minimum_megapixels(minimum, rtype) > 5:
         out.append(error(BACKENDS, f"{b.id}.minimum_image_size", f"{minimum:g} is read as megapixels for an area "
                                                                  "dataset; SimpleTuner refuses values above 5",

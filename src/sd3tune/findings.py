@@ -6,7 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-_LINE = re.compile(r" \(line (\d+)\)")
+_LINE = re.compile(r" \(line (\d+)\)")  # KEY (line N)
+_BARE_LINE = re.compile(r"line (\d+)(?: column \d+)?")  # a line that is no KEY=VALUE, or a JSON syntax error
 
 
 def at_line(key: str, line: int) -> str:
@@ -27,10 +28,13 @@ class Finding:
         return f"{where}: {self.message}" + (f" — {self.hint}" if self.hint else "")
 
     def as_dict(self) -> dict:
-        """For --json: the key as the user spells it, and its config.env line apart (``line`` null elsewhere)."""
-        line = _LINE.search(self.key)
-        return {"severity": self.severity, "file": self.file, "key": _LINE.sub("", self.key, count=1),
-                "line": int(line[1]) if line else None, "message": self.message, "hint": self.hint}
+        """For --json: the key as the user spells it (null for none, or a whole line) and the line apart (null where
+        there is none)."""
+        bare = _BARE_LINE.fullmatch(self.key)
+        line = bare or _LINE.search(self.key)
+        key = None if bare or not self.key else _LINE.sub("", self.key, count=1)
+        return {"severity": self.severity, "file": self.file, "key": key, "line": int(line[1]) if line else None,
+                "message": self.message, "hint": self.hint}
 
 
 def error(file: str, key: str, message: str, hint: str = "") -> Finding:

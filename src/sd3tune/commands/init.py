@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from sd3tune.findings import Finding, error, warning
 from sd3tune.fsutil import absolute_model, atomic_write_text, refuse_existing
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
+from sd3tune.simpletuner.caches import run_bucket_suffix
 from sd3tune.simpletuner.files import RunPaths, render_backends, render_env, render_json
 
 
@@ -135,8 +135,7 @@ def build_run(opts: InitOptions) -> InitResult:
     image = {"id": ident, "instance_data_dir": str(data), "caption_strategy": strategy,
              "resolution": config.data.resolution, "resolution_type": config.data.resolution_type,
              "cache_dir_vae": str(paths.cache / "vae" / ident),
-             # SimpleTuner keeps its bucket cache in the image folder: one per run, or runs sharing it mix settings
-             "cache_file_suffix": f"{ident}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"}
+             "cache_file_suffix": run_bucket_suffix(ident, run_dir)}
     if strategy == "instanceprompt":
         image["instance_prompt"] = opts.trigger
     if config.data.minimum_image_size is not None:

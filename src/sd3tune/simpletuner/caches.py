@@ -70,6 +70,12 @@ def image_fingerprints(folder: Path) -> dict[str, list[int]]:
     return out
 
 
+def run_bucket_suffix(dataset_id: str, run_root: Path) -> str:
+    """The ``cache_file_suffix`` init gives a dataset: its own per run folder, as SimpleTuner keeps the bucket cache
+    in the image folder and fills in (or puts back) settings from it, so runs sharing one mixed their settings."""
+    return f"{dataset_id}-{hashlib.sha1(str(run_root.resolve()).encode()).hexdigest()[:8]}"
+
+
 def bucket_files(backend: ImageBackend, paths: RunPaths) -> list[Path]:
     """The dataset's aspect-bucket cache files (indices first), whether or not they exist."""
     folder = paths.resolve(backend.instance_data_dir)

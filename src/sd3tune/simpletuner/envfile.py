@@ -27,6 +27,7 @@ from sd3tune.errors import UnsafeValueError
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LINE_END = re.compile(r"\r\n|\r|\n")  # universal newlines: what ends a line for SimpleTuner's parser
 _DOUBLE_QUOTE_SPECIAL = set('$`\\"!')
+_SHELL_EXPANSION = re.compile(r"\$[({A-Za-z_]|`")  # $(...), ${...}, $VAR or `...`
 
 
 def quote_value(key: str, value: str) -> str:
@@ -68,6 +69,12 @@ class EnvLine:
     value: str  # after SimpleTuner's unquoting and whitespace rejoin
     line: int
     append: bool = False
+    raw: str = ""  # the value as written, quotes included
+
+    @property
+    def shell_expands(self) -> bool:
+        """Whether bash sourcing the file would run or expand part of the value (SimpleTuner reads it as text)."""
+        return not self.raw.startswith("'") and bool(_SHELL_EXPANSION.search(self.raw))
 
 
 @dataclass(frozen=True)
@@ -95,16 +102,16 @@ def parse_env_text(text: str) -> tuple[list[EnvLine], list[MalformedLine]]:
         if "+=" in line:
             key, value = line.split("+=", 1)
             words = value.strip('"').strip("'").strip().split()
-            entries.append(EnvLine(key.strip(), " ".join(words), number, append=True))
+            entries.append(EnvLine(key.strip(), " ".join(words), number, append=True, raw=value.strip()))
         elif "=" in line:
             key, value = line.split("=", 1)
-            value = value.strip()
+            value = raw = value.strip()
             if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
                 value = value[1:-1]
             elif value in ('"', "'"):
                 # SimpleTuner's startswith/endswith test treats a lone quote as an empty quoted value
                 value = ""
-            entries.append(EnvLine(key.strip(), " ".join(value.split()), number))
+            entries.append(EnvLine(key.strip(), " ".join(value.split()), number, raw=raw))
         else:
             malformed.append(MalformedLine(number, line))
     return entries, malformed

@@ -232,6 +232,18 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> bool:
             run.findings.append(error(name, f"line {entry.line}",
                                       f"'+=' makes SimpleTuner treat this line as an append to {entry.key!r}",
                                       "values must not contain '+='; use KEY='value'"))
+    first: dict[str, int] = {}
+    for entry in entries:
+        if entry.key in first and not entry.append:
+            run.findings.append(warning(name, at_line(entry.key, entry.line),
+                                        f"also set on line {first[entry.key]}; SimpleTuner takes this later value",
+                                        "keep one line per key"))
+        first.setdefault(entry.key, entry.line)
+        if entry.shell_expands:
+            run.findings.append(warning(name, at_line(entry.key, entry.line),
+                                        "holds $(...), `...` or $VAR outside single quotes: SimpleTuner reads it as "
+                                        "text, but a shell that sources config.env runs or expands it",
+                                        "single-quote the value, as sd3tune init writes values"))
     resolved = envfile.resolve(entries)
     dropped: list[tuple[str, str, str]] = []  # (KEY, option, where) of KEY=false lines SimpleTuner drops
     for key, (value, line) in resolved.items():

@@ -325,6 +325,12 @@ def test_a_dataset_without_its_own_resolution_trains_at_resolution_and_says_so(t
     assert read_safetensors_header(lora)[0]["sd3tune.resolution"] == "128"
 
 
+def test_train_says_checks_warnings_for_a_user_who_skipped_check(tiny_init_options):
+    run_init(tiny_init_options)  # the tiny settings train at a learning rate check calls high
+    r = sd3tune("train", tiny_init_options.run_dir, "--dry-run")
+    assert r.code == 0 and re.search(r"^warning: config.env:LEARNING_RATE \(line \d+\): 0.002 is high", r.err, re.M)
+
+
 def test_stray_shell_variables_do_not_leak_into_the_run(tiny_init_options):
     run_init(tiny_init_options)
     r = sd3tune("train", tiny_init_options.run_dir, "--dry-run",

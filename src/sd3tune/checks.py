@@ -101,6 +101,7 @@ class Context:
     backends: list[ImageBackend | TextEmbedsBackend] | None = None  # run.backends, or the valid part of them
     backends_partial: bool = False  # some dataset entries were invalid (already reported) and are left out
     scans: dict[Path, ScanResult] = field(default_factory=dict)
+    resume: bool = False  # checked for `sd3tune train --resume`: a checkpoint in the output folder is expected
 
     @property
     def root(self) -> Path:
@@ -137,8 +138,9 @@ class Context:
 # ----------------------------------------------------------------------------------------------- entry point
 
 
-def check_run(run_dir: str | Path, gpus: int = 1) -> CheckReport:
-    """Read and check a run folder; never raises for a user mistake."""
+def check_run(run_dir: str | Path, gpus: int = 1, resume: bool = False) -> CheckReport:
+    """Read and check a run folder (for a training on ``gpus``, resuming or not); never raises for a user
+    mistake."""
     catalog = load_catalog()
     try:
         run = read_run(run_dir, catalog)
@@ -151,7 +153,7 @@ def check_run(run_dir: str | Path, gpus: int = 1) -> CheckReport:
     findings = list(run.findings)
     # Nothing read from a config file that could not be parsed (the reader says why): no config rule applies.
     cfg, bad = best_effort_config(run, catalog) if run.config_read else (None, set())
-    ctx = Context(run, catalog, cfg, bad, max(1, gpus), Summary())
+    ctx = Context(run, catalog, cfg, bad, max(1, gpus), Summary(), resume=resume)
     ctx.backends, ctx.backends_partial = best_effort_backends(run)
     for rule in RULES:
         findings += _guarded(rule, ctx)
@@ -491,7 +493,7 @@ def check_paths(ctx: Context) -> list[Finding]:
         else:
             out += _unwritable(output, f, ctx.where("output_dir"))
         out += _in_another_run(ctx, output, f, ctx.where("output_dir"), ctx.run.paths.output)
-        conflict = output_conflict(output, resume=False, steps=None) if output.is_dir() else None
+        conflict = output_conflict(output, resume=ctx.resume, steps=None) if output.is_dir() else None
         if conflict:  # a finished or interrupted run: train refuses until the user says what they want
             out.append(warning(f, ctx.where("output_dir"), f"{conflict[0]}, so `sd3tune train` refuses",
                                conflict[1]))

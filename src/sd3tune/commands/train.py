@@ -31,6 +31,7 @@ class TrainOptions:
     accelerate_config: Path | None = None
     extra_accelerate_args: list[str] = field(default_factory=list)
     cuda_graphs: bool = False  # replay the transformer's training passes from CUDA graphs (compat fix 9)
+    warnings: bool = True  # say check's warnings (through on_status) before launching
 
 
 @dataclass
@@ -44,7 +45,7 @@ class TrainResult:
 
 def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
     """Validate the run and build the launch (raises ConfigError with every finding on a broken run)."""
-    report = check_run(opts.run_dir, gpus=opts.gpus)
+    report = check_run(opts.run_dir, gpus=opts.gpus, resume=opts.resume)
     errors = report.errors
     if errors:
         raise ConfigError(f"{len(errors)} problem(s) in {opts.run_dir}, first: {errors[0].render()}",
@@ -101,6 +102,8 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
               on_status: Callable[[str], None] | None = None) -> TrainResult:
     plan, report = prepare(opts)
     result = TrainResult(plan)
+    for finding in report.warnings if on_status and opts.warnings else []:  # for a user who skipped `check`
+        on_status(f"warning: {finding.render()}")
     if opts.dry_run:
         return result
     cfg = report.run.config

@@ -107,6 +107,10 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     report = evaluated.report.read_text()
     assert "| model | CLIP score" in report and "](contact_sheet.png)" in report
     assert data["best"]["rule"] in report and "Inception" in report
+    # the best model is named as the table names it ("LoRA", not the label "lora")
+    best_title = data["models"][data["best"]["label"]]["title"]
+    assert data["best"]["title"] == best_title and f"**{best_title}** — " in report
+    assert f"<b>{best_title}</b> — " in evaluated.report_html.read_text()
     assert "<table>" in evaluated.report_html.read_text()
     # every image is on disk with its provenance
     first = evaluated.out / data["models"]["checkpoint-10"]["images"][0][0]
@@ -400,6 +404,8 @@ def test_default_prompts_and_best_rule():
     metrics = {"base": m(99.0, 0.99), "lora": m(20.0, 0.5), "checkpoint-10": m(30.0, 0.6),
                "checkpoint-20": m(25.0, 0.55)}
     assert pick_best(models, metrics)["label"] == "checkpoint-10"  # base is never a candidate
+    models[1].title = "LoRA"
+    assert pick_best(models, {**metrics, "lora": m(40.0, 0.7)})["title"] == "LoRA"  # as the table names it
     tie = {"base": m(1.0, 0.1), "lora": m(20.0, 0.5), "checkpoint-10": m(20.0, 0.5), "checkpoint-20": m(20.0, 0.5)}
     assert pick_best(models, tie)["label"] == "lora"  # ties go to the later step; the final LoRA is the last
 
@@ -434,3 +440,39 @@ def test_contact_sheet_labels_draw_accented_prompts():
         return contact_sheet(cells, [label], ["base"], cell=8).tobytes()
 
     assert sheet("a café") != sheet("a cafü") != sheet("a caf\u25a1")
+
+
+def test_the_table_shows_no_negative_zero_and_no_spread_for_a_single_value():
+    # drift printed as "-0.000 ± 0.000", and KID as "x ± 0.0000" when only one subset was possible
+    def stat(mean, std, n):
+        return {"mean": mean, "std": std, "n": n}
+
+    metrics = {"base": {"clip_score": stat(30.0, 1.0, 4), "style_similarity": stat(0.5, 0.01, 2),
+                        "diversity": stat(0.2, 0.0, 1), "kid": stat(0.01, 0.0, 1), "drift": stat(0.0, 0.0, 2)},
+               "lora": {"clip_score": stat(31.0, 1.0, 4), "style_similarity": stat(0.6, 0.01, 2),
+                        "diversity": stat(0.1, 0.0, 1), "kid": stat(0.005, 0.0, 1),
+                        "drift": stat(-1e-9, 1e-10, 2)}}
+    table = format_table({"models": {k: {"title": k, "metrics": v} for k, v in metrics.items()},
+                          "best": {"label": "lora"}})
+    assert "-0.000" not in table and "0.000 ± 0.000" in table
+    lora = table.splitlines()[2]
+    assert "0.0050 " in lora + " " and "0.0050 ±" not in lora and "0.100 ±" not in lora
+
+
+def test_kid_from_the_only_possible_subsets_is_one_value():
+    # as many training images as concept-prompt images: every random subset is all of them
+    import torch
+
+    from sd3tune.evaluation import ModelImages, _kid
+
+    torch.manual_seed(0)
+    real = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    models = [ModelImages(label, label, kind, None, None, 1.0, []) for label, kind in (("base", "base"),
+                                                                                        ("lora", "lora"))]
+    embeddings = {m.label: torch.nn.functional.normalize(torch.randn(2, 2, 8), dim=-1) for m in models}
+    notes: list[str] = []
+    _, values = _kid(models, [0, 1], 2, real, embeddings, "clip", notes)
+    assert all(v["n"] == 1 and v["std"] == 0.0 for v in values.values()), values
+    assert any("one value" in n for n in notes)
+    _, values = _kid(models, [0], 2, real, embeddings, "clip", [])  # 2-image subsets of 4 training images
+    assert all(v["n"] > 1 and v["std"] > 0 for v in values.values()), values

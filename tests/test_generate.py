@@ -234,6 +234,13 @@ def test_user_errors(trained_run, tiny_model, tmp_path):
                                    *needles)
 
 
+def test_count_errors_say_what_to_pass(tmp_path):
+    for args, needle in ((["-n", "0"], "--num-images 0 must be at least 1"), (["--steps", "0"], "--steps 0"),
+                         (["--batch-size", "0"], "--batch-size 0")):
+        r = sd3tune("generate", "-p", "x", "--out", tmp_path, *args)
+        assert_one_line_user_error(r, needle, "(hint: ")
+
+
 def test_a_file_that_is_not_an_sd3_lora_is_refused_before_any_model_loads(tmp_path):
     # e.g. a CLIP model's model.safetensors: without --model, generate tried the default Hub model first and failed
     # with a misleading "cannot load stabilityai/..."; the file's keys are read from its header before any load

@@ -442,6 +442,10 @@ def _kid(models: Sequence[ModelImages], concept: list[int], n_seeds: int, real: 
         return info, {}
     if subset < 50:
         notes.append(f"KID on {subset}-image subsets: a rough estimate (more concept prompts or --seeds narrow it)")
+    single = n_real == subset and n_fake == subset  # every random subset is the whole set: one value, no spread
+    if single:
+        notes.append(f"KID: {subset} training and {subset} concept-prompt images, so every subset is all of them: "
+                     "one value, without a standard deviation")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the features are given: KID's own feature network is the identity
         kid = KernelInceptionDistance(feature=torch.nn.Identity(), subsets=KID_SUBSETS, subset_size=subset,
@@ -455,7 +459,8 @@ def _kid(models: Sequence[ModelImages], concept: list[int], n_seeds: int, real: 
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)  # the same random subsets for every model
                 mean, std = kid.compute()
-            values[m.label] = {"mean": float(mean), "std": float(std), "n": KID_SUBSETS}
+            values[m.label] = {"mean": float(mean), "std": 0.0, "n": 1} if single else \
+                {"mean": float(mean), "std": float(std), "n": KID_SUBSETS}
             kid.reset()  # keeps the real features
     return info, values
 
@@ -464,7 +469,7 @@ def pick_best(models: Sequence[ModelImages], metrics: dict[str, dict[str, Any]])
     """Apply BEST_RULE to the LoRA candidates; returns the winner, the rule and every candidate's score."""
     candidates = [m for m in models if m.kind != "base"]
     if not candidates:
-        return {"label": None, "rule": BEST_RULE, "scores": {}}
+        return {"label": None, "title": None, "rule": BEST_RULE, "scores": {}}
     z: dict[str, float] = {m.label: 0.0 for m in candidates}
     used = []
     for metric in ("clip_score", "style_similarity"):
@@ -486,16 +491,33 @@ def pick_best(models: Sequence[ModelImages], metrics: dict[str, dict[str, Any]])
     top = max(scores.values())
     tied = [label for label, s in scores.items() if top - s <= TIE_TOLERANCE]
     best = max(tied, key=lambda label: (step_key(label), order[label][0]))
-    return {"label": best, "rule": BEST_RULE, "metrics_used": used, "scores": scores}
+    title = candidates[order[best][0]].title  # as the tables name it (the label is the images/ folder's name)
+    return {"label": best, "title": title, "rule": BEST_RULE, "metrics_used": used, "scores": scores}
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 
 def fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
+    """``mean ± std``; the mean alone when it is a single value (n 1: no spread to show). A value that rounds to
+    zero shows as 0, never -0."""
     if not stat or stat.get("mean") is None:
         return "n/a"
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    mean = _rounded(stat["mean"], digits)
+    if stat.get("n") == 1 or stat.get("std") is None:
+        return mean
+    return f"{mean} ± {_rounded(stat['std'], digits)}"
+
+
+def _rounded(value: float, digits: int) -> str:
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def _title(data: dict[str, Any], label: str | None) -> str:
+    """A model's name as the tables show it (its title), from its label."""
+    model = data["models"].get(label) if label is not None else None
+    return model["title"] if model else str(label)
 
 
 TABLE_COLUMNS = (("clip_score", "CLIP score ↑", 2), ("style_similarity", "style sim. ↑", 3),
@@ -528,14 +550,15 @@ def render_markdown(data: dict[str, Any], sheet_name: str) -> str:
         lines.append("| " + " | ".join([name] + [fmt(m["metrics"][k], d) for k, _, d in TABLE_COLUMNS]) + " |")
     ref = data["reference"]["training_style_similarity"]
     lines += ["", f"Reference: the training images' own style similarity is {fmt(ref)}.", ""]
-    lines += ["## Best checkpoint", "", f"**{data['best']['label']}** — {data['best']['rule']}.", ""]
+    lines += ["## Best checkpoint", "", f"**{_title(data, best)}** — {data['best']['rule']}.", ""]
     if data["best"]["scores"]:
         lines += ["| candidate | score |", "|---|---|"]
-        lines += [f"| {k} | {v:+.3f} |" for k, v in data["best"]["scores"].items()]
+        lines += [f"| {_title(data, k)} | {v:+.3f} |" for k, v in data["best"]["scores"].items()]
         lines.append("")
     lines += ["## What the numbers mean", ""]
     lines += [f"- **{k}**: {v}" for k, v in data["definitions"].items()]
-    lines += ["- std is the sample standard deviation across prompts and seeds (KID: across random subsets)."]
+    lines += ["- std is the sample standard deviation across prompts and seeds (KID: across random subsets); a value "
+              "without ± is a single one (n = 1)."]
     if data["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
     return "\n".join(lines) + "\n"
@@ -563,7 +586,7 @@ def render_html(data: dict[str, Any], sheet_name: str) -> str:
             f"{e(_sampler_text(data['sampler']))}; seeds {e(', '.join(map(str, data['seeds'])))}</p>"
             f"<h2>Prompts</h2><ol>{prompts}</ol><h2>Images</h2><img src='{e(sheet_name)}'>"
             f"<h2>Metrics (mean ± std)</h2><table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
-            f"<h2>Best checkpoint</h2><p><b>{e(str(best))}</b> — {e(data['best']['rule'])}.</p>"
+            f"<h2>Best checkpoint</h2><p><b>{e(_title(data, best))}</b> — {e(data['best']['rule'])}.</p>"
             f"<h2>What the numbers mean</h2><ul>{defs}</ul>" + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""))
 
 

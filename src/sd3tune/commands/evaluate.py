@@ -75,7 +75,8 @@ def _check_options(opts: EvaluateOptions) -> None:
     if opts.seeds < 1:
         raise Sd3tuneError(f"--seeds {opts.seeds} must be at least 1", hint="2 or more also measures diversity")
     if opts.batch_size < 1:
-        raise Sd3tuneError(f"--batch-size {opts.batch_size} must be at least 1")
+        raise Sd3tuneError(f"--batch-size {opts.batch_size} must be at least 1",
+                           hint="images per pipeline call; the default is 4, lower it when memory runs out")
     if opts.lora_scale < 0:
         raise Sd3tuneError(f"LoRA scale {opts.lora_scale} must not be negative", hint="0 gives the base model")
     from sd3tune.inference import check_runtime_choices

@@ -126,7 +126,7 @@ def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[st
                                hint="e.g. 1024, 1152 or 768")
     if opts.steps is not None:
         if opts.steps < 1:
-            raise Sd3tuneError(f"--steps {opts.steps} must be at least 1")
+            raise Sd3tuneError(f"--steps {opts.steps} must be at least 1", hint="SD3 Medium's default is 28")
         s.steps = opts.steps
     if opts.guidance is not None:
         if opts.guidance < 0:
@@ -145,11 +145,13 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
     check_runtime_choices(opts.device, opts.dtype, opts.offload)
     prompts = read_prompts(opts)
     if opts.num_images < 1:
-        raise Sd3tuneError(f"--num-images {opts.num_images} must be at least 1")
+        raise Sd3tuneError(f"--num-images {opts.num_images} must be at least 1",
+                           hint="-n N makes N images per prompt, at seeds --seed, --seed + 1, ...")
     if opts.scale < 0:
         raise Sd3tuneError(f"--scale {opts.scale} must not be negative", hint="0 gives the base model")
     if opts.batch_size < 1:
-        raise Sd3tuneError(f"--batch-size {opts.batch_size} must be at least 1")
+        raise Sd3tuneError(f"--batch-size {opts.batch_size} must be at least 1",
+                           hint="images per pipeline call; the default is 4, lower it when memory runs out")
     lora = resolve_lora(opts.lora) if opts.lora is not None else None
     model, settings, notes = resolve_settings(opts, lora)
     if lora is None and opts.scale != 1.0:

@@ -457,6 +457,17 @@ def test_hand_edits_simpletuner_reads_differently_from_a_shell_warn(make_run):
     assert _section(check(run)[0].output, "warning").count("holds $(") == 1
 
 
+def test_captions_beside_the_images_that_the_caption_strategy_leaves_unused_warn(make_run):
+    run, data = make_run()
+    backend_set(run, caption_strategy="filename")
+    warnings = _section(check(run)[0].output, "warning")
+    assert "images.caption_strategy: 8 images have a .txt caption beside them, and caption_strategy filename " \
+           "leaves them unused" in warnings
+    for caption in data.glob("*.txt"):
+        caption.unlink()
+    assert "caption_strategy" not in check(run)[0].output
+
+
 def test_a_copied_run_keeps_the_originals_bucket_cache_suffix_and_is_told(make_run, tmp_path):
     run, _ = make_run()
     assert "cache_file_suffix" not in check(run)[0].output

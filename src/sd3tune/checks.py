@@ -710,6 +710,12 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
             captions.add(b.instance_prompt)
     else:
         captions.update(i.path.stem.replace("_", " ") for i in scan.images)
+    with_text = sum(1 for i in scan.images if i.caption)
+    if b.caption_strategy != "textfile" and with_text:
+        out.append(warning(BACKENDS, f"{b.id}.caption_strategy", f"{with_text} images have a .txt caption beside "
+                                                                 f"them, and caption_strategy {b.caption_strategy} "
+                                                                 "leaves them unused",
+                           "set caption_strategy to textfile to train on them"))
     out += _caption_tokens(b, folder, captions)
 
     # sizes and buckets (meets_resolution_requirements, calculate_new_size_by_*)

@@ -86,6 +86,10 @@ def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
 
 
+def _listed(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
+
+
 def _read_record(folder: Path) -> dict:
     """The record beside the latents; empty when there is none (nothing is known) or it is unreadable."""
     record = folder / RECORD
@@ -112,7 +116,7 @@ def _prepare(backend: ImageBackend, model: str, paths: RunPaths) -> list[str]:
         stale = [p for p in stale if p.is_file()]
         if stale:
             what = f"were made with other settings ({_describe(changed)})" if reshaped else \
-                f"are of images changed since ({', '.join(edited[:5])}{' ...' if len(edited) > 5 else ''})"
+                f"are of images changed since ({_listed(edited)})"
             if not cache.resolve().is_relative_to(paths.root.resolve()):
                 raise Sd3tuneError(f"cached latents in {cache} {what}; SimpleTuner would train on them unchanged",
                                    hint=f"delete the .pt files in {cache}, or point dataset {backend.id}'s "
@@ -125,10 +129,11 @@ def _prepare(backend: ImageBackend, model: str, paths: RunPaths) -> list[str]:
             buckets = [f for f in bucket_files(backend, paths) if f.is_file()]
             for file in buckets:
                 file.unlink()
-            if buckets and not reshaped and not edited:
-                notes.append(f"dataset {backend.id}: SimpleTuner's bucket cache {buckets[0].name} was made with other "
-                             f"settings ({_describe(changed)}) and would have overridden them; cleared, SimpleTuner "
-                             "scans the images again")
+            if buckets and not stale:  # (a note about latents already says what changed)
+                why = f"other settings ({_describe(changed)}), which it would have put back" if changed else \
+                    f"images changed since ({_listed(edited)})"
+                notes.append(f"dataset {backend.id}: SimpleTuner's bucket cache {buckets[0].name} was made with "
+                             f"{why}; cleared, SimpleTuner scans the images again")
     atomic_write_text(cache / RECORD, json.dumps({**settings, "images": prints}, indent=1) + "\n")
     return notes
 

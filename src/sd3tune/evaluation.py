@@ -262,9 +262,21 @@ class ClipModel:
             target, source = str(local.resolve()), "local folder"
         else:
             target, source = spec, "Hub"
+        hub_hint = (f"offline or not downloaded? fetch it once with `hf download {spec}`, or pass --clip-model PATH "
+                    "to a local CLIP folder")
+        local_only = False
+        if source == "Hub":  # fail fast, not after a minute of huggingface_hub's retries, when the Hub is out of reach
+            from sd3tune.inference import hub_unreachable, in_hub_cache
+
+            why = hub_unreachable()
+            if why is not None and not in_hub_cache(spec):
+                raise Sd3tuneError(f"cannot load CLIP model {spec}: it is not in the local Hugging Face cache and the "
+                                   f"Hub is out of reach: {why}" + ("" if origin is None else f" (from {origin})"),
+                                   hint=hub_hint)
+            local_only = why is not None  # cached: load it from the cache without asking the Hub
         try:
-            model = CLIPModel.from_pretrained(target).eval()
-            processor = CLIPProcessor.from_pretrained(target)
+            model = CLIPModel.from_pretrained(target, local_files_only=local_only).eval()
+            processor = CLIPProcessor.from_pretrained(target, local_files_only=local_only)
         except RuntimeError as exc:  # e.g. a text encoder alone: transformers reports mismatched/missing weights
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise Sd3tuneError(f"{what} cannot be loaded as a full CLIP model (vision + text): {first}",
@@ -272,8 +284,7 @@ class ClipModel:
         except (OSError, ValueError, TypeError, KeyError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             if source == "Hub":
-                hint = (f"offline or not downloaded? fetch it once with `hf download {spec}`, or pass --clip-model "
-                        "PATH to a local CLIP folder")
+                hint = hub_hint
             else:
                 hint = "the folder must hold a transformers CLIP model and its processor (save_pretrained)" + fix
             raise Sd3tuneError(f"cannot load CLIP model {spec}: {first}"

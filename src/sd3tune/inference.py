@@ -206,6 +206,35 @@ def check_runtime_choices(device: str, dtype: str, offload: str = "none") -> Non
             raise Sd3tuneError(f"{name} {value!r} is not one of {', '.join(allowed)}")
 
 
+HUB_PROBE_SECONDS = 3.0
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the Hugging Face Hub cannot be reached now, or None when it answers. Offline mode (HF_HUB_OFFLINE) says
+    so at once; otherwise one request to the Hub's endpoint (HF_ENDPOINT; proxies from the environment apply) with
+    a short timeout, where huggingface_hub itself would retry for about a minute before giving up."""
+    import httpx
+    from huggingface_hub import constants, is_offline_mode
+
+    if is_offline_mode():
+        return "offline mode is on (HF_HUB_OFFLINE)"
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout)  # any answer, even an error status, means it is reachable
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError, OSError) as exc:
+        return f"{constants.ENDPOINT} cannot be reached ({str(exc).strip() or type(exc).__name__})"
+    return None
+
+
+def in_hub_cache(repo_id: str, filename: str = "config.json") -> bool:
+    """Whether the local Hugging Face cache holds ``filename`` of the Hub model ``repo_id``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError:  # not a valid repo id: the loader says why
+        return False
+
+
 def quiet_libraries() -> None:
     """Keep diffusers/transformers to errors and no loading bars: sd3tune prints its own progress."""
     import warnings

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+
+# A Hugging Face Hub that cannot be reached (nothing listens on port 9), with offline mode off
+UNREACHABLE_HUB = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
+def hub_cache_with(folder: Path, repo_id: str, cache: Path) -> Path:
+    """Put ``folder`` into ``cache`` (HF_HUB_CACHE) as huggingface_hub would have downloaded the model ``repo_id``."""
+    repo, revision = cache / ("models--" + repo_id.replace("/", "--")), "0" * 40
+    shutil.copytree(folder, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return cache
 
 
 @dataclass

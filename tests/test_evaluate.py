@@ -212,7 +212,7 @@ def test_cli_command_prints_the_table_and_paths(trained_run, tiny_clip, tmp_path
     assert result.exit_code == 0, result.output
     assert f"metrics: {out / 'metrics.json'}" in result.output
     assert "contact_sheet.png" in result.output and "report.md" in result.output
-    assert "CLIP score" in result.output and "base" in result.output and "best: lora" in result.output
+    assert "CLIP score" in result.output and "base" in result.output and "best: LoRA (" in result.output
     data = json.loads((out / "metrics.json").read_text())
     assert list(data["models"]) == ["base", "lora"] and data["best"]["label"] == "lora"
     kinds = [p["kind"] for p in data["prompts"]]
@@ -478,14 +478,11 @@ def test_kid_from_the_only_possible_subsets_is_one_value():
     assert all(v["n"] > 1 and v["std"] > 0 for v in values.values()), values
 
 
-UNREACHABLE_HUB = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
-
-
 def test_an_unreachable_hub_fails_fast_with_the_one_line_error(trained_run, prompts_file, tmp_path):
     # offline without --clip-model (the default CLIP is a Hub id): huggingface_hub retried for ~50 s before the error
     import time
 
-    from helpers import assert_one_line_user_error, sd3tune
+    from helpers import UNREACHABLE_HUB, assert_one_line_user_error, sd3tune
 
     from sd3tune.defaults import DEFAULT_CLIP
 
@@ -501,18 +498,13 @@ def test_an_unreachable_hub_fails_fast_with_the_one_line_error(trained_run, prom
 
 
 def test_a_hub_clip_in_the_cache_loads_from_it_at_once_when_the_hub_is_out_of_reach(tiny_clip, tmp_path):
-    import shutil
     import subprocess
     import sys
     import time
 
-    from helpers import child_env
+    from helpers import UNREACHABLE_HUB, child_env, hub_cache_with
 
-    cache = tmp_path / "hub"  # the layout huggingface_hub downloads into
-    repo, revision = cache / "models--sd3tune-tests--tiny-clip", "0" * 40
-    shutil.copytree(tiny_clip, repo / "snapshots" / revision)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
+    cache = hub_cache_with(tiny_clip, "sd3tune-tests/tiny-clip", tmp_path / "hub")
     code = "from sd3tune.evaluation import ClipModel; print(ClipModel.load('sd3tune-tests/tiny-clip').source)"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

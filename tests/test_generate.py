@@ -255,6 +255,32 @@ def test_a_file_that_is_not_an_sd3_lora_is_refused_before_any_model_loads(tmp_pa
     assert "stabilityai" not in r.err and "Retrying" not in r.err
 
 
+def test_the_default_hub_model_out_of_reach_and_not_downloaded_is_one_line_before_anything_loads(tmp_path):
+    # diffusers spent ~20 s (imports, a Hub request) before a paragraph of advice; the cache is checked first now
+    from helpers import UNREACHABLE_HUB
+
+    from sd3tune.defaults import SD3M
+
+    r = sd3tune("generate", "-p", "x", "--out", tmp_path / "out",
+                env={**UNREACHABLE_HUB, "HF_HUB_CACHE": str(tmp_path / "empty-cache")})
+    assert_one_line_user_error(r, f"cannot load {SD3M}: it is not in the local Hugging Face cache", "127.0.0.1:9",
+                               f"hf download {SD3M}", "--model PATH")
+    assert "Retrying" not in r.err and not (tmp_path / "out").exists()
+
+
+def test_a_hub_model_in_the_cache_generates_with_the_hub_out_of_reach(tiny_model, tmp_path):
+    from helpers import UNREACHABLE_HUB, hub_cache_with
+
+    cache = hub_cache_with(tiny_model, "sd3tune-tests/tiny-sd3", tmp_path / "hub")
+    r = sd3tune("generate", "-p", PROMPT, "--model", "sd3tune-tests/tiny-sd3", "-n", "1", "--steps", "2",
+                "--width", "64", "--device", "cpu", "--out", tmp_path / "out",
+                env={**UNREACHABLE_HUB, "HF_HUB_CACHE": str(cache)})
+    assert r.code == 0, r.err[-3000:]
+    assert "Retrying" not in r.err
+    (png,) = (tmp_path / "out").glob("*.png")
+    assert json.loads(Image.open(png).text["sd3tune"])["model"] == "sd3tune-tests/tiny-sd3"
+
+
 def test_each_image_is_reported_as_soon_as_it_is_written(tiny_model, tmp_path, monkeypatch):
     # A caller (progress display, benchmark) hears of batch 1's images while batch 2 is still to be made.
     import threading

@@ -250,7 +250,8 @@ def evaluate_cmd(
         typer.echo(f"note: {note}", err=True)
     typer.echo(format_table(result.metrics))
     best = result.metrics["best"]
-    typer.echo(f"best: {best['label']} (* above; rule in metrics.json 'best.rule')")
+    if best["label"] is not None:  # named as the table names it
+        typer.echo(f"best: {best['title'] or best['label']} (* above; rule in metrics.json 'best.rule')")
     typer.echo(f"metrics: {result.metrics_file}")
     typer.echo(f"grid:    {result.sheet}")
     typer.echo(f"report:  {result.report} ({result.report_html.name} beside it)")

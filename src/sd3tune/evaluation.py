@@ -266,14 +266,10 @@ class ClipModel:
                     "to a local CLIP folder")
         local_only = False
         if source == "Hub":  # fail fast, not after a minute of huggingface_hub's retries, when the Hub is out of reach
-            from sd3tune.inference import hub_unreachable, in_hub_cache
+            from sd3tune.inference import hub_files_only
 
-            why = hub_unreachable()
-            if why is not None and not in_hub_cache(spec):
-                raise Sd3tuneError(f"cannot load CLIP model {spec}: it is not in the local Hugging Face cache and the "
-                                   f"Hub is out of reach: {why}" + ("" if origin is None else f" (from {origin})"),
-                                   hint=hub_hint)
-            local_only = why is not None  # cached: load it from the cache without asking the Hub
+            local_only = hub_files_only(spec, f"CLIP model {spec}" + ("" if origin is None else f" (from {origin})"),
+                                        "config.json", hint=hub_hint)
         try:
             model = CLIPModel.from_pretrained(target, local_files_only=local_only).eval()
             processor = CLIPProcessor.from_pretrained(target, local_files_only=local_only)

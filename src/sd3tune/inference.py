@@ -235,6 +235,20 @@ def in_hub_cache(repo_id: str, filename: str = "config.json") -> bool:
         return False
 
 
+def hub_files_only(repo_id: str, what: str, filename: str, hint: str) -> bool:
+    """Before loading ``what`` by its Hub id ``repo_id``: True when the Hub is out of reach but the local cache holds
+    it (``filename`` stands for it), so it loads with ``local_files_only`` at once; False when the Hub answers.
+    Out of reach and not cached: raises the one-line error with ``hint`` now, instead of after the loader's retries
+    and its page of advice."""
+    why = hub_unreachable()
+    if why is None:
+        return False
+    if not in_hub_cache(repo_id, filename):
+        raise Sd3tuneError(f"cannot load {what}: it is not in the local Hugging Face cache and the Hub is out of "
+                           f"reach: {why}", hint=hint)
+    return True
+
+
 def quiet_libraries() -> None:
     """Keep diffusers/transformers to errors and no loading bars: sd3tune prints its own progress."""
     import warnings
@@ -394,19 +408,23 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto", lora: L
                   drop_t5: bool = False, offload: Literal["none", "model", "sequential"] = "none",
                   shift: float | None = None) -> Pipeline:
     """Load the pipeline (and LoRA) once; ``Pipeline.fast_path`` then fuses and compiles it for many images."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-
+    local = model_folder(model)
+    if local is not None and not (local / "model_index.json").is_file():
+        raise Sd3tuneError(f"{model} is not a diffusers model folder (no model_index.json)",
+                           hint="pass an SD3 diffusers folder or the Hub id " + SD3M)
+    local_only = local is None and hub_files_only(
+        model, model, "model_index.json",
+        hint=f"download it once where the Hub is reachable (`hf download {model}`; gated models need `hf auth login` "
+             "and accepted terms), or pass --model PATH to a local diffusers folder")
     dev = pick_device(device)
     if offload != "none" and dev != "cuda":
         raise Sd3tuneError(f"--offload {offload} needs a CUDA GPU (it moves the model between GPU and CPU memory); "
                            f"this runs on {dev}", hint="drop --offload")
     torch_dtype = pick_dtype(dtype, dev)
-    local = model_folder(model)
-    if local is not None and not (local / "model_index.json").is_file():
-        raise Sd3tuneError(f"{model} is not a diffusers model folder (no model_index.json)",
-                           hint="pass an SD3 diffusers folder or the Hub id " + SD3M)
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
     quiet_libraries()
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": local_only}
     if drop_t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)
     try:

@@ -158,11 +158,23 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
         notes.append(f"--scale {opts.scale:g} ignored: no --lora")
     if opts.out.exists() and not opts.out.is_dir():
         raise Sd3tuneError(f"--out {opts.out} is a file", hint="pass a folder for the images")
+    created = not opts.out.exists()
     try:
         opts.out.mkdir(parents=True, exist_ok=True)  # before minutes of loading
     except OSError as exc:
         raise Sd3tuneError(f"cannot create the --out folder {opts.out}: {exc.strerror or exc}",
                            hint="pass a folder you can write to") from None
+    try:
+        return _generate(opts, prompts, lora, model, settings, notes, on_image, progress)
+    except BaseException:
+        if created and not any(opts.out.iterdir()):  # no image made: leave no empty folder behind
+            opts.out.rmdir()
+        raise
+
+
+def _generate(opts: GenerateOptions, prompts: list[str], lora: LoraSource | None, model: str,
+              settings: SamplerSettings, notes: list[str], on_image: Callable[[GeneratedImage], None] | None,
+              progress: bool) -> GenerateResult:
     if opts.drop_t5:
         notes.append("T5 dropped (--drop-t5): lower memory, weaker prompt following")
     if opts.fp8:

@@ -321,8 +321,15 @@ def test_compile_fast_path_fuses_the_lora_into_the_weights_without_changing_the_
     # the LoRA moves these images by >= 1/255 (test above); fusing it only rounds differently
     for a, b in zip(fused, lora_images):
         assert np.abs(pixels(a) - pixels(b)).mean() < 0.25
-    assert json.loads(Image.open(fused[0]).text["sd3tune"])["fused"] is True
+    recorded = json.loads(Image.open(fused[0]).text["sd3tune"])
+    assert recorded["fused"] is True and recorded["compiled"] is False  # nothing compiled on a CPU
     assert json.loads(Image.open(lora_images[0]).text["sd3tune"])["fused"] is False
+
+
+def test_compile_without_a_lora_records_nothing_fused(tiny_model, tmp_path):
+    image = gen(tmp_path, model=str(tiny_model), width=64, compile=True)[0]
+    recorded = json.loads(Image.open(image).text["sd3tune"])
+    assert recorded["lora"] is None and recorded["fused"] is None and recorded["compiled"] is False
 
 
 def test_a_relative_output_dir_is_read_from_the_run_folder(trained_run, tmp_path, monkeypatch):

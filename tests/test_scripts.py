@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -365,3 +366,25 @@ def test_bench_suite_takes_another_anchor_script_as_its_first_argument(tmp_path)
     proc = subprocess.run(["bash", str(SCRIPTS / "bench_suite.sh")], env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode != 0 and "usage: bench_suite.sh [ANCHOR_SCRIPT.py] OUT_DIR [DEADLINE_S]" in proc.stderr
+
+
+def test_gpu_host_installs_the_wheels_once_and_runs_the_suite_with_them_on_the_path(tmp_path):
+    # the lent GPU host: SimpleTuner's wheels go into SITE, which comes first on PYTHONPATH with the kit's stubs
+    anchor = tmp_path / "anchor.py"  # a stand-in anchor: records the path it ran with
+    anchor.write_text("import json, sys\nout = sys.argv[sys.argv.index('--out') + 1]\n"
+                      "json.dump({'path': sys.path}, open(out + '/anchor.json', 'w'))\n")
+    site, kit = tmp_path / "site", tmp_path / "kit"
+    (kit / "stubs").mkdir(parents=True)
+    env = child_env(PY=sys.executable, SIZE="tiny", WORK=str(tmp_path / "work"), TRAIN="", GEN="", SITE=str(site),
+                    KIT=str(kit), WHEELS=str(tmp_path / "no-wheels"))
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_host.sh"), str(anchor), str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"no wheels in {tmp_path / 'no-wheels'}" in proc.stderr, proc.stderr
+    (site / "simpletuner").mkdir(parents=True)  # installed by an earlier call: not installed again
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_host.sh"), str(anchor), str(tmp_path / "out"), "100"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^versions: torch [^,]+, .*simpletuner 4\.10\.1", proc.stdout, re.M), proc.stdout
+    assert re.search(r"=== anchor at \d+ s, (9\d|100) s left", proc.stdout) and "=== anchor exit 0" in proc.stdout
+    path = json.loads((tmp_path / "out" / "anchor.json").read_text())["path"]
+    assert path.index(str(site)) < path.index(str(SCRIPTS.parent / "src")) < path.index(str(kit / "stubs"))

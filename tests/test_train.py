@@ -343,6 +343,30 @@ def test_stray_shell_variables_do_not_leak_into_the_run(tiny_init_options):
     assert "SD3TUNE_CUDA_GRAPHS=1" in shlex.split(r.out.strip().splitlines()[-1].split(" && ", 1)[1])
 
 
+def test_a_hub_model_trains_from_the_cache_when_the_hub_is_out_of_reach_and_fails_at_once_when_not_cached(
+        tiny_init_options, tiny_model, tmp_path, monkeypatch):
+    # SimpleTuner failed ~40 s after launch with "does not appear to have a file named scheduler_config.json"
+    from dataclasses import replace
+
+    from helpers import UNREACHABLE_HUB, hub_cache_with
+
+    cache = hub_cache_with(tiny_model, "sd3tune-tests/tiny-sd3", tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    run = tiny_init_options.run_dir
+    run_init(replace(tiny_init_options, model="sd3tune-tests/tiny-sd3"))
+    r = sd3tune("train", run, "--dry-run", env={**UNREACHABLE_HUB, "HF_HUB_CACHE": str(tmp_path / "empty")})
+    assert_one_line_user_error(r, "cannot load sd3tune-tests/tiny-sd3: it is not in the local Hugging Face cache",
+                               "127.0.0.1:9", "hf download sd3tune-tests/tiny-sd3", "set MODEL_NAME to a local")
+    r = sd3tune("train", run, "--dry-run", env={**UNREACHABLE_HUB, "HF_HUB_CACHE": str(cache)})
+    assert "HF_HUB_OFFLINE=1" in shlex.split(r.out.strip().splitlines()[-1].split(" && ", 1)[1])  # cache only
+    r = sd3tune("train", run, env={**UNREACHABLE_HUB, "HF_HUB_CACHE": str(cache)})
+    assert r.code == 0, r.err[-3000:]
+    assert "Retrying" not in (run / "logs").joinpath(json.loads((run / "sd3tune.json").read_text())
+                                                     ["trainings"][-1]["log"]).read_text()
+    assert read_safetensors_header(run / "output" / keys.LORA_WEIGHT_NAME)[0]["sd3tune.base_model"] == \
+        "sd3tune-tests/tiny-sd3"
+
+
 def test_cuda_graphs_on_a_cpu_train_eagerly_and_say_why(tiny_init_options):
     run_init(tiny_init_options)
     r = sd3tune("train", tiny_init_options.run_dir, "--cuda-graphs")

@@ -18,6 +18,7 @@ import typer
 from sd3tune import __version__
 from sd3tune.defaults import DEFAULT_CLIP, SD3M
 from sd3tune.errors import Sd3tuneError
+from sd3tune.findings import plural
 
 app = typer.Typer(
     name="sd3tune",
@@ -200,7 +201,7 @@ def generate_cmd(
     if result.grid is not None:
         typer.echo(f"grid: {result.grid}", err=True)
     n = len(result.images)
-    typer.echo(f"{n} image(s) in {result.seconds:.1f} s ({result.seconds / max(n, 1):.2f} s/image) after "
+    typer.echo(f"{plural(n, 'image')} in {result.seconds:.1f} s ({result.seconds / max(n, 1):.2f} s/image) after "
                f"{result.load_seconds:.1f} s loading", err=True)
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sd3tune.defaults import DEFAULT_CLIP
 from sd3tune.errors import Sd3tuneError
+from sd3tune.findings import plural
 
 if TYPE_CHECKING:
     from sd3tune.simpletuner.files import RunPaths
@@ -387,7 +388,7 @@ def compute_metrics(models: Sequence[ModelImages], prompts: Sequence[EvalPrompt]
         notes.append("one seed per prompt: diversity was not computed (use --seeds 2 or more)")
     long = clip.truncated([p.text for p in prompts])
     if long:
-        notes.append(f"{len(long)} prompt(s) longer than CLIP's {clip.max_text_tokens} tokens: their CLIP score "
+        notes.append(f"{plural(len(long), 'prompt')} longer than CLIP's {clip.max_text_tokens} tokens: their CLIP score "
                      "reads only the start")
 
     real = clip.image_embeddings(real_images, batch_size, "CLIP training images", progress)

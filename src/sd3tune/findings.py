@@ -10,6 +10,11 @@ _LINE = re.compile(r" \(line (\d+)\)")  # KEY (line N)
 _BARE_LINE = re.compile(r"line (\d+)(?: column \d+)?")  # a line that is no KEY=VALUE, or a JSON syntax error
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``n`` and ``word`` in the number it takes: "1 image", "2 images" (``many``: an irregular plural)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 def at_line(key: str, line: int) -> str:
     """Where a config.env entry is, as findings show it: ``KEY (line N)``."""
     return f"{key} (line {line})"

@@ -15,6 +15,7 @@ from sd3tune import __version__
 from sd3tune.config.models import RunConfig
 from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
+from sd3tune.findings import plural
 from sd3tune.fsutil import file_sha256, model_folder
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.files import LoadedRun, checkpoints, find_run_root, read_run
@@ -315,6 +316,7 @@ class Pipeline:
     adapter: str | None = None
     fused: bool = False  # the LoRA is folded into the weights (fast_path); its scale is fixed
     fp8: bool = False  # the blocks' matmuls run in FP8 (fast_path(fp8=True))
+    compiled: bool = False  # the blocks and the VAE decoder are compiled (fast_path on CUDA)
     offload: str = "none"
     _embeddings: dict = field(default_factory=dict, repr=False)
 
@@ -379,8 +381,8 @@ class Pipeline:
             self.pipe.fuse_lora(components=["transformer"], lora_scale=1.0, adapter_names=[self.adapter])
             self.pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
             self.adapter = None
+            self.fused = True
             notes.append("LoRA fused into the transformer weights")
-        self.fused = True
         if fp8:
             from sd3tune.fp8 import quantize_blocks
 
@@ -395,11 +397,12 @@ class Pipeline:
         compile_blocks(self.pipe.transformer)
         self.pipe.vae.enable_slicing()  # decode one image at a time: one compiled graph for any batch size
         self.pipe.vae.decoder.compile(dynamic=False)
+        self.compiled = True
         what = "matmuls in FP8" if fp8 else "feed-forward GELUs fused into their matmuls"
         notes.append(f"transformer blocks ({what}) and VAE decoder compiled: the first batch takes ~15-25 s longer, "
                      "later images ~30% less")
         if images is not None and images < COMPILE_PAYS_OFF:
-            notes.append(f"--compile for {images} image(s): at 1024 px compiling (~15 s) pays off from "
+            notes.append(f"--compile for {plural(images, 'image')}: at 1024 px compiling (~15 s) pays off from "
                          f"~{COMPILE_PAYS_OFF} images")
         return notes
 
@@ -604,7 +607,8 @@ def provenance(p: Pipeline, prompt: str, seed: int, s: SamplerSettings, scale: f
             "lora_adapter_weight": weight if p.lora else None, "max_sequence_length": p.t5_length(s),
             "drop_t5": p.pipe.text_encoder_3 is None,
             "scheduler_shift": getattr(p.pipe.scheduler.config, "shift", None), "dtype": str(p.dtype).replace("torch.", ""),
-            "device": p.device, "fused": p.fused, "fp8": p.fp8, "sd3tune_version": __version__}
+            "device": p.device, "fused": p.fused if p.lora else None, "fp8": p.fp8, "compiled": p.compiled,
+            "sd3tune_version": __version__}
 
 
 def chunks(seq: list[int], size: int) -> Iterator[list[int]]:

@@ -12,6 +12,7 @@ from sd3tune.checks import check_run
 from sd3tune.config.dataset import ImageBackend
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
+from sd3tune.findings import plural
 from sd3tune.fsutil import file_sha256
 from sd3tune.inference import read_safetensors_header
 from sd3tune.manifest import now, package_versions, update_manifest
@@ -48,7 +49,7 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
     report = check_run(opts.run_dir, gpus=opts.gpus, resume=opts.resume)
     errors = report.errors
     if errors:
-        raise ConfigError(f"{len(errors)} problem(s) in {opts.run_dir}, first: {errors[0].render()}",
+        raise ConfigError(f"{plural(len(errors), 'problem')} in {opts.run_dir}, first: {errors[0].render()}",
                           hint=f"run `sd3tune check {opts.run_dir}` for the full list", findings=report.findings)
     cfg = report.run.config
     assert cfg is not None and report.run.format is not None
@@ -66,6 +67,15 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
     plan = build_launch(report.run.paths.root, report.run.format, cfg.precision.mixed_precision, gpus=opts.gpus,
                         accelerate_config=accelerate_config, extra_accelerate_args=opts.extra_accelerate_args,
                         cuda_graphs=opts.cuda_graphs)
+    model = cfg.model.name_or_path
+    if not report.run.paths.resolve(model).exists():  # a Hub id (check passed): SimpleTuner fails only after start-up
+        from sd3tune.inference import hub_files_only
+
+        key = report.run.key_for("pretrained_model_name_or_path", located=False)
+        if hub_files_only(model, model, "model_index.json",
+                          hint=f"download it once where the Hub is reachable (`hf download {model}`; gated models "
+                               f"need `hf auth login` and accepted terms), or set {key} to a local diffusers folder"):
+            plan.env["HF_HUB_OFFLINE"] = "1"  # in the cache: SimpleTuner loads it from there without asking the Hub
     return plan, report
 
 
@@ -115,7 +125,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     log = (paths.logs / f"train-{stamp}.log").resolve()  # absolute in the manifest, wherever train ran from
     result.log = log
     if on_status:
-        on_status(f"launching SimpleTuner ({opts.gpus} process(es)); full log: {log}")
+        on_status(f"launching SimpleTuner ({plural(opts.gpus, 'process', 'processes')}); full log: {log}")
     start = time.perf_counter()
     last_phase = None
 

@@ -98,6 +98,9 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     assert made["model"] == text["sd3tune:model"] == data["model"]
     assert made["lora"] == text["sd3tune:lora"] == data["lora"]["file"]
     assert made["lora_sha256"] == text["sd3tune:lora_sha256"] == data["lora"]["sha256"]
+    assert (made["steps"], made["width"], made["device"]) == (data["sampler"]["steps"], data["sampler"]["width"],
+                                                              data["device"])
+    assert "prompt" not in made and "seed" not in made and "lora_adapter_weight" not in made  # per cell / column
     assert made["prompts"] == json.loads(text["sd3tune:prompts"]) == [p["text"] for p in data["prompts"]]
     assert made["seeds"] == [0] and (made["rows"], made["columns"]) == ("prompt", "model")
     assert made["column_labels"] == ["base", "LoRA", "checkpoint-10"]

@@ -242,7 +242,8 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
         _remove_previous(out)
 
     t = time.perf_counter()
-    models, device, dtype = _generate(opts, model, lora, settings, prompts, seeds, candidates, out, progress)
+    models, made_with = _generate(opts, model, lora, settings, prompts, seeds, candidates, out, progress)
+    device = made_with["device"]
     timings["generate"] = time.perf_counter() - t
 
     from sd3tune.evaluation import compute_metrics, pick_best
@@ -276,7 +277,7 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
         "training_images": {"folders": [str(f) for f in train.folders], "used": len(train.images),
                             "total": train.total},
         "device": device,
-        "dtype": dtype,
+        "dtype": made_with["dtype"],
         "models": {m.label: {"title": m.title, "kind": m.kind, "step": m.step,
                              "lora_file": str(m.lora_file) if m.lora_file else None,
                              "lora_sha256": sha256[m.label],
@@ -293,7 +294,7 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     }
     timings["total"] = time.perf_counter() - start
     data["timings"] = timings
-    paths = _write_outputs(out, data, models, prompts, settings)
+    paths = _write_outputs(out, data, made_with, models, prompts, settings)
     _record_in_manifest(run_dir, out, data)
     return EvaluateResult(out, paths["metrics"], paths["sheet"], paths["report"], paths["html"], data, notes,
                           time.perf_counter() - start)
@@ -307,7 +308,8 @@ def _definitions() -> dict[str, str]:
 
 def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds, candidates: list[_Candidate],
               out: Path, progress: bool):
-    """Load the pipeline once (the run's LoRA + one adapter per checkpoint) and make every model's grid."""
+    """Load the pipeline once (the run's LoRA + one adapter per checkpoint) and make every model's grid; returns
+    the models' images and what made them all (an image's provenance with the run's LoRA, less prompt and seed)."""
     import gc
     from concurrent.futures import ThreadPoolExecutor
 
@@ -321,6 +323,8 @@ def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds,
         if c.kind == "checkpoint":
             assert c.file is not None and c.adapter is not None
             load_adapter(pipe.pipe, c.file, c.adapter)
+    made_with = provenance(pipe, prompts[0].text, seeds[0], settings, opts.lora_scale, opts.lora_scale)
+    del made_with["lora_adapter_weight"]  # each model's own: the sheet lists them per column
     made_grids = []  # per candidate: (candidate, adapter weight, images as futures, paths)
     total = len(candidates) * len(prompts) * len(seeds)
     # images reach the CPU and are written as PNGs on a thread while the next batch is made, as in generate
@@ -348,11 +352,10 @@ def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds,
         models = [ModelImages(c.label, c.title, c.kind, c.step, c.file, w,  # type: ignore[arg-type]
                               [[image.result() for image in row] for row in grid], grid_paths)  # a failed write raises
                   for c, w, grid, grid_paths in made_grids]
-    device, dtype = pipe.device, str(pipe.dtype).replace("torch.", "")
     del pipe
     gc.collect()
-    _empty_cache(device)
-    return models, device, dtype
+    _empty_cache(made_with["device"])
+    return models, made_with
 
 
 def _save_image(made, index: int, path: Path, fields: dict):
@@ -373,7 +376,8 @@ def _empty_cache(device: str) -> None:
         torch.mps.empty_cache()
 
 
-def _write_outputs(out: Path, data: dict[str, Any], models, prompts, settings) -> dict[str, Path]:
+def _write_outputs(out: Path, data: dict[str, Any], made_with: dict[str, Any], models, prompts,
+                   settings) -> dict[str, Path]:
     from sd3tune.evaluation import dumps, render_html, render_markdown
     from sd3tune.fsutil import atomic_write_text
     from sd3tune.inference import save_png
@@ -385,27 +389,23 @@ def _write_outputs(out: Path, data: dict[str, Any], models, prompts, settings) -
     labels = [f"{i + 1}. ({p.kind}) {p.text}" for i, p in enumerate(prompts)]
     cell = 256 if max(settings.width, settings.height) >= 256 else 128
     sheet = contact_sheet(rows, labels, [m.title for m in models], cell=cell)
-    save_png(sheet, paths["sheet"], _sheet_fields(data, models, prompts, settings, labels))
+    save_png(sheet, paths["sheet"], _sheet_fields(data, made_with, models, prompts, labels))
     atomic_write_text(paths["report"], render_markdown(data, paths["sheet"].name))
     atomic_write_text(paths["html"], render_html(data, paths["sheet"].name))
     atomic_write_text(paths["metrics"], dumps(data))  # last: its presence means the evaluation finished
     return paths
 
 
-def _sheet_fields(data: dict[str, Any], models, prompts, settings, labels: list[str]) -> dict[str, Any]:
-    """The contact sheet's provenance: what made its images (base model, the LoRA and its SHA-256, sampler), its
-    rows (prompts, first seed) and columns (models: each one's LoRA file, SHA-256 and adapter weight)."""
+def _sheet_fields(data: dict[str, Any], made_with: dict[str, Any], models, prompts,
+                  labels: list[str]) -> dict[str, Any]:
+    """The contact sheet's provenance: what made its images (``made_with``: base model, the run's LoRA and its
+    SHA-256, sampler), its rows (prompts, first seed) and columns (models: each one's LoRA file, SHA-256 and
+    adapter weight)."""
     from sd3tune.sheets import sheet_fields
 
-    made_with = {"sd3tune_version": data["sd3tune_version"], "run_dir": data["run_dir"], "model": data["model"],
-                 "lora": data["lora"]["file"], "lora_sha256": data["lora"]["sha256"],
-                 "lora_scale": data["lora"]["scale"], "negative_prompt": settings.negative, "steps": settings.steps,
-                 "guidance": settings.guidance, "width": settings.width, "height": settings.height,
-                 "max_sequence_length": settings.max_sequence_length, "scheduler_shift": settings.shift,
-                 "dtype": data["dtype"], "device": data["device"]}
     seed = data["seeds"][0]
     return sheet_fields(
-        made_with, sheet="sd3tune evaluate contact sheet", rows="prompt", columns="model", row_labels=labels,
+        {**made_with, "run_dir": data["run_dir"]}, sheet="sd3tune evaluate contact sheet", rows="prompt", columns="model", row_labels=labels,
         column_labels=[m.title for m in models], prompts=[p.text for p in prompts], seeds=[seed],
         prompt_kinds=[p.kind for p in prompts],
         models=[{"label": m.label, "title": m.title, "lora": data["models"][m.label]["lora_file"],

@@ -873,7 +873,8 @@ def _check_batches(ctx: Context, datasets: list[_Dataset]) -> list[Finding]:
         elif failing:
             listed = ", ".join(f"{_bucket_name(k)}: {n} x {mult}" for k, n in sorted(failing.items()))
             message = (f"dataset {b.id!r}: effective batch {effective} ({batch_text}) is larger than aspect "
-                       f"bucket{'' if len(failing) == 1 else 's'} {listed}; SimpleTuner refuses to start (zero usable batches)")
+                       f"bucket{'' if len(failing) == 1 else 's'} {listed}; "
+                       "SimpleTuner refuses to start (zero usable batches)")
             if oversubscribe and b.repeats == 0:
                 out.append(warning(ctx.file, ctx.where("train_batch_size"), message.replace(
                     "SimpleTuner refuses to start (zero usable batches)", "--allow_dataset_oversubscription repeats "

@@ -388,8 +388,8 @@ def compute_metrics(models: Sequence[ModelImages], prompts: Sequence[EvalPrompt]
         notes.append("one seed per prompt: diversity was not computed (use --seeds 2 or more)")
     long = clip.truncated([p.text for p in prompts])
     if long:
-        notes.append(f"{plural(len(long), 'prompt')} longer than CLIP's {clip.max_text_tokens} tokens: their CLIP score "
-                     "reads only the start")
+        notes.append(f"{plural(len(long), 'prompt')} longer than CLIP's {clip.max_text_tokens} tokens: their "
+                     "CLIP score reads only the start")
 
     real = clip.image_embeddings(real_images, batch_size, "CLIP training images", progress)
     centroid = torch.nn.functional.normalize(real.mean(0), dim=0)

@@ -405,7 +405,8 @@ def _sheet_fields(data: dict[str, Any], made_with: dict[str, Any], models, promp
 
     seed = data["seeds"][0]
     return sheet_fields(
-        {**made_with, "run_dir": data["run_dir"]}, sheet="sd3tune evaluate contact sheet", rows="prompt", columns="model", row_labels=labels,
+        {**made_with, "run_dir": data["run_dir"]}, sheet="sd3tune evaluate contact sheet", rows="prompt",
+        columns="model", row_labels=labels,
         column_labels=[m.title for m in models], prompts=[p.text for p in prompts], seeds=[seed],
         prompt_kinds=[p.kind for p in prompts],
         models=[{"label": m.label, "title": m.title, "lora": data["models"][m.label]["lora_file"],

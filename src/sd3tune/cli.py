@@ -189,11 +189,19 @@ def generate_cmd(
     """
     from sd3tune.commands.generate import GenerateOptions, run_generate
 
-    result = run_generate(GenerateOptions(
-        prompts=list(prompt or []), prompts_file=prompts_file, model=model, lora=lora, scale=scale, seed=seed,
-        num_images=num_images, steps=steps, guidance=guidance, width=width, height=height, negative=negative, out=out,
-        device=device, dtype=dtype, max_sequence_length=max_sequence_length, shift=shift,  # type: ignore[arg-type]
-        drop_t5=drop_t5, offload=offload, batch_size=batch_size, compile=compile_, fp8=fp8))  # type: ignore[arg-type]
+    written: list[Path] = []  # as each PNG lands (the writer thread), for an interrupted run's report
+    try:
+        result = run_generate(GenerateOptions(
+            prompts=list(prompt or []), prompts_file=prompts_file, model=model, lora=lora, scale=scale, seed=seed,
+            num_images=num_images, steps=steps, guidance=guidance, width=width, height=height, negative=negative,
+            out=out, device=device, dtype=dtype, max_sequence_length=max_sequence_length,  # type: ignore[arg-type]
+            shift=shift, drop_t5=drop_t5, offload=offload, batch_size=batch_size,  # type: ignore[arg-type]
+            compile=compile_, fp8=fp8), on_image=lambda image: written.append(image.path))
+    except KeyboardInterrupt:  # the images already written are complete PNGs: say which
+        for path in written:
+            typer.echo(str(path))
+        raise Sd3tuneError(f"interrupted: {plural(len(written), 'image')} written"
+                           + (f" to {out}" if written else ""), exit_code=130) from None
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     for image in result.images:
@@ -290,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = app(args=argv, prog_name="sd3tune", standalone_mode=False)
         if isinstance(code, int) and code:  # typer.Exit(n) is returned, not raised, without standalone mode
+            if code == 130:  # Ctrl-C elsewhere: typer turns it into a bare 130
+                typer.echo("interrupted", err=True)
             sys.exit(code)
     except typer.TyperException as exc:  # a usage error (unknown option, missing argument, bad value, ...)
         _usage_error(exc)

@@ -195,11 +195,12 @@ def _generate(opts: GenerateOptions, prompts: list[str], lora: LoraSource | None
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, unit="img", desc="generating", disable=not progress)
     t1 = time.perf_counter()
     # 8-bit conversion on the GPU, then PNG encoding (~0.1 s for 1024 px) on a writer thread while the GPU makes the
-    # next batch: the GPU never waits for the CPU between batches.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
+    # next batch: the GPU never waits for the CPU between batches. Interrupted, the writer finishes the images made;
+    # the bar closes after it (its line ends before the command's last words).
+    with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
         pending, taken = [], set()
         for index, prompt in enumerate(prompts):
             for batch in chunks(seeds, opts.batch_size):
@@ -214,7 +215,6 @@ def _generate(opts: GenerateOptions, prompts: list[str], lora: LoraSource | None
         for item, future in pending:
             future.result()
             images.append(item)
-    bar.close()
     seconds = time.perf_counter() - t1
     grid = None
     if opts.grid and len(images) > 1:

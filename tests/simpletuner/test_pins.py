@@ -66,6 +66,26 @@ assert cpu < 0.2, f"waiting for the batch burnt {cpu:.2f} s of CPU"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_compat_fails_instead_of_waiting_forever_when_the_prefetch_thread_stops():
+    """SimpleTuner's loader thread ends silently on an error loading a batch (logged at debug level); the training
+    thread then waited forever at 0% CPU (a caption file of blank lines hung `sd3tune train`). It now fails."""
+    code = """
+import simpletuner.helpers.data_backend.runtime.batch_fetcher as bf
+from sd3tune.simpletuner.compat import install
+install()
+import simpletuner.helpers.data_backend.runtime.batch_fetcher as bf
+fetcher = bf.BatchFetcher(step=0, max_size=2, datasets={})  # no datasets: the loader thread stops at once
+fetcher.start_fetching().join(timeout=30)
+try:
+    fetcher.next_response(3)
+except RuntimeError as exc:
+    assert "prefetch thread stopped" in str(exc) and "--dataloader_prefetch=false" in str(exc), exc
+else:
+    raise AssertionError("next_response returned without a batch")
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 # ---------------------------------------------------------------------------------------------- per-step fixes
 # Each script runs in a fresh process, as the training child does: once on the pinned SimpleTuner as it is (to show
 # the fix is still needed) and once with sd3tune's compat fixes installed.

@@ -14,7 +14,10 @@ imported eagerly: each fix is applied right after its target module is first imp
 3. With ``dataloader_prefetch`` (``data.prefetch``, on by default), SimpleTuner's ``BatchFetcher.next_response`` waits for the next
    batch with ``while self.queue.empty(): continue``: the training thread spins, taking the GIL from the very thread
    that loads the batch (py-spy on an H200, SD3M at 1024 px: 10% of the training thread's samples in that loop).
-   Block on the queue instead (with a timeout, so Ctrl-C still gets through).
+   Block on the queue instead (with a timeout, so Ctrl-C still gets through). The loader thread also ends silently
+   on any error loading a batch (it logs it at debug level only), and the wait then never ended (seen: a caption file
+   of blank lines, whose IndexError hung the run at 0% CPU): when that thread has stopped and the queue is empty,
+   fail with a message instead.
 4. Regional compilation (``compile.regional``, accelerate's ``compile_regions``) wraps each SD3 transformer block in
    a compiled module, but SimpleTuner's SD3 forward never calls a block: ``_sd3_apply_joint_transformer_block`` calls
    the block's norms, attention and feed-forward one by one, so every block ran eagerly and only the small top-level
@@ -101,10 +104,23 @@ def _fix_torch(torch) -> None:
     _replace(torch, "set_num_threads", clamped)
 
 
+PREFETCH_STOPPED = ("sd3tune: SimpleTuner's batch prefetch thread stopped without a batch for step {step} (it "
+                    "drops the error that stopped it); set --dataloader_prefetch=false in TRAINER_EXTRA_ARGS and train again "
+                    "to see that error")
+
+
 def _blocking_next_batch(module) -> None:
     set_step = getattr(module, "_set_epoch_step_for_training_step", None)
-    if set_step is None:
+    fetcher = getattr(module, "BatchFetcher", None)
+    if set_step is None or fetcher is None:
         return
+
+    def remembering(start_fetching):
+        def start(self):
+            thread = start_fetching(self)
+            self.__dict__["_sd3tune_thread"] = thread
+            return thread
+        return start
 
     def blocking(_busy_wait):
         def next_response(self, step: int):
@@ -114,6 +130,9 @@ def _blocking_next_batch(module) -> None:
                     item = self.queue.get(timeout=1.0)
                     break
                 except queue.Empty:
+                    thread = self.__dict__.get("_sd3tune_thread")
+                    if thread is not None and not thread.is_alive() and self.queue.empty():
+                        raise RuntimeError(PREFETCH_STOPPED.format(step=step)) from None
                     continue
             if self.device_prefetcher is not None:
                 item = self.device_prefetcher.consume(item)
@@ -121,7 +140,8 @@ def _blocking_next_batch(module) -> None:
             return item
         return next_response
 
-    _replace(getattr(module, "BatchFetcher", None), "next_response", blocking)
+    _replace(fetcher, "start_fetching", remembering)
+    _replace(fetcher, "next_response", blocking)
 
 
 def _is_compiled(block) -> bool:

@@ -222,6 +222,9 @@ CASES: list[Case] = [
     ("data-truncated-image", "env", lambda r, d, t: (d / "concept_05.png").write_bytes(
         (d / "concept_05.png").read_bytes()[:200]), ("concept_05.png",)),
     ("data-empty-image-file", "env", lambda r, d, t: (d / "concept_02.png").write_bytes(b""), ("concept_02.png",)),
+    # `echo > x.txt`: SimpleTuner reads no caption from it and stops (IndexError; with prefetch, train hung)
+    ("data-caption-of-blank-lines", "env", lambda r, d, t: (d / "concept_06.txt").write_text("  \n"),
+     ("concept_06.txt", "only blank lines")),
     ("data-uncaptioned-psd", "env", lambda r, d, t: _psd(d / "sketch.psd"), ("sketch.txt", "1 of 9 images")),
     ("data-uncaptioned-video", "env", lambda r, d, t: (d / "reference.mp4").write_bytes(b"\0\0\0\x18ftypmp42"),
      ("reference.txt", "1 of 9 files", "reference.mp4: a video file")),

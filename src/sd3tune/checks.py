@@ -695,7 +695,16 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
                              "add NAME.txt beside each file, remove the files that are not training images, or use "
                              "caption_strategy filename or instanceprompt"))
         unreadable = {p for p, _ in scan.corrupt}
-        empty = [caption_path(i.path) for i in scan.empty_captions if caption_path(i.path) not in unreadable]
+        blank = [caption_path(i.path) for i in scan.empty_captions if i.blank_lines]
+        if blank:
+            what = "1 caption file holds" if len(blank) == 1 else f"{len(blank)} caption files hold"
+            out.append(error(str(folder), "", f"{what} only blank lines ({_names(blank, folder)}); SimpleTuner reads "
+                                              "no caption from them and stops when it draws that image (IndexError; "
+                                              "with dataloader prefetch, the default, the loader stops instead)",
+                             "write a caption in each, or empty the file (no line end) to train that image "
+                             "unconditioned"))
+        empty = [caption_path(i.path) for i in scan.empty_captions
+                 if caption_path(i.path) not in unreadable and not i.blank_lines]
         if empty:
             what = "1 caption file is" if len(empty) == 1 else f"{len(empty)} caption files are"
             out.append(warning(str(folder), "", f"{what} empty ({_names(empty, folder)}); those images train "

@@ -44,6 +44,9 @@ class ImageInfo:
     width: int  # after EXIF rotation, as SimpleTuner sees it
     height: int
     caption: str | None  # text of NAME.txt (stripped); None when there is no such file
+    # NAME.txt is blank but holds a line end: SimpleTuner reads it as an empty list of captions and stops with
+    # IndexError when it draws the image (a blank file without one trains the image unconditioned)
+    blank_lines: bool = False
 
     @property
     def captions(self) -> list[str]:
@@ -186,7 +189,8 @@ def scan_folder(folder: str | Path) -> ScanResult:
         except _Unreadable as exc:
             result.corrupt.append((path, str(exc)))
             continue
-        result.images.append(ImageInfo(path, width, height, caption))
+        blank_lines = caption == "" and not problem and "\n" in caption_file.read_bytes().decode("utf-8")
+        result.images.append(ImageInfo(path, width, height, caption, blank_lines))
     return result
 
 

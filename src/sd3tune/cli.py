@@ -249,12 +249,19 @@ def evaluate_cmd(
       sd3tune evaluate runs/art --force          # replace the previous runs/art/eval
       sd3tune evaluate runs/art --prompts prompts.txt --clip-model ~/models/clip-vit-large-patch14
     """
-    from sd3tune.commands.evaluate import EvaluateOptions, format_table, run_evaluate
+    from sd3tune.commands.evaluate import EVAL_DIR, EvaluateOptions, format_table, run_evaluate
 
-    result = run_evaluate(EvaluateOptions(
-        run_dir=run_dir, prompts_file=prompts, seeds=seeds, checkpoints=checkpoints, model=model,
-        clip_model=clip_model, out=out, steps=steps, guidance=guidance, device=device, dtype=dtype,
-        batch_size=batch_size, force=force))
+    try:
+        result = run_evaluate(EvaluateOptions(
+            run_dir=run_dir, prompts_file=prompts, seeds=seeds, checkpoints=checkpoints, model=model,
+            clip_model=clip_model, out=out, steps=steps, guidance=guidance, device=device, dtype=dtype,
+            batch_size=batch_size, force=force))
+    except KeyboardInterrupt:
+        folder = out if out is not None else run_dir / EVAL_DIR
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / "metrics.json").exists():
+            raise Sd3tuneError(f"evaluation interrupted: {folder} holds its unfinished images (no metrics.json)",
+                               hint="run it again with --force to replace them", exit_code=130) from None
+        raise Sd3tuneError("evaluation interrupted; nothing was written", exit_code=130) from None
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(format_table(result.metrics))

@@ -471,3 +471,34 @@ def test_ctrl_c_stops_the_training_cleanly(tiny_init_options):
     assert _processes_in(run) == []
     manifest = json.loads((run / "sd3tune.json").read_text())
     assert manifest["trainings"][-1]["status"] == "interrupted"
+
+
+def test_sigterm_stops_the_training_too(tiny_init_options):
+    """SimpleTuner runs in its own session: `kill`/`timeout` on sd3tune used to leave it training on its own."""
+    import signal
+    import sys
+    import time
+
+    tiny_init_options.steps = 100_000
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    proc = subprocess.Popen([sys.executable, "-m", "sd3tune", "train", str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env())
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # until SimpleTuner is inside its training loop
+        logs = list((run / "logs").glob("train-*.log"))
+        if logs and "Steps:" in logs[0].read_text(errors="replace"):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        left = {pid: _cmdline(pid) for pid in _processes_in(run)}
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert left == {}, f"still running after sd3tune got SIGTERM: {left}"
+    assert "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert json.loads((run / "sd3tune.json").read_text())["trainings"][-1]["status"] == "interrupted"

@@ -15,6 +15,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -194,6 +195,23 @@ def run_plan(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress],
     Ctrl-C sends SIGINT to the training process group, waits for it to stop, and reports ``interrupted``.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    # The training runs in its own session, so a SIGTERM to sd3tune (`kill`, `timeout`, a cancelled CI job) never
+    # reaches it: sd3tune died and left SimpleTuner training (and holding the GPU). Stop it as Ctrl-C does.
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        restore = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _run(plan, log_path, on_progress, on_line, tail_lines)
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(plan, log_path, on_progress, on_line, tail_lines) -> RunOutcome:
     last: Progress | None = None
     tail: list[str] = []
     interrupted = False

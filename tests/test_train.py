@@ -361,10 +361,30 @@ def test_a_hub_model_trains_from_the_cache_when_the_hub_is_out_of_reach_and_fail
     assert "HF_HUB_OFFLINE=1" in shlex.split(r.out.strip().splitlines()[-1].split(" && ", 1)[1])  # cache only
     r = sd3tune("train", run, env={**UNREACHABLE_HUB, "HF_HUB_CACHE": str(cache)})
     assert r.code == 0, r.err[-3000:]
+    assert ("note: no GPU is visible (CUDA or MPS): SimpleTuner trains on the CPU" in r.err) == (not _gpu_here())
     assert "Retrying" not in (run / "logs").joinpath(json.loads((run / "sd3tune.json").read_text())
                                                      ["trainings"][-1]["log"]).read_text()
     assert read_safetensors_header(run / "output" / keys.LORA_WEIGHT_NAME)[0]["sd3tune.base_model"] == \
         "sd3tune-tests/tiny-sd3"
+
+
+def _gpu_here() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def test_more_gpus_than_the_machine_has_are_refused_before_the_launch(tiny_init_options):
+    from sd3tune.commands.train import visible_gpus
+
+    run_init(tiny_init_options)
+    kind, count = visible_gpus()
+    r = sd3tune("train", tiny_init_options.run_dir, "--gpus", str(count + 1 if count else 2))
+    assert_one_line_user_error(r, "no GPU is visible on this machine" if not count else f"only {count} GPU",
+                               "CUDA_VISIBLE_DEVICES")
+    assert not list((tiny_init_options.run_dir / "logs").glob("train-*.log"))  # nothing launched
+    r = sd3tune("train", tiny_init_options.run_dir, "--gpus", "2", "--dry-run")  # maybe for another machine
+    assert r.code == 0 and "--multi_gpu" in r.out
 
 
 def test_cuda_graphs_on_a_cpu_train_eagerly_and_say_why(tiny_init_options):

@@ -94,6 +94,32 @@ def check_cuda_graphs(cfg: RunConfig, gpus: int) -> None:
         raise Sd3tuneError(f"--cuda-graphs cannot replay this run: {why}", hint=f"{fix}, or drop --cuda-graphs")
 
 
+def visible_gpus() -> tuple[str, int]:
+    """The accelerator SimpleTuner will train on and how many of it this process sees: ("cuda", n), ("mps", 1) or
+    ("cpu", 0)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda", torch.cuda.device_count()
+    if torch.backends.mps.is_available():
+        return "mps", 1
+    return "cpu", 0
+
+
+def _check_gpus(gpus: int, on_status: Callable[[str], None] | None) -> None:
+    """Refuse --gpus beyond the GPUs visible here (accelerate would start the processes and fail in their setup);
+    say when there is no GPU at all (SimpleTuner then trains on the CPU)."""
+    kind, count = visible_gpus()
+    if gpus > max(count, 1):
+        seen = "no GPU is visible" if count == 0 else f"only {plural(count, 'GPU')} ({kind}) visible"
+        raise Sd3tuneError(f"--gpus {gpus} but {seen} on this machine",
+                           hint=(f"pass --gpus {count}" if count > 1 else "drop --gpus") + "; CUDA_VISIBLE_DEVICES "
+                                "limits what is visible; several machines: --accelerate-config FILE")
+    if count == 0 and on_status:
+        on_status("note: no GPU is visible (CUDA or MPS): SimpleTuner trains on the CPU, fine for a tiny test model, "
+                  "far too slow for SD3 Medium")
+
+
 def stamp_lora(lora: Path, metadata: dict[str, str]) -> None:
     """Add sd3tune provenance to the LoRA's safetensors header (atomic rewrite, tensors unchanged)."""
     from safetensors import safe_open
@@ -114,8 +140,10 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     result = TrainResult(plan)
     for finding in report.warnings if on_status and opts.warnings else []:  # for a user who skipped `check`
         on_status(f"warning: {finding.render()}")
-    if opts.dry_run:
+    if opts.dry_run:  # the command may be meant for another machine: this one's GPUs are not asked
         return result
+    if opts.accelerate_config is None:  # a config file may launch across machines: its processes are not all here
+        _check_gpus(opts.gpus, on_status if opts.warnings else None)
     cfg = report.run.config
     paths: RunPaths = report.run.paths
     for note in prepare_dataset_caches(cfg, report.run.backends or [], paths):

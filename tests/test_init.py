@@ -73,6 +73,19 @@ def test_presets_and_flags_reach_the_config(tmp_path, data_copy):
     assert cfg.data.resolution == 768 and cfg.validation.resolution == "768x768"
 
 
+def test_the_16gb_preset_warns_and_cites_only_files_a_user_has(tmp_path, data_copy, tiny_model):
+    """init and check pointed 16gb users at SIMPLETUNER_NOTES.md, which is not in the repository."""
+    from pathlib import Path
+    import re
+
+    result = init_cli(tmp_path / "run", "--data", data_copy, "--model", tiny_model, "--preset", "16gb")
+    said = result.out + result.err
+    assert "not yet proven on a GPU" in said and "int8-quanto" in said
+    repo = Path(__file__).resolve().parents[1]
+    for name in set(re.findall(r"[\w./-]+\.md\b", said)):
+        assert (repo / name).is_file(), f"{name} is cited but not in the repository:\n{said}"
+
+
 def test_user_errors_are_one_line_and_write_nothing(tmp_path, data_copy):
     empty = tmp_path / "empty"
     empty.mkdir()

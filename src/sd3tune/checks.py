@@ -285,7 +285,7 @@ def check_traps(ctx: Context) -> list[Finding]:
             out.append(choice_error(f, ctx.where("base_model_precision"), value, bmp.choices, cutoff=0.5))
         elif value.endswith("-quanto"):
             out.append(warning(f, ctx.where("base_model_precision"),
-                               f"{value} died at the first training step with torch 2.11 (SIMPLETUNER_NOTES.md)",
+                               f"{value} died at the first training step with torch 2.11",
                                "prove it on your GPU with a short run, or use no_change with gradient checkpointing"))
     if ctx.valid("validation_resolution"):
         res = cfg.validation.resolution

@@ -39,8 +39,8 @@ PRESETS: dict[str, Preset] = {
         {"optim": {"train_batch_size": 1},
          "precision": {"gradient_checkpointing": True, "base_model_precision": "int8-quanto"}},
         verified=False,
-        caveat="the 16gb preset is not yet proven on a GPU: int8-quanto died at the first step with torch 2.11 "
-               "(SIMPLETUNER_NOTES.md); if it fails, try --preset 24gb with gradient checkpointing",
+        caveat="the 16gb preset is not yet proven on a GPU: int8-quanto died at the first step with torch 2.11; "
+               "if it fails, try --preset 24gb with gradient checkpointing",
     ),
 }
 DEFAULT_PRESET = "24gb"

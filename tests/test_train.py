@@ -374,17 +374,25 @@ def _gpu_here() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
-def test_more_gpus_than_the_machine_has_are_refused_before_the_launch(tiny_init_options):
-    from sd3tune.commands.train import visible_gpus
+def test_more_gpus_than_the_machine_has_are_refused_before_the_launch(tiny_init_options, monkeypatch):
+    # rank 1 would train on a cuda:1 that is not there; without any GPU, --gpus 2 runs 2 CPU processes (allowed)
+    import sd3tune.commands.train as train
+    from sd3tune.commands.train import TrainOptions, run_train
 
     run_init(tiny_init_options)
-    kind, count = visible_gpus()
-    r = sd3tune("train", tiny_init_options.run_dir, "--gpus", str(count + 1 if count else 2))
-    assert_one_line_user_error(r, "no GPU is visible on this machine" if not count else f"only {count} GPU",
-                               "CUDA_VISIBLE_DEVICES")
+    said: list[str] = []
+    monkeypatch.setattr(train, "visible_gpus", lambda: ("cuda", 1))
+    with pytest.raises(Sd3tuneError) as info:
+        run_train(TrainOptions(run_dir=tiny_init_options.run_dir, gpus=2), on_status=said.append)
+    assert info.value.message == "--gpus 2 but only 1 GPU (cuda) visible on this machine"
+    assert info.value.hint.startswith("drop --gpus (CUDA_VISIBLE_DEVICES limits what is visible)")
     assert not list((tiny_init_options.run_dir / "logs").glob("train-*.log"))  # nothing launched
-    r = sd3tune("train", tiny_init_options.run_dir, "--gpus", "2", "--dry-run")  # maybe for another machine
-    assert r.code == 0 and "--multi_gpu" in r.out
+    monkeypatch.setattr(train, "visible_gpus", lambda: ("cuda", 3))
+    with pytest.raises(Sd3tuneError, match="--gpus 4 but only 3 GPUs") as info:
+        run_train(TrainOptions(run_dir=tiny_init_options.run_dir, gpus=4), on_status=said.append)
+    assert info.value.hint.startswith("pass --gpus 3")
+    result = run_train(TrainOptions(run_dir=tiny_init_options.run_dir, gpus=4, dry_run=True))  # maybe elsewhere
+    assert "--multi_gpu" in result.plan.argv
 
 
 def test_cuda_graphs_on_a_cpu_train_eagerly_and_say_why(tiny_init_options):

@@ -107,17 +107,18 @@ def visible_gpus() -> tuple[str, int]:
 
 
 def _check_gpus(gpus: int, on_status: Callable[[str], None] | None) -> None:
-    """Refuse --gpus beyond the GPUs visible here (accelerate would start the processes and fail in their setup);
-    say when there is no GPU at all (SimpleTuner then trains on the CPU)."""
+    """Refuse --gpus beyond the GPUs visible here (the process of rank N trains on GPU N: a device that is not there
+    fails it after start-up); say when there is no GPU at all (SimpleTuner then trains on the CPU, --gpus N in N CPU
+    processes)."""
     kind, count = visible_gpus()
-    if gpus > max(count, 1):
-        seen = "no GPU is visible" if count == 0 else f"only {plural(count, 'GPU')} ({kind}) visible"
-        raise Sd3tuneError(f"--gpus {gpus} but {seen} on this machine",
-                           hint=(f"pass --gpus {count}" if count > 1 else "drop --gpus") + "; CUDA_VISIBLE_DEVICES "
-                                "limits what is visible; several machines: --accelerate-config FILE")
+    if 0 < count < gpus:
+        raise Sd3tuneError(f"--gpus {gpus} but only {plural(count, 'GPU')} ({kind}) visible on this machine",
+                           hint=(f"pass --gpus {count}" if count > 1 else "drop --gpus") + " (CUDA_VISIBLE_DEVICES "
+                                "limits what is visible); several machines: --accelerate-config FILE")
     if count == 0 and on_status:
-        on_status("note: no GPU is visible (CUDA or MPS): SimpleTuner trains on the CPU, fine for a tiny test model, "
-                  "far too slow for SD3 Medium")
+        processes = f" in {gpus} CPU processes" if gpus > 1 else ""
+        on_status(f"note: no GPU is visible (CUDA or MPS): SimpleTuner trains on the CPU{processes}, fine for a tiny "
+                  "test model, far too slow for SD3 Medium")
 
 
 def stamp_lora(lora: Path, metadata: dict[str, str]) -> None:

@@ -229,6 +229,10 @@ def test_user_errors(trained_run, tiny_model, tmp_path):
                           (["--out", tmp_path / "a-file" / "sub"], ("--out folder", "Not a directory")),
                           (["--lora", tmp_path / "list.safetensors"], ("not a safetensors file",)),
                           (["--offload", "model"], ("--offload model needs a CUDA GPU",)),
+                          (["--offload", "gpu"], ("--offload 'gpu' is not one of none, model, sequential",
+                                                  "(hint: model moves each model")),
+                          (["--dtype", "fp64"], ("--dtype 'fp64' is not one of", "(hint: auto is bf16")),
+                          (["--model", tmp_path / "no-model"], (f"model folder {tmp_path / 'no-model'} does not exist",)),
                           (["--batch-size", "0"], ("--batch-size 0",))):
         assert_one_line_user_error(sd3tune("generate", "--model", tiny_model, "-p", "x", "--device", "cpu", *args),
                                    *needles)

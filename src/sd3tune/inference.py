@@ -201,10 +201,13 @@ OFFLOADS = ("none", "model", "sequential")
 
 def check_runtime_choices(device: str, dtype: str, offload: str = "none") -> None:
     """Refuse a --device / --dtype / --offload value before anything loads."""
-    for name, value, allowed in (("--device", device, DEVICES), ("--dtype", dtype, DTYPES),
-                                 ("--offload", offload, OFFLOADS)):
+    for name, value, allowed, hint in (
+            ("--device", device, DEVICES, "auto picks CUDA, then MPS, then the CPU"),
+            ("--dtype", dtype, DTYPES, "auto is bf16 on a CUDA GPU that has it, else fp16 on a GPU, fp32 on the CPU"),
+            ("--offload", offload, OFFLOADS, "model moves each model to the GPU when used (~16 GB cards); sequential "
+                                             "moves each layer (least memory, slowest)")):
         if value not in allowed:
-            raise Sd3tuneError(f"{name} {value!r} is not one of {', '.join(allowed)}")
+            raise Sd3tuneError(f"{name} {value!r} is not one of {', '.join(allowed)}", hint=hint)
 
 
 HUB_PROBE_SECONDS = 3.0
@@ -412,6 +415,9 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto", lora: L
                   shift: float | None = None) -> Pipeline:
     """Load the pipeline (and LoRA) once; ``Pipeline.fast_path`` then fuses and compiles it for many images."""
     local = model_folder(model)
+    if local is not None and not local.exists():
+        raise Sd3tuneError(f"model folder {model} does not exist",
+                           hint="pass an SD3 diffusers folder or the Hub id " + SD3M)
     if local is not None and not (local / "model_index.json").is_file():
         raise Sd3tuneError(f"{model} is not a diffusers model folder (no model_index.json)",
                            hint="pass an SD3 diffusers folder or the Hub id " + SD3M)

@@ -460,6 +460,22 @@ def test_hand_edits_simpletuner_reads_differently_from_a_shell_warn(make_run):
     assert _section(check(run)[0].output, "warning").count("holds $(") == 1
 
 
+def test_quotes_simpletuner_keeps_in_the_value_warn(make_run):
+    # VALIDATION_PROMPT='unbalanced passed as "ok": SimpleTuner sampled "'unbalanced" and bash cannot source the file
+    from sd3tune.simpletuner.envfile import parse_env_text
+
+    run, _ = make_run()
+    assert "unmatched or nested quotes" not in check(run)[0].output  # what init writes
+    stray = ["'unbalanced", "closed'", "it's", "'a' 'b'", '"say "hi""']
+    fine = ["'castle'", '"it\'s"', "'say \"hi\"'", "plain", "'", ""]
+    entries, _ = parse_env_text("".join(f"K{i}={v}\n" for i, v in enumerate(stray + fine)))
+    assert [e.stray_quotes for e in entries] == [True] * len(stray) + [False] * len(fine)
+    env_line(run, "VALIDATION_PROMPT='sd3tune-style, a castle")
+    warnings = _section(check(run)[0].output, "warning")
+    assert re.search(r"VALIDATION_PROMPT \(line \d+\): unmatched or nested quotes in 'sd3tune-style, a castle: "
+                     r"SimpleTuner reads the value as \"'sd3tune-style, a castle\", quotes kept", warnings), warnings
+
+
 def test_captions_beside_the_images_that_the_caption_strategy_leaves_unused_warn(make_run):
     run, data = make_run()
     backend_set(run, caption_strategy="filename")

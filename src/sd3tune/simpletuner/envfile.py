@@ -76,6 +76,16 @@ class EnvLine:
         """Whether bash sourcing the file would run or expand part of the value (SimpleTuner reads it as text)."""
         return not self.raw.startswith("'") and bool(_SHELL_EXPANSION.search(self.raw))
 
+    @property
+    def stray_quotes(self) -> bool:
+        """Whether the value has a quote besides one matching outer pair (``'unclosed``, ``closed'``, ``it's``,
+        ``'a' 'b'``): SimpleTuner keeps such quotes in the value as text, while bash pairs them up, or cannot source
+        the file at all."""
+        raw = self.raw
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "\"'":
+            return raw[0] in raw[1:-1]  # the same quote inside: bash ends the quoted part there
+        return raw not in ('"', "'") and any(q in raw for q in "\"'")
+
 
 @dataclass(frozen=True)
 class MalformedLine:

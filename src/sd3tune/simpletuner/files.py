@@ -244,6 +244,12 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> bool:
                                         "holds $(...), `...` or $VAR outside single quotes: SimpleTuner reads it as "
                                         "text, but a shell that sources config.env runs or expands it",
                                         "single-quote the value, as sd3tune init writes values"))
+        if entry.stray_quotes:
+            run.findings.append(warning(name, at_line(entry.key, entry.line),
+                                        f"unmatched or nested quotes in {entry.raw}: SimpleTuner reads the value as "
+                                        f"{entry.value!r}, quotes kept, and a shell that sources config.env reads it "
+                                        "otherwise or fails",
+                                        "put the whole value in one pair of quotes, as sd3tune init writes values"))
     resolved = envfile.resolve(entries)
     dropped: list[tuple[str, str, str]] = []  # (KEY, option, where) of KEY=false lines SimpleTuner drops
     for key, (value, line) in resolved.items():

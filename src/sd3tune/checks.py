@@ -266,7 +266,7 @@ def check_extra_options(ctx: Context) -> list[Finding]:
 
 
 def check_traps(ctx: Context) -> list[Finding]:
-    """SimpleTuner traps that a valid-looking value falls into (SIMPLETUNER_NOTES.md)."""
+    """SimpleTuner traps that a valid-looking value falls into (keys.py records each, with its test)."""
     cfg, f, out = ctx.cfg, ctx.file, []
     if cfg is None:
         return out

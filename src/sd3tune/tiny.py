@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Sizes of the tiny model (see SIMPLETUNER_NOTES.md "A tiny offline SD3").
+# Sizes of the tiny model: an SD3 small enough for SimpleTuner, accelerate and diffusers to run end to end on a CPU.
 JOINT_DIM = 32
 POOLED_DIM = 64  # two CLIP projections of 32
 CLIP_HIDDEN = 16

@@ -1,5 +1,5 @@
 """Where each sd3tune setting lives in SimpleTuner 4.10.1: option names, value conversions, and the traps of its
-config loaders (measured facts, see SIMPLETUNER_NOTES.md). The rest of sd3tune speaks only ``RunConfig``.
+config loaders (measured facts, each with its test). The rest of sd3tune speaks only ``RunConfig``.
 """
 
 from __future__ import annotations

@@ -384,6 +384,12 @@ def test_prompt_files_mark_neutral_prompts(tmp_path):
         read_prompts_file(empty, trigger=None)
 
 
+def test_a_prompts_file_that_is_a_folder_says_so(tmp_path):
+    with pytest.raises(Sd3tuneError, match="is a folder, not a file") as info:
+        read_prompts_file(tmp_path, trigger=None)
+    assert "does not exist" not in info.value.one_line()
+
+
 def test_default_prompts_and_best_rule():
     from sd3tune.evaluation import ModelImages, default_prompts, pick_best
 

@@ -82,6 +82,9 @@ def read_prompts_file(path: Path, trigger: str | None) -> list[EvalPrompt]:
     """One prompt per line (``#`` comments). ``neutral: TEXT`` marks a neutral prompt; when the run has a trigger
     word, a prompt without it is neutral too; every other prompt is a concept prompt."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise Sd3tuneError(f"prompts file {path} is a folder, not a file",
+                           hint="pass a text file with one prompt per line")
     if not path.is_file():
         raise Sd3tuneError(f"prompts file {path} does not exist",
                            hint="one prompt per line; prefix neutral prompts with 'neutral:'")

@@ -335,6 +335,16 @@ def test_a_bare_number_is_a_square_validation_resolution_in_config_json(make_run
     assert result.exit_code == 2 and "validation_resolution" in _section(result.output, "error")
 
 
+def test_an_option_written_twice_in_config_json_warns(make_run):
+    # json.loads (sd3tune's and SimpleTuner's) keeps only the last value: the first edit is silently lost
+    run, _ = make_run("json")
+    text = json_path(run).read_text(encoding="utf-8")
+    json_path(run).write_text(text.replace('{', '{\n  "lora_rank": 4,', 1), encoding="utf-8")
+    result, _ = check(run)
+    assert "config.json:lora_rank: is written more than once; SimpleTuner uses the last value" \
+           in _section(result.output, "warning"), result.output
+
+
 def test_dataset_numbers_may_be_written_as_simpletuner_reads_them(make_run):
     # a quoted number fails (see CASES); an int where SimpleTuner takes a float, or 1.0 for an int it int()s, passes
     run, _ = make_run()

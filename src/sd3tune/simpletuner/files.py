@@ -359,12 +359,16 @@ def _set_arg(run: LoadedRun, option: str, value: Any, source: str) -> None:
 def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
     """Read config.json into ``run.args``; False when it could not be read or parsed."""
     name = keys.JSON_FILE
-    data = _load_json(run, run.paths.json, name)
+    # as pairs: json.loads keeps only the last of a key written twice (as SimpleTuner does), silently
+    data = _load_json(run, run.paths.json, name, object_pairs_hook=_JsonObject.from_pairs)
     if data is None:
         return False
     if not isinstance(data, dict):
         run.findings.append(error(name, "", "must be a JSON object of option: value", "see `sd3tune init --format json`"))
         return False
+    for raw_key in getattr(data, "duplicates", []):
+        run.findings.append(warning(name, raw_key, "is written more than once; SimpleTuner uses the last value and "
+                                                   "ignores the others", "keep one of them"))
     for raw_key, value in data.items():
         option = raw_key.lstrip("-")
         opt = catalog.option(option)
@@ -385,9 +389,22 @@ def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
     return True
 
 
-def _load_json(run: LoadedRun, path: Path, name: str) -> Any:
+class _JsonObject(dict):
+    """A JSON object that remembers the keys written more than once (``json.loads`` keeps only the last value)."""
+
+    duplicates: list[str]
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> "_JsonObject":
+        obj = cls(pairs)
+        seen: set[str] = set()
+        obj.duplicates = list(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))
+        return obj
+
+
+def _load_json(run: LoadedRun, path: Path, name: str, object_pairs_hook=None) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as exc:
         run.findings.append(error(name, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}",
                                   "fix the syntax (a trailing comma or a missing quote is typical)"))

@@ -345,6 +345,15 @@ def test_an_option_written_twice_in_config_json_warns(make_run):
            in _section(result.output, "warning"), result.output
 
 
+def test_a_null_option_in_config_json_warns_that_simpletuner_uses_its_default(make_run):
+    # SimpleTuner drops null options: "lora_rank": null trains at its default rank, not what the file seems to say
+    run, _ = make_run("json")
+    json_edit(json_path(run), lambda c: c.update(lora_rank=None))
+    result, _ = check(run)
+    assert "config.json:lora_rank: null: SimpleTuner ignores the key and uses its default 16" \
+           in _section(result.output, "warning"), result.output
+
+
 def test_dataset_numbers_may_be_written_as_simpletuner_reads_them(make_run):
     # a quoted number fails (see CASES); an int where SimpleTuner takes a float, or 1.0 for an int it int()s, passes
     run, _ = make_run()

@@ -383,7 +383,11 @@ def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
                                       f"write {raw_key}: {value.strip().lower() in keys.TRUE_WORDS and 'true' or 'false'}"
                                       " without quotes"))
             continue
-        if value is None:
+        if value is None:  # SimpleTuner drops a null option: its default applies, whatever the file seems to say
+            if opt.name not in keys.REQUIRED_OPTIONS:  # those are reported as "not set"
+                default = "leaves it unset" if opt.default is None else f"uses its default {json.dumps(opt.default)}"
+                run.findings.append(warning(name, raw_key, f"null: SimpleTuner ignores the key and {default}",
+                                            "write a value, or remove the key"))
             continue
         _set_arg(run, opt.name, value, raw_key)
     return True

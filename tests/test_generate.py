@@ -240,7 +240,10 @@ def test_user_errors(trained_run, tiny_model, tmp_path):
 
 def test_count_errors_say_what_to_pass(tmp_path):
     for args, needle in ((["-n", "0"], "--num-images 0 must be at least 1"), (["--steps", "0"], "--steps 0"),
-                         (["--batch-size", "0"], "--batch-size 0")):
+                         (["--batch-size", "0"], "--batch-size 0"),
+                         # 0 failed with a traceback inside diffusers; over 512 diffusers refuses (sd3tune passed it)
+                         (["--max-sequence-length", "0"], "--max-sequence-length 0 must be between 1 and 512"),
+                         (["--max-sequence-length", "513"], "--max-sequence-length 513 must be between 1 and 512")):
         r = sd3tune("generate", "-p", "x", "--out", tmp_path, *args)
         assert_one_line_user_error(r, needle, "(hint: ")
 
@@ -535,3 +538,16 @@ def test_fused_feed_forwards_keep_the_model_on_the_cpu_and_compute_sd3s_tanh_gel
         fused = layer.net[0](x)
         tanh, exact = F.gelu(pre, approximate="tanh"), F.gelu(pre)
     assert (fused - tanh).abs().max() < 1e-4 < (fused - exact).abs().max()  # SD3's GELU, not the exact one
+
+
+def test_a_prompt_longer_than_the_text_encoders_read_gets_a_note(tiny_model, tmp_path):
+    # the pipeline cuts CLIP at 77 tokens and T5 at --max-sequence-length without a word: the prompt's end is lost
+    long = "a castle, " + ", ".join(["tall stone towers"] * 30)
+    result = run_generate(GenerateOptions(prompts=[long, "a castle"], model=str(tiny_model), out=tmp_path, width=64,
+                                          steps=1, num_images=1, max_sequence_length=77), progress=False)
+    assert "1 prompt longer than the 77 tokens CLIP reads: the rest of it is cut off for CLIP" in result.notes
+    assert any(n.startswith("1 prompt longer than the 77 tokens T5 reads") and "--max-sequence-length" in n
+               for n in result.notes), result.notes
+    short = run_generate(GenerateOptions(prompts=["a castle"], model=str(tiny_model), out=tmp_path / "short",
+                                         width=64, steps=1), progress=False)
+    assert not any("longer than" in n for n in short.notes), short.notes

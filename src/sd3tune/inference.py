@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Collection, Iterator, Literal
+from typing import Any, Collection, Iterator, Literal, Sequence
 
 from sd3tune import __version__
 from sd3tune.config.models import RunConfig
@@ -21,6 +21,7 @@ from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.files import LoadedRun, checkpoints, find_run_root, read_run
 
 DIFFUSERS_T5_DEFAULT = 256  # StableDiffusion3Pipeline's max_sequence_length default
+T5_MAX_TOKENS = 512  # the most StableDiffusion3Pipeline takes (check_inputs refuses more)
 # safetensors metadata key holding a LoRA's peft config (lora_alpha, r, ...); diffusers configures the adapter from it,
 # so peft then scales the LoRA by lora_alpha / r by itself. SimpleTuner 4.10 writes it into checkpoint-N files only.
 LORA_ADAPTER_METADATA = "lora_adapter_metadata"
@@ -342,6 +343,25 @@ class Pipeline:
         names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
         return {name: None if t is None else t.repeat(n, *[1] * (t.dim() - 1))
                 for name, t in zip(names, self._embeddings[key])}
+
+    def truncation_notes(self, prompts: Sequence[str], s: SamplerSettings) -> list[str]:
+        """Notes on prompts longer than the text encoders read: the pipeline cuts them silently (CLIP at its 77
+        tokens, T5 at the T5 length), so the end of such a prompt has no effect on the image."""
+        notes = []
+        encoders = [("CLIP", getattr(self.pipe, "tokenizer", None), None)]
+        if self.pipe.text_encoder_3 is not None:
+            encoders.append(("T5", getattr(self.pipe, "tokenizer_3", None), self.t5_length(s)))
+        for name, tokenizer, limit in encoders:
+            if tokenizer is None:
+                continue
+            limit = limit or tokenizer.model_max_length
+            long = [p for p in dict.fromkeys(prompts) if len(tokenizer(p).input_ids) > limit]
+            if long:
+                more = (f"; --max-sequence-length raises it ({T5_MAX_TOKENS} at most)"
+                        if name == "T5" and limit < T5_MAX_TOKENS else "")
+                notes.append(f"{plural(len(long), 'prompt')} longer than the {limit} tokens {name} reads: the rest "
+                             f"of {'it' if len(long) == 1 else 'each'} is cut off for {name}{more}")
+        return notes
 
     def t5_length(self, s: SamplerSettings) -> int:
         """The T5 tokens of the text embeddings: without T5 (``--drop-t5``) the pipeline pads its T5 part with zeros

@@ -10,9 +10,9 @@ from typing import Callable, Literal
 from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
 from sd3tune.fsutil import absolute_model
-from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, ImageBatch, LoraSource, SamplerSettings,
-                               check_runtime_choices, chunks, free_name, load_pipeline, make_images, provenance,
-                               resolve_lora, save_png, slug)
+from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, T5_MAX_TOKENS, ImageBatch, LoraSource,
+                               SamplerSettings, check_runtime_choices, chunks, free_name, load_pipeline, make_images,
+                               provenance, resolve_lora, save_png, slug)
 from sd3tune.simpletuner import keys
 
 
@@ -91,6 +91,11 @@ def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[st
         run_len = int(lora.metadata["sd3tune.t5_max_length"])
     elif cfg is not None:
         run_len = keys.SD3_T5_MAX_LENGTH  # SimpleTuner caps SD3's T5 at 154 tokens in training
+    length = opts.max_sequence_length
+    if length is not None and not 1 <= length <= T5_MAX_TOKENS:  # diffusers refuses more; 0 fails inside the pipe
+        raise Sd3tuneError(f"--max-sequence-length {length} must be between 1 and {T5_MAX_TOKENS}",
+                           hint=f"T5 tokens read from the prompt: {keys.SD3_T5_MAX_LENGTH} as SimpleTuner trains SD3 "
+                                f"LoRAs, {DIFFUSERS_T5_DEFAULT} diffusers' default, {T5_MAX_TOKENS} the most SD3 takes")
     if opts.drop_t5:  # no T5 tokens: the pipeline pads its T5 part with zeros to its own default length
         if opts.max_sequence_length is not None:
             notes.append("--max-sequence-length ignored with --drop-t5 (there are no T5 tokens)")
@@ -185,6 +190,7 @@ def _generate(opts: GenerateOptions, prompts: list[str], lora: LoraSource | None
     pipe = load_pipeline(model, device=opts.device, dtype=opts.dtype, lora=lora, drop_t5=opts.drop_t5,
                          offload=opts.offload, shift=settings.shift)
     weight = pipe.set_lora_scale(opts.scale)
+    notes += pipe.truncation_notes(prompts, settings)
     seeds = [opts.seed + i for i in range(opts.num_images)]
     total = len(prompts) * len(seeds)
     if opts.compile or opts.fp8:

@@ -345,6 +345,21 @@ def test_an_option_written_twice_in_config_json_warns(make_run):
            in _section(result.output, "warning"), result.output
 
 
+def test_json_values_simpletuners_parser_refuses_are_errors(make_run):
+    # SimpleTuner turns config.json into --option=text for argparse: 2.0 is an invalid int, true a bare --seed
+    # ("expected one argument"), false --seed=false; pydantic's lax int accepted all three
+    run, _ = make_run("json")
+    json_edit(json_path(run), lambda c: c.update(checkpoint_step_interval=2.0, seed=True, learning_rate=False))
+    result, _ = check(run)
+    errors = _section(result.output, "error")
+    assert result.exit_code == 2
+    assert "config.json:checkpoint_step_interval: 2.0 is refused by SimpleTuner, which reads this option as a whole " \
+           "number (--checkpoint_step_interval=2.0: invalid int value) — write checkpoint_step_interval: 2" in errors
+    assert "config.json:seed: true is not a number; SimpleTuner passes it as a bare --seed" in errors
+    assert "config.json:learning_rate: false is not a number; SimpleTuner passes it as --learning_rate=false" in errors
+    assert "500 > " not in result.output  # the meant 2, not SimpleTuner's default, for the other checks
+
+
 def test_a_null_option_in_config_json_warns_that_simpletuner_uses_its_default(make_run):
     # SimpleTuner drops null options: "lora_rank": null trains at its default rank, not what the file seems to say
     run, _ = make_run("json")

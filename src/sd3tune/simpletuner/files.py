@@ -359,7 +359,7 @@ def _set_arg(run: LoadedRun, option: str, value: Any, source: str) -> None:
 def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
     """Read config.json into ``run.args``; False when it could not be read or parsed."""
     name = keys.JSON_FILE
-    # as pairs: json.loads keeps only the last of a key written twice (as SimpleTuner does), silently
+    # json.loads keeps only the last value of a key written twice (as SimpleTuner does), silently: note them
     data = _load_json(run, run.paths.json, name, object_pairs_hook=_JsonObject.from_pairs)
     if data is None:
         return False
@@ -383,6 +383,20 @@ def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
                                       f"write {raw_key}: {value.strip().lower() in keys.TRUE_WORDS and 'true' or 'false'}"
                                       " without quotes"))
             continue
+        # SimpleTuner passes each value on as text to its argparse parser: true becomes a bare --option, which an
+        # option with a value refuses ("expected one argument"); 2.0 becomes "2.0", which int() refuses
+        if isinstance(value, bool) and opt.kind != "bool":
+            wanted = "a number" if opt.kind in ("int", "float") else "a value"
+            run.findings.append(error(name, raw_key, f"{json.dumps(value)} is not {wanted}; SimpleTuner passes it as "
+                                                     f"{'a bare --' + opt.name if value else f'--{opt.name}=false'} "
+                                                     "and refuses to start",
+                                      f"write {raw_key}: {wanted}"))
+            continue
+        if isinstance(value, float) and opt.kind == "int" and value.is_integer():  # a fraction: the checks below
+            run.findings.append(error(name, raw_key, f"{value!r} is refused by SimpleTuner, which reads this option "
+                                                     f"as a whole number (--{opt.name}={value!r}: invalid int value)",
+                                      f"write {raw_key}: {int(value)}"))
+            value = int(value)  # what was meant, for the other checks
         if value is None:  # SimpleTuner drops a null option: its default applies, whatever the file seems to say
             if opt.name not in keys.REQUIRED_OPTIONS:  # those are reported as "not set"
                 default = "leaves it unset" if opt.default is None else f"uses its default {json.dumps(opt.default)}"

@@ -360,6 +360,23 @@ def test_json_values_simpletuners_parser_refuses_are_errors(make_run):
     assert "500 > " not in result.output  # the meant 2, not SimpleTuner's default, for the other checks
 
 
+def test_names_simpletuner_still_reads_are_warnings_not_errors(make_run):
+    # SimpleTuner renames save_total_limit (config.json) and reads lr_scheduler cosine_with_warmup as cosine;
+    # check called them unknown / an invalid choice (suggesting constant_with_warmup) and refused the run
+    run, _ = make_run("json")
+    def edit(config):
+        config.pop("checkpoints_total_limit", None)
+        config.update(save_total_limit=3, lr_scheduler="cosine_with_warmup")
+
+    json_edit(json_path(run), edit)
+    result, _ = check(run)
+    assert result.exit_code == 0, result.output
+    warnings = _section(result.output, "warning")
+    assert "config.json:save_total_limit: an old name of checkpoints_total_limit; SimpleTuner reads it as that" \
+           in warnings
+    assert "config.json:lr_scheduler: SimpleTuner reads 'cosine_with_warmup' as 'cosine'" in warnings
+
+
 def test_a_null_option_in_config_json_warns_that_simpletuner_uses_its_default(make_run):
     # SimpleTuner drops null options: "lora_rank": null trains at its default rank, not what the file seems to say
     run, _ = make_run("json")

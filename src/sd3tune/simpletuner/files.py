@@ -347,7 +347,17 @@ def _read_extra_args(run: LoadedRun, catalog: Catalog, value: str, where: str) -
         _set_arg(run, opt.name, raw, f"{where} --{option}")
 
 
+# names SimpleTuner still reads, under their current name: a legacy config.json key, and an lr_scheduler alias
+_JSON_LEGACY_KEYS = {"save_total_limit": "checkpoints_total_limit"}
+_LR_SCHEDULER_ALIASES = {"cosine_with_warmup": "cosine"}
+
+
 def _set_arg(run: LoadedRun, option: str, value: Any, source: str) -> None:
+    if option == "lr_scheduler" and isinstance(value, str) and value.strip().lower() in _LR_SCHEDULER_ALIASES:
+        meant = _LR_SCHEDULER_ALIASES[value.strip().lower()]
+        run.findings.append(warning(run.paths_name(), source, f"SimpleTuner reads {value!r} as {meant!r} (warm-up "
+                                                              "from lr_warmup_steps either way)", f"write {meant}"))
+        value = meant
     if option in run.args:
         run.findings.append(warning(run.paths_name(), source,
                                     f"--{option} is also set by {run.sources[option]}; this later value wins",
@@ -371,6 +381,10 @@ def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
                                                    "ignores the others", "keep one of them"))
     for raw_key, value in data.items():
         option = raw_key.lstrip("-")
+        if option in _JSON_LEGACY_KEYS:  # SimpleTuner's config.json loader renames it
+            run.findings.append(warning(name, raw_key, f"an old name of {_JSON_LEGACY_KEYS[option]}; SimpleTuner reads "
+                                                       "it as that", f"rename it {_JSON_LEGACY_KEYS[option]}"))
+            option = _JSON_LEGACY_KEYS[option]
         opt = catalog.option(option)
         if opt is None:
             close = catalog.closest_option(option)

@@ -384,6 +384,14 @@ def test_prompt_files_mark_neutral_prompts(tmp_path):
         read_prompts_file(empty, trigger=None)
 
 
+def test_a_prompts_file_saved_with_a_bom_reads_its_first_line_as_written(tmp_path):
+    # Windows editors start UTF-8 files with a BOM: it made the first line's comment a prompt ('\ufeff# ...')
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeff# my prompts\r\nneutral: a red apple\r\nmyst, a tower\r\n".encode("utf-8"))
+    assert [(p.text, p.kind) for p in read_prompts_file(path, trigger="myst")] == \
+        [("a red apple", "neutral"), ("myst, a tower", "concept")]
+
+
 def test_a_prompts_file_that_is_a_folder_says_so(tmp_path):
     with pytest.raises(Sd3tuneError, match="is a folder, not a file") as info:
         read_prompts_file(tmp_path, trigger=None)

@@ -89,7 +89,7 @@ def read_prompts_file(path: Path, trigger: str | None) -> list[EvalPrompt]:
         raise Sd3tuneError(f"prompts file {path} does not exist",
                            hint="one prompt per line; prefix neutral prompts with 'neutral:'")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: Notepad's BOM is not part of line 1
     except UnicodeDecodeError:
         raise Sd3tuneError(f"prompts file {path} is not UTF-8 text", hint="one prompt per line") from None
     prompts: list[EvalPrompt] = []

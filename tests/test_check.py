@@ -377,6 +377,16 @@ def test_names_simpletuner_still_reads_are_warnings_not_errors(make_run):
     assert "config.json:lr_scheduler: SimpleTuner reads 'cosine_with_warmup' as 'cosine'" in warnings
 
 
+def test_a_config_json_saved_with_a_bom_says_so(make_run):
+    # SimpleTuner's json.load fails on a BOM too; the hint said "a trailing comma or a missing quote is typical"
+    run, _ = make_run("json")
+    json_path(run).write_bytes(b"\xef\xbb\xbf" + json_path(run).read_bytes())
+    result, _ = check(run)
+    assert result.exit_code == 2
+    assert "config.json: starts with a byte-order mark (BOM), which SimpleTuner cannot read — save the file as UTF-8 " \
+           "without BOM" in _section(result.output, "error"), result.output
+
+
 def test_a_null_option_in_config_json_warns_that_simpletuner_uses_its_default(make_run):
     # SimpleTuner drops null options: "lora_rank": null trains at its default rank, not what the file seems to say
     run, _ = make_run("json")

@@ -438,6 +438,10 @@ def _load_json(run: LoadedRun, path: Path, name: str, object_pairs_hook=None) ->
     try:
         return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=object_pairs_hook)
     except json.JSONDecodeError as exc:
+        if exc.msg.startswith("Unexpected UTF-8 BOM"):  # SimpleTuner's json.load fails on it the same way
+            run.findings.append(error(name, "", "starts with a byte-order mark (BOM), which SimpleTuner cannot read",
+                                      "save the file as UTF-8 without BOM"))
+            return None
         run.findings.append(error(name, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}",
                                   "fix the syntax (a trailing comma or a missing quote is typical)"))
     except UnicodeDecodeError:

@@ -243,7 +243,11 @@ def test_count_errors_say_what_to_pass(tmp_path):
                          (["--batch-size", "0"], "--batch-size 0"),
                          # 0 failed with a traceback inside diffusers; over 512 diffusers refuses (sd3tune passed it)
                          (["--max-sequence-length", "0"], "--max-sequence-length 0 must be between 1 and 512"),
-                         (["--max-sequence-length", "513"], "--max-sequence-length 513 must be between 1 and 512")):
+                         (["--max-sequence-length", "513"], "--max-sequence-length 513 must be between 1 and 512"),
+                         # beyond torch's uint64 seed: a traceback after the model had loaded
+                         (["--seed", str(2 ** 64)], f"--seed {2 ** 64} is outside 0..{2 ** 64 - 1}"),
+                         (["--seed", str(2 ** 64 - 1), "-n", "2"], f"(its last image's seed {2 ** 64})"),
+                         (["--seed", "-1"], "--seed -1 is outside")):
         r = sd3tune("generate", "-p", "x", "--out", tmp_path, *args)
         assert_one_line_user_error(r, needle, "(hint: ")
 

@@ -66,6 +66,9 @@ class GenerateResult:
     grid: Path | None = None
 
 
+SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed's largest (a negative one wraps around; refused for clarity)
+
+
 def read_prompts(opts: GenerateOptions) -> list[str]:
     """--prompt values, then the prompts file (same format as `evaluate --prompts`: # comments, neutral: prefix)."""
     from sd3tune.evaluation import read_prompts_file
@@ -152,6 +155,10 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
     if opts.num_images < 1:
         raise Sd3tuneError(f"--num-images {opts.num_images} must be at least 1",
                            hint="-n N makes N images per prompt, at seeds --seed, --seed + 1, ...")
+    if opts.seed < 0 or opts.seed + opts.num_images - 1 > SEED_MAX:  # torch's generator seed is a uint64
+        last = "" if opts.num_images == 1 else f" (its last image's seed {opts.seed + opts.num_images - 1})"
+        raise Sd3tuneError(f"--seed {opts.seed}{last} is outside 0..{SEED_MAX}",
+                           hint="seeds are whole numbers from 0; image i uses seed --seed + i")
     if opts.scale < 0:
         raise Sd3tuneError(f"--scale {opts.scale} must not be negative", hint="0 gives the base model")
     if opts.batch_size < 1:

@@ -392,6 +392,23 @@ def test_a_prompts_file_saved_with_a_bom_reads_its_first_line_as_written(tmp_pat
         [("a red apple", "neutral"), ("myst, a tower", "concept")]
 
 
+def test_repeated_prompts_are_evaluated_once_and_said(trained_run, tiny_clip, tmp_path):
+    # they were dropped silently; a repeat keeps its first line's kind
+    from sd3tune.commands.evaluate import EvaluateOptions, run_evaluate
+    from sd3tune.evaluation import distinct_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("sd3tune-style, a castle\nneutral: a red apple\nsd3tune-style, a castle\nneutral: sd3tune-style, "
+                    "a castle\n", encoding="utf-8")
+    prompts, repeats = distinct_prompts(read_prompts_file(path, trigger="sd3tune-style"))
+    assert [(p.text, p.kind) for p in prompts] == [("sd3tune-style, a castle", "concept"), ("a red apple", "neutral")]
+    assert repeats == 2
+    result = run_evaluate(EvaluateOptions(run_dir=trained_run, prompts_file=path, seeds=1, steps=2,
+                                          clip_model=str(tiny_clip), out=tmp_path / "eval", device="cpu"), progress=False)
+    assert [p["text"] for p in result.metrics["prompts"]] == [p.text for p in prompts]
+    assert f"2 repeated prompts in {path} left out: each prompt is evaluated once" in result.notes
+
+
 def test_a_prompts_file_that_is_a_folder_says_so(tmp_path):
     with pytest.raises(Sd3tuneError, match="is a folder, not a file") as info:
         read_prompts_file(tmp_path, trigger=None)

@@ -323,6 +323,16 @@ def test_ctrl_c_keeps_the_images_written_and_lists_them(tiny_model, tmp_path):
     assert "Traceback" not in err
 
 
+def test_a_repeated_prompt_is_made_once_and_said(tiny_model, tmp_path):
+    # -p dup -p dup made the same images twice (from a prompts file, the repeat was dropped without a word)
+    prompts_file = tmp_path / "p.txt"
+    prompts_file.write_text(f"{PROMPT}\na red apple\n", encoding="utf-8")
+    result = run_generate(GenerateOptions(prompts=[PROMPT], prompts_file=prompts_file, model=str(tiny_model),
+                                          out=tmp_path / "out", steps=2, width=64), progress=False)
+    assert [i.prompt for i in result.images] == [PROMPT, "a red apple"]
+    assert "1 repeated prompt left out: the same prompt at the same seeds makes the same images" in result.notes
+
+
 def test_each_image_is_reported_as_soon_as_it_is_written(tiny_model, tmp_path, monkeypatch):
     # A caller (progress display, benchmark) hears of batch 1's images while batch 2 is still to be made.
     import threading

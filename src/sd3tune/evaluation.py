@@ -106,7 +106,7 @@ def read_prompts_file(path: Path, trigger: str | None) -> list[EvalPrompt]:
         prompts.append(EvalPrompt(text, "neutral" if neutral else "concept"))
     if not prompts:
         raise Sd3tuneError(f"prompts file {path} has no prompts", hint="one prompt per line (# starts a comment)")
-    return _dedupe(prompts)
+    return prompts
 
 
 def default_prompts(validation_prompt: str | None, captions: Sequence[str], trigger: str | None,
@@ -123,17 +123,16 @@ def default_prompts(validation_prompt: str | None, captions: Sequence[str], trig
     if not concept:
         raise Sd3tuneError("the run has no validation prompt, captions or trigger word to build concept prompts from",
                            hint="pass --prompts FILE (one prompt per line)")
-    return _dedupe([EvalPrompt(c, "concept") for c in concept] + [EvalPrompt(n, "neutral") for n in NEUTRAL_PROMPTS])
+    return distinct_prompts([EvalPrompt(c, "concept") for c in concept]
+                            + [EvalPrompt(n, "neutral") for n in NEUTRAL_PROMPTS])[0]
 
 
-def _dedupe(prompts: list[EvalPrompt]) -> list[EvalPrompt]:
-    seen: set[str] = set()
-    out = []
+def distinct_prompts(prompts: Sequence[EvalPrompt]) -> tuple[list[EvalPrompt], int]:
+    """Each prompt text once, at its first place (as its first line marks it); and how many repeats were left out."""
+    first: dict[str, EvalPrompt] = {}
     for p in prompts:
-        if p.text not in seen:
-            seen.add(p.text)
-            out.append(p)
-    return out
+        first.setdefault(p.text, p)
+    return list(first.values()), len(prompts) - len(first)
 
 
 # ----------------------------------------------------------------------------------------------- training data
@@ -391,8 +390,8 @@ def compute_metrics(models: Sequence[ModelImages], prompts: Sequence[EvalPrompt]
         notes.append("one seed per prompt: diversity was not computed (use --seeds 2 or more)")
     long = clip.truncated([p.text for p in prompts])
     if long:
-        notes.append(f"{plural(len(long), 'prompt')} longer than CLIP's {clip.max_text_tokens} tokens: their "
-                     "CLIP score reads only the start")
+        notes.append(f"{plural(len(long), 'prompt')} longer than CLIP's {clip.max_text_tokens} tokens: "
+                     f"{'its' if len(long) == 1 else 'their'} CLIP score reads only the start")
 
     real = clip.image_embeddings(real_images, batch_size, "CLIP training images", progress)
     centroid = torch.nn.functional.normalize(real.mean(0), dim=0)

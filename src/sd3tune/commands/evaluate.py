@@ -17,6 +17,7 @@ from typing import Any
 
 from sd3tune.defaults import DEFAULT_CLIP
 from sd3tune.errors import Sd3tuneError
+from sd3tune.findings import plural
 
 CHECKPOINT_CHOICES = ("latest", "all")
 EVAL_DIR = "eval"  # default --out, inside the run folder
@@ -199,8 +200,8 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     any model loads."""
     from sd3tune import __version__
     from sd3tune.commands.generate import GenerateOptions, resolve_settings
-    from sd3tune.evaluation import (ClipModel, ImageFiles, default_prompts, read_prompts_file, relpath,
-                                    training_set)
+    from sd3tune.evaluation import (ClipModel, ImageFiles, default_prompts, distinct_prompts, read_prompts_file,
+                                    relpath, training_set)
     from sd3tune.inference import resolve_lora
     from sd3tune.manifest import now, read_manifest
 
@@ -220,7 +221,10 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     candidates = _candidates(opts, loaded.output_dir(), lora, notes)
     train = training_set(loaded.backends, loaded.paths)
     if opts.prompts_file is not None:
-        prompts = read_prompts_file(opts.prompts_file, trigger)
+        prompts, repeats = distinct_prompts(read_prompts_file(opts.prompts_file, trigger))
+        if repeats:
+            notes.append(f"{plural(repeats, 'repeated prompt')} in {opts.prompts_file} left out: each prompt is "
+                         "evaluated once")
     else:
         prompts = default_prompts(config.validation.prompt, train.captions, trigger)
     model, settings, setting_notes = resolve_settings(

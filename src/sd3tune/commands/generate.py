@@ -9,6 +9,7 @@ from typing import Callable, Literal
 
 from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
+from sd3tune.findings import plural
 from sd3tune.fsutil import absolute_model
 from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, T5_MAX_TOKENS, ImageBatch, LoraSource,
                                SamplerSettings, check_runtime_choices, chunks, free_name, load_pipeline, make_images,
@@ -151,7 +152,8 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
     """Generate every prompt x seed with one pipeline load. ``on_image`` is called from the PNG writer thread, in
     order, as soon as each file is written (while later batches are still being made)."""
     check_runtime_choices(opts.device, opts.dtype, opts.offload)
-    prompts = read_prompts(opts)
+    given = read_prompts(opts)
+    prompts = list(dict.fromkeys(given))  # the same prompt at the same seeds would make the same images again
     if opts.num_images < 1:
         raise Sd3tuneError(f"--num-images {opts.num_images} must be at least 1",
                            hint="-n N makes N images per prompt, at seeds --seed, --seed + 1, ...")
@@ -166,6 +168,9 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
                            hint="images per pipeline call; the default is 4, lower it when memory runs out")
     lora = resolve_lora(opts.lora) if opts.lora is not None else None
     model, settings, notes = resolve_settings(opts, lora)
+    if len(prompts) < len(given):
+        notes.append(f"{plural(len(given) - len(prompts), 'repeated prompt')} left out: the same prompt at the same "
+                     "seeds makes the same images")
     if lora is None and opts.scale != 1.0:
         notes.append(f"--scale {opts.scale:g} ignored: no --lora")
     if opts.out.exists() and not opts.out.is_dir():

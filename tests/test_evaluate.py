@@ -578,3 +578,21 @@ def test_ctrl_c_says_the_unfinished_evaluation_needs_force_to_be_replaced(traine
     again = sd3tune(*args, "--force")
     assert again.code == 0, again.err[-2000:]
     assert (out / "metrics.json").exists()
+
+
+def test_report_md_shows_prompts_and_notes_as_written_not_as_markup(evaluated):
+    # report.md wrote them raw: '<b>x</b>' vanished into HTML, '*star*' turned italic, '|' could end a table cell
+    import copy
+    import re
+
+    from sd3tune.evaluation import render_markdown
+
+    data = copy.deepcopy(evaluated.metrics)
+    prompt = r"a *star* <b>x</b> | [link](u) \ _under_ `code` #1"
+    data["prompts"][0]["text"] = prompt
+    data["notes"] = [prompt]
+    md = render_markdown(data, "contact_sheet.png")
+    line = next(x for x in md.splitlines() if x.startswith("1. ("))
+    shown = re.sub(r"\\(.)", r"\1", line.split(") ", 1)[1])  # what Markdown displays: each \x is a literal x
+    assert shown == prompt and "<b>" not in md and "*star*" not in md
+    assert re.sub(r"\\(.)", r"\1", md.splitlines()[-1][2:]) == prompt

@@ -24,6 +24,7 @@ import html
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -547,7 +548,7 @@ def render_markdown(data: dict[str, Any], sheet_name: str) -> str:
               f"- sd3tune {data['sd3tune_version']}, {data['created']}", ""]
     lines += ["## Prompts", ""]
     for i, p in enumerate(data["prompts"]):
-        lines.append(f"{i + 1}. ({p['kind']}) {p['text']}")
+        lines.append(f"{i + 1}. ({p['kind']}) {_md(p['text'])}")
     lines += ["", "## Images", "",
               f"Rows: prompts (seed {data['seeds'][0]}); columns: {' | '.join(m['title'] for m in data['models'].values())}. "
               "Every image is under `images/`.", "", f"![contact sheet]({sheet_name})", ""]
@@ -570,8 +571,16 @@ def render_markdown(data: dict[str, Any], sheet_name: str) -> str:
     lines += ["- std is the sample standard deviation across prompts and seeds (KID: across random subsets); a value "
               "without ± is a single one (n = 1)."]
     if data["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in data["notes"]]
+        lines += ["", "## Notes", ""] + [f"- {_md(n)}" for n in data["notes"]]
     return "\n".join(lines) + "\n"
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|<>~])")
+
+
+def _md(text: str) -> str:
+    """``text`` as Markdown shows it literally (a prompt's ``*``, ``<b>`` or ``|`` is not markup)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
 def render_html(data: dict[str, Any], sheet_name: str) -> str:

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 
+import pytest
 from helpers import assert_one_line_user_error, sd3tune
 
 from sd3tune.defaults import SD3M
@@ -40,7 +41,8 @@ def test_second_init_without_force_refuses_and_changes_nothing(tmp_path, data_co
     assert init_cli(run, "--data", data_copy).code == 0
     before = {p: p.read_bytes() for p in (run / "config").iterdir()}
     r = init_cli(run, "--data", data_copy, "--rank", "64", "--format", "json")
-    assert_one_line_user_error(r, "already exists", "--force")
+    assert_one_line_user_error(r, "config.env, ", "multidatabackend.json already exist; nothing was written",
+                               "--force")
     assert {p: p.read_bytes() for p in (run / "config").iterdir()} == before
 
 
@@ -163,3 +165,12 @@ def test_init_again_over_a_trained_run_says_train_would_refuse_and_offers_no_nex
     assert r.code == 0, r.err
     assert f"{run / 'output'} already holds checkpoint-20" in r.out and "`sd3tune train` refuses" in r.out
     assert "next:" not in r.out
+
+
+def test_one_existing_file_is_named_in_the_singular(tmp_path):
+    from sd3tune.errors import RefuseOverwriteError
+    from sd3tune.fsutil import refuse_existing
+
+    (tmp_path / "a.json").write_text("{}")
+    with pytest.raises(RefuseOverwriteError, match=r"a\.json already exists; nothing was written"):
+        refuse_existing([tmp_path / "a.json", tmp_path / "b.json"], force=False)

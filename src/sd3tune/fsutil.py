@@ -57,7 +57,8 @@ def refuse_existing(paths: list[Path], force: bool) -> None:
     existing = [p for p in paths if Path(p).exists()]
     if existing:
         names = ", ".join(str(p) for p in existing)
-        raise RefuseOverwriteError(f"{names} already exists; nothing was written",
+        verb = 'exists' if len(existing) == 1 else 'exist'
+        raise RefuseOverwriteError(f"{names} already {verb}; nothing was written",
                                    hint="pass --force to overwrite, or choose another folder")
 
 

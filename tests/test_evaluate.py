@@ -596,3 +596,23 @@ def test_report_md_shows_prompts_and_notes_as_written_not_as_markup(evaluated):
     shown = re.sub(r"\\(.)", r"\1", line.split(") ", 1)[1])  # what Markdown displays: each \x is a literal x
     assert shown == prompt and "<b>" not in md and "*star*" not in md
     assert re.sub(r"\\(.)", r"\1", md.splitlines()[-1][2:]) == prompt
+
+
+def test_a_copied_run_says_its_lora_is_the_originals(trained_run, tiny_clip, prompts_file, tmp_path):
+    # `cp -r run copy; sd3tune evaluate copy` evaluated the original's LoRA without a word (OUTPUT_DIR is absolute)
+    import shutil
+
+    from sd3tune.commands.evaluate import EvaluateOptions, run_evaluate
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("eval*", "cache", "output"))
+    result = run_evaluate(EvaluateOptions(run_dir=copy, prompts_file=prompts_file, seeds=1, steps=2,
+                                          clip_model=str(tiny_clip), device="cpu"), progress=False)
+    lora = trained_run.resolve() / "output" / "pytorch_lora_weights.safetensors"
+    assert result.metrics["lora"]["file"] == str(lora)
+    assert any(n.startswith(f"the run's LoRA {lora} is outside {copy}: its OUTPUT_DIR points there")
+               for n in result.notes), result.notes
+    own = run_evaluate(EvaluateOptions(run_dir=trained_run, prompts_file=prompts_file, seeds=1, steps=2,
+                                       clip_model=str(tiny_clip), device="cpu", out=tmp_path / "own"),
+                       progress=False)
+    assert not any("is outside" in n for n in own.notes)

@@ -218,6 +218,10 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     if lora.config is None:  # a bare .safetensors: the run's settings apply
         lora = replace(lora, config=config)
     notes: list[str] = []
+    if opts.lora is None and not lora.file.is_relative_to(run_dir.resolve()):  # e.g. a copied run folder
+        notes.append(f"the run's LoRA {lora.file} is outside {run_dir}: its "
+                     f"{loaded.key_for('output_dir', located=False)} points there (a copied run still points into "
+                     "the original's output)")
     candidates = _candidates(opts, loaded.output_dir(), lora, notes)
     train = training_set(loaded.backends, loaded.paths)
     if opts.prompts_file is not None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 # A Hugging Face Hub that cannot be reached (nothing listens on port 9), with offline mode off
 UNREACHABLE_HUB = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}
@@ -41,6 +42,24 @@ def sd3tune(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
     proc = subprocess.run([sys.executable, "-m", "sd3tune", *map(str, args)], capture_output=True, text=True,
                           env=child_env(**(env or {})), timeout=timeout, cwd=cwd)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def interrupted(*args: str, when: Callable[[], bool]) -> CliResult:
+    """Run `sd3tune ARGS`, press Ctrl-C (SIGINT) as soon as ``when()`` is true, and return how it ended. SIGINT is at
+    its default in the child, as in a terminal (a background job of a script starts with it ignored)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "sd3tune", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not when():
+        time.sleep(0.05)  # polls the condition
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    return CliResult(proc.returncode, out, err)
 
 
 def assert_one_line_user_error(result: CliResult, *needles: str) -> None:

@@ -550,27 +550,14 @@ def test_a_hub_clip_in_the_cache_loads_from_it_at_once_when_the_hub_is_out_of_re
 
 def test_ctrl_c_says_the_unfinished_evaluation_needs_force_to_be_replaced(trained_run, tiny_clip, prompts_file,
                                                                           tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from helpers import child_env, sd3tune
+    from helpers import interrupted, sd3tune
 
     out = tmp_path / "eval"
     args = ["evaluate", str(trained_run), "--prompts", str(prompts_file), "--clip-model", str(tiny_clip),
             "--out", str(out), "--device", "cpu", "--seeds", "2", "--steps", "2"]
-    # SIGINT at its default, as in a terminal (a background job of a script starts with it ignored)
-    proc = subprocess.Popen([sys.executable, "-m", "sd3tune", *args, "--checkpoints", "all"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=child_env(),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not any(out.glob("images/*/*.png")):
-        time.sleep(0.05)  # until the first image is written
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    r = interrupted(*args, "--checkpoints", "all", when=lambda: any(out.glob("images/*/*.png")))  # 1st image
+    err = r.err
+    assert r.code == 130, err[-2000:]
     assert err.replace("\r", "\n").splitlines()[-1] == (
         f"error: evaluation interrupted: {out} holds its unfinished images (no metrics.json) "
         "(hint: run it again with --force to replace them)")

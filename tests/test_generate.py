@@ -294,26 +294,13 @@ def test_a_hub_model_in_the_cache_generates_with_the_hub_out_of_reach(tiny_model
 
 def test_ctrl_c_keeps_the_images_written_and_lists_them(tiny_model, tmp_path):
     # it exited 130 without a word, the progress bar's line left open; the paths only ever came at the end
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from helpers import child_env
+    from helpers import interrupted
 
     out = tmp_path / "out"
-    # SIGINT at its default, as in a terminal (a background job of a script starts with it ignored)
-    proc = subprocess.Popen([sys.executable, "-m", "sd3tune", "generate", "--model", str(tiny_model), "-p", PROMPT,
-                             "-n", "10000", "--batch-size", "1", "--steps", "2", "--width", "64", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not any(out.glob("*.png")):
-        time.sleep(0.1)  # until the first image is written
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGINT)
-    stdout, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    r = interrupted("generate", "--model", tiny_model, "-p", PROMPT, "-n", "10000", "--batch-size", "1", "--steps",
+                    "2", "--width", "64", "--out", out, when=lambda: any(out.glob("*.png")))  # the first image
+    stdout, err = r.out, r.err
+    assert r.code == 130, err[-2000:]
     written = sorted(out.glob("*.png"))
     assert 0 < len(written) < 10000 and sorted(Path(line) for line in stdout.splitlines()) == written
     for png in written:  # each one whole, with its provenance

@@ -514,38 +514,31 @@ def test_kid_from_the_only_possible_subsets_is_one_value():
 
 def test_an_unreachable_hub_fails_fast_with_the_one_line_error(trained_run, prompts_file, tmp_path):
     # offline without --clip-model (the default CLIP is a Hub id): huggingface_hub retried for ~50 s before the error
-    import time
-
     from helpers import UNREACHABLE_HUB, assert_one_line_user_error, sd3tune
 
     from sd3tune.defaults import DEFAULT_CLIP
 
     cache = tmp_path / "hf"  # an empty Hugging Face cache
-    start = time.perf_counter()
     r = sd3tune("evaluate", trained_run, "--prompts", prompts_file, "--seeds", "1", "--out", tmp_path / "out",
                 "--device", "cpu", env={**UNREACHABLE_HUB, "HF_HOME": str(cache), "HF_HUB_CACHE": str(cache / "hub")})
-    elapsed = time.perf_counter() - start
     assert_one_line_user_error(r, f"cannot load CLIP model {DEFAULT_CLIP}", "http://127.0.0.1:9",
                                f"hf download {DEFAULT_CLIP}")
-    assert "Retrying" not in r.err and elapsed < 20, (elapsed, r.err[-2000:])
+    assert "Retrying" not in r.err, r.err[-2000:]
     assert not (tmp_path / "out").exists()
 
 
 def test_a_hub_clip_in_the_cache_loads_from_it_at_once_when_the_hub_is_out_of_reach(tiny_clip, tmp_path):
     import subprocess
     import sys
-    import time
 
     from helpers import UNREACHABLE_HUB, child_env, hub_cache_with
 
     cache = hub_cache_with(tiny_clip, "sd3tune-tests/tiny-clip", tmp_path / "hub")
     code = "from sd3tune.evaluation import ClipModel; print(ClipModel.load('sd3tune-tests/tiny-clip').source)"
-    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=child_env(**UNREACHABLE_HUB, HF_HUB_CACHE=str(cache)))
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 0 and proc.stdout.split() == ["Hub"], proc.stderr[-3000:]
-    assert "Retrying" not in proc.stderr and elapsed < 20, (elapsed, proc.stderr[-2000:])
+    assert "Retrying" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_ctrl_c_says_the_unfinished_evaluation_needs_force_to_be_replaced(trained_run, tiny_clip, prompts_file,

@@ -249,7 +249,7 @@ def evaluate_cmd(
       sd3tune evaluate runs/art --force          # replace the previous runs/art/eval
       sd3tune evaluate runs/art --prompts prompts.txt --clip-model ~/models/clip-vit-large-patch14
     """
-    from sd3tune.commands.evaluate import EVAL_DIR, EvaluateOptions, format_table, run_evaluate
+    from sd3tune.commands.evaluate import EvaluateOptions, evaluation_folder, format_table, run_evaluate
 
     try:
         result = run_evaluate(EvaluateOptions(
@@ -257,7 +257,7 @@ def evaluate_cmd(
             clip_model=clip_model, out=out, steps=steps, guidance=guidance, device=device, dtype=dtype,
             batch_size=batch_size, force=force))
     except KeyboardInterrupt:
-        folder = out if out is not None else run_dir / EVAL_DIR
+        folder = evaluation_folder(run_dir, out)
         if folder.is_dir() and any(folder.iterdir()) and not (folder / "metrics.json").exists():
             raise Sd3tuneError(f"evaluation interrupted: {folder} holds its unfinished images (no metrics.json)",
                                hint="run it again with --force to replace them", exit_code=130) from None

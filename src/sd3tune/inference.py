@@ -254,6 +254,14 @@ def hub_files_only(repo_id: str, what: str, filename: str, hint: str) -> bool:
     return True
 
 
+def model_files_only(model: str, otherwise: str) -> bool:
+    """``hub_files_only`` for the diffusers model ``model`` (a Hub id), whose error says how to download it, or
+    ``otherwise`` (the local alternative: the flag or key to set)."""
+    return hub_files_only(model, model, "model_index.json",
+                          hint=f"download it once where the Hub is reachable (`hf download {model}`; gated models "
+                               f"need `hf auth login` and accepted terms), or {otherwise}")
+
+
 def quiet_libraries() -> None:
     """Keep diffusers/transformers to errors and no loading bars: sd3tune prints its own progress."""
     import warnings
@@ -441,10 +449,7 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto", lora: L
     if local is not None and not (local / "model_index.json").is_file():
         raise Sd3tuneError(f"{model} is not a diffusers model folder (no model_index.json)",
                            hint="pass an SD3 diffusers folder or the Hub id " + SD3M)
-    local_only = local is None and hub_files_only(
-        model, model, "model_index.json",
-        hint=f"download it once where the Hub is reachable (`hf download {model}`; gated models need `hf auth login` "
-             "and accepted terms), or pass --model PATH to a local diffusers folder")
+    local_only = local is None and model_files_only(model, "pass --model PATH to a local diffusers folder")
     dev = pick_device(device)
     if offload != "none" and dev != "cuda":
         raise Sd3tuneError(f"--offload {offload} needs a CUDA GPU (it moves the model between GPU and CPU memory); "

@@ -160,6 +160,11 @@ def _same_tensors(a: Path, b: Path) -> bool:
         return False
 
 
+def evaluation_folder(run_dir: Path, out: Path | None) -> Path:
+    """Where an evaluation of ``run_dir`` is written: ``out`` (--out), else RUN_DIR/eval."""
+    return (out if out is not None else run_dir / EVAL_DIR).expanduser().resolve()
+
+
 def _check_out(out: Path, force: bool, defaulted: bool) -> None:
     """Refuse an --out folder that holds anything (a previous evaluation above all) unless ``force``."""
     name = f"--out {out}" if not defaulted else f"{out} (the default --out)"
@@ -209,7 +214,7 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     timings: dict[str, float] = {}
     _check_options(opts)
     run_dir, loaded = _read_run(opts.run_dir)
-    out = (opts.out if opts.out is not None else run_dir / EVAL_DIR).expanduser().resolve()
+    out = evaluation_folder(run_dir, opts.out)
     _check_out(out, opts.force, defaulted=opts.out is None)
     config = loaded.config
     manifest = read_manifest(run_dir)

@@ -69,12 +69,10 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
                         cuda_graphs=opts.cuda_graphs)
     model = cfg.model.name_or_path
     if not report.run.paths.resolve(model).exists():  # a Hub id (check passed): SimpleTuner fails only after start-up
-        from sd3tune.inference import hub_files_only
+        from sd3tune.inference import model_files_only
 
         key = report.run.key_for("pretrained_model_name_or_path", located=False)
-        if hub_files_only(model, model, "model_index.json",
-                          hint=f"download it once where the Hub is reachable (`hf download {model}`; gated models "
-                               f"need `hf auth login` and accepted terms), or set {key} to a local diffusers folder"):
+        if model_files_only(model, f"set {key} to a local diffusers folder"):
             plan.env["HF_HUB_OFFLINE"] = "1"  # in the cache: SimpleTuner loads it from there without asking the Hub
     return plan, report
 

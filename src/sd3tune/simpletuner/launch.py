@@ -211,7 +211,8 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _run(plan, log_path, on_progress, on_line, tail_lines) -> RunOutcome:
+def _run(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress], None] | None,
+         on_line: Callable[[str], None] | None, tail_lines: int) -> RunOutcome:
     last: Progress | None = None
     tail: list[str] = []
     interrupted = False

@@ -3,8 +3,7 @@
 # and accelerate but neither SimpleTuner nor sd3tune's other dependencies. Prepare on a connected machine, then run
 # one command there:
 #
-#   here:  ../shared/gpu-host/fetch_wheels.sh .whl && cp -r ../shared/gpu-host .gpu-host   (both are git-ignored;
-#          send them along with the repository)
+#   here:  scripts/gpu_prep.sh   (writes .whl/ and .gpu-host/, both git-ignored: send them along with the repository)
 #   there: scripts/gpu_host.sh [ANCHOR_SCRIPT.py] OUT_DIR [DEADLINE_S]
 #
 # It installs the wheels in .whl/ into SITE (default /tmp/sd3tune-site; once per host), puts SITE, src/ and the
@@ -33,6 +32,11 @@ export PYTHONPATH="$SITE:$ROOT/src:$KIT/stubs${PYTHONPATH:+:$PYTHONPATH}"
 import importlib.metadata as md
 import torch
 import sd3tune.simpletuner.launch  # noqa: F401  (sd3tune and its SimpleTuner adapter import)
+from sd3tune.tiny import clip_bpe_file
+try:  # the random SD3M's CLIP tokenizers are built from open_clip_torch's BPE file
+    clip_bpe_file()
+except RuntimeError as exc:
+    raise SystemExit(f"gpu_host.sh: {exc} (scripts/gpu_prep.sh puts its wheel in .whl/)")
 names = ("torch", "transformers", "diffusers", "peft", "accelerate", "simpletuner", "pydantic")
 print("versions: " + ", ".join(f"{n} {md.version(n)}" for n in names)
       + f"; CUDA {torch.version.cuda}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from helpers import child_env, sd3_transformer_inputs
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-sys.path.insert(0, str(SCRIPTS))  # the tests below import bench_generate and token_major
+sys.path.insert(0, str(SCRIPTS))  # the tests below import bench_generate
 NOT_ACCEPTANCE = "tiny/CPU: not an acceptance number"
 
 
@@ -99,8 +100,7 @@ def test_the_deep_proxy_model_has_sd3_mediums_blocks_at_the_tiny_width(tmp_path,
 @pytest.mark.e2e
 def test_bench_generate_runs_at_tiny_size(train_bench, bench_work):
     # Reuses the tiny model bench_train built, and generates with the LoRA it trained.
-    variants = ("default", "compile", "fp8", "compile-qkv", "compile-tokenmajor", "compile-autotune",
-                "compile-tokenmajor-autotune")
+    variants = ("default", "compile", "fp8", "compile-qkv", "compile-autotune")
     proc, result = run_script("bench_generate.py", "--size", "tiny", "--work", str(bench_work), "--variants",
                               ",".join(variants), "--images", "4", "--batch-size", "2", "--steps", "8",
                               "--anchor-images", "1", "--lora", str(bench_work / "runs" / "default"), "--profile",
@@ -115,14 +115,10 @@ def test_bench_generate_runs_at_tiny_size(train_bench, bench_work):
     assert "LoRA fused into the transformer weights" in result["compile.notes"], result["compile.notes"]
     assert any("nothing compiled on cpu" in note for note in result["compile.notes"]), result["compile.notes"]
     assert result["compile.mean_abs_diff_vs_default"] < 0.5  # fusing the LoRA only rounds differently
-    # the candidates applied on CPU too: both tiny blocks changed, the images those of compile
+    # the q/k/v candidate applied on CPU too: both tiny blocks changed, the images those of compile
     assert "candidate: q/k/v fused into one matmul per stream in 2 attention layers" in result["compile-qkv.notes"]
-    assert any(note.startswith("candidate: 2 blocks token-major") for note in result["compile-tokenmajor.notes"])
-    for name in ("compile-qkv", "compile-tokenmajor"):
-        assert result[f"{name}.mean_abs_diff_vs_compile"] < 0.5, name
+    assert result["compile-qkv.mean_abs_diff_vs_compile"] < 0.5
     assert "candidate: 0 blocks compiled with max-autotune-no-cudagraphs" in result["compile-autotune.notes"]  # CPU
-    assert ("candidate: 2 blocks token-major, 0 compiled with max-autotune-no-cudagraphs"
-            in result["compile-tokenmajor-autotune.notes"])
     assert any(note.startswith("--fp8: 21 transformer matmuls in FP8") for note in result["fp8.notes"])
     assert 0 < result["fp8.mean_abs_diff_vs_compile"] < 5  # e4m3 moves the images, a little
     for name in variants:  # --profile: one warm batch each, on CPU without GPU numbers
@@ -149,15 +145,12 @@ def test_a_variant_that_fails_is_reported_and_the_next_one_still_runs(train_benc
     positive(result, "compile.s_per_image")
 
 
-@pytest.mark.parametrize("candidate, fused_weight", [("fuse_qkv", "to_qkv"), ("token_major_blocks", "qkv_weight")])
-def test_the_attention_candidates_compute_sd3_mediums_blocks_and_leave_normalised_q_k_alone(tiny_model, candidate,
-                                                                                             fused_weight):
+def test_the_qkv_candidate_computes_sd3_mediums_blocks_and_leaves_normalised_q_k_alone(tiny_model):
     import torch
     from diffusers import SD3Transformer2DModel
 
-    import bench_generate
+    from bench_generate import fuse_qkv
 
-    apply = getattr(bench_generate, candidate)
     config = SD3Transformer2DModel.load_config(tiny_model / "transformer")
     for qk_norm, fused in ((None, config["num_layers"]), ("rms_norm", 0)):  # SD3 Medium; SD3.5-style q/k norms
         torch.manual_seed(0)
@@ -165,48 +158,10 @@ def test_the_attention_candidates_compute_sd3_mediums_blocks_and_leave_normalise
         args = sd3_transformer_inputs(config)  # a batch of 2; the tiny model's last block is context-pre-only
         with torch.inference_mode():
             before = model(*args).sample
-            assert apply(model) == fused
+            assert fuse_qkv(model) == fused
             after = model(*args).sample
         assert torch.allclose(after, before, atol=1e-5), (qk_norm, (after - before).abs().max())
-        assert sum(hasattr(b.attn, fused_weight) for b in model.transformer_blocks) == fused
-
-
-def test_compiled_token_major_blocks_give_diffusers_outputs_without_the_attention_copies(monkeypatch):
-    # Compiled with Inductor (as generate --compile compiles the blocks on CUDA), diffusers' SD3 block concatenates
-    # q, k and v (one kernel each) and copies the attention output back for its output projections; token-major, the
-    # same outputs, without graph breaks, and none of those copies.
-    import re
-    from types import SimpleNamespace
-
-    import torch
-    from diffusers.models.attention import JointTransformerBlock
-    from diffusers.models.attention_processor import Attention
-    from torch._inductor.utils import run_and_get_code
-
-    import token_major
-
-    def replaced(self, fuse=True):  # as after importing SimpleTuner, whose version deletes the separate projections
-        raise AssertionError("token_major must not depend on Attention.fuse_projections")
-
-    monkeypatch.setattr(Attention, "fuse_projections", replaced)
-
-    torch.manual_seed(0)
-    block = JointTransformerBlock(64, 4, 16).eval()
-    inputs = torch.randn(2, 64, 64), torch.randn(2, 12, 64), torch.randn(2, 64)
-    kernels, outputs = {}, {}
-    with torch.inference_mode():
-        for name in ("diffusers", "token-major"):
-            if name == "token-major":  # inputs as every block after the first gets them (as views)
-                assert token_major.apply(SimpleNamespace(transformer_blocks=[block])) == 1
-                inputs = (*(t.transpose(0, 1).contiguous().transpose(0, 1) for t in inputs[:2]), inputs[2])
-            torch._dynamo.reset()
-            outputs[name], (code,) = run_and_get_code(torch.compile(block, fullgraph=True, dynamic=False), *inputs)
-            kernels[name] = re.findall(r"^\s+(cpp_fused_\w+)\(", code, re.M)
-    for ours, theirs in zip(outputs["token-major"], outputs["diffusers"]):  # (context, image) streams
-        assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
-    concatenations = [k for k in kernels["diffusers"] if "_cat_" in k]
-    assert len(concatenations) == 3 and any("clone" in k for k in kernels["diffusers"]), kernels["diffusers"]
-    assert not [k for k in kernels["token-major"] if "_cat_" in k or "clone" in k], kernels["token-major"]
+        assert sum(hasattr(b.attn, "to_qkv") for b in model.transformer_blocks) == fused
 
 
 def test_bench_cache_read_times_simpletuners_gzip_and_plain_reads():
@@ -388,3 +343,31 @@ def test_gpu_host_installs_the_wheels_once_and_runs_the_suite_with_them_on_the_p
     assert re.search(r"=== anchor at \d+ s, (9\d|100) s left", proc.stdout) and "=== anchor exit 0" in proc.stdout
     path = json.loads((tmp_path / "out" / "anchor.json").read_text())["path"]
     assert path.index(str(site)) < path.index(str(SCRIPTS.parent / "src")) < path.index(str(kit / "stubs"))
+
+
+def test_gpu_prep_sends_the_kits_wheels_and_the_locked_open_clip_and_refuses_what_a_host_cannot_take(tmp_path):
+    # gpu_prep.sh writes the repository's .whl/ and .gpu-host/: copy the scripts and the lock into a scratch repo
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(SCRIPTS / "gpu_prep.sh", repo / "scripts")
+    shutil.copy(SCRIPTS.parent / "uv.lock", repo)
+    kit = tmp_path / "kit"  # a stand-in kit: its fetch_wheels.sh writes one wheel
+    (kit / "stubs").mkdir(parents=True)
+    (kit / "fetch_wheels.sh").write_text('#!/bin/bash\nmkdir -p "$1" && echo w > "$1/simpletuner-4.10.1-py3-none-any.whl"\n')
+    (kit / "fetch_wheels.sh").chmod(0o755)
+    pip = tmp_path / "python"  # a stand-in `python -m pip download ... -d DIR SPEC`: writes DIR/SPEC.whl
+    pip.write_text('#!/bin/bash\nargs=("$@"); for i in "${!args[@]}"; do [ "${args[$i]}" = -d ] && d=${args[$((i+1))]}; '
+                   'done\necho w > "$d/${args[-1]}.whl"\n')
+    pip.chmod(0o755)
+    locked = re.search(r'^name = "open-clip-torch"\nversion = "([^"]+)"', (repo / "uv.lock").read_text(), re.M)[1]
+    env = child_env(PYTHON=str(pip))
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_prep.sh"), str(kit)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (repo / ".whl").iterdir()) == [f"open_clip_torch=={locked}.whl",
+                                                                  "simpletuner-4.10.1-py3-none-any.whl"]
+    assert (repo / ".gpu-host" / "stubs").is_dir() and (repo / ".gpu-host" / "fetch_wheels.sh").is_file()
+    assert f"2 wheels, open_clip_torch {locked}" in proc.stdout
+    proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_prep.sh"), str(kit)], env={**env, "LIMIT_BYTES": "100"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "over the 100 a lent host takes along" in proc.stderr, proc.stderr

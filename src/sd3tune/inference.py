@@ -401,7 +401,8 @@ class Pipeline:
         notes for the user (``images``: how many will be made, for the note when compiling does not pay off).
 
         Measured at 1024 px, 28 steps, batches of 4 (scripts/bench_generate.py, no LoRA), against the plain
-        diffusers pipeline in the same command: H100 1.121 s/image (0.695x; first image after 39 s); before the GELU
+        diffusers pipeline in the same command: H100 1.066 and 1.087 s/image (0.65x, 0.68x; 2026-11-27), 1.121 on
+        another H100 (0.695x; first image after 39 s); with ``fp8`` 0.967 and 0.988 (0.59x, 0.61x); before the GELU
         fusion and the per-prompt text encoding H100 1.144 (0.70x), H200 1.093 (0.70x). Blocks alone: 1.163 s/image
         (H200), 1.21 (H100)."""
         if self.offload != "none":

@@ -360,6 +360,23 @@ def test_json_values_simpletuners_parser_refuses_are_errors(make_run):
     assert "500 > " not in result.output  # the meant 2, not SimpleTuner's default, for the other checks
 
 
+def test_quoted_booleans_in_config_json_are_refused_only_where_simpletuner_misreads_them(make_run):
+    # SimpleTuner drops the string "false" (the option's default applies: true for gradient_checkpointing), makes
+    # "true" a bare --option and parses "yes"/"0"/"off" as booleans; check refused every quoted word
+    run, _ = make_run("json")
+    json_edit(json_path(run), lambda c: c.update(use_ema="yes", disable_benchmark="True", set_grads_to_none="on"))
+    result, _ = check(run)
+    assert result.exit_code == 0, result.output
+    assert "use_ema" not in result.output and "disable_benchmark" not in result.output
+    json_edit(json_path(run), lambda c: c.update(use_ema="false", gradient_checkpointing="False"))
+    result, _ = check(run)
+    assert result.exit_code == 2
+    assert "config.json:gradient_checkpointing: SimpleTuner drops the string 'False', so its default, true, applies " \
+           "— write gradient_checkpointing: false without quotes" in _section(result.output, "error"), result.output
+    assert "config.json:use_ema: SimpleTuner drops the string 'false', so its default, false, applies, as meant" \
+           in _section(result.output, "warning"), result.output
+
+
 def test_names_simpletuner_still_reads_are_warnings_not_errors(make_run):
     # SimpleTuner renames save_total_limit (config.json) and reads lr_scheduler cosine_with_warmup as cosine;
     # check called them unknown / an invalid choice (suggesting constant_with_warmup) and refused the run

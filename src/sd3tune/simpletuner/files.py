@@ -392,11 +392,16 @@ def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
                                       f"did you mean {close}?" if close else "remove it"))
             continue
         if isinstance(value, str) and opt.kind == "bool" and keys.parse_bool_word(value) is not None:
-            run.findings.append(error(name, raw_key, f"the string {value!r} is not a boolean for SimpleTuner "
-                                                     "('false' strings are dropped or read as true)",
-                                      f"write {raw_key}: {value.strip().lower() in keys.TRUE_WORDS and 'true' or 'false'}"
-                                      " without quotes"))
-            continue
+            # SimpleTuner's config.json reader drops the string "false" and turns "true" into a bare --option; other
+            # words ("yes", "0", "off") reach its bool parser as --option=word, which reads them as meant
+            if value.strip().lower() == "false":
+                default = keys.parse_bool_word(str(opt.default)) is True
+                finding = error if default else warning
+                effect = ("its default, true, applies" if default
+                          else "its default, false, applies, as meant")
+                run.findings.append(finding(name, raw_key, f"SimpleTuner drops the string {value!r}, so {effect}",
+                                            f"write {raw_key}: false without quotes"))
+            value = keys.parse_bool_word(value)  # what was meant, for the other checks
         # SimpleTuner passes each value on as text to its argparse parser: true becomes a bare --option, which an
         # option with a value refuses ("expected one argument"); 2.0 becomes "2.0", which int() refuses
         if isinstance(value, bool) and opt.kind != "bool":

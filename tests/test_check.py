@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from sd3tune.cli import app
 from sd3tune.commands.init import run_init
+from sd3tune.simpletuner import keys
 
 runner = CliRunner()
 
@@ -375,6 +376,35 @@ def test_quoted_booleans_in_config_json_are_refused_only_where_simpletuner_misre
            "— write gradient_checkpointing: false without quotes" in _section(result.output, "error"), result.output
     assert "config.json:use_ema: SimpleTuner drops the string 'false', so its default, false, applies, as meant" \
            in _section(result.output, "warning"), result.output
+
+
+def test_check_resume_refuses_a_checkpoint_of_another_rank_and_warns_of_other_settings(make_run):
+    # SimpleTuner failed loading a checkpoint of another LoRA rank only after loading every model; a changed shift or
+    # resolution trains on silently with the new value
+    import torch
+    from safetensors.torch import save_file
+
+    run, _ = make_run()
+    checkpoint = run / "output" / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+
+    def write(rank: int, shift: str) -> None:
+        save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(rank, 32)},
+                  str(checkpoint / keys.LORA_WEIGHT_NAME), metadata={"sd3tune.flow_schedule_shift": shift})
+
+    write(4, "3.0")
+    result, _ = check(run, "--resume")
+    assert result.exit_code == 2
+    assert "checkpoint-4 holds a rank-4 LoRA; this run's rank is 16, and SimpleTuner cannot resume it" \
+           in _section(result.output, "error"), result.output
+    assert "then run `sd3tune check " + str(run) + " --resume` again" in result.output
+    write(16, "2.5")
+    result, _ = check(run, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "checkpoint-4 trained with other settings (schedule shift 2.5 -> 3.0); the resumed LoRA trains on with " \
+           "the new ones" in _section(result.output, "warning"), result.output
+    result, _ = check(run)  # without --resume: train would refuse the folder, whatever the checkpoint holds
+    assert "rank" not in result.output and "already holds checkpoint-4" in _section(result.output, "warning")
 
 
 def test_names_simpletuner_still_reads_are_warnings_not_errors(make_run):

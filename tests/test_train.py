@@ -19,7 +19,7 @@ from sd3tune.commands.init import run_init
 from sd3tune.errors import Sd3tuneError
 from sd3tune.inference import read_safetensors_header
 from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.files import RunPaths, read_run
+from sd3tune.simpletuner.files import RunPaths, checkpoint_step, checkpoints, read_run
 
 
 def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):
@@ -164,6 +164,46 @@ def test_dry_run_command_trains_when_run_by_hand_and_resume_continues(tiny_init_
     assert "step 6/6" in r.err
     manifest = json.loads((run / "sd3tune.json").read_text())
     assert manifest["trainings"][-1]["resume"] is True and manifest["trainings"][-1]["steps"] == 6
+    assert manifest["trainings"][-1]["resumed_from"] == "checkpoint-4"
+    # the LoRA says it continued a training sd3tune knows nothing of; that checkpoint is left as SimpleTuner wrote it
+    meta, _ = read_safetensors_header(run / "output" / keys.LORA_WEIGHT_NAME)
+    assert json.loads(meta["sd3tune.history"]) == [{"until_step": 4, "checkpoint": "checkpoint-4"}]
+    assert "sd3tune.version" not in read_safetensors_header(run / "output" / "checkpoint-4" / keys.LORA_WEIGHT_NAME)[0]
+    assert read_safetensors_header(run / "output" / "checkpoint-6" / keys.LORA_WEIGHT_NAME)[0]["sd3tune.steps"] == "6"
+
+
+def test_an_interrupted_trainings_checkpoints_carry_its_settings_and_a_resumed_lora_records_both(tiny_init_options):
+    # --resume after a settings change: the LoRA recorded only the last settings, and an interrupted training's
+    # checkpoints none at all
+    import dataclasses
+
+    from helpers import interrupted
+
+    from sd3tune.config.presets import merge
+
+    tiny_init_options.steps = 100_000
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    r = interrupted("train", run, when=lambda: (run / "output" / "checkpoint-4").is_dir())  # checkpoint-2 complete
+    assert r.code == 130, r.err[-2000:]
+    kept = {checkpoint_step(c): c / keys.LORA_WEIGHT_NAME for c in checkpoints(run / "output")}
+    last = max(kept)
+    before, _ = read_safetensors_header(kept[2])
+    assert before["sd3tune.steps"] == "2" and before["sd3tune.flow_schedule_shift"] == "3.0"
+
+    run_init(dataclasses.replace(tiny_init_options, force=True, steps=last + 2, overrides=merge(
+        tiny_init_options.overrides, {"timesteps": {"schedule_shift": 2.0}})))
+    r = sd3tune("check", run, "--resume")
+    assert f"checkpoint-{last} trained with other settings (schedule shift 3.0 -> 2.0)" in r.out + r.err, r.out
+    r = sd3tune("train", run, "--resume")
+    assert r.code == 0, r.err[-3000:]
+    assert f"checkpoint-{last} trained with other settings (schedule shift 3.0 -> 2.0)" in r.err  # said before launch
+    meta, _ = read_safetensors_header(run / "output" / keys.LORA_WEIGHT_NAME)
+    assert meta["sd3tune.flow_schedule_shift"] == "2.0" and meta["sd3tune.steps"] == str(last + 2)
+    (part,) = json.loads(meta["sd3tune.history"])
+    assert part["until_step"] == last and part["checkpoint"] == f"checkpoint-{last}"
+    assert part["flow_schedule_shift"] == "3.0" and part["resolution"] == meta["sd3tune.resolution"]
+    assert read_safetensors_header(kept[2])[0] == before  # an earlier training's checkpoint keeps its stamp
 
 
 def test_uncaptioned_images_with_a_trigger_train_with_the_trigger_as_every_caption(tiny_init_options):

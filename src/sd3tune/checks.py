@@ -29,12 +29,13 @@ from sd3tune.datascan import (
     estimate_t5_tokens, megapixels, minimum_megapixels, scan_folder, too_small,
 )
 from sd3tune.defaults import SD3M
+from sd3tune.errors import Sd3tuneError
 from sd3tune.findings import Finding, choice_error, error, errors_in, warning
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.caches import run_bucket_suffix
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
-from sd3tune.simpletuner.files import (LoadedRun, RunPaths, config_from_args, find_run_root, output_conflict,
-                                      read_run, with_simpletuner_defaults)
+from sd3tune.simpletuner.files import (LoadedRun, RunPaths, checkpoints, config_from_args, find_run_root,
+                                      output_conflict, read_run, with_simpletuner_defaults)
 
 BACKENDS = keys.BACKENDS_FILE
 MAX_LISTED = 5  # file names quoted in one finding
@@ -69,6 +70,12 @@ class CheckReport:
     run: LoadedRun
     findings: list[Finding]
     summary: Summary
+    resume: bool = False  # checked as `sd3tune train --resume` would
+
+    @property
+    def command(self) -> str:
+        """The `sd3tune check` command that makes this report again."""
+        return f"sd3tune check {self.run.paths.root}" + (" --resume" if self.resume else "")
 
     @property
     def ok(self) -> bool:
@@ -149,7 +156,7 @@ def check_run(run_dir: str | Path, gpus: int = 1, resume: bool = False) -> Check
         name = Path(exc.filename).name if exc.filename else str(run_dir)
         run.findings.append(error(name, "", f"cannot be read: {exc.strerror or exc}",
                                   "check the file's permissions"))
-        return CheckReport(run, run.findings, Summary())
+        return CheckReport(run, run.findings, Summary(), resume)
     findings = list(run.findings)
     # Nothing read from a config file that could not be parsed (the reader says why): no config rule applies.
     cfg, bad = best_effort_config(run, catalog) if run.config_read else (None, set())
@@ -157,7 +164,7 @@ def check_run(run_dir: str | Path, gpus: int = 1, resume: bool = False) -> Check
     ctx.backends, ctx.backends_partial = best_effort_backends(run)
     for rule in RULES:
         findings += _guarded(rule, ctx)
-    return CheckReport(run, _dedupe(findings), ctx.summary)
+    return CheckReport(run, _dedupe(findings), ctx.summary, resume)
 
 
 def _guarded(rule: Callable[[Context], list[Finding]], ctx: Context) -> list[Finding]:
@@ -497,6 +504,8 @@ def check_paths(ctx: Context) -> list[Finding]:
         if conflict:  # a finished or interrupted run: train refuses until the user says what they want
             out.append(warning(f, ctx.where("output_dir"), f"{conflict[0]}, so `sd3tune train` refuses",
                                conflict[1]))
+        elif ctx.resume and output.is_dir():
+            out += _resumed_settings(ctx, output, f)
     for b in ctx.run.backends or []:
         folder = ctx.path(b.cache_dir_vae if isinstance(b, ImageBackend) else b.cache_dir)
         key = f"{b.id}.{'cache_dir_vae' if isinstance(b, ImageBackend) else 'cache_dir'}"
@@ -533,6 +542,35 @@ def _unwritable(path: Path, file: str, key: str, why: str = "",
         return []
     what = f"{parent} is not writable" + ("" if parent == path else f", so {path} cannot be made")
     return [error(file, key, what + (f"; {why}" if why else ""), hint)]
+
+
+def _resumed_settings(ctx: Context, output: Path, f: str) -> list[Finding]:
+    """--resume: the checkpoint SimpleTuner resumes from (the latest) trained with other stamped settings."""
+    from sd3tune.inference import read_safetensors_header
+    from sd3tune.manifest import changed_settings, lora_settings
+
+    latest = checkpoints(output)[-1]
+    try:
+        stamp, tensors = read_safetensors_header(latest / keys.LORA_WEIGHT_NAME)
+    except (Sd3tuneError, OSError):  # missing or cut short: SimpleTuner's own problem to report
+        return []
+    # the rank from the tensors themselves (a checkpoint sd3tune did not stamp has one too): SimpleTuner fails to load
+    # a checkpoint of another rank, after loading every model
+    ranks = {info["shape"][0] for name, info in tensors.items() if name.endswith("lora_A.weight") and info.get("shape")}
+    if len(ranks) == 1 and ctx.cfg.lora.rank not in ranks:
+        (rank,) = ranks
+        return [error(f, ctx.where("output_dir"), f"{latest.name} holds a rank-{rank} LoRA; this run's rank is "
+                                                  f"{ctx.cfg.lora.rank}, and SimpleTuner cannot resume it (it fails "
+                                                  "loading the checkpoint, after loading the models)",
+                      f"set {ctx.run.key_for('lora_rank', located=False)} back to {rank}, or train into a new output "
+                      "folder")]
+    changes = changed_settings(stamp, lora_settings(ctx.cfg, ctx.run.backends or []))
+    if not changes:
+        return []
+    return [warning(f, ctx.where("output_dir"), f"{latest.name} trained with other settings ({', '.join(changes)}); "
+                                                "the resumed LoRA trains on with the new ones (its metadata records "
+                                                "both, in sd3tune.history)",
+                    "put the old values back to continue as before, or train into a new output folder")]
 
 
 def _in_another_run(ctx: Context, path: Path, file: str, key: str, ours: Path) -> list[Finding]:

@@ -103,6 +103,7 @@ def init_cmd(
 def check_cmd(
     run_dir: RunDir,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Check as `sd3tune train --resume` would: continuing from the latest checkpoint.")] = False,
 ) -> None:
     """Validate a run's config and data before any model loads (exit 0: clean or warnings, 2: errors).
 
@@ -110,10 +111,11 @@ def check_cmd(
     examples:
       sd3tune check runs/art
       sd3tune check runs/art --json | jq .errors
+      sd3tune check runs/art --resume
     """
     from sd3tune.commands.check import run_check
 
-    report, text = run_check(run_dir, as_json=as_json)
+    report, text = run_check(run_dir, as_json=as_json, resume=resume)
     typer.echo(text)
     if not report.ok:
         raise typer.Exit(2)

@@ -49,12 +49,11 @@ def render_report(report: CheckReport) -> str:
     if report.ok:
         lines.append("ok" + (" (with warnings)" if warnings else ""))
     else:
-        lines.append(f"check failed: fix the {plural(len(errors), 'error')} above, then run `sd3tune check "
-                     f"{report.run.paths.root}` again")
+        lines.append(f"check failed: fix the {plural(len(errors), 'error')} above, then run `{report.command}` again")
     return "\n".join(lines)
 
 
-def run_check(run_dir: Path, as_json: bool = False) -> tuple[CheckReport, str]:
-    report = check_run(run_dir)
+def run_check(run_dir: Path, as_json: bool = False, resume: bool = False) -> tuple[CheckReport, str]:
+    report = check_run(run_dir, resume=resume)
     text = json.dumps(report.as_dict(), indent=2) if as_json else render_report(report)
     return report, text

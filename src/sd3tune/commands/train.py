@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 from sd3tune.checks import check_run
-from sd3tune.config.dataset import ImageBackend
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
 from sd3tune.findings import plural
 from sd3tune.fsutil import file_sha256
 from sd3tune.inference import read_safetensors_header
-from sd3tune.manifest import now, package_versions, update_manifest
+from sd3tune.manifest import (HISTORY_KEY, lora_settings, now, package_versions, resumed_history,
+                              update_manifest)
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
                                         phase_of, run_plan)
@@ -50,7 +50,7 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
     errors = report.errors
     if errors:
         raise ConfigError(f"{plural(len(errors), 'problem')} in {opts.run_dir}, first: {errors[0].render()}",
-                          hint=f"run `sd3tune check {opts.run_dir}` for the full list", findings=report.findings)
+                          hint=f"run `{report.command}` for the full list", findings=report.findings)
     cfg = report.run.config
     assert cfg is not None and report.run.format is not None
     accelerate_config = None
@@ -133,6 +133,32 @@ def stamp_lora(lora: Path, metadata: dict[str, str]) -> None:
     atomic_write_bytes(lora, save(tensors, metadata=meta))
 
 
+def _stamp_of(lora: Path) -> dict[str, str] | None:
+    """A LoRA file's metadata; None for a file that is missing or not safetensors (a checkpoint cut short)."""
+    try:
+        return read_safetensors_header(lora)[0] if lora.is_file() else None
+    except Sd3tuneError:
+        return None
+
+
+def _stamp_checkpoints(output: Path, stamp: dict[str, str], after_step: int) -> None:
+    """Stamp this training's checkpoints (those past ``after_step``, where a resumed training began) with their step,
+    so a checkpoint's file copied elsewhere samples as it trained (T5 length, shift, size) and a resumed training
+    knows what trained before. A file the training did not finish writing is left as it is."""
+    from safetensors import SafetensorError
+
+    for folder in checkpoints(output):
+        if (checkpoint_step(folder) or 0) <= after_step:
+            continue
+        file = folder / keys.LORA_WEIGHT_NAME
+        header = _stamp_of(file)
+        if header is not None:
+            try:
+                stamp_lora(file, {**stamp, "sd3tune.steps": str(checkpoint_step(folder)), "sd3tune.trained_at": now()})
+            except (SafetensorError, OSError):
+                pass
+
+
 def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = None,
               on_status: Callable[[str], None] | None = None) -> TrainResult:
     plan, report = prepare(opts)
@@ -148,6 +174,13 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     for note in prepare_dataset_caches(cfg, report.run.backends or [], paths):
         if on_status:
             on_status(note)
+    output = report.run.output_dir()
+    # the LoRA's stamp (its safetensors metadata), for it and this training's checkpoints; resumed: what trained before
+    lora_stamp = {"sd3tune.version": package_versions()["sd3tune"], **lora_settings(cfg, report.run.backends or []),
+                  "sd3tune.run_dir": str(paths.root.resolve())}
+    resumed_from = checkpoints(output)[-1] if opts.resume else None  # the one SimpleTuner resumes from: the latest
+    if resumed_from is not None:
+        lora_stamp[HISTORY_KEY] = resumed_history(resumed_from, _stamp_of(resumed_from / keys.LORA_WEIGHT_NAME) or {})
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log = (paths.logs / f"train-{stamp}.log").resolve()  # absolute in the manifest, wherever train ran from
     result.log = log
@@ -170,12 +203,14 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     result.seconds = time.perf_counter() - start
     result.last = outcome.last_progress
     entry = {"started": stamp, "finished": now(), "seconds": round(result.seconds, 1), "exit_code": outcome.returncode,
-             "resume": opts.resume, "gpus": opts.gpus, "cuda_graphs": opts.cuda_graphs, "log": str(log),
-             "command": plan.argv,
+             "resume": opts.resume, **({"resumed_from": resumed_from.name} if resumed_from else {}),
+             "gpus": opts.gpus, "cuda_graphs": opts.cuda_graphs, "log": str(log), "command": plan.argv,
              "versions": package_versions("simpletuner", "accelerate", "diffusers", "peft", "transformers", "torch")}
+    # whatever the outcome: a checkpoint is resumed from, or sampled, later
+    _stamp_checkpoints(output, lora_stamp, after_step=checkpoint_step(resumed_from) or 0 if resumed_from else 0)
     if outcome.interrupted:
         update_manifest(paths.root, "trainings", {**entry, "status": "interrupted"}, append=True)
-        kept = checkpoints(report.run.output_dir())
+        kept = checkpoints(output)
         raise TrainingFailed(f"training interrupted; {kept[-1].name} is kept" if kept else
                              "training interrupted before its first checkpoint",
                              hint=f"continue with `sd3tune train {opts.run_dir} --resume`" if kept else
@@ -185,30 +220,12 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         detail = failure_reason(outcome.tail)
         raise TrainingFailed(f"SimpleTuner exited with code {outcome.returncode}: {detail}",
                              hint=f"see the full log {log}", exit_code=outcome.returncode)
-    lora = report.run.output_dir() / keys.LORA_WEIGHT_NAME
+    lora = output / keys.LORA_WEIGHT_NAME
     if not lora.is_file():
         raise TrainingFailed(f"SimpleTuner finished but wrote no {keys.LORA_WEIGHT_NAME} in {lora.parent}",
                              hint=f"see the full log {log}", exit_code=1)
     steps = outcome.last_progress.step if outcome.last_progress else None
-    # the resolution the images trained at: the (first) dataset's, which SimpleTuner uses over RESOLUTION
-    trained = next((b.effective(cfg.data) for b in report.run.backends or []
-                    if isinstance(b, ImageBackend) and not b.disabled), cfg.data)
-    stamp = {
-        "sd3tune.version": package_versions()["sd3tune"], "sd3tune.base_model": cfg.model.name_or_path,
-        "sd3tune.model_family": cfg.model.family, "sd3tune.lora_rank": str(cfg.lora.rank),
-        "sd3tune.lora_alpha": repr(cfg.lora.effective_alpha), "sd3tune.t5_max_length": str(keys.SD3_T5_MAX_LENGTH),
-        "sd3tune.flow_schedule_shift": repr(cfg.timesteps.schedule_shift),
-        "sd3tune.resolution": str(trained.resolution), "sd3tune.resolution_type": trained.resolution_type,
-        "sd3tune.steps": str(steps),
-        "sd3tune.run_dir": str(paths.root.resolve()), "sd3tune.trained_at": now(),
-    }
-    stamp_lora(lora, stamp)
-    # this training's checkpoints too (those without a stamp: earlier trainings stamped theirs), so a checkpoint's
-    # file copied elsewhere still samples as it trained (T5 length, shift, size)
-    for folder in checkpoints(report.run.output_dir()):
-        file = folder / keys.LORA_WEIGHT_NAME
-        if file.is_file() and "sd3tune.version" not in read_safetensors_header(file)[0]:
-            stamp_lora(file, {**stamp, "sd3tune.steps": str(checkpoint_step(folder))})
+    stamp_lora(lora, {**lora_stamp, "sd3tune.steps": str(steps), "sd3tune.trained_at": now()})
     final_loss = outcome.last_progress.loss if outcome.last_progress else None
     update_manifest(paths.root, "trainings", {**entry, "status": "ok", "lora": str(lora),
                                               "lora_sha256": file_sha256(lora), "steps": steps,

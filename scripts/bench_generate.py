@@ -73,8 +73,9 @@ def fuse_qkv(transformer: Any) -> int:
     per block instead of six, each input read once. (The q/k/v concatenations and the attention output's copy stay:
     with a batch of more than one, the image and text parts are not contiguous in either processor. Keeping the
     activations token-major instead, so that nothing is copied, measured no faster: H100, 2026-11-27, 1.0645 s/image
-    against --compile's 1.0657.) Only where that processor computes what diffusers' default one does: joint attention without q/k
-    normalisation (SD3 Medium; SD3.5 normalises q/k and is left as is). Returns how many attention layers were fused."""
+    against --compile's 1.0657.) Only where that processor computes what diffusers' default one does: joint
+    attention without q/k normalisation (SD3 Medium; SD3.5 normalises q/k and is left as is). Returns how many
+    attention layers were fused."""
     from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 
     fused = 0

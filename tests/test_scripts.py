@@ -353,11 +353,13 @@ def test_gpu_prep_sends_the_kits_wheels_and_the_locked_open_clip_and_refuses_wha
     shutil.copy(SCRIPTS.parent / "uv.lock", repo)
     kit = tmp_path / "kit"  # a stand-in kit: its fetch_wheels.sh writes one wheel
     (kit / "stubs").mkdir(parents=True)
-    (kit / "fetch_wheels.sh").write_text('#!/bin/bash\nmkdir -p "$1" && echo w > "$1/simpletuner-4.10.1-py3-none-any.whl"\n')
+    (kit / "fetch_wheels.sh").write_text('#!/bin/bash\nmkdir -p "$1"\n'
+                                         'echo w > "$1/simpletuner-4.10.1-py3-none-any.whl"\n')
     (kit / "fetch_wheels.sh").chmod(0o755)
     pip = tmp_path / "python"  # a stand-in `python -m pip download ... -d DIR SPEC`: writes DIR/SPEC.whl
-    pip.write_text('#!/bin/bash\nargs=("$@"); for i in "${!args[@]}"; do [ "${args[$i]}" = -d ] && d=${args[$((i+1))]}; '
-                   'done\necho w > "$d/${args[-1]}.whl"\n')
+    pip.write_text('#!/bin/bash\nargs=("$@")\n'
+                   'for i in "${!args[@]}"; do [ "${args[$i]}" = -d ] && d=${args[$((i+1))]}; done\n'
+                   'echo w > "$d/${args[-1]}.whl"\n')
     pip.chmod(0o755)
     locked = re.search(r'^name = "open-clip-torch"\nversion = "([^"]+)"', (repo / "uv.lock").read_text(), re.M)[1]
     env = child_env(PYTHON=str(pip))
@@ -370,4 +372,4 @@ def test_gpu_prep_sends_the_kits_wheels_and_the_locked_open_clip_and_refuses_wha
     assert f"2 wheels, open_clip_torch {locked}" in proc.stdout
     proc = subprocess.run(["bash", str(repo / "scripts" / "gpu_prep.sh"), str(kit)], env={**env, "LIMIT_BYTES": "100"},
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and "over the 100 a lent host takes along" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "over the 100 bytes a lent host takes along" in proc.stderr, proc.stderr

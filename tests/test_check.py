@@ -385,8 +385,9 @@ def test_check_resume_refuses_a_checkpoint_of_another_rank_and_warns_of_other_se
     from safetensors.torch import save_file
 
     run, _ = make_run()
-    checkpoint = run / "output" / "checkpoint-4"
+    checkpoint = run / "output" / "checkpoint-2"  # of 4 steps: one to resume from
     checkpoint.mkdir(parents=True)
+    (checkpoint / ".guard").write_text("complete")  # SimpleTuner's mark of a finished save
 
     def write(rank: int, shift: str) -> None:
         save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(rank, 32)},
@@ -395,16 +396,44 @@ def test_check_resume_refuses_a_checkpoint_of_another_rank_and_warns_of_other_se
     write(4, "3.0")
     result, _ = check(run, "--resume")
     assert result.exit_code == 2
-    assert "checkpoint-4 holds a rank-4 LoRA; this run's rank is 16, and SimpleTuner cannot resume it" \
+    assert "checkpoint-2 holds a rank-4 LoRA; this run's rank is 16, and SimpleTuner cannot resume it" \
            in _section(result.output, "error"), result.output
     assert "then run `sd3tune check " + str(run) + " --resume` again" in result.output
     write(16, "2.5")
     result, _ = check(run, "--resume")
     assert result.exit_code == 0, result.output
-    assert "checkpoint-4 trained with other settings (schedule shift 2.5 -> 3.0); the resumed LoRA trains on with " \
+    assert "checkpoint-2 trained with other settings (schedule shift 2.5 -> 3.0); the resumed LoRA trains on with " \
            "the new ones" in _section(result.output, "warning"), result.output
     result, _ = check(run)  # without --resume: train would refuse the folder, whatever the checkpoint holds
-    assert "rank" not in result.output and "already holds checkpoint-4" in _section(result.output, "warning")
+    assert "rank" not in result.output and "already holds checkpoint-2" in _section(result.output, "warning")
+
+
+def test_check_resume_fails_where_train_resume_would_refuse_or_fail(make_run):
+    # check --resume said ok where train --resume then refused (no checkpoint, every step done), or failed after
+    # loading every model (the latest checkpoint cut short by a Ctrl-C during its save)
+    run, _ = make_run()  # 4 steps, no output folder yet
+    result, _ = check(run, "--resume")
+    assert result.exit_code == 2 and "nothing to resume: no checkpoint in" in _section(result.output, "error")
+    output = run / "output"
+    for step in (2, 4):
+        (output / f"checkpoint-{step}").mkdir(parents=True)
+        (output / f"checkpoint-{step}" / ".guard").write_text("complete")
+    result, _ = check(run, "--resume")
+    assert result.exit_code == 2
+    assert "nothing to resume: checkpoint-4 has all 4 steps of the run" in _section(result.output, "error")
+    env_set(run, "MAX_NUM_STEPS", "8")
+    (output / "checkpoint-4" / ".guard").unlink()
+    result, _ = check(run, "--resume")
+    assert result.exit_code == 2
+    assert "checkpoint-4 is incomplete (its save was interrupted" in _section(result.output, "error")
+    # the hint, followed, resumes from the last complete checkpoint
+    assert f"delete it (rm -r {output / 'checkpoint-4'}), then continue from checkpoint-2 with `sd3tune train {run} " \
+           "--resume`" in result.output
+    shutil.rmtree(output / "checkpoint-4")
+    result, _ = check(run, "--resume")
+    assert result.exit_code == 0, result.output
+    result = sd3tune("train", run, "--resume", "--dry-run")
+    assert result.code == 0, result.err
 
 
 def test_names_simpletuner_still_reads_are_warnings_not_errors(make_run):

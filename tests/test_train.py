@@ -184,8 +184,12 @@ def test_an_interrupted_trainings_checkpoints_carry_its_settings_and_a_resumed_l
     tiny_init_options.steps = 100_000
     run_init(tiny_init_options)
     run = tiny_init_options.run_dir
-    r = interrupted("train", run, when=lambda: (run / "output" / "checkpoint-4").is_dir())  # checkpoint-2 complete
+    r = interrupted("train", run, when=lambda: (run / "output" / "checkpoint-4" / ".guard").is_file())
     assert r.code == 130, r.err[-2000:]
+    for checkpoint in checkpoints(run / "output"):  # a save the Ctrl-C cut short: removed, as the message says
+        if not (checkpoint / ".guard").is_file():
+            assert f"rm -r {checkpoint}" in r.err, r.err[-2000:]
+            shutil.rmtree(checkpoint)
     kept = {checkpoint_step(c): c / keys.LORA_WEIGHT_NAME for c in checkpoints(run / "output")}
     last = max(kept)
     before, _ = read_safetensors_header(kept[2])
@@ -204,6 +208,36 @@ def test_an_interrupted_trainings_checkpoints_carry_its_settings_and_a_resumed_l
     assert part["until_step"] == last and part["checkpoint"] == f"checkpoint-{last}"
     assert part["flow_schedule_shift"] == "3.0" and part["resolution"] == meta["sd3tune.resolution"]
     assert read_safetensors_header(kept[2])[0] == before  # an earlier training's checkpoint keeps its stamp
+
+
+def test_a_checkpoint_save_cut_short_by_ctrl_c_is_named_and_the_hint_resumes_from_a_complete_one(tiny_init_options):
+    # a Ctrl-C during a checkpoint's save (seconds for SD3 Medium) said "checkpoint-N is kept" and hinted --resume,
+    # which failed in SimpleTuner after loading every model (check --resume said ok)
+    from helpers import interrupted
+
+    tiny_init_options.steps = 100_000
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    output, cut = run / "output", run / "output" / "checkpoint-99998"
+
+    def saving() -> bool:  # once checkpoint-2 is complete: a later checkpoint as an interrupted save leaves it
+        if not (output / "checkpoint-2" / ".guard").is_file():
+            return False
+        cut.mkdir()
+        (cut / "training_state.json").touch()
+        return True
+
+    r = interrupted("train", run, when=saving)
+    assert r.code == 130 and "Traceback" not in r.err, r.err[-2000:]
+    (line,) = [line for line in r.err.splitlines() if line.startswith("error:")]
+    assert "training interrupted while saving checkpoint-99998, which is incomplete" in line, line
+    m = re.search(rf"hint: delete it \(rm -r {re.escape(str(cut))}\), then continue from (checkpoint-\d+) with "
+                  rf"`sd3tune train {re.escape(str(run))} --resume`", line)
+    assert m and (output / m.group(1) / ".guard").is_file(), line
+    assert_one_line_user_error(sd3tune("train", run, "--resume"), "checkpoint-99998 is incomplete", "rm -r")
+    shutil.rmtree(cut)  # the hint, followed
+    r = sd3tune("check", run, "--resume")
+    assert r.code == 0, r.out
 
 
 def test_uncaptioned_images_with_a_trigger_train_with_the_trigger_as_every_caption(tiny_init_options):
@@ -534,7 +568,9 @@ def test_ctrl_c_stops_the_training_cleanly(tiny_init_options):
                     f"processes in the run folder: {left}\nlog tail: {log[-2000:]}")
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
-    kept = list((run / "output").glob("checkpoint-*"))  # the hint resumes only from a checkpoint that exists
+    # the hint resumes only from a checkpoint that exists, and SimpleTuner finished saving (a Ctrl-C during a save
+    # leaves one without its .guard: the hint then says to delete it)
+    kept = [c for c in (run / "output").glob("checkpoint-*") if (c / ".guard").is_file()]
     assert ("--resume" in err) == bool(kept) and ("start again" in err) == (not kept), err[-1000:]
     assert _processes_in(run) == []
     manifest = json.loads((run / "sd3tune.json").read_text())

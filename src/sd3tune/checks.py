@@ -500,12 +500,17 @@ def check_paths(ctx: Context) -> list[Finding]:
         else:
             out += _unwritable(output, f, ctx.where("output_dir"))
         out += _in_another_run(ctx, output, f, ctx.where("output_dir"), ctx.run.paths.output)
-        conflict = output_conflict(output, resume=ctx.resume, steps=None) if output.is_dir() else None
-        if conflict:  # a finished or interrupted run: train refuses until the user says what they want
+        if ctx.resume:  # what `sd3tune train --resume` refuses is an error here too: check said ok, train refused
+            steps = ctx.cfg.optim.max_train_steps if ctx.valid("max_train_steps") else None
+            conflict = output_conflict(output, resume=True, steps=steps)
+            if conflict:
+                out.append(error(f, ctx.where("output_dir"), conflict[0], conflict[1]))
+            else:
+                out += _resumed_checkpoint(ctx, output, f)
+        elif output.is_dir() and (conflict := output_conflict(output, resume=False, steps=None)):
+            # a finished or interrupted run: train refuses until the user says what they want
             out.append(warning(f, ctx.where("output_dir"), f"{conflict[0]}, so `sd3tune train` refuses",
                                conflict[1]))
-        elif ctx.resume and output.is_dir():
-            out += _resumed_settings(ctx, output, f)
     for b in ctx.run.backends or []:
         folder = ctx.path(b.cache_dir_vae if isinstance(b, ImageBackend) else b.cache_dir)
         key = f"{b.id}.{'cache_dir_vae' if isinstance(b, ImageBackend) else 'cache_dir'}"
@@ -544,12 +549,34 @@ def _unwritable(path: Path, file: str, key: str, why: str = "",
     return [error(file, key, what + (f"; {why}" if why else ""), hint)]
 
 
-def _resumed_settings(ctx: Context, output: Path, f: str) -> list[Finding]:
-    """--resume: the checkpoint SimpleTuner resumes from (the latest) trained with other stamped settings."""
+CHECKPOINT_GUARD = ".guard"  # SimpleTuner writes it last into a checkpoint folder: without it, the save was cut short
+
+
+def incomplete_checkpoint(folder: Path) -> bool:
+    """Whether SimpleTuner never finished saving this checkpoint (e.g. a Ctrl-C during the save): resuming from it
+    fails, after loading every model."""
+    return not (folder / CHECKPOINT_GUARD).is_file()
+
+
+def incomplete_hint(folder: Path, run: Path) -> str:
+    """How to go on past an incomplete checkpoint ``folder`` (the latest in its output folder) of the run ``run``."""
+    earlier = [c for c in checkpoints(folder.parent) if c != folder and not incomplete_checkpoint(c)]
+    then = (f"continue from {earlier[-1].name} with `sd3tune train {run} --resume`" if earlier else
+            f"start again with `sd3tune train {run}`")
+    return f"delete it (rm -r {folder}), then {then}"
+
+
+def _resumed_checkpoint(ctx: Context, output: Path, f: str) -> list[Finding]:
+    """--resume: the checkpoint SimpleTuner resumes from (the latest) is incomplete, of another rank, or trained with
+    other stamped settings."""
     from sd3tune.inference import read_safetensors_header
     from sd3tune.manifest import changed_settings, lora_settings
 
     latest = checkpoints(output)[-1]
+    if incomplete_checkpoint(latest):
+        return [error(f, ctx.where("output_dir"), f"{latest.name} is incomplete (its save was interrupted: it has no "
+                                                  f"{CHECKPOINT_GUARD}), and SimpleTuner fails resuming from it, "
+                                                  "after loading the models", incomplete_hint(latest, ctx.root))]
     try:
         stamp, tensors = read_safetensors_header(latest / keys.LORA_WEIGHT_NAME)
     except (Sd3tuneError, OSError):  # missing or cut short: SimpleTuner's own problem to report

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sd3tune.checks import check_run
+from sd3tune.checks import check_run, incomplete_checkpoint, incomplete_hint
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
 from sd3tune.findings import plural
@@ -47,6 +47,10 @@ class TrainResult:
 def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
     """Validate the run and build the launch (raises ConfigError with every finding on a broken run)."""
     report = check_run(opts.run_dir, gpus=opts.gpus, resume=opts.resume)
+    if report.run.config is not None:  # said as itself, before any other finding: what to decide first
+        conflict = output_conflict(report.run.output_dir(), opts.resume, report.run.config.optim.max_train_steps)
+        if conflict:
+            raise Sd3tuneError(conflict[0], hint=conflict[1])
     errors = report.errors
     if errors:
         raise ConfigError(f"{plural(len(errors), 'problem')} in {opts.run_dir}, first: {errors[0].render()}",
@@ -59,9 +63,6 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
         if not accelerate_config.is_file():
             raise Sd3tuneError(f"accelerate config {opts.accelerate_config} is not a file",
                                hint="create one with `accelerate config --config_file FILE`")
-    conflict = output_conflict(report.run.output_dir(), opts.resume, cfg.optim.max_train_steps)
-    if conflict:
-        raise Sd3tuneError(conflict[0], hint=conflict[1])
     if opts.cuda_graphs:
         check_cuda_graphs(cfg, opts.gpus)
     plan = build_launch(report.run.paths.root, report.run.format, cfg.precision.mixed_precision, gpus=opts.gpus,
@@ -211,6 +212,9 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     if outcome.interrupted:
         update_manifest(paths.root, "trainings", {**entry, "status": "interrupted"}, append=True)
         kept = checkpoints(output)
+        if kept and incomplete_checkpoint(kept[-1]):  # Ctrl-C during its save: resuming from it would fail
+            raise TrainingFailed(f"training interrupted while saving {kept[-1].name}, which is incomplete",
+                                 hint=incomplete_hint(kept[-1], opts.run_dir), exit_code=130)
         raise TrainingFailed(f"training interrupted; {kept[-1].name} is kept" if kept else
                              "training interrupted before its first checkpoint",
                              hint=f"continue with `sd3tune train {opts.run_dir} --resume`" if kept else

@@ -240,6 +240,45 @@ def test_a_checkpoint_save_cut_short_by_ctrl_c_is_named_and_the_hint_resumes_fro
     assert r.code == 0, r.out
 
 
+@pytest.mark.parametrize("lora_saved", [True, False])
+def test_a_ctrl_c_after_the_last_step_says_the_training_is_done(tiny_init_options, monkeypatch, lora_saved):
+    # a Ctrl-C while SimpleTuner tore down after its last step (seconds on a GPU) said "checkpoint-4 is kept" and
+    # hinted --resume, which refused (nothing to resume); the final LoRA it had saved was left without its stamp
+    import dataclasses
+
+    from sd3tune.commands import train
+    from sd3tune.simpletuner.launch import run_plan
+
+    def ctrl_c_at_the_end(plan, log, **kwargs):  # the real training, then the interrupt it would have seen
+        outcome = run_plan(plan, log, **kwargs)
+        assert outcome.returncode == 0, outcome.tail
+        if not lora_saved:  # the Ctrl-C came before SimpleTuner saved the final LoRA
+            (tiny_init_options.run_dir / "output" / keys.LORA_WEIGHT_NAME).unlink()
+        last = dataclasses.replace(outcome.last_progress, step=outcome.last_progress.step - 1)  # its last line unread
+        return dataclasses.replace(outcome, returncode=130, interrupted=True, last_progress=last)
+
+    monkeypatch.setattr(train, "run_plan", ctrl_c_at_the_end)
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    with pytest.raises(Sd3tuneError) as caught:
+        train.run_train(train.TrainOptions(run_dir=run))
+    message, hint = caught.value.message, caught.value.hint
+    assert caught.value.exit_code == 130 and message.startswith("training interrupted after its last step; ")
+    assert hint == f"use it as it is, or raise MAX_NUM_STEPS and continue with `sd3tune train {run} --resume` to " \
+                   "train further"
+    lora = run / "output" / keys.LORA_WEIGHT_NAME
+    entry = json.loads((run / "sd3tune.json").read_text())["trainings"][-1]
+    assert entry["status"] == "interrupted"
+    if lora_saved:
+        assert message.endswith(f"its LoRA {lora} is saved")
+        assert read_safetensors_header(lora)[0]["sd3tune.steps"] == "4"  # all its steps, stamped as a finished one
+        assert entry["lora_sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest() and entry["steps"] == 4
+    else:
+        assert message.endswith("checkpoint-4 holds the trained LoRA") and "lora" not in entry
+        assert read_safetensors_header(run / "output" / "checkpoint-4" / keys.LORA_WEIGHT_NAME)[0]["sd3tune.steps"] \
+               == "4"
+
+
 def test_uncaptioned_images_with_a_trigger_train_with_the_trigger_as_every_caption(tiny_init_options):
     for caption in tiny_init_options.data.glob("*.txt"):
         caption.unlink()

@@ -146,18 +146,23 @@ def _stamp_checkpoints(output: Path, stamp: dict[str, str], after_step: int) -> 
     """Stamp this training's checkpoints (those past ``after_step``, where a resumed training began) with their step,
     so a checkpoint's file copied elsewhere samples as it trained (T5 length, shift, size) and a resumed training
     knows what trained before. A file the training did not finish writing is left as it is."""
-    from safetensors import SafetensorError
-
     for folder in checkpoints(output):
         if (checkpoint_step(folder) or 0) <= after_step:
             continue
         file = folder / keys.LORA_WEIGHT_NAME
-        header = _stamp_of(file)
-        if header is not None:
-            try:
-                stamp_lora(file, {**stamp, "sd3tune.steps": str(checkpoint_step(folder)), "sd3tune.trained_at": now()})
-            except (SafetensorError, OSError):
-                pass
+        if _stamp_of(file) is not None:
+            _stamped(file, {**stamp, "sd3tune.steps": str(checkpoint_step(folder)), "sd3tune.trained_at": now()})
+
+
+def _stamped(lora: Path, metadata: dict[str, str]) -> bool:
+    """Stamp ``lora``; False for a file cut short after its header (its tensors cannot be read)."""
+    from safetensors import SafetensorError
+
+    try:
+        stamp_lora(lora, metadata)
+    except (SafetensorError, OSError):
+        return False
+    return True
 
 
 def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = None,
@@ -187,7 +192,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     result.log = log
     if on_status:
         on_status(f"launching SimpleTuner ({plural(opts.gpus, 'process', 'processes')}); full log: {log}")
-    start = time.perf_counter()
+    start, launched = time.perf_counter(), time.time()
     last_phase = None
 
     def on_line(line: str) -> None:
@@ -209,12 +214,28 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
              "versions": package_versions("simpletuner", "accelerate", "diffusers", "peft", "transformers", "torch")}
     # whatever the outcome: a checkpoint is resumed from, or sampled, later
     _stamp_checkpoints(output, lora_stamp, after_step=checkpoint_step(resumed_from) or 0 if resumed_from else 0)
+    lora = output / keys.LORA_WEIGHT_NAME
+    steps = outcome.last_progress.step if outcome.last_progress else None
     if outcome.interrupted:
-        update_manifest(paths.root, "trainings", {**entry, "status": "interrupted"}, append=True)
+        # a Ctrl-C after SimpleTuner saved the final LoRA (while it tore down): that LoRA is this training's, complete
+        saved = lora.is_file() and lora.stat().st_mtime >= launched and _stamp_of(lora) is not None
+        if saved:  # saved after every step (the progress read may stop a step or two short)
+            steps = outcome.last_progress.total if outcome.last_progress else None
+            saved = _stamped(lora, {**lora_stamp, "sd3tune.steps": str(steps), "sd3tune.trained_at": now()})
+        update_manifest(paths.root, "trainings", {**entry, "status": "interrupted", **(
+            {"lora": str(lora), "lora_sha256": file_sha256(lora), "steps": steps} if saved else {})}, append=True)
         kept = checkpoints(output)
         if kept and incomplete_checkpoint(kept[-1]):  # Ctrl-C during its save: resuming from it would fail
             raise TrainingFailed(f"training interrupted while saving {kept[-1].name}, which is incomplete",
                                  hint=incomplete_hint(kept[-1], opts.run_dir), exit_code=130)
+        done = kept and output_conflict(output, True, cfg.optim.max_train_steps)  # every step: --resume refuses
+        if saved or done:
+            more = (f"raise {report.run.key_for('max_train_steps', located=False)} and continue with "
+                    f"`sd3tune train {opts.run_dir} --resume` to train further")
+            raise TrainingFailed(
+                "training interrupted after its last step; " + (f"its LoRA {lora} is saved" if saved else
+                                                                  f"{kept[-1].name} holds the trained LoRA"),
+                hint=f"use it as it is, or {more}", exit_code=130)
         raise TrainingFailed(f"training interrupted; {kept[-1].name} is kept" if kept else
                              "training interrupted before its first checkpoint",
                              hint=f"continue with `sd3tune train {opts.run_dir} --resume`" if kept else
@@ -224,11 +245,9 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         detail = failure_reason(outcome.tail)
         raise TrainingFailed(f"SimpleTuner exited with code {outcome.returncode}: {detail}",
                              hint=f"see the full log {log}", exit_code=outcome.returncode)
-    lora = output / keys.LORA_WEIGHT_NAME
     if not lora.is_file():
         raise TrainingFailed(f"SimpleTuner finished but wrote no {keys.LORA_WEIGHT_NAME} in {lora.parent}",
                              hint=f"see the full log {log}", exit_code=1)
-    steps = outcome.last_progress.step if outcome.last_progress else None
     stamp_lora(lora, {**lora_stamp, "sd3tune.steps": str(steps), "sd3tune.trained_at": now()})
     final_loss = outcome.last_progress.loss if outcome.last_progress else None
     update_manifest(paths.root, "trainings", {**entry, "status": "ok", "lora": str(lora),

@@ -149,6 +149,23 @@ def test_what_the_lora_file_says_it_trained_with_wins_over_a_run_config_edited_s
     assert unstamped.alpha_over_rank == 2.0 and unstamped.schedule_shift == 1.0 and unstamped.square_side == 256
 
 
+def test_a_later_checkpoint_than_the_runs_lora_is_named(trained_run, tmp_path):
+    # a resumed training interrupted past the final LoRA's step: --lora RUN sampled the older final LoRA silently
+    from sd3tune.commands.generate import resolve_settings
+    from sd3tune.inference import resolve_lora
+
+    output = Path(shutil.copytree(trained_run / "output", tmp_path / "output"))  # 20 steps, checkpoint-10 and -20
+    final = output / keys.LORA_WEIGHT_NAME
+    _, _, notes = resolve_settings(GenerateOptions(prompts=["x"]), resolve_lora(final))
+    assert not any("later training" in n for n in notes), notes
+    shutil.copytree(output / "checkpoint-20", output / "checkpoint-24")
+    _, _, notes = resolve_settings(GenerateOptions(prompts=["x"]), resolve_lora(final))
+    assert f"the run's LoRA has 20 steps; checkpoint-24, from a later training that did not finish, has more " \
+           f"(--lora {output / 'checkpoint-24'} samples it)" in notes, notes
+    _, _, notes = resolve_settings(GenerateOptions(prompts=["x"]), resolve_lora(output / "checkpoint-20"))
+    assert not any("later training" in n for n in notes), notes
+
+
 def test_a_relative_model_folder_is_recorded_as_an_absolute_one(tiny_model, monkeypatch):
     from sd3tune.commands.generate import resolve_settings
 

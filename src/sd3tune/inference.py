@@ -72,6 +72,18 @@ class LoraSource:
         return self.config.timesteps.schedule_shift if self.config else None
 
     @property
+    def later_checkpoint(self) -> Path | None:
+        """For a run's final LoRA: a checkpoint LoRA beside it with more steps, left by a later training (resumed,
+        then interrupted or failed), which the run's LoRA is not."""
+        from sd3tune.simpletuner.files import checkpoint_step
+
+        steps = self.metadata.get("sd3tune.steps", "")
+        if checkpoint_step(self.file.parent) is not None or not steps.isdigit():
+            return None
+        later = [f for f in checkpoint_loras(self.file.parent) if (checkpoint_step(f.parent) or 0) > int(steps)]
+        return later[-1] if later else None
+
+    @property
     def square_side(self) -> int | None:
         """The side of the square images the LoRA was trained at (None for an area resolution: SD3's 1024 then)."""
         if "sd3tune.resolution" in self.metadata:

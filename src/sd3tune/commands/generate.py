@@ -85,6 +85,10 @@ def read_prompts(opts: GenerateOptions) -> list[str]:
 def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[str, SamplerSettings, list[str]]:
     """Merge flags with the run's training settings; say when a flag overrides the run."""
     notes: list[str] = []
+    later = lora.later_checkpoint if lora else None
+    if later is not None:  # the run's LoRA is not its latest weights: a user who resumed may think it is
+        notes.append(f"the run's LoRA has {lora.metadata['sd3tune.steps']} steps; {later.parent.name}, from a later "
+                     f"training that did not finish, has more (--lora {later.parent} samples it)")
     cfg = lora.config if lora else None
     model = absolute_model(opts.model or (lora.base_model if lora else None) or SD3M)
     if opts.model and lora and lora.base_model and model != absolute_model(lora.base_model):

@@ -596,3 +596,29 @@ def test_a_copied_run_says_its_lora_is_the_originals(trained_run, tiny_clip, pro
                                        clip_model=str(tiny_clip), device="cpu", out=tmp_path / "own"),
                        progress=False)
     assert not any("is outside" in n for n in own.notes)
+
+
+def test_a_checkpoint_trained_with_other_settings_than_the_lora_is_said(tmp_path):
+    # a resumed training changed the shift and resolution: --checkpoints all sampled an earlier checkpoint with the
+    # LoRA's settings and said nothing, so its column compared it at settings it never trained with
+    import torch
+    from safetensors.torch import save_file
+
+    from sd3tune.commands.evaluate import _candidates
+    from sd3tune.inference import resolve_lora
+    from sd3tune.simpletuner import keys
+
+    output = tmp_path / "output"
+    settings = {"sd3tune.flow_schedule_shift": "1.0", "sd3tune.resolution": "128", "sd3tune.lora_rank": "4"}
+    for where, value, stamp in ((output, 3.0, settings), (output / "checkpoint-8", 2.0, settings),
+                                (output / "checkpoint-4", 1.0, {**settings, "sd3tune.flow_schedule_shift": "3.0",
+                                                                "sd3tune.resolution": "64"})):
+        where.mkdir(parents=True, exist_ok=True)
+        save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((4, 32), value)},
+                  str(where / keys.LORA_WEIGHT_NAME), metadata=stamp)
+    notes: list[str] = []
+    models = _candidates(EvaluateOptions(run_dir=tmp_path, checkpoints="all"), output,
+                         resolve_lora(output / keys.LORA_WEIGHT_NAME), notes)
+    assert [m.label for m in models] == ["base", "lora", "checkpoint-4", "checkpoint-8"]
+    assert notes == ["checkpoint-4 trained with other settings than the LoRA (schedule shift 3.0 -> 1.0, resolution "
+                     "64 -> 128): it is sampled with the LoRA's, as every model here"]

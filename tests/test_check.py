@@ -396,9 +396,15 @@ def test_check_resume_refuses_a_checkpoint_of_another_rank_and_warns_of_other_se
     write(4, "3.0")
     result, _ = check(run, "--resume")
     assert result.exit_code == 2
-    assert "checkpoint-2 holds a rank-4 LoRA; this run's rank is 16, and SimpleTuner cannot resume it" \
-           in _section(result.output, "error"), result.output
+    assert "TRAINER_EXTRA_ARGS (line" in result.output and "--lora_rank: 4 in checkpoint-2, the checkpoint --resume " \
+           "continues, but 16 here: SimpleTuner cannot resume a LoRA of another rank" in _section(result.output, "error"), result.output
     assert "then run `sd3tune check " + str(run) + " --resume` again" in result.output
+    env = run / "config" / "config.env"
+    text = env.read_text()
+    env.write_text(text.replace("--lora_rank=16", "--lora_rank=four"))  # invalid: its own error, no made-up 16
+    result, _ = check(run, "--resume")
+    assert "checkpoint-2" not in _section(result.output, "error") and "lora_rank" in result.output, result.output
+    env.write_text(text)
     write(16, "2.5")
     result, _ = check(run, "--resume")
     assert result.exit_code == 0, result.output

@@ -90,7 +90,7 @@ class CheckReport:
         return [f for f in self.findings if f.severity == "warning"]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"run_dir": str(self.run.paths.root), "format": self.run.format, "ok": self.ok,
+        return {"run_dir": str(self.run.paths.root), "format": self.run.format, "resume": self.resume, "ok": self.ok,
                 "errors": [f.as_dict() for f in self.errors], "warnings": [f.as_dict() for f in self.warnings],
                 "summary": self.summary.as_dict()}
 
@@ -584,14 +584,16 @@ def _resumed_checkpoint(ctx: Context, output: Path, f: str) -> list[Finding]:
     # the rank from the tensors themselves (a checkpoint sd3tune did not stamp has one too): SimpleTuner fails to load
     # a checkpoint of another rank, after loading every model
     ranks = {info["shape"][0] for name, info in tensors.items() if name.endswith("lora_A.weight") and info.get("shape")}
-    if len(ranks) == 1 and ctx.cfg.lora.rank not in ranks:
+    if len(ranks) == 1 and ctx.valid("lora_rank") and ctx.cfg.lora.rank not in ranks:
         (rank,) = ranks
-        return [error(f, ctx.where("output_dir"), f"{latest.name} holds a rank-{rank} LoRA; this run's rank is "
-                                                  f"{ctx.cfg.lora.rank}, and SimpleTuner cannot resume it (it fails "
-                                                  "loading the checkpoint, after loading the models)",
-                      f"set {ctx.run.key_for('lora_rank', located=False)} back to {rank}, or train into a new output "
-                      "folder")]
-    changes = changed_settings(stamp, lora_settings(ctx.cfg, ctx.run.backends or []))
+        return [error(f, ctx.where("lora_rank"), f"{rank} in {latest.name}, the checkpoint --resume continues, but "
+                                                 f"{ctx.cfg.lora.rank} here: SimpleTuner cannot resume a LoRA of "
+                                                 "another rank (it fails loading the checkpoint, after loading the "
+                                                 "models)",
+                      f"set {ctx.key('lora_rank')} back to {rank}, or train into a new output folder")]
+    if ctx.bad or ctx.backends_partial:  # invalid values (reported) stand in as defaults: nothing to compare
+        return []
+    changes = changed_settings(stamp, lora_settings(ctx.cfg, ctx.backends or []))
     if not changes:
         return []
     return [warning(f, ctx.where("output_dir"), f"{latest.name} trained with other settings ({', '.join(changes)}); "

@@ -135,10 +135,11 @@ def stamp_lora(lora: Path, metadata: dict[str, str]) -> None:
 
 
 def _stamp_of(lora: Path) -> dict[str, str] | None:
-    """A LoRA file's metadata; None for a file that is missing or not safetensors (a checkpoint cut short)."""
+    """A LoRA file's metadata; None for a file that is missing, unreadable or not safetensors (a checkpoint cut
+    short)."""
     try:
         return read_safetensors_header(lora)[0] if lora.is_file() else None
-    except Sd3tuneError:
+    except (Sd3tuneError, OSError):
         return None
 
 
@@ -213,7 +214,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
              "gpus": opts.gpus, "cuda_graphs": opts.cuda_graphs, "log": str(log), "command": plan.argv,
              "versions": package_versions("simpletuner", "accelerate", "diffusers", "peft", "transformers", "torch")}
     # whatever the outcome: a checkpoint is resumed from, or sampled, later
-    _stamp_checkpoints(output, lora_stamp, after_step=checkpoint_step(resumed_from) or 0 if resumed_from else 0)
+    _stamp_checkpoints(output, lora_stamp, after_step=(checkpoint_step(resumed_from) or 0) if resumed_from else 0)
     lora = output / keys.LORA_WEIGHT_NAME
     steps = outcome.last_progress.step if outcome.last_progress else None
     if outcome.interrupted:

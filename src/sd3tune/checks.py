@@ -35,7 +35,8 @@ from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.caches import run_bucket_suffix
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
 from sd3tune.simpletuner.files import (LoadedRun, RunPaths, checkpoints, config_from_args, find_run_root,
-                                      output_conflict, read_run, with_simpletuner_defaults)
+                                      incomplete_checkpoint, incomplete_hint, output_conflict, read_run,
+                                      with_simpletuner_defaults)
 
 BACKENDS = keys.BACKENDS_FILE
 MAX_LISTED = 5  # file names quoted in one finding
@@ -549,23 +550,6 @@ def _unwritable(path: Path, file: str, key: str, why: str = "",
     return [error(file, key, what + (f"; {why}" if why else ""), hint)]
 
 
-CHECKPOINT_GUARD = ".guard"  # SimpleTuner writes it last into a checkpoint folder: without it, the save was cut short
-
-
-def incomplete_checkpoint(folder: Path) -> bool:
-    """Whether SimpleTuner never finished saving this checkpoint (e.g. a Ctrl-C during the save): resuming from it
-    fails, after loading every model."""
-    return not (folder / CHECKPOINT_GUARD).is_file()
-
-
-def incomplete_hint(folder: Path, run: Path) -> str:
-    """How to go on past an incomplete checkpoint ``folder`` (the latest in its output folder) of the run ``run``."""
-    earlier = [c for c in checkpoints(folder.parent) if c != folder and not incomplete_checkpoint(c)]
-    then = (f"continue from {earlier[-1].name} with `sd3tune train {run} --resume`" if earlier else
-            f"start again with `sd3tune train {run}`")
-    return f"delete it (rm -r {folder}), then {then}"
-
-
 def _resumed_checkpoint(ctx: Context, output: Path, f: str) -> list[Finding]:
     """--resume: the checkpoint SimpleTuner resumes from (the latest) is incomplete, of another rank, or trained with
     other stamped settings."""
@@ -575,7 +559,7 @@ def _resumed_checkpoint(ctx: Context, output: Path, f: str) -> list[Finding]:
     latest = checkpoints(output)[-1]
     if incomplete_checkpoint(latest):
         return [error(f, ctx.where("output_dir"), f"{latest.name} is incomplete (its save was interrupted: it has no "
-                                                  f"{CHECKPOINT_GUARD}), and SimpleTuner fails resuming from it, "
+                                                  f"{keys.CHECKPOINT_GUARD}), and SimpleTuner fails resuming from it, "
                                                   "after loading the models", incomplete_hint(latest, ctx.root))]
     try:
         stamp, tensors = read_safetensors_header(latest / keys.LORA_WEIGHT_NAME)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from sd3tune.checks import check_run, incomplete_checkpoint, incomplete_hint
+from sd3tune.checks import check_run
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
 from sd3tune.findings import plural
@@ -19,7 +19,8 @@ from sd3tune.manifest import (HISTORY_KEY, lora_settings, now, package_versions,
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
                                         phase_of, run_plan)
-from sd3tune.simpletuner.files import RunPaths, checkpoint_step, checkpoints, output_conflict
+from sd3tune.simpletuner.files import (RunPaths, checkpoint_step, checkpoints, incomplete_checkpoint,
+                                      incomplete_hint, output_conflict)
 from sd3tune.simpletuner.caches import prepare_dataset_caches
 
 

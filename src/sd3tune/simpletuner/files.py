@@ -183,6 +183,20 @@ def checkpoints(output_dir: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def incomplete_checkpoint(folder: Path) -> bool:
+    """Whether SimpleTuner never finished saving this checkpoint (e.g. a Ctrl-C during the save): resuming from it
+    fails, after loading every model."""
+    return not (folder / keys.CHECKPOINT_GUARD).is_file()
+
+
+def incomplete_hint(folder: Path, run: Path) -> str:
+    """How to go on past an incomplete checkpoint ``folder`` (the latest in its output folder) of the run ``run``."""
+    earlier = [c for c in checkpoints(folder.parent) if c != folder and not incomplete_checkpoint(c)]
+    then = (f"continue from {earlier[-1].name} with `sd3tune train {run} --resume`" if earlier else
+            f"start again with `sd3tune train {run}`")
+    return f"delete it (rm -r {folder}), then {then}"
+
+
 def output_conflict(output: Path, resume: bool, steps: int | None) -> tuple[str, str] | None:
     """(problem, fix) when `sd3tune train` (``resume``: with --resume) must refuse this output folder: SimpleTuner
     would silently resume from a checkpoint in it, or replace its finished LoRA; None when it may train."""

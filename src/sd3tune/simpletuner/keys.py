@@ -69,6 +69,7 @@ def dataset_file_kind(name: str) -> str | None:
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 RESOLVED_CONFIG_NAME = "simpletuner_config.json"  # fully resolved args SimpleTuner writes to OUTPUT_DIR
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_GUARD = ".guard"  # written last into a checkpoint folder: without it, the save was cut short
 
 # Options SimpleTuner's env loader skips even though its env map names a key for them (it treats them as
 # accelerate flags): TRAINER_DYNAMO_BACKEND / TRAINING_DYNAMO_BACKEND lines are silently ignored.

@@ -145,7 +145,7 @@ def read_size(path: Path) -> tuple[int, int]:
 
 
 def _read_caption(path: Path) -> tuple[str | None, str | None]:
-    """(caption, problem): caption None when there is no file."""
+    """(text, problem): the file's text as written (unstripped), None when there is no file."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -155,7 +155,7 @@ def _read_caption(path: Path) -> tuple[str | None, str | None]:
     except OSError as exc:
         return None, f"cannot be read ({exc.strerror or exc})"
     try:
-        return data.decode("utf-8").strip(), None
+        return data.decode("utf-8"), None
     except UnicodeDecodeError as exc:
         return None, f"caption is not UTF-8 text (byte {exc.start})"
 
@@ -172,7 +172,8 @@ def scan_folder(folder: str | Path) -> ScanResult:
     for path in list_images(folder):
         result.files.append(path)
         caption_file = caption_path(path)
-        caption, problem = _read_caption(caption_file)
+        text, problem = _read_caption(caption_file)
+        caption = None if text is None else text.strip()
         if problem:
             result.corrupt.append((caption_file, problem))
             caption = ""  # present but unusable: not reported again as missing
@@ -189,7 +190,7 @@ def scan_folder(folder: str | Path) -> ScanResult:
         except _Unreadable as exc:
             result.corrupt.append((path, str(exc)))
             continue
-        blank_lines = caption == "" and not problem and "\n" in caption_file.read_bytes().decode("utf-8")
+        blank_lines = caption == "" and not problem and "\n" in text
         result.images.append(ImageInfo(path, width, height, caption, blank_lines))
     return result
 

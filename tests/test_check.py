@@ -435,6 +435,11 @@ def test_check_resume_fails_where_train_resume_would_refuse_or_fail(make_run):
     # the hint, followed, resumes from the last complete checkpoint
     assert f"delete it (rm -r {output / 'checkpoint-4'}), then continue from checkpoint-2 with `sd3tune train {run} " \
            "--resume`" in result.output
+    (output / "checkpoint-3").mkdir()  # cut short too, after the last complete one: SimpleTuner would resume it next
+    result, _ = check(run, "--resume")
+    assert f"delete them (rm -r {output / 'checkpoint-3'} {output / 'checkpoint-4'}), then continue from " \
+           "checkpoint-2" in result.output, result.output
+    shutil.rmtree(output / "checkpoint-3")
     shutil.rmtree(output / "checkpoint-4")
     result, _ = check(run, "--resume")
     assert result.exit_code == 0, result.output

@@ -560,7 +560,7 @@ def _resumed_checkpoint(ctx: Context, output: Path, f: str) -> list[Finding]:
     if incomplete_checkpoint(latest):
         return [error(f, ctx.where("output_dir"), f"{latest.name} is incomplete (its save was interrupted: it has no "
                                                   f"{keys.CHECKPOINT_GUARD}), and SimpleTuner fails resuming from it, "
-                                                  "after loading the models", incomplete_hint(latest, ctx.root))]
+                                                  "after loading the models", incomplete_hint(output, ctx.root))]
     try:
         stamp, tensors = read_safetensors_header(latest / keys.LORA_WEIGHT_NAME)
     except (Sd3tuneError, OSError):  # missing or cut short: SimpleTuner's own problem to report

@@ -128,6 +128,15 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, str], dict[str, Any]]
     return dict(header.get("__metadata__") or {}), {k: v for k, v in header.items() if k != "__metadata__"}
 
 
+def safetensors_metadata(file: Path) -> dict[str, str] | None:
+    """A safetensors file's metadata (a LoRA's sd3tune stamp); None for a file that is missing, unreadable or not
+    safetensors (a checkpoint cut short)."""
+    try:
+        return read_safetensors_header(file)[0] if file.is_file() else None
+    except (Sd3tuneError, OSError):
+        return None
+
+
 def resolve_lora(spec: Path, run: LoadedRun | None = None) -> LoraSource:
     """Accept a run folder, an output/checkpoint folder, or a .safetensors file. The training settings come from
     ``run`` when the caller has read it already, else from the run folder at or above ``spec``."""

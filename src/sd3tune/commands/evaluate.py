@@ -136,14 +136,10 @@ def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str])
 def _trained_otherwise(label: str, file: Path, lora_stamp: dict[str, str]) -> list[str]:
     """A note when a checkpoint trained with other settings than the evaluated LoRA (a resumed training changed
     them): every model samples with the LoRA's, so the checkpoint's column is not as it trained."""
-    from sd3tune.inference import read_safetensors_header
+    from sd3tune.inference import safetensors_metadata
     from sd3tune.manifest import changed_settings
 
-    try:
-        stamp, _ = read_safetensors_header(file)
-    except (Sd3tuneError, OSError):
-        return []
-    changes = changed_settings(stamp, lora_stamp)
+    changes = changed_settings(safetensors_metadata(file) or {}, lora_stamp)
     if not changes:
         return []
     return [f"{label} trained with other settings than the LoRA ({', '.join(changes)}): it is sampled with the "

@@ -13,7 +13,7 @@ from sd3tune.config.models import RunConfig
 from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
 from sd3tune.findings import plural
 from sd3tune.fsutil import file_sha256
-from sd3tune.inference import read_safetensors_header
+from sd3tune.inference import safetensors_metadata
 from sd3tune.manifest import (HISTORY_KEY, lora_settings, now, package_versions, resumed_history,
                               update_manifest)
 from sd3tune.simpletuner import keys
@@ -135,15 +135,6 @@ def stamp_lora(lora: Path, metadata: dict[str, str]) -> None:
     atomic_write_bytes(lora, save(tensors, metadata=meta))
 
 
-def _stamp_of(lora: Path) -> dict[str, str] | None:
-    """A LoRA file's metadata; None for a file that is missing, unreadable or not safetensors (a checkpoint cut
-    short)."""
-    try:
-        return read_safetensors_header(lora)[0] if lora.is_file() else None
-    except (Sd3tuneError, OSError):
-        return None
-
-
 def _stamp_checkpoints(output: Path, stamp: dict[str, str], after_step: int) -> None:
     """Stamp this training's checkpoints (those past ``after_step``, where a resumed training began) with their step,
     so a checkpoint's file copied elsewhere samples as it trained (T5 length, shift, size) and a resumed training
@@ -152,7 +143,7 @@ def _stamp_checkpoints(output: Path, stamp: dict[str, str], after_step: int) -> 
         if (checkpoint_step(folder) or 0) <= after_step:
             continue
         file = folder / keys.LORA_WEIGHT_NAME
-        if _stamp_of(file) is not None:
+        if safetensors_metadata(file) is not None:
             _stamped(file, {**stamp, "sd3tune.steps": str(checkpoint_step(folder)), "sd3tune.trained_at": now()})
 
 
@@ -188,7 +179,8 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
                   "sd3tune.run_dir": str(paths.root.resolve())}
     resumed_from = checkpoints(output)[-1] if opts.resume else None  # the one SimpleTuner resumes from: the latest
     if resumed_from is not None:
-        lora_stamp[HISTORY_KEY] = resumed_history(resumed_from, _stamp_of(resumed_from / keys.LORA_WEIGHT_NAME) or {})
+        earlier = safetensors_metadata(resumed_from / keys.LORA_WEIGHT_NAME) or {}
+        lora_stamp[HISTORY_KEY] = resumed_history(resumed_from, earlier)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log = (paths.logs / f"train-{stamp}.log").resolve()  # absolute in the manifest, wherever train ran from
     result.log = log
@@ -220,7 +212,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     steps = outcome.last_progress.step if outcome.last_progress else None
     if outcome.interrupted:
         # a Ctrl-C after SimpleTuner saved the final LoRA (while it tore down): that LoRA is this training's, complete
-        saved = lora.is_file() and lora.stat().st_mtime >= launched and _stamp_of(lora) is not None
+        saved = lora.is_file() and lora.stat().st_mtime >= launched and safetensors_metadata(lora) is not None
         if saved:  # saved after every step (the progress read may stop a step or two short)
             steps = outcome.last_progress.total if outcome.last_progress else None
             saved = _stamped(lora, {**lora_stamp, "sd3tune.steps": str(steps), "sd3tune.trained_at": now()})
@@ -229,7 +221,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         kept = checkpoints(output)
         if kept and incomplete_checkpoint(kept[-1]):  # Ctrl-C during its save: resuming from it would fail
             raise TrainingFailed(f"training interrupted while saving {kept[-1].name}, which is incomplete",
-                                 hint=incomplete_hint(kept[-1], opts.run_dir), exit_code=130)
+                                 hint=incomplete_hint(output, opts.run_dir), exit_code=130)
         done = kept and output_conflict(output, True, cfg.optim.max_train_steps)  # every step: --resume refuses
         if saved or done:
             more = (f"raise {report.run.key_for('max_train_steps', located=False)} and continue with "

@@ -189,12 +189,15 @@ def incomplete_checkpoint(folder: Path) -> bool:
     return not (folder / keys.CHECKPOINT_GUARD).is_file()
 
 
-def incomplete_hint(folder: Path, run: Path) -> str:
-    """How to go on past an incomplete checkpoint ``folder`` (the latest in its output folder) of the run ``run``."""
-    earlier = [c for c in checkpoints(folder.parent) if c != folder and not incomplete_checkpoint(c)]
-    then = (f"continue from {earlier[-1].name} with `sd3tune train {run} --resume`" if earlier else
+def incomplete_hint(output: Path, run: Path) -> str:
+    """How the run ``run`` goes on when the latest checkpoint in ``output`` is incomplete: delete every incomplete
+    one after the last complete one (SimpleTuner resumes from the latest), then resume from that one."""
+    found = checkpoints(output)
+    complete = [c for c in found if not incomplete_checkpoint(c)]
+    cut = found[found.index(complete[-1]) + 1:] if complete else found
+    then = (f"continue from {complete[-1].name} with `sd3tune train {run} --resume`" if complete else
             f"start again with `sd3tune train {run}`")
-    return f"delete it (rm -r {folder}), then {then}"
+    return f"delete {'it' if len(cut) == 1 else 'them'} (rm -r {' '.join(map(str, cut))}), then {then}"
 
 
 def output_conflict(output: Path, resume: bool, steps: int | None) -> tuple[str, str] | None:

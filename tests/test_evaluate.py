@@ -449,8 +449,8 @@ def test_a_relative_image_folder_is_read_from_the_run_folder_whatever_the_shells
     # SimpleTuner trains in the run folder, so a relative instance_data_dir names a folder there
     import shutil
 
-    from sd3tune.config.dataset import ImageBackend
     from sd3tune.evaluation import training_set
+    from sd3tune.simpletuner.backends import ImageBackend
     from sd3tune.simpletuner.files import RunPaths
 
     shutil.copytree(concept_data, tmp_path / "images")

@@ -323,7 +323,7 @@ def _run_config(run: RunPaths, **data):
 
 
 def test_latents_cached_outside_the_run_with_other_settings_are_refused(tmp_path):
-    from sd3tune.config.dataset import ImageBackend
+    from sd3tune.simpletuner.backends import ImageBackend
     from sd3tune.simpletuner.caches import prepare_dataset_caches
 
     shared, run = tmp_path / "shared-latents", RunPaths(tmp_path / "run")
@@ -363,7 +363,7 @@ def test_a_dataset_setting_changed_by_hand_is_trained_with_not_put_back_from_the
 
 
 def test_what_changed_since_the_last_launch_decides_which_caches_are_made_again(tmp_path, concept_data):
-    from sd3tune.config.dataset import ImageBackend
+    from sd3tune.simpletuner.backends import ImageBackend
     from sd3tune.simpletuner.caches import bucket_files, latent_file, prepare_dataset_caches
 
     run, images = RunPaths(tmp_path / "run"), Path(shutil.copytree(concept_data, tmp_path / "art"))

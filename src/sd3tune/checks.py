@@ -20,20 +20,20 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from sd3tune.config.dataset import BACKENDS as BACKEND_LIST
-from sd3tune.config.dataset import ImageBackend, TextEmbedsBackend
 from sd3tune.config.models import RunConfig
 from sd3tune.config.presets import PRESETS
 from sd3tune.datascan import (
-    CLIP_MAX_TOKENS, T5_MAX_TOKENS, ScanResult, bucket_counts, caption_path, estimate_clip_tokens,
-    estimate_t5_tokens, megapixels, minimum_megapixels, scan_folder, too_small,
+    CLIP_MAX_TOKENS, T5_MAX_TOKENS, ScanResult, estimate_clip_tokens, estimate_t5_tokens, scan_folder,
 )
 from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
 from sd3tune.findings import Finding, choice_error, error, errors_in, warning
 from sd3tune.simpletuner import keys
+from sd3tune.simpletuner.backends import BACKENDS as BACKEND_LIST
+from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.caches import run_bucket_suffix
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
+from sd3tune.simpletuner.dataset import bucket_counts, caption_path, megapixels, minimum_megapixels, too_small
 from sd3tune.simpletuner.files import (LoadedRun, RunPaths, checkpoints, config_from_args, find_run_root,
                                       incomplete_checkpoint, incomplete_hint, output_conflict, read_run,
                                       with_simpletuner_defaults)

@@ -1,14 +1,11 @@
 """Scan a folder of training images the way SimpleTuner 4.10.1 will see it, without decoding the images.
 
+- the files, their captions and the aspect buckets are SimpleTuner's (``sd3tune.simpletuner.dataset``: the files its
+  local backend lists, the ``NAME.txt`` caption it reads for each, ``MultiaspectImage``'s buckets);
 - sizes come from file headers (PIL reads only the first bytes; EXIF rotation is applied like SimpleTuner's
   ``exif_transpose``); a cheap tail test (PNG ``IEND``, JPEG end marker, WebP RIFF size) spots truncated files,
-  and only a suspicious file is fully decoded to confirm;
-- the files are exactly those SimpleTuner's local backend lists for an image dataset (every extension Pillow opens,
-  plus SimpleTuner's video and audio ones: ``keys.DATASET_FILE_EXTENSIONS``); a video or sound file, or one PIL cannot
-  read, is reported as unusable;
-- captions are the ``NAME.txt`` beside each listed file (``caption_strategy=textfile``), one caption per line;
-- aspect buckets and the minimum-size filter mirror SimpleTuner's ``MultiaspectImage`` and
-  ``meets_resolution_requirements`` for SD3 (64 px alignment);
+  and only a suspicious file is fully decoded to confirm; a video or sound file, or one PIL cannot read, is reported
+  as unusable;
 - token counts are estimates (no tokenizer is loaded): CLIP BPE and T5 sentencepiece pieces.
 
 Fast enough for `sd3tune check` (no torch): ~0.1 ms of work per image.
@@ -20,18 +17,12 @@ import math
 import os
 import re
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 from sd3tune.simpletuner import keys
+from sd3tune.simpletuner.dataset import caption_lines, caption_path, list_images, read_caption
 
-# File names SimpleTuner's local backend lists in an image dataset (images, and videos and sounds too).
-DATASET_SUFFIXES = keys.DATASET_FILE_SUFFIXES
-# Folders SimpleTuner's local backend never walks into (helpers/data_backend/local.py).
-SKIP_DIRS = {".Spotlight-V100", ".Trashes", ".fseventsd", ".TemporaryItems", ".zfs", ".ipynb_checkpoints"}
-SD3_ALIGNMENT = keys.SD3_BUCKET_ALIGNMENT
 CLIP_MAX_TOKENS = 77  # including the start and end tokens
 T5_MAX_TOKENS = keys.SD3_T5_MAX_LENGTH  # SimpleTuner's SD3 T5 length, including the end token
 _ROTATED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
@@ -50,11 +41,8 @@ class ImageInfo:
 
     @property
     def captions(self) -> list[str]:
-        """SimpleTuner splits a multi-line caption file into one caption per non-empty line, at ``\n`` only
-        (``prepare_instance_prompt_from_textfile``: a U+2028 or a lone ``\r`` stays inside a caption)."""
-        if not self.caption:
-            return []
-        return [line.strip() for line in self.caption.split("\n") if line.strip()]
+        """The captions SimpleTuner reads from the caption file: one per non-empty line (``caption_lines``)."""
+        return caption_lines(self.caption)
 
 
 @dataclass
@@ -73,25 +61,6 @@ class ScanResult:
     @property
     def empty_captions(self) -> list[ImageInfo]:
         return [i for i in self.images if i.caption is not None and not i.caption.strip()]
-
-
-def list_images(folder: Path) -> list[Path]:
-    """The files under ``folder`` that SimpleTuner's local backend lists for an image dataset (recursive, follows
-    links; ``LocalDataBackend.list_files``): images of every format Pillow opens, and videos and sounds."""
-    found: list[Path] = []
-    seen: set[str] = set()
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs.clear()
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if d not in SKIP_DIRS]
-        for name in files:
-            if name.lower().endswith(DATASET_SUFFIXES):
-                found.append(Path(root, name))
-    found.sort()
-    return found
 
 
 class _Unreadable(Exception):
@@ -144,27 +113,6 @@ def read_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def _read_caption(path: Path) -> tuple[str | None, str | None]:
-    """(text, problem): the file's text as written (unstripped), None when there is no file."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None, None
-    except IsADirectoryError:
-        return None, "is a folder, not a caption file"
-    except OSError as exc:
-        return None, f"cannot be read ({exc.strerror or exc})"
-    try:
-        return data.decode("utf-8"), None
-    except UnicodeDecodeError as exc:
-        return None, f"caption is not UTF-8 text (byte {exc.start})"
-
-
-def caption_path(path: Path) -> Path:
-    """The caption file SimpleTuner reads for ``path`` (``os.path.splitext(path)[0] + ".txt"``)."""
-    return Path(os.path.splitext(path)[0] + ".txt")
-
-
 def scan_folder(folder: str | Path) -> ScanResult:
     """Read the header and caption of every file SimpleTuner lists under ``folder``."""
     folder = Path(folder)
@@ -172,7 +120,7 @@ def scan_folder(folder: str | Path) -> ScanResult:
     for path in list_images(folder):
         result.files.append(path)
         caption_file = caption_path(path)
-        text, problem = _read_caption(caption_file)
+        text, problem = read_caption(caption_file)
         caption = None if text is None else text.strip()
         if problem:
             result.corrupt.append((caption_file, problem))
@@ -224,74 +172,3 @@ def estimate_t5_tokens(text: str) -> int:
         else:
             count += 1
     return count
-
-
-# ----------------------------------------------------------------------------------------------- buckets
-
-
-def _round_to(value: float, multiple: int = SD3_ALIGNMENT) -> int:
-    return max(int(round(value / multiple)) * multiple, multiple)
-
-
-def megapixels(resolution: float, resolution_type: str) -> float | None:
-    """The area SimpleTuner targets for an ``area``/``pixel_area`` dataset (None for ``pixel``)."""
-    if resolution_type == "pixel_area":
-        return resolution * resolution / 1_000_000
-    if resolution_type == "area":
-        return float(resolution)
-    return None
-
-
-def bucket_of(width: int, height: int, resolution: float, resolution_type: str,
-              crop_square: bool = False) -> tuple[int, int]:
-    """The training size (aspect bucket) SimpleTuner gives an image: ``calculate_new_size_by_pixel_edge`` for
-    ``pixel``, ``calculate_new_size_by_pixel_area`` for ``area`` and ``pixel_area``."""
-    aspect = 1.0 if crop_square else round(width / height, 2)
-    mp = megapixels(resolution, resolution_type)
-    if mp is None:
-        res = int(resolution)
-        if width < height:
-            w_t, h_t = res, int(res / aspect)
-        else:
-            w_t, h_t = int(res * aspect), res
-        return _round_to(w_t), _round_to(h_t)
-    edge = _round_to(int(math.sqrt(mp * 1_000_000)))
-    if aspect == 1.0:
-        return edge, edge
-    return _round_to(edge * math.sqrt(aspect)), _round_to(edge / math.sqrt(aspect))
-
-
-def assign_buckets(sizes: Iterable[tuple[int, int]], resolution: float, resolution_type: str,
-                   crop_square: bool = False) -> list[tuple[int, int]]:
-    """The bucket of each (width, height), in order. SimpleTuner keys buckets by the target's rounded aspect ratio
-    and, for area datasets, reuses the size first stored for that aspect (``StateTracker`` aspect-resolution map)."""
-    first: dict[float, tuple[int, int]] = {}
-    out = []
-    for width, height in sizes:
-        w, h = bucket_of(width, height, resolution, resolution_type, crop_square)
-        out.append(first.setdefault(round(w / h, 2), (w, h)))
-    return out
-
-
-def bucket_counts(images: list[ImageInfo], resolution: float, resolution_type: str, crop_square: bool) -> Counter:
-    """Images per bucket (w, h)."""
-    return Counter(assign_buckets(((i.width, i.height) for i in images), resolution, resolution_type, crop_square))
-
-
-def minimum_megapixels(minimum: float, resolution_type: str) -> float:
-    """SimpleTuner's unit conversion of ``minimum_image_size`` for area datasets (pixel_area edges > 10 -> MP)."""
-    if resolution_type == "pixel_area" and minimum > 10:
-        return minimum * minimum / 1_000_000
-    return float(minimum)
-
-
-def too_small(info: ImageInfo, minimum: float | None, resolution_type: str, crop_square: bool = False) -> bool:
-    """Whether SimpleTuner's ``meets_resolution_requirements`` drops the image."""
-    if not minimum:
-        return False
-    if resolution_type == "pixel":
-        return min(info.width, info.height) < minimum
-    mp = minimum_megapixels(minimum, resolution_type) * 1_000_000
-    if crop_square and min(info.width, info.height) < math.floor(math.sqrt(mp)):
-        return True
-    return info.width * info.height < mp

@@ -151,6 +151,7 @@ def training_set(backends: Iterable[Any] | None, paths: RunPaths, max_images: in
     """The training images (and captions) of a run's enabled, non-regularisation image datasets (``paths``: the
     run's, which relative image folders are read from)."""
     from sd3tune.datascan import scan_folder
+    from sd3tune.simpletuner.dataset import dataset_captions
 
     folders, images, captions = [], [], []
     for b in backends or []:
@@ -164,12 +165,7 @@ def training_set(backends: Iterable[Any] | None, paths: RunPaths, max_images: in
         folders.append(folder)
         scan = scan_folder(folder)
         images += [i.path for i in scan.images]
-        if b.caption_strategy == "instanceprompt" and b.instance_prompt:
-            captions.append(b.instance_prompt)
-        elif b.caption_strategy == "filename":
-            captions += [i.path.stem.replace("_", " ") for i in scan.images]
-        else:  # SimpleTuner reads each non-empty line of a caption file as one caption
-            captions += [line.strip() for i in scan.images for line in (i.caption or "").splitlines() if line.strip()]
+        captions += dataset_captions(b.caption_strategy, b.instance_prompt, scan.images)
     if not folders:
         raise Sd3tuneError("the run has no enabled image dataset", hint="check config/multidatabackend.json")
     if not images:

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from sd3tune import __version__
-from sd3tune.config.dataset import ImageBackend
 from sd3tune.config.models import RunConfig
 from sd3tune.fsutil import atomic_write_text
 from sd3tune.simpletuner import keys
+from sd3tune.simpletuner.backends import ImageBackend
 
 MANIFEST_NAME = "sd3tune.json"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sd3tune.config.dataset import ImageBackend, TextEmbedsBackend
 from sd3tune.config.models import RunConfig
 from sd3tune.defaults import SD3M
+from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.files import read_run, render_backends, render_env, render_json
 
 GOLDEN = Path(__file__).parents[1] / "golden"

@@ -10,7 +10,6 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from sd3tune.checks import CheckReport, check_run
-from sd3tune.config.dataset import ImageBackend, TextEmbedsBackend
 from sd3tune.config.models import RunConfig
 from sd3tune.config.presets import DEFAULT_PRESET, PRESETS, merge
 from sd3tune.datascan import scan_folder
@@ -20,6 +19,7 @@ from sd3tune.findings import Finding, error, warning
 from sd3tune.fsutil import absolute_model, atomic_write_text, refuse_existing
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
+from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.caches import run_bucket_suffix
 from sd3tune.simpletuner.files import RunPaths, render_backends, render_env, render_json
 

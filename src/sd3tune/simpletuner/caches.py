@@ -28,10 +28,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from sd3tune.config.dataset import ImageBackend
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import Sd3tuneError
 from sd3tune.fsutil import atomic_write_text
+from sd3tune.simpletuner.backends import ImageBackend
+from sd3tune.simpletuner.dataset import list_images
 from sd3tune.simpletuner.files import RunPaths
 
 RECORD = ".sd3tune-latents.json"  # beside the latents: what made them
@@ -58,8 +59,6 @@ def latent_file(cache: Path, images: Path, image: Path) -> Path:
 
 def image_fingerprints(folder: Path) -> dict[str, list[int]]:
     """``{relative path: [size, mtime_ns]}`` of each file SimpleTuner lists in the image folder."""
-    from sd3tune.datascan import list_images
-
     out = {}
     for path in list_images(folder):
         try:

@@ -13,11 +13,11 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from sd3tune import __version__
-from sd3tune.config.dataset import BACKENDS, NUMBER_ERROR, ImageBackend, TextEmbedsBackend, dump_backends
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import UnsafeValueError
 from sd3tune.findings import Finding, at_line, choice_error, error, warning
 from sd3tune.simpletuner import envfile, keys
+from sd3tune.simpletuner.backends import BACKENDS, NUMBER_ERROR, ImageBackend, TextEmbedsBackend, dump_backends
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
 
 Format = Literal["env", "json"]

@@ -213,7 +213,7 @@ def run_anchor(args: argparse.Namespace, model: Path, res: int, cuda: bool, repo
     import torch
     from diffusers import StableDiffusion3Pipeline
 
-    from sd3tune.inference import quiet_libraries
+    from sd3tune.runtime import quiet_libraries
 
     quiet_libraries()
     dev = "cuda" if cuda else "cpu"
@@ -223,7 +223,7 @@ def run_anchor(args: argparse.Namespace, model: Path, res: int, cuda: bool, repo
         t0 = time.perf_counter()
         pipe = StableDiffusion3Pipeline.from_pretrained(str(model), dtype=dtype)
         if args.lora is not None:
-            from sd3tune.inference import resolve_lora
+            from sd3tune.lora import resolve_lora
 
             lora = resolve_lora(args.lora)
             pipe.load_lora_weights(str(lora.file.parent), weight_name=lora.file.name, adapter_name="bench")
@@ -314,7 +314,9 @@ def profile_variant(name: str, args: argparse.Namespace, model: Path, res: int, 
     from step_profile import chrome_trace, summarize_trace
     from torch.profiler import ProfilerActivity, profile
 
-    from sd3tune.inference import SamplerSettings, load_pipeline, make_images, resolve_lora
+    from sd3tune.inference import load_pipeline, make_images
+    from sd3tune.lora import resolve_lora
+    from sd3tune.sampling import SamplerSettings
 
     bs = args.batch_size or (4 if cuda else 2)
     pipe = load_pipeline(str(model), lora=resolve_lora(args.lora) if args.lora is not None else None)

@@ -9,7 +9,7 @@ from helpers import sd3tune
 
 from sd3tune.commands.generate import GenerateOptions, read_prompts
 from sd3tune.commands.init import run_init
-from sd3tune.evaluation import read_prompts_file
+from sd3tune.prompts import read_prompts_file
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

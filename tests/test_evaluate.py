@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from sd3tune.cli import app
 from sd3tune.commands.evaluate import EvaluateOptions, format_table, run_evaluate
 from sd3tune.errors import Sd3tuneError
-from sd3tune.evaluation import METRIC_ORDER, read_prompts_file
+from sd3tune.evaluation import METRIC_ORDER
+from sd3tune.prompts import read_prompts_file
 
 STEPS = 4
 SEEDS = 2
@@ -353,7 +354,7 @@ def test_a_clip_folder_that_fails_to_load_as_a_full_clip_is_one_line(tiny_clip, 
     not say so): a one-line error, not a traceback."""
     from transformers import CLIPModel
 
-    from sd3tune.evaluation import ClipModel
+    from sd3tune.clip import ClipModel
 
     def mismatched(*args, **kwargs):
         raise RuntimeError("You set `ignore_mismatched_sizes` to `False`, thus raising an error.\nsize mismatch ...")
@@ -395,7 +396,7 @@ def test_a_prompts_file_saved_with_a_bom_reads_its_first_line_as_written(tmp_pat
 def test_repeated_prompts_are_evaluated_once_and_said(trained_run, tiny_clip, tmp_path):
     # they were dropped silently; a repeat keeps its first line's kind
     from sd3tune.commands.evaluate import EvaluateOptions, run_evaluate
-    from sd3tune.evaluation import distinct_prompts
+    from sd3tune.prompts import distinct_prompts
 
     path = tmp_path / "p.txt"
     path.write_text("sd3tune-style, a castle\nneutral: a red apple\nsd3tune-style, a castle\nneutral: sd3tune-style, "
@@ -416,7 +417,8 @@ def test_a_prompts_file_that_is_a_folder_says_so(tmp_path):
 
 
 def test_default_prompts_and_best_rule():
-    from sd3tune.evaluation import ModelImages, default_prompts, pick_best
+    from sd3tune.evaluation import ModelImages, pick_best
+    from sd3tune.prompts import default_prompts
 
     prompts = default_prompts("myst, a castle", ["myst, a dog", "myst, a dog", "myst, a cat", "myst, a tree",
                                                  "myst, a car"], "myst")
@@ -534,7 +536,7 @@ def test_a_hub_clip_in_the_cache_loads_from_it_at_once_when_the_hub_is_out_of_re
     from helpers import UNREACHABLE_HUB, child_env, hub_cache_with
 
     cache = hub_cache_with(tiny_clip, "sd3tune-tests/tiny-clip", tmp_path / "hub")
-    code = "from sd3tune.evaluation import ClipModel; print(ClipModel.load('sd3tune-tests/tiny-clip').source)"
+    code = "from sd3tune.clip import ClipModel; print(ClipModel.load('sd3tune-tests/tiny-clip').source)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=child_env(**UNREACHABLE_HUB, HF_HUB_CACHE=str(cache)))
     assert proc.returncode == 0 and proc.stdout.split() == ["Hub"], proc.stderr[-3000:]
@@ -565,7 +567,7 @@ def test_report_md_shows_prompts_and_notes_as_written_not_as_markup(evaluated):
     import copy
     import re
 
-    from sd3tune.evaluation import render_markdown
+    from sd3tune.report import render_markdown
 
     data = copy.deepcopy(evaluated.metrics)
     prompt = r"a *star* <b>x</b> | [link](u) \ _under_ `code` #1"
@@ -605,7 +607,7 @@ def test_a_checkpoint_trained_with_other_settings_than_the_lora_is_said(tmp_path
     from safetensors.torch import save_file
 
     from sd3tune.commands.evaluate import _candidates
-    from sd3tune.inference import resolve_lora
+    from sd3tune.lora import resolve_lora
     from sd3tune.simpletuner import keys
 
     output = tmp_path / "output"

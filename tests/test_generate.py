@@ -15,7 +15,7 @@ from PIL import Image
 
 from sd3tune.commands.generate import GenerateOptions, run_generate
 from sd3tune.errors import Sd3tuneError
-from sd3tune.inference import resolve_lora
+from sd3tune.lora import resolve_lora
 from sd3tune.simpletuner import keys
 
 PROMPT = "sd3tune-style, concept art of a castle"
@@ -116,9 +116,9 @@ def test_drop_t5_is_recorded_and_the_t5_length_is_the_one_used(trained_run, tmp_
 
 
 def test_size_defaults_to_the_runs_resolution_rounded_to_what_sd3_can_sample(tmp_path):
-    from sd3tune.commands.generate import resolve_settings
     from sd3tune.config.models import RunConfig
-    from sd3tune.inference import LoraSource
+    from sd3tune.lora import LoraSource
+    from sd3tune.sampling import resolve_settings
 
     cfg = RunConfig.model_validate({"data": {"resolution": 520, "resolution_type": "pixel"},
                                     "paths": {"output_dir": "o", "data_backend_config": "b.json"}})
@@ -132,9 +132,9 @@ def test_size_defaults_to_the_runs_resolution_rounded_to_what_sd3_can_sample(tmp
 
 
 def test_what_the_lora_file_says_it_trained_with_wins_over_a_run_config_edited_since(tmp_path):
-    from sd3tune.commands.generate import resolve_settings
     from sd3tune.config.models import RunConfig
-    from sd3tune.inference import LoraSource
+    from sd3tune.lora import LoraSource
+    from sd3tune.sampling import resolve_settings
 
     edited = RunConfig.model_validate({"lora": {"rank": 16, "alpha": 32}, "timesteps": {"schedule_shift": 1.0},
                                        "data": {"resolution": 256, "resolution_type": "pixel"},
@@ -151,8 +151,8 @@ def test_what_the_lora_file_says_it_trained_with_wins_over_a_run_config_edited_s
 
 def test_a_later_checkpoint_than_the_runs_lora_is_named(trained_run, tmp_path):
     # a resumed training interrupted past the final LoRA's step: --lora RUN sampled the older final LoRA silently
-    from sd3tune.commands.generate import resolve_settings
-    from sd3tune.inference import resolve_lora
+    from sd3tune.lora import resolve_lora
+    from sd3tune.sampling import resolve_settings
 
     output = Path(shutil.copytree(trained_run / "output", tmp_path / "output"))  # 20 steps, checkpoint-10 and -20
     final = output / keys.LORA_WEIGHT_NAME
@@ -167,7 +167,7 @@ def test_a_later_checkpoint_than_the_runs_lora_is_named(trained_run, tmp_path):
 
 
 def test_a_relative_model_folder_is_recorded_as_an_absolute_one(tiny_model, monkeypatch):
-    from sd3tune.commands.generate import resolve_settings
+    from sd3tune.sampling import resolve_settings
 
     monkeypatch.chdir(tiny_model.parent)
     model, _, _ = resolve_settings(GenerateOptions(prompts=["x"], model=tiny_model.name), None)
@@ -417,7 +417,8 @@ def test_a_run_whose_output_dir_is_elsewhere_keeps_its_training_settings(trained
 
 def test_pngs_match_diffusers_own_pil_output_pixel_for_pixel(tiny_model, tmp_path):
     # generate converts to 8 bits on the device and copies without blocking; the pixels must not change for it
-    from sd3tune.inference import SamplerSettings, load_pipeline, run_images
+    from sd3tune.inference import load_pipeline, run_images
+    from sd3tune.sampling import SamplerSettings
 
     written = gen(tmp_path, model=str(tiny_model), width=64, height=64, batch_size=2)
     pipe = load_pipeline(str(tiny_model))
@@ -431,7 +432,8 @@ def test_prompt_embeddings_are_encoded_once_per_prompt_and_give_diffusers_own_im
     # later batches of a prompt reuse its text embeddings; the images must be those of diffusers' own prompt path
     import torch
 
-    from sd3tune.inference import SamplerSettings, load_pipeline, run_images
+    from sd3tune.inference import load_pipeline, run_images
+    from sd3tune.sampling import SamplerSettings
 
     s = SamplerSettings(steps=3, width=64, height=64, negative="blurry")
     p = load_pipeline(str(tiny_model))

@@ -9,7 +9,7 @@ import re
 from helpers import assert_one_line_user_error, sd3tune
 from PIL import Image
 
-from sd3tune.inference import read_safetensors_header
+from sd3tune.lora import read_safetensors_header
 
 
 def test_quickstart_runs_the_whole_loop(tmp_path):

@@ -17,7 +17,7 @@ from helpers import assert_one_line_user_error, child_env, sd3tune
 
 from sd3tune.commands.init import run_init
 from sd3tune.errors import Sd3tuneError
-from sd3tune.inference import read_safetensors_header
+from sd3tune.lora import read_safetensors_header
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.files import RunPaths, checkpoint_step, checkpoints, read_run
 

@@ -1,5 +1,5 @@
-"""SD3 (+ LoRA) inference through diffusers: finding a run's LoRA, train/inference parity, deterministic seeds,
-PNG provenance. Used by `sd3tune generate`, `quickstart` and `evaluate`.
+"""SD3 (+ LoRA) inference through diffusers: loading the pipeline with a LoRA, train/inference parity, deterministic
+seeds, the fast path, PNG provenance. Used by `sd3tune generate`, `quickstart` and `evaluate`.
 """
 
 from __future__ import annotations
@@ -7,203 +7,21 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Collection, Iterator, Literal, Sequence
 
 from sd3tune import __version__
-from sd3tune.config.models import RunConfig
 from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
 from sd3tune.findings import plural
-from sd3tune.fsutil import file_sha256, model_folder
-from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.files import LoadedRun, checkpoints, find_run_root, read_run
+from sd3tune.fsutil import model_folder
+from sd3tune.hub import model_files_only
+from sd3tune.lora import LoraSource, check_lora_fits
+from sd3tune.runtime import pick_device, pick_dtype, quiet_libraries
+from sd3tune.sampling import DIFFUSERS_T5_DEFAULT, T5_MAX_TOKENS, SamplerSettings
 
-DIFFUSERS_T5_DEFAULT = 256  # StableDiffusion3Pipeline's max_sequence_length default
-T5_MAX_TOKENS = 512  # the most StableDiffusion3Pipeline takes (check_inputs refuses more)
-# safetensors metadata key holding a LoRA's peft config (lora_alpha, r, ...); diffusers configures the adapter from it,
-# so peft then scales the LoRA by lora_alpha / r by itself. SimpleTuner 4.10 writes it into checkpoint-N files only.
-LORA_ADAPTER_METADATA = "lora_adapter_metadata"
-SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2
 # H200, 1024 px, batches of 4: generate --compile costs ~16 s once and saves ~0.37 s per image (scripts/README.md)
 COMPILE_PAYS_OFF = 45
-
-
-@dataclass
-class LoraSource:
-    """A LoRA file and, when it came from a run, the run's training settings."""
-
-    file: Path
-    config: RunConfig | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    # What trained this file comes first: sd3tune's stamp (written into the final LoRA when training finished), then
-    # the peft config SimpleTuner writes into each checkpoint (``lora_adapter_metadata``), and only then the run's
-    # config, which may have been edited since.
-
-    @property
-    def alpha_over_rank(self) -> float:
-        """The LoRA's alpha / rank as it was trained (1 when nothing says)."""
-        if "sd3tune.lora_alpha" in self.metadata and "sd3tune.lora_rank" in self.metadata:
-            return float(self.metadata["sd3tune.lora_alpha"]) / float(self.metadata["sd3tune.lora_rank"])
-        try:
-            peft = json.loads(self.metadata.get(LORA_ADAPTER_METADATA, "{}"))
-            return float(peft["transformer.lora_alpha"]) / float(peft["transformer.r"])
-        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError):
-            pass
-        if self.config is not None:
-            return self.config.lora.effective_alpha / self.config.lora.rank
-        return 1.0
-
-    @cached_property
-    def sha256(self) -> str:
-        """The file's SHA-256: outputs record it, since a retrain replaces the file at the same path."""
-        return file_sha256(self.file)
-
-    @property
-    def base_model(self) -> str | None:
-        return self.metadata.get("sd3tune.base_model") or (self.config.model.name_or_path if self.config else None)
-
-    @property
-    def schedule_shift(self) -> float | None:
-        if "sd3tune.flow_schedule_shift" in self.metadata:
-            return float(self.metadata["sd3tune.flow_schedule_shift"])
-        return self.config.timesteps.schedule_shift if self.config else None
-
-    @property
-    def later_checkpoint(self) -> Path | None:
-        """For a run's final LoRA: a checkpoint LoRA beside it with more steps, left by a later training (resumed,
-        then interrupted or failed), which the run's LoRA is not."""
-        from sd3tune.simpletuner.files import checkpoint_step
-
-        steps = self.metadata.get("sd3tune.steps", "")
-        if checkpoint_step(self.file.parent) is not None or not steps.isdigit():
-            return None
-        later = [f for f in checkpoint_loras(self.file.parent) if (checkpoint_step(f.parent) or 0) > int(steps)]
-        return later[-1] if later else None
-
-    @property
-    def square_side(self) -> int | None:
-        """The side of the square images the LoRA was trained at (None for an area resolution: SD3's 1024 then)."""
-        if "sd3tune.resolution" in self.metadata:
-            if self.metadata.get("sd3tune.resolution_type", "pixel") == "area":
-                return None
-            return int(float(self.metadata["sd3tune.resolution"]))
-        if self.config is not None and self.config.data.resolution_type != "area":
-            return int(self.config.data.resolution)
-        return None
-
-
-def checkpoint_loras(output_dir: Path) -> list[Path]:
-    """The LoRA file of each checkpoint-N folder that holds one, by step."""
-    return [p / keys.LORA_WEIGHT_NAME for p in checkpoints(output_dir) if (p / keys.LORA_WEIGHT_NAME).is_file()]
-
-
-def latest_lora_in(output_dir: Path) -> Path | None:
-    final = output_dir / keys.LORA_WEIGHT_NAME
-    if final.is_file():
-        return final
-    ckpts = checkpoint_loras(output_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def read_safetensors_header(file: Path) -> tuple[dict[str, str], dict[str, Any]]:
-    """The safetensors header: (``__metadata__``, tensor name -> dtype/shape), reading only the header."""
-    import struct
-
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise Sd3tuneError(f"{file} is not a safetensors file", hint="pass a .safetensors LoRA")
-        (size,) = struct.unpack("<Q", head)
-        if size > 100_000_000:
-            raise Sd3tuneError(f"{file} is not a safetensors file", hint="pass a .safetensors LoRA")
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise Sd3tuneError(f"{file} is not a safetensors file", hint="pass a .safetensors LoRA") from None
-    if not isinstance(header, dict) or not isinstance(header.get("__metadata__") or {}, dict):
-        raise Sd3tuneError(f"{file} is not a safetensors file", hint="pass a .safetensors LoRA")
-    return dict(header.get("__metadata__") or {}), {k: v for k, v in header.items() if k != "__metadata__"}
-
-
-def safetensors_metadata(file: Path) -> dict[str, str] | None:
-    """A safetensors file's metadata (a LoRA's sd3tune stamp); None for a file that is missing, unreadable or not
-    safetensors (a checkpoint cut short)."""
-    try:
-        return read_safetensors_header(file)[0] if file.is_file() else None
-    except (Sd3tuneError, OSError):
-        return None
-
-
-def resolve_lora(spec: Path, run: LoadedRun | None = None) -> LoraSource:
-    """Accept a run folder, an output/checkpoint folder, or a .safetensors file. The training settings come from
-    ``run`` when the caller has read it already, else from the run folder at or above ``spec``."""
-    spec = spec.expanduser()
-    if not spec.exists():
-        raise Sd3tuneError(f"LoRA {spec} does not exist", hint="pass a run folder, a checkpoint folder or a .safetensors file")
-    root = run.paths.root if run is not None else find_run_root(spec if spec.is_dir() else spec.parent)
-    if run is None and root is not None:
-        run = read_run(root)
-    if spec.is_dir():
-        if run is not None and spec.resolve() == root.resolve():  # the run folder: its OUTPUT_DIR, wherever it is
-            output_dir = run.output_dir() or spec / "output"
-            if (file := latest_lora_in(output_dir)) is None:
-                raise Sd3tuneError(f"no {keys.LORA_WEIGHT_NAME} under {output_dir}: the run is not trained yet",
-                                   hint=f"train it first: `sd3tune train {spec}`")
-        elif (file := latest_lora_in(spec)) is None:
-            raise Sd3tuneError(f"no {keys.LORA_WEIGHT_NAME} under {spec}",
-                               hint="train first (`sd3tune train RUN_DIR`), or pass the .safetensors file")
-    else:
-        file = spec
-    metadata, tensors = read_safetensors_header(file)
-    check_lora_keys(file, tensors)  # from the header alone: a file that is no LoRA fails before any model loads
-    return LoraSource(file=file.resolve(), config=run.config if run is not None else None, metadata=metadata)
-
-
-_LORA_KEY = re.compile(r"transformer\.(.+)\.lora_([AB])\.weight")
-
-
-def check_lora_keys(file: Path, tensors: dict[str, Any]) -> None:
-    """Refuse a file whose tensor names (``tensors``: its safetensors header) are not those of an SD3 transformer
-    LoRA in the diffusers format, e.g. a CLIP or UNet checkpoint, or a kohya-format LoRA. Needs no model."""
-    names = list(tensors)
-    if not names or not all(n.startswith("transformer.") for n in names):
-        other = next((n for n in names if not n.startswith("transformer.")), "no tensors")
-        raise Sd3tuneError(f"{file} is not an SD3 transformer LoRA (found key {other!r})",
-                           hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
-    for name in names:
-        if _LORA_KEY.fullmatch(name) is None:
-            raise Sd3tuneError(f"{file} has {name!r}, which is not a LoRA weight of the diffusers format",
-                               hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
-
-
-def check_lora_fits(file: Path, transformer: Any) -> None:
-    """Refuse a LoRA whose keys or shapes do not belong to this SD3 ``transformer`` (loaded): diffusers would drop
-    keys it cannot place (a partial LoRA, silently) or fail deep inside peft on a shape."""
-    _, tensors = read_safetensors_header(file)
-    check_lora_keys(file, tensors)
-    another = "the LoRA was trained for another model; pass the right --model"
-    layers = transformer.config["num_layers"]
-    for name, info in tensors.items():
-        block = re.search(r"transformer_blocks\.(\d+)\.", name)
-        if block and int(block.group(1)) >= layers:
-            raise Sd3tuneError(f"{file} has block {block.group(1)} but this model has {layers} blocks", hint=another)
-        m = _LORA_KEY.fullmatch(name)
-        assert m is not None  # check_lora_keys
-        try:
-            layer = transformer.get_submodule(m.group(1))
-        except AttributeError:
-            raise Sd3tuneError(f"{file} has a LoRA for {m.group(1)}, a layer this model does not have",
-                               hint=another) from None
-        side = "input" if m.group(2) == "A" else "output"  # lora_A is (rank, in), lora_B (out, rank)
-        wanted = getattr(layer, "in_features" if side == "input" else "out_features", None)
-        shape = info["shape"]
-        got = (shape[1] if side == "input" else shape[0]) if len(shape) == 2 else shape
-        if got != wanted:
-            raise Sd3tuneError(f"{file} was trained for a layer {m.group(1)} with {side} width {got}; this model's "
-                               f"has {wanted}", hint=another)
 
 
 def load_adapter(pipe: Any, file: Path, name: str) -> None:
@@ -214,127 +32,6 @@ def load_adapter(pipe: Any, file: Path, name: str) -> None:
     with warnings.catch_warnings():  # peft warns when a second adapter joins the first: intended (evaluate)
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-
-
-DEVICES = ("auto", "cuda", "mps", "cpu")
-DTYPES = ("auto", "bf16", "fp16", "fp32")
-OFFLOADS = ("none", "model", "sequential")
-
-
-def check_runtime_choices(device: str, dtype: str, offload: str = "none") -> None:
-    """Refuse a --device / --dtype / --offload value before anything loads."""
-    for name, value, allowed, hint in (
-            ("--device", device, DEVICES, "auto picks CUDA, then MPS, then the CPU"),
-            ("--dtype", dtype, DTYPES, "auto is bf16 on a CUDA GPU that has it, else fp16 on a GPU, fp32 on the CPU"),
-            ("--offload", offload, OFFLOADS, "model moves each model to the GPU when used (~16 GB cards); sequential "
-                                             "moves each layer (least memory, slowest)")):
-        if value not in allowed:
-            raise Sd3tuneError(f"{name} {value!r} is not one of {', '.join(allowed)}", hint=hint)
-
-
-HUB_PROBE_SECONDS = 3.0
-
-
-def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
-    """Why the Hugging Face Hub cannot be reached now, or None when it answers. Offline mode (HF_HUB_OFFLINE) says
-    so at once; otherwise one request to the Hub's endpoint (HF_ENDPOINT; proxies from the environment apply) with
-    a short timeout, where huggingface_hub itself would retry for about a minute before giving up."""
-    import httpx
-    from huggingface_hub import constants, is_offline_mode
-
-    if is_offline_mode():
-        return "offline mode is on (HF_HUB_OFFLINE)"
-    try:
-        httpx.head(constants.ENDPOINT, timeout=timeout)  # any answer, even an error status, means it is reachable
-    except (httpx.HTTPError, httpx.InvalidURL, ValueError, OSError) as exc:
-        return f"{constants.ENDPOINT} cannot be reached ({str(exc).strip() or type(exc).__name__})"
-    return None
-
-
-def in_hub_cache(repo_id: str, filename: str = "config.json") -> bool:
-    """Whether the local Hugging Face cache holds ``filename`` of the Hub model ``repo_id``."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, filename), str)
-    except ValueError:  # not a valid repo id: the loader says why
-        return False
-
-
-def hub_files_only(repo_id: str, what: str, filename: str, hint: str) -> bool:
-    """Before loading ``what`` by its Hub id ``repo_id``: True when the Hub is out of reach but the local cache holds
-    it (``filename`` stands for it), so it loads with ``local_files_only`` at once; False when the Hub answers.
-    Out of reach and not cached: raises the one-line error with ``hint`` now, instead of after the loader's retries
-    and its page of advice."""
-    why = hub_unreachable()
-    if why is None:
-        return False
-    if not in_hub_cache(repo_id, filename):
-        raise Sd3tuneError(f"cannot load {what}: it is not in the local Hugging Face cache and the Hub is out of "
-                           f"reach: {why}", hint=hint)
-    return True
-
-
-def model_files_only(model: str, otherwise: str) -> bool:
-    """``hub_files_only`` for the diffusers model ``model`` (a Hub id), whose error says how to download it, or
-    ``otherwise`` (the local alternative: the flag or key to set)."""
-    return hub_files_only(model, model, "model_index.json",
-                          hint=f"download it once where the Hub is reachable (`hf download {model}`; gated models "
-                               f"need `hf auth login` and accepted terms), or {otherwise}")
-
-
-def quiet_libraries() -> None:
-    """Keep diffusers/transformers to errors and no loading bars: sd3tune prints its own progress."""
-    import warnings
-
-    from diffusers.utils import logging as dlog
-    from transformers.utils import logging as tlog
-
-    dlog.set_verbosity_error()
-    dlog.disable_progress_bar()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
-
-
-def pick_device(device: str) -> str:
-    import torch
-
-    if device != "auto":
-        if device == "cuda" and not torch.cuda.is_available():
-            raise Sd3tuneError("--device cuda but no CUDA GPU is visible", hint="use --device auto or cpu")
-        if device == "mps" and not torch.backends.mps.is_available():
-            raise Sd3tuneError("--device mps but MPS is not available", hint="use --device auto or cpu")
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pick_dtype(dtype: str, device: str):
-    import torch
-
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    if dtype != "auto":
-        return table[dtype]
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device == "mps":
-        return torch.float16
-    return torch.float32
-
-
-@dataclass
-class SamplerSettings:
-    steps: int = 28
-    guidance: float = 7.0
-    width: int = 1024
-    height: int = 1024
-    negative: str | None = None
-    max_sequence_length: int = DIFFUSERS_T5_DEFAULT
-    shift: float | None = None
 
 
 @dataclass

@@ -139,7 +139,7 @@ def build_random_sd3(out_dir: str | Path, sizes: RandomSd3Sizes, seed: int = 0, 
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from sd3tune.inference import quiet_libraries
+    from sd3tune.runtime import quiet_libraries
 
     quiet_libraries()
     out = Path(out_dir)
@@ -219,7 +219,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) ->
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from sd3tune.inference import quiet_libraries
+    from sd3tune.runtime import quiet_libraries
 
     quiet_libraries()
     out = Path(out_dir)

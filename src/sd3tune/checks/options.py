@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from sd3tune.datascan import CLIP_MAX_TOKENS, T5_MAX_TOKENS, estimate_clip_tokens, estimate_t5_tokens
 from sd3tune.defaults import SD3M
 from sd3tune.findings import Finding, choice_error, error, warning
+from sd3tune.hub import cached_snapshot, hub_token_found
 from sd3tune.simpletuner import keys
 
 if TYPE_CHECKING:
@@ -229,21 +230,8 @@ def check_model(ctx: Context) -> list[Finding]:
     return out
 
 
-def _hf_home() -> Path:
-    """huggingface_hub's home folder, resolved the way it does (HF_HOME, else XDG_CACHE_HOME/huggingface)."""
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser()
-
-
-def _hub_cache() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    return _hf_home() / "hub"
-
-
 def _check_hub_model(f: str, where: str, name: str, path: Path) -> list[Finding]:
-    cached = any((_hub_cache() / f"models--{name.replace('/', '--')}" / "snapshots").glob("*/model_index.json"))
-    if cached:
+    if cached_snapshot(name):
         return []
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return [error(f, where, f"{name} is no local folder ({path} does not exist) and not in the Hugging Face "
@@ -251,8 +239,7 @@ def _check_hub_model(f: str, where: str, name: str, path: Path) -> list[Finding]
     if name != SD3M:
         return [warning(f, where, f"no local folder {path}: SimpleTuner will download {name} from the Hub",
                         "if you meant a local folder, fix the path")]
-    token_file = Path(os.environ.get("HF_TOKEN_PATH") or _hf_home() / "token").expanduser()
-    if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or token_file.is_file()):
+    if not hub_token_found():
         return [warning(f, where, f"{name} is gated and no Hugging Face token was found; the download (~10 GB) "
                                   "will fail", "accept the licence on its Hub page, then `hf auth login`")]
     return []

@@ -95,8 +95,7 @@ def _unwritable(path: Path, file: str, key: str, why: str = "",
 def _resumed_checkpoint(ctx: Context, output: Path, f: str) -> list[Finding]:
     """--resume: the checkpoint SimpleTuner resumes from (the latest) is incomplete, of another rank, or trained with
     other stamped settings."""
-    from sd3tune.inference import read_safetensors_header
-    from sd3tune.manifest import changed_settings, lora_settings
+    from sd3tune.lora import changed_settings, lora_settings, read_safetensors_header
 
     latest = checkpoints(output)[-1]
     if incomplete_checkpoint(latest):

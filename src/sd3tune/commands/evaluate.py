@@ -80,7 +80,7 @@ def _check_options(opts: EvaluateOptions) -> None:
                            hint="images per pipeline call; the default is 4, lower it when memory runs out")
     if opts.lora_scale < 0:
         raise Sd3tuneError(f"LoRA scale {opts.lora_scale} must not be negative", hint="0 gives the base model")
-    from sd3tune.inference import check_runtime_choices
+    from sd3tune.runtime import check_runtime_choices
 
     check_runtime_choices(opts.device, opts.dtype)
 
@@ -109,7 +109,7 @@ def _read_run(run_dir: Path):
 
 def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str]) -> list[_Candidate]:
     from sd3tune.fsutil import file_sha256
-    from sd3tune.inference import checkpoint_loras
+    from sd3tune.lora import checkpoint_loras, same_tensors, trained_otherwise
     from sd3tune.simpletuner.files import checkpoint_step
 
     step = checkpoint_step(lora.file.parent)
@@ -119,7 +119,7 @@ def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str])
     if opts.checkpoints == "all":
         found = [(checkpoint_step(file.parent), file.resolve()) for file in checkpoint_loras(output_dir)
                  if file.resolve() != lora.file]
-        same = [(s, file) for s, file in found if _same_tensors(file, lora.file)]
+        same = [(s, file) for s, file in found if same_tensors(file, lora.file)]
         for s, _ in same:  # usually the last checkpoint: the final LoRA is saved from the same weights
             what = "the final LoRA" if opts.lora is None and step is None else f"the evaluated LoRA {lora.file}"
             notes.append(f"checkpoint-{s} is {what} (identical weights): evaluated once")
@@ -129,49 +129,8 @@ def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str])
         for s, file in found:
             out.append(_Candidate(f"checkpoint-{s}", f"checkpoint-{s}", "checkpoint", s, file, f"ckpt_{s}",
                                   file_sha256(file)))
-            notes += _trained_otherwise(f"checkpoint-{s}", file, lora.metadata)
+            notes += trained_otherwise(f"checkpoint-{s}", file, lora.metadata)
     return out
-
-
-def _trained_otherwise(label: str, file: Path, lora_stamp: dict[str, str]) -> list[str]:
-    """A note when a checkpoint trained with other settings than the evaluated LoRA (a resumed training changed
-    them): every model samples with the LoRA's, so the checkpoint's column is not as it trained."""
-    from sd3tune.inference import safetensors_metadata
-    from sd3tune.manifest import changed_settings
-
-    changes = changed_settings(safetensors_metadata(file) or {}, lora_stamp)
-    if not changes:
-        return []
-    return [f"{label} trained with other settings than the LoRA ({', '.join(changes)}): it is sampled with the "
-            "LoRA's, as every model here"]
-
-
-def _same_tensors(a: Path, b: Path) -> bool:
-    """Whether two safetensors files hold the same tensors (names, dtypes, shapes and bytes), whatever their metadata
-    (the final LoRA carries sd3tune's stamp, a checkpoint SimpleTuner's) and tensor order. Stops at the first
-    difference, so a different checkpoint costs one tensor read. An unreadable file counts as different."""
-    import struct
-
-    from sd3tune.inference import read_safetensors_header
-
-    try:
-        _, ta = read_safetensors_header(a)
-        _, tb = read_safetensors_header(b)
-        if {k: (v["dtype"], v["shape"]) for k, v in ta.items()} != {k: (v["dtype"], v["shape"]) for k, v in tb.items()}:
-            return False
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            starts = [8 + struct.unpack("<Q", f.read(8))[0] for f in (fa, fb)]
-            for name in sorted(ta):
-                chunks = []
-                for f, start, info in ((fa, starts[0], ta[name]), (fb, starts[1], tb[name])):
-                    begin, end = info["data_offsets"]
-                    f.seek(start + begin)
-                    chunks.append(f.read(end - begin))
-                if chunks[0] != chunks[1]:
-                    return False
-        return True
-    except (Sd3tuneError, OSError, KeyError, TypeError, ValueError, struct.error):
-        return False
 
 
 def evaluation_folder(run_dir: Path, out: Path | None) -> Path:
@@ -218,11 +177,13 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     sheet and the report into ``opts.out`` (default ``RUN_DIR/eval``). User mistakes raise Sd3tuneError before
     any model loads."""
     from sd3tune import __version__
-    from sd3tune.commands.generate import GenerateOptions, resolve_settings
-    from sd3tune.evaluation import (ClipModel, ImageFiles, default_prompts, distinct_prompts, read_prompts_file,
-                                    relpath, training_set)
-    from sd3tune.inference import resolve_lora
+    from sd3tune.clip import ClipModel
+    from sd3tune.evaluation import ImageFiles, training_set
+    from sd3tune.lora import resolve_lora
     from sd3tune.manifest import now, read_manifest
+    from sd3tune.prompts import default_prompts, distinct_prompts, read_prompts_file
+    from sd3tune.report import relpath
+    from sd3tune.sampling import SamplerFlags, resolve_settings
 
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -251,7 +212,7 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     else:
         prompts = default_prompts(config.validation.prompt, train.captions, trigger)
     model, settings, setting_notes = resolve_settings(
-        GenerateOptions(model=opts.model, steps=opts.steps, guidance=opts.guidance), lora)
+        SamplerFlags(model=opts.model, steps=opts.steps, guidance=opts.guidance), lora)
     notes += setting_notes
     seeds = list(range(opts.seeds))
 
@@ -405,7 +366,7 @@ def _empty_cache(device: str) -> None:
 
 def _write_outputs(out: Path, data: dict[str, Any], made_with: dict[str, Any], models, prompts,
                    settings) -> dict[str, Path]:
-    from sd3tune.evaluation import dumps, render_html, render_markdown
+    from sd3tune.report import dumps, render_html, render_markdown
     from sd3tune.fsutil import atomic_write_text
     from sd3tune.inference import save_png
     from sd3tune.sheets import contact_sheet
@@ -464,7 +425,7 @@ def _record_in_manifest(run_dir: Path, out: Path, data: dict[str, Any]) -> None:
 
 def format_table(metrics: dict[str, Any]) -> str:
     """A compact plain-text table: one line per model, mean ± std of each metric."""
-    from sd3tune.evaluation import TABLE_COLUMNS, fmt
+    from sd3tune.report import TABLE_COLUMNS, fmt
 
     width = max([len("model")] + [len(m["title"]) + 2 for m in metrics["models"].values()]) + 2
     cols = [(k, title, d, max(len(title), 16) + 2) for k, title, d in TABLE_COLUMNS]

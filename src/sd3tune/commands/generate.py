@@ -7,14 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
 from sd3tune.findings import plural
-from sd3tune.fsutil import absolute_model
-from sd3tune.inference import (DIFFUSERS_T5_DEFAULT, SIZE_MULTIPLE, T5_MAX_TOKENS, ImageBatch, LoraSource,
-                               SamplerSettings, check_runtime_choices, chunks, free_name, load_pipeline, make_images,
-                               provenance, resolve_lora, save_png, slug)
-from sd3tune.simpletuner import keys
+from sd3tune.inference import ImageBatch, chunks, free_name, load_pipeline, make_images, provenance, save_png, slug
+from sd3tune.lora import LoraSource, resolve_lora
+from sd3tune.runtime import check_runtime_choices
+from sd3tune.sampling import SamplerSettings, resolve_settings
 
 
 @dataclass
@@ -72,7 +70,7 @@ SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed's largest (a negative one 
 
 def read_prompts(opts: GenerateOptions) -> list[str]:
     """--prompt values, then the prompts file (same format as `evaluate --prompts`: # comments, neutral: prefix)."""
-    from sd3tune.evaluation import read_prompts_file
+    from sd3tune.prompts import read_prompts_file
 
     prompts = list(opts.prompts)
     if opts.prompts_file is not None:
@@ -80,75 +78,6 @@ def read_prompts(opts: GenerateOptions) -> list[str]:
     if not prompts:
         raise Sd3tuneError("no prompt given", hint="pass --prompt TEXT or --prompts-file FILE")
     return prompts
-
-
-def resolve_settings(opts: GenerateOptions, lora: LoraSource | None) -> tuple[str, SamplerSettings, list[str]]:
-    """Merge flags with the run's training settings; say when a flag overrides the run."""
-    notes: list[str] = []
-    later = lora.later_checkpoint if lora else None
-    if later is not None:  # the run's LoRA is not its latest weights: a user who resumed may think it is
-        notes.append(f"the run's LoRA has {lora.metadata['sd3tune.steps']} steps; {later.parent.name}, from a later "
-                     f"training that did not finish, has more (--lora {later.parent} samples it)")
-    cfg = lora.config if lora else None
-    model = absolute_model(opts.model or (lora.base_model if lora else None) or SD3M)
-    if opts.model and lora and lora.base_model and model != absolute_model(lora.base_model):
-        notes.append(f"--model {opts.model} overrides the run's base model {lora.base_model}")
-    s = SamplerSettings()
-    run_len = None
-    if lora is not None and "sd3tune.t5_max_length" in lora.metadata:
-        run_len = int(lora.metadata["sd3tune.t5_max_length"])
-    elif cfg is not None:
-        run_len = keys.SD3_T5_MAX_LENGTH  # SimpleTuner caps SD3's T5 at 154 tokens in training
-    length = opts.max_sequence_length
-    if length is not None and not 1 <= length <= T5_MAX_TOKENS:  # diffusers refuses more; 0 fails inside the pipe
-        raise Sd3tuneError(f"--max-sequence-length {length} must be between 1 and {T5_MAX_TOKENS}",
-                           hint=f"T5 tokens read from the prompt: {keys.SD3_T5_MAX_LENGTH} as SimpleTuner trains SD3 "
-                                f"LoRAs, {DIFFUSERS_T5_DEFAULT} diffusers' default, {T5_MAX_TOKENS} the most SD3 takes")
-    if opts.drop_t5:  # no T5 tokens: the pipeline pads its T5 part with zeros to its own default length
-        if opts.max_sequence_length is not None:
-            notes.append("--max-sequence-length ignored with --drop-t5 (there are no T5 tokens)")
-    elif opts.max_sequence_length is not None:
-        s.max_sequence_length = opts.max_sequence_length
-        if run_len and opts.max_sequence_length != run_len:
-            notes.append(f"--max-sequence-length {opts.max_sequence_length} overrides the T5 length {run_len} the "
-                         "LoRA was trained with")
-    elif run_len:
-        s.max_sequence_length = run_len
-        notes.append(f"T5 length {run_len} (as SimpleTuner trained the LoRA)")
-    else:
-        s.max_sequence_length = DIFFUSERS_T5_DEFAULT
-    run_shift = lora.schedule_shift if lora else None
-    if opts.shift is not None:
-        s.shift = opts.shift
-        if run_shift is not None and run_shift != opts.shift:
-            notes.append(f"--shift {opts.shift} overrides the run's schedule shift {run_shift}")
-    else:
-        s.shift = run_shift
-    if lora and abs(lora.alpha_over_rank - 1.0) > 1e-9:
-        notes.append(f"LoRA scale multiplied by alpha/rank = {lora.alpha_over_rank:g} from training")
-    side = (lora.square_side if lora else None) or 1024
-    if (opts.width is None or opts.height is None) and side % SIZE_MULTIPLE:
-        notes.append(f"the run's resolution {side} is not a multiple of {SIZE_MULTIPLE}: sampling at "
-                     f"{side - side % SIZE_MULTIPLE} (--width/--height choose)")
-        side -= side % SIZE_MULTIPLE
-    s.width = opts.width if opts.width is not None else side
-    s.height = opts.height if opts.height is not None else s.width  # a width alone makes a square
-    for name, v in (("width", s.width), ("height", s.height)):
-        if v < 64 or v % SIZE_MULTIPLE:
-            raise Sd3tuneError(f"--{name} {v} must be a multiple of {SIZE_MULTIPLE} and at least 64",
-                               hint="e.g. 1024, 1152 or 768")
-    if opts.steps is not None:
-        if opts.steps < 1:
-            raise Sd3tuneError(f"--steps {opts.steps} must be at least 1", hint="SD3 Medium's default is 28")
-        s.steps = opts.steps
-    if opts.guidance is not None:
-        if opts.guidance < 0:
-            raise Sd3tuneError(f"--guidance {opts.guidance} must not be negative")
-        s.guidance = opts.guidance
-    s.negative = opts.negative
-    if opts.negative and s.guidance <= 1:
-        notes.append(f"--negative has no effect at guidance {s.guidance:g} (classifier-free guidance needs > 1)")
-    return model, s, notes
 
 
 def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], None] | None = None,
@@ -248,7 +177,7 @@ def _generate(opts: GenerateOptions, prompts: list[str], lora: LoraSource | None
 def _check_fp8(opts: GenerateOptions) -> None:
     """Refuse --fp8 on a device or dtype without the FP8 matmul before minutes of loading."""
     from sd3tune.fp8 import check_supported
-    from sd3tune.inference import pick_device, pick_dtype
+    from sd3tune.runtime import pick_device, pick_dtype
 
     device = pick_device(opts.device)
     check_supported(device, pick_dtype(opts.dtype, device))

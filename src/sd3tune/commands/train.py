@@ -13,9 +13,8 @@ from sd3tune.config.models import RunConfig
 from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
 from sd3tune.findings import plural
 from sd3tune.fsutil import file_sha256
-from sd3tune.inference import safetensors_metadata
-from sd3tune.manifest import (HISTORY_KEY, lora_settings, now, package_versions, resumed_history,
-                              update_manifest)
+from sd3tune.lora import at_step, safetensors_metadata, stamp_checkpoints, stamp_lora, stamped, training_stamp
+from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
                                         phase_of, run_plan)
@@ -71,7 +70,7 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
                         cuda_graphs=opts.cuda_graphs)
     model = cfg.model.name_or_path
     if not report.run.paths.resolve(model).exists():  # a Hub id (check passed): SimpleTuner fails only after start-up
-        from sd3tune.inference import model_files_only
+        from sd3tune.hub import model_files_only
 
         key = report.run.key_for("pretrained_model_name_or_path", located=False)
         if model_files_only(model, f"set {key} to a local diffusers folder"):
@@ -121,43 +120,6 @@ def _check_gpus(gpus: int, on_status: Callable[[str], None] | None) -> None:
                   "test model, far too slow for SD3 Medium")
 
 
-def stamp_lora(lora: Path, metadata: dict[str, str]) -> None:
-    """Add sd3tune provenance to the LoRA's safetensors header (atomic rewrite, tensors unchanged)."""
-    from safetensors import safe_open
-    from safetensors.torch import save
-
-    from sd3tune.fsutil import atomic_write_bytes
-
-    with safe_open(str(lora), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = dict(f.metadata() or {})
-    meta.update(metadata)
-    atomic_write_bytes(lora, save(tensors, metadata=meta))
-
-
-def _stamp_checkpoints(output: Path, stamp: dict[str, str], after_step: int) -> None:
-    """Stamp this training's checkpoints (those past ``after_step``, where a resumed training began) with their step,
-    so a checkpoint's file copied elsewhere samples as it trained (T5 length, shift, size) and a resumed training
-    knows what trained before. A file the training did not finish writing is left as it is."""
-    for folder in checkpoints(output):
-        if (checkpoint_step(folder) or 0) <= after_step:
-            continue
-        file = folder / keys.LORA_WEIGHT_NAME
-        if safetensors_metadata(file) is not None:
-            _stamped(file, {**stamp, "sd3tune.steps": str(checkpoint_step(folder)), "sd3tune.trained_at": now()})
-
-
-def _stamped(lora: Path, metadata: dict[str, str]) -> bool:
-    """Stamp ``lora``; False for a file cut short after its header (its tensors cannot be read)."""
-    from safetensors import SafetensorError
-
-    try:
-        stamp_lora(lora, metadata)
-    except (SafetensorError, OSError):
-        return False
-    return True
-
-
 def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = None,
               on_status: Callable[[str], None] | None = None) -> TrainResult:
     plan, report = prepare(opts)
@@ -175,12 +137,8 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
             on_status(note)
     output = report.run.output_dir()
     # the LoRA's stamp (its safetensors metadata), for it and this training's checkpoints; resumed: what trained before
-    lora_stamp = {"sd3tune.version": package_versions()["sd3tune"], **lora_settings(cfg, report.run.backends or []),
-                  "sd3tune.run_dir": str(paths.root.resolve())}
     resumed_from = checkpoints(output)[-1] if opts.resume else None  # the one SimpleTuner resumes from: the latest
-    if resumed_from is not None:
-        earlier = safetensors_metadata(resumed_from / keys.LORA_WEIGHT_NAME) or {}
-        lora_stamp[HISTORY_KEY] = resumed_history(resumed_from, earlier)
+    lora_stamp = training_stamp(cfg, report.run.backends or [], paths.root, resumed_from)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     log = (paths.logs / f"train-{stamp}.log").resolve()  # absolute in the manifest, wherever train ran from
     result.log = log
@@ -207,7 +165,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
              "gpus": opts.gpus, "cuda_graphs": opts.cuda_graphs, "log": str(log), "command": plan.argv,
              "versions": package_versions("simpletuner", "accelerate", "diffusers", "peft", "transformers", "torch")}
     # whatever the outcome: a checkpoint is resumed from, or sampled, later
-    _stamp_checkpoints(output, lora_stamp, after_step=(checkpoint_step(resumed_from) or 0) if resumed_from else 0)
+    stamp_checkpoints(output, lora_stamp, after_step=(checkpoint_step(resumed_from) or 0) if resumed_from else 0)
     lora = output / keys.LORA_WEIGHT_NAME
     steps = outcome.last_progress.step if outcome.last_progress else None
     if outcome.interrupted:
@@ -215,7 +173,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         saved = lora.is_file() and lora.stat().st_mtime >= launched and safetensors_metadata(lora) is not None
         if saved:  # saved after every step (the progress read may stop a step or two short)
             steps = outcome.last_progress.total if outcome.last_progress else None
-            saved = _stamped(lora, {**lora_stamp, "sd3tune.steps": str(steps), "sd3tune.trained_at": now()})
+            saved = stamped(lora, at_step(lora_stamp, steps))
         update_manifest(paths.root, "trainings", {**entry, "status": "interrupted", **(
             {"lora": str(lora), "lora_sha256": file_sha256(lora), "steps": steps} if saved else {})}, append=True)
         kept = checkpoints(output)
@@ -242,7 +200,7 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     if not lora.is_file():
         raise TrainingFailed(f"SimpleTuner finished but wrote no {keys.LORA_WEIGHT_NAME} in {lora.parent}",
                              hint=f"see the full log {log}", exit_code=1)
-    stamp_lora(lora, {**lora_stamp, "sd3tune.steps": str(steps), "sd3tune.trained_at": now()})
+    stamp_lora(lora, at_step(lora_stamp, steps))
     final_loss = outcome.last_progress.loss if outcome.last_progress else None
     update_manifest(paths.root, "trainings", {**entry, "status": "ok", "lora": str(lora),
                                               "lora_sha256": file_sha256(lora), "steps": steps,

@@ -476,7 +476,8 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-# --- `sd3tune evaluate` on the command line (sd3tune.cli loads it when the command runs or shows its help) ---
+# --- `sd3tune evaluate` on the command line (sd3tune.cli loads it when the command runs or shows its help; this
+# section imports all it uses, whatever the module above imports) ---
 
 from typing import Annotated, Optional  # noqa: E402
 

@@ -282,7 +282,8 @@ def _write_grid(out: Path, prompts: list[str], seeds: list[int], images: list[Ge
     return path
 
 
-# --- `sd3tune generate` on the command line (sd3tune.cli loads it when the command runs or shows its help) ---
+# --- `sd3tune generate` on the command line (sd3tune.cli loads it when the command runs or shows its help; this
+# section imports all it uses, whatever the module above imports) ---
 
 from typing import Annotated, Optional  # noqa: E402
 

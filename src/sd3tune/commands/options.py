@@ -4,8 +4,9 @@ Each module in ``sd3tune.commands`` declares its own Typer command (its options 
 two commands share is written here once. An Enum option's values come from the code that uses them (inference's
 DEVICES, DTYPES, OFFLOADS; config.presets' PRESETS). Typer lists them in --help, and the option's parser refuses any
 other value with the Sd3tuneError that the command's own check raises: one line naming the value, the choices and a
-hint, exit code 2, the same words as from the Python API (Typer's own refusal is a usage error without the hint). `evaluate --checkpoints` has its Enum beside its values in
-``commands/evaluate.py`` (importing them here would import that module, which imports this one).
+hint, exit code 2, the same words as from the Python API (Typer's own refusal is a usage error without the hint).
+`evaluate --checkpoints` has its Enum beside its values in ``commands/evaluate.py`` (importing them here would
+import that module, which imports this one).
 """
 
 from __future__ import annotations

@@ -57,3 +57,35 @@ def run_check(run_dir: Path, as_json: bool = False, resume: bool = False) -> tup
     report = check_run(run_dir, resume=resume)
     text = json.dumps(report.as_dict(), indent=2) if as_json else render_report(report)
     return report, text
+
+
+# --- `sd3tune check` on the command line (sd3tune.cli loads it when the command runs or shows its help) ---
+
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+
+from sd3tune.cli import command_app  # noqa: E402
+from sd3tune.commands.options import RunDir  # noqa: E402
+
+app = command_app()
+
+
+@app.command("check")
+def check_command(
+    run_dir: RunDir,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Check as `sd3tune train --resume` would: continuing from the latest checkpoint.")] = False,
+) -> None:
+    """Validate a run's config and data before any model loads (exit 0: clean or warnings, 2: errors).
+
+    \b
+    examples:
+      sd3tune check runs/art
+      sd3tune check runs/art --json | jq .errors
+      sd3tune check runs/art --resume
+    """
+    report, text = run_check(run_dir, as_json=as_json, resume=resume)
+    typer.echo(text)
+    if not report.ok:
+        raise typer.Exit(2)

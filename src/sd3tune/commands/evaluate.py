@@ -435,3 +435,81 @@ def format_table(metrics: dict[str, Any]) -> str:
         lines.append((m["title"] + mark).ljust(width)
                      + "".join(fmt(m["metrics"][k], d).ljust(w) for k, _, d, w in cols))
     return "\n".join(line.rstrip() for line in lines)
+
+
+# --- `sd3tune evaluate` on the command line (sd3tune.cli loads it when the command runs or shows its help; this
+# section imports all it uses, whatever the module above imports) ---
+
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from sd3tune.cli import command_app  # noqa: E402
+from sd3tune.commands.options import (BatchSizeOpt, Device, DeviceOpt, Dtype, DtypeOpt, GuidanceOpt,  # noqa: E402
+                                      StepsOpt, choice_parser, choices)
+from sd3tune.defaults import DEFAULT_CLIP  # noqa: E402,F811
+from sd3tune.errors import Sd3tuneError  # noqa: E402,F811
+
+Checkpoints = choices("Checkpoints", CHECKPOINT_CHOICES)
+parse_checkpoints = choice_parser(Checkpoints, lambda value: _check_options(EvaluateOptions(Path(), checkpoints=value)))
+app = command_app()
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder (trained with `sd3tune train`).")],
+    prompts: Annotated[Optional[Path], typer.Option(
+        "--prompts", help="Prompts file, one per line; 'neutral: TEXT' marks a neutral prompt (default: the run's "
+                          "validation prompt and 3 captions, plus 3 neutral prompts).")] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per prompt (0..N-1), the same for every model.")] = 4,
+    checkpoints: Annotated[Checkpoints, typer.Option(
+        "--checkpoints", help="latest: base vs the LoRA; all: also every checkpoint-N of the run.",
+        parser=parse_checkpoints)] = Checkpoints("latest"),
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Base model: Hub id or local diffusers folder (default: the run's model).")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(
+        "--clip-model", help=f"CLIP for the metrics: Hub id or local transformers folder (default: the run's, "
+                             f"else {DEFAULT_CLIP}).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: RUN_DIR/eval).")] = None,
+    steps: StepsOpt = None,
+    guidance: GuidanceOpt = None,
+    device: DeviceOpt = Device("auto"),
+    dtype: DtypeOpt = Dtype("auto"),
+    batch_size: BatchSizeOpt = 4,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace a previous evaluation in --out (its images/, metrics.json, contact sheet and "
+                        "reports; other files stay).")] = False,
+) -> None:
+    """Compare the base model, the LoRA and its checkpoints on a fixed prompt x seed grid (one model load).
+
+    Writes metrics.json (CLIP score, style similarity, diversity, KID, neutral-prompt drift: mean and std per
+    model, and the best checkpoint), contact_sheet.png and report.md / report.html.
+
+    \b
+    examples:
+      sd3tune evaluate runs/art
+      sd3tune evaluate runs/art --checkpoints all --seeds 8 --out runs/art/eval-all
+      sd3tune evaluate runs/art --force          # replace the previous runs/art/eval
+      sd3tune evaluate runs/art --prompts prompts.txt --clip-model ~/models/clip-vit-large-patch14
+    """
+    try:
+        result = run_evaluate(EvaluateOptions(
+            run_dir=run_dir, prompts_file=prompts, seeds=seeds, checkpoints=checkpoints.value, model=model,
+            clip_model=clip_model, out=out, steps=steps, guidance=guidance, device=device.value, dtype=dtype.value,
+            batch_size=batch_size, force=force))
+    except KeyboardInterrupt:
+        folder = evaluation_folder(run_dir, out)
+        if folder.is_dir() and any(folder.iterdir()) and not (folder / "metrics.json").exists():
+            raise Sd3tuneError(f"evaluation interrupted: {folder} holds its unfinished images (no metrics.json)",
+                               hint="run it again with --force to replace them", exit_code=130) from None
+        raise Sd3tuneError("evaluation interrupted; nothing was written", exit_code=130) from None
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo(format_table(result.metrics))
+    best = result.metrics["best"]
+    if best["label"] is not None:  # named as the table names it
+        typer.echo(f"best: {best['title'] or best['label']} (* above; rule in metrics.json 'best.rule')")
+    typer.echo(f"metrics: {result.metrics_file}")
+    typer.echo(f"grid:    {result.sheet}")
+    typer.echo(f"report:  {result.report} ({result.report_html.name} beside it)")
+    typer.echo(f"done in {result.seconds:.1f} s", err=True)

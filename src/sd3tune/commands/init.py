@@ -174,3 +174,53 @@ def run_init(opts: InitOptions) -> InitResult:
     result.written = [config_file, paths.backends]
     result.check = check_run(paths.root)
     return result
+
+
+# --- `sd3tune init` on the command line (sd3tune.cli loads it when the command runs or shows its help) ---
+
+import shlex  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from sd3tune.cli import command_app  # noqa: E402
+from sd3tune.commands.check import render_report  # noqa: E402
+from sd3tune.commands.options import Format, Preset, RunDir, parse_format, parse_preset  # noqa: E402
+from sd3tune.simpletuner.files import output_conflict  # noqa: E402
+
+app = command_app()
+
+
+@app.command("init")
+def init_command(
+    run_dir: RunDir,
+    data: Annotated[Path, typer.Option("--data", help="Folder of training images (+ .txt captions).")],
+    model: Annotated[str, typer.Option("--model", help="Hub id or local diffusers folder.")] = SD3M,
+    trigger: Annotated[Optional[str], typer.Option("--trigger", help="Trigger word of the concept.")] = None,
+    validation_prompt: Annotated[Optional[str], typer.Option("--validation-prompt", help="Prompt sampled during training.")] = None,
+    preset: Annotated[Preset, typer.Option("--preset", help="GPU memory preset: 16gb, 24gb or 80gb.", parser=parse_preset)] = Preset("24gb"),
+    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training resolution in pixels.")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank (alpha = rank).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps.")] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="Config file format: env (config.env) or json.", parser=parse_format)] = Format("env"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
+) -> None:
+    """Scaffold a run: SimpleTuner config.env (or config.json) and multidatabackend.json.
+
+    \b
+    examples:
+      sd3tune init runs/art --data ~/art --trigger myst
+      sd3tune init runs/art --data ~/art --preset 80gb --steps 2000 --format json
+    """
+    result = run_init(InitOptions(run_dir=run_dir, data=data, model=model, trigger=trigger,
+                                  validation_prompt=validation_prompt, preset=preset.value, resolution=resolution,
+                                  rank=rank, steps=steps, format=fmt.value, force=force))  # type: ignore[arg-type]
+    for finding in result.warnings:
+        typer.echo(f"{finding.severity}: {finding.render()}", err=True)
+    for path in result.written:
+        typer.echo(f"wrote {path}")
+    typer.echo(render_report(result.check))
+    if not result.check.ok:  # written, but train would refuse it: `init ... && sd3tune train ...` stops here
+        raise typer.Exit(2)
+    if not output_conflict(Path(result.config.paths.output_dir), resume=False, steps=None):
+        typer.echo(f"next: sd3tune train {shlex.quote(str(run_dir))}")

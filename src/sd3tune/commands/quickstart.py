@@ -129,3 +129,39 @@ def run_quickstart(folder: Path, steps: int = 20, force: bool = False,
     assert trained.lora is not None
     return QuickstartResult(folder, trained.lora, [i.path for i in grids["base"] + grids["lora"]], sheet_path, diff,
                             time.perf_counter() - start, timings)
+
+
+# --- `sd3tune quickstart` on the command line (sd3tune.cli loads it when the command runs or shows its help) ---
+
+import shlex  # noqa: E402
+from typing import Annotated  # noqa: E402
+
+import typer  # noqa: E402
+
+from sd3tune.cli import command_app  # noqa: E402
+from sd3tune.commands.train import ProgressPrinter  # noqa: E402
+
+app = command_app()
+
+
+@app.command("quickstart")
+def quickstart_command(
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="Folder for the tiny model, data, run and samples.")] = Path("sd3tune-quickstart"),
+    steps: Annotated[int, typer.Option("--steps", help="Training steps.")] = 20,
+    force: Annotated[bool, typer.Option("--force", help="Reuse a non-empty folder (its run output is replaced).")] = False,
+) -> None:
+    """The whole loop offline in about a minute: tiny random SD3, init, SimpleTuner training, samples.
+
+    \b
+    examples:
+      sd3tune quickstart /tmp/demo
+    """
+    result = run_quickstart(folder, steps=steps, force=force, on_status=lambda m: typer.echo(m, err=True),
+                            on_progress=ProgressPrinter())
+    typer.echo(f"LoRA:    {result.lora}")
+    typer.echo(f"samples: {result.sheet.parent} (side by side: {result.sheet})")
+    typer.echo(f"LoRA vs base, same seeds: mean |pixel difference| = {result.mean_abs_diff:.2f} / 255")
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in result.timings.items())
+    typer.echo(f"done in {result.seconds:.1f} s ({parts})")
+    typer.echo(f"next: sd3tune evaluate {shlex.quote(str(result.folder / 'run'))} "
+               f"--out {shlex.quote(str(result.folder / 'eval'))}")

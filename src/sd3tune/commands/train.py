@@ -232,3 +232,48 @@ class ProgressPrinter:
             self.last_pct = pct
             self.stream.write(line + "\n")
         self.stream.flush()
+
+
+# --- `sd3tune train` on the command line (sd3tune.cli loads it when the command runs or shows its help) ---
+
+from typing import Annotated, Optional  # noqa: E402
+
+import typer  # noqa: E402
+
+from sd3tune.cli import command_app  # noqa: E402
+from sd3tune.commands.options import RunDir  # noqa: E402
+
+app = command_app()
+
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_command(
+    ctx: typer.Context,
+    run_dir: RunDir,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and environment; run nothing.")] = False,
+    gpus: Annotated[int, typer.Option("--gpus", help="Number of GPUs (processes) on this machine.")] = 1,
+    accelerate_config: Annotated[Optional[Path], typer.Option("--accelerate-config", help="accelerate config file (multi-node, DeepSpeed, FSDP).")] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the transformer's training passes from CUDA graphs: ~15% faster steps on an H100 (one CUDA GPU; no compile, no gradient checkpointing).")] = False,
+) -> None:
+    """Train the run with SimpleTuner through `accelerate launch` (one GPU by default).
+
+    Arguments after `--` go to `accelerate launch`. The run is checked first and nothing
+    is launched when it has errors.
+
+    \b
+    examples:
+      sd3tune train runs/art
+      sd3tune train runs/art --dry-run
+      sd3tune train runs/art --gpus 4
+      sd3tune train runs/art --cuda-graphs
+      sd3tune train runs/art --accelerate-config fsdp.yaml -- --main_process_port 29501
+    """
+    result = run_train(TrainOptions(run_dir=run_dir, resume=resume, dry_run=dry_run, gpus=gpus,
+                                    accelerate_config=accelerate_config, extra_accelerate_args=list(ctx.args),
+                                    cuda_graphs=cuda_graphs),
+                       on_progress=ProgressPrinter(), on_status=lambda m: typer.echo(m, err=True))
+    if dry_run:
+        typer.echo(result.plan.shell())
+        return
+    typer.echo(f"trained in {result.seconds:.0f} s: {result.lora}")

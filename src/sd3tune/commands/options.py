@@ -1,7 +1,7 @@
 """Command-line options that several `sd3tune` commands take, and the Enums of options that take one of fixed values.
 
 Each module in ``sd3tune.commands`` declares its own Typer command (its options and its printing); an option that
-two commands share is written here once. An Enum option's values come from the code that uses them (inference's
+two commands share is written here once. An Enum option's values come from the code that uses them (runtime's
 DEVICES, DTYPES, OFFLOADS; config.presets' PRESETS). Typer lists them in --help, and the option's parser refuses any
 other value with the Sd3tuneError that the command's own check raises: one line naming the value, the choices and a
 hint, exit code 2, the same words as from the Python API (Typer's own refusal is a usage error without the hint).
@@ -20,7 +20,7 @@ import typer
 
 from sd3tune.config.presets import PRESETS
 from sd3tune.errors import Sd3tuneError
-from sd3tune.inference import DEVICES, DTYPES, OFFLOADS, check_runtime_choices
+from sd3tune.runtime import DEVICES, DTYPES, OFFLOADS, check_runtime_choices
 
 E = TypeVar("E", bound=StrEnum)
 

@@ -87,7 +87,7 @@ def _bad_choices(tmp_path):
     """(command line, bad value, the choices) for every option that takes one of fixed values."""
     from sd3tune.commands.evaluate import CHECKPOINT_CHOICES
     from sd3tune.config.presets import PRESETS
-    from sd3tune.inference import DEVICES, DTYPES, OFFLOADS
+    from sd3tune.runtime import DEVICES, DTYPES, OFFLOADS
 
     init = ["init", tmp_path / "run", "--data", tmp_path]
     generate = ["generate", "--prompt", "a castle"]

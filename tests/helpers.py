@@ -39,9 +39,46 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def sd3tune(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd=None) -> CliResult:
+    """Run `sd3tune ARGS` as a user would and return its exit code, stdout and stderr.
+
+    In this process (``sd3tune.cli.main``, the console script's own entry point, with the environment of
+    ``child_env`` and stdout/stderr captured): a fresh ``python -m sd3tune`` costs seconds of imports per call. A run
+    that names its own ``env`` gets a real subprocess, since libraries read some variables (the Hub's endpoint and
+    offline mode) once, at import; so does one given a ``cwd``."""
+    if env or cwd is not None:
+        return sd3tune_process(*args, env=env, timeout=timeout, cwd=cwd)
+    return sd3tune_in_process(*args)
+
+
+def sd3tune_process(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd=None) -> CliResult:
+    """`sd3tune ARGS` in a new process (``python -m sd3tune``)."""
     proc = subprocess.run([sys.executable, "-m", "sd3tune", *map(str, args)], capture_output=True, text=True,
                           env=child_env(**(env or {})), timeout=timeout, cwd=cwd)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def sd3tune_in_process(*args: str) -> CliResult:
+    """`sd3tune ARGS` through ``sd3tune.cli.main`` in this process: exit code as the process would end (0, or
+    SystemExit's code; an escaping exception prints its traceback to stderr and ends with 1, as Python does)."""
+    import contextlib
+    import io
+    import traceback
+    from unittest import mock
+
+    from sd3tune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, child_env(), clear=True), contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except Exception:  # noqa: BLE001 - what the interpreter would print for an uncaught exception
+            traceback.print_exc(file=err)
+            code = 1
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 def interrupted(*args: str, when: Callable[[], bool]) -> CliResult:

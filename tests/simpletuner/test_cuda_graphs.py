@@ -198,12 +198,12 @@ def test_inputs_that_need_gradients_are_not_replayed(tiny_model):
 _HOOK_SCRIPT = """
 import json, sys, torch
 from sd3tune.simpletuner import compat
-from sd3tune.simpletuner.compat import cuda_graphs
+from sd3tune.simpletuner.compat import cuda_graphs, replayed_sd3_training
 from rerun_graphs import RerunGraphs
 compat.install()
 graphs = RerunGraphs()
 cuda_graphs.NEW_GRAPH = lambda: graphs
-compat.REPLAY_DEVICES = ("cuda", "cpu")
+replayed_sd3_training.REPLAY_DEVICES = ("cuda", "cpu")
 from test_cuda_graphs import batch, lora_transformer, trainable
 from simpletuner.helpers.models.sd3.transformer import SD3Transformer2DModel
 
@@ -271,8 +271,8 @@ _STAND_IN_SITE = """
 from sd3tune.simpletuner import compat
 compat.install()
 from rerun_graphs import RerunGraphs
-from sd3tune.simpletuner.compat import cuda_graphs
-compat.REPLAY_DEVICES = ("cuda", "cpu")
+from sd3tune.simpletuner.compat import cuda_graphs, replayed_sd3_training
+replayed_sd3_training.REPLAY_DEVICES = ("cuda", "cpu")
 cuda_graphs.NEW_GRAPH = RerunGraphs
 """
 

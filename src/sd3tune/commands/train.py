@@ -17,7 +17,7 @@ from sd3tune.lora import at_step, safetensors_metadata, stamp_checkpoints, stamp
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
-                                        phase_of, run_plan)
+                                        fix_not_applied_message, phase_of, run_plan)
 from sd3tune.simpletuner.files import (RunPaths, checkpoint_step, checkpoints, incomplete_checkpoint,
                                       incomplete_hint, output_conflict)
 from sd3tune.simpletuner.caches import prepare_dataset_caches
@@ -146,12 +146,17 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
         on_status(f"launching SimpleTuner ({plural(opts.gpus, 'process', 'processes')}); full log: {log}")
     start, launched = time.perf_counter(), time.time()
     last_phase = None
+    skipped_fixes: set[str] = set()  # each process says it in the log and on stderr: shown once
 
     def on_line(line: str) -> None:
         nonlocal last_phase
         graphs = cuda_graphs_message(line)
         if graphs and on_status:
             on_status(f"CUDA graphs: {graphs}")
+        skipped = fix_not_applied_message(line)
+        if skipped and on_status and skipped not in skipped_fixes:
+            skipped_fixes.add(skipped)
+            on_status(f"warning: sd3tune's compat {skipped} (training goes on without it)")
         phase = phase_of(line)
         if phase and on_status and phase != last_phase:
             last_phase = phase

@@ -164,6 +164,15 @@ def cuda_graphs_message(line: str) -> str | None:
     return m.group(1) if m else None
 
 
+_FIX_NOT_APPLIED = re.compile(r"sd3tune: (fix \S+ did not apply: .+)$")  # compat's skipped fixes (compat/__init__.py)
+
+
+def fix_not_applied_message(line: str) -> str | None:
+    """``fix <name> did not apply: <why>`` when this log line says one of sd3tune's compat fixes was skipped."""
+    m = _FIX_NOT_APPLIED.search(clean_line(line))
+    return m.group(1) if m else None
+
+
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)):\s*(.*)$")
 
 

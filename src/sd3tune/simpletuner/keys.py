@@ -95,7 +95,7 @@ REQUIRED_OPTIONS = {
 CONFIG_ENV_VARS = ("ENV", "SIMPLETUNER_ENV", "SIMPLETUNER_ENVIRONMENT", "CONFIG_PATH", "CONFIG_TYPE", "CONFIG_BACKEND",
                    "SIMPLETUNER_CONFIG_BACKEND", EXTRA_ARGS_KEY)
 
-# Known upstream bugs (see compat.py for those fixed in the child process).
+# Known upstream bugs (see simpletuner/compat/ for those fixed in the child process).
 BROKEN_OPTIONS = {
     "use_dora": "USE_DORA=true fails in SimpleTuner 4.10.1 with peft 0.21 (init_lora_weights='default' rejected)",
 }

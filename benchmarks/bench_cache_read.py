@@ -12,8 +12,8 @@ spending most of its time in gzip's DecompressReader (text embeddings, then late
 the next batch in fetch_batch for ~1/4 of each step. sd3tune therefore writes compress_disk_cache=false.
 
 examples:
-  python scripts/bench_cache_read.py                 # SD3M sizes, fp32 and bf16 caches
-  python scripts/bench_cache_read.py --repeats 50 --json /tmp/cache.json
+  python benchmarks/bench_cache_read.py              # SD3M sizes, fp32 and bf16 caches
+  python benchmarks/bench_cache_read.py --repeats 50 --json /tmp/cache.json
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ that the script works.
 Measured on an H100 (2026-11-26): 1.994 -> 1.838 ms per image-stream call eager, 1.988 -> 1.776 ms compiled.
 
 examples:
-  python scripts/bench_feedforward.py
-  python scripts/bench_feedforward.py --no-compile --repeats 20 --json /tmp/ff.json
+  python benchmarks/bench_feedforward.py
+  python benchmarks/bench_feedforward.py --no-compile --repeats 20 --json /tmp/ff.json
 """
 
 from __future__ import annotations

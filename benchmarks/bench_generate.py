@@ -22,18 +22,18 @@ images are from default's, and fp8 and the candidates how far from compile's, at
 difference| out of 255).
 Target on an H100-class card (H100, H200, H800, GH200): <= 1.1 s per 1024x1024 image.
 
---anchor-json FILE takes the anchor from scripts/anchor_sd3m.py's anchor.json (its
+--anchor-json FILE takes the anchor from benchmarks/anchor_sd3m.py's anchor.json (its
 gen_1024_28steps_cfg_s row), written by that script earlier in the same command on the same machine, instead
 of timing the plain pipeline here. sd3tune then runs as many denoising steps as that anchor did unless --steps says
 otherwise: 28, or 2 when anchor_sd3m.py ran with --tiny (its row keeps its name); a different --steps prints no
 ratio. Without --anchor-json both sides run --steps (default 28).
 
 examples:
-  python scripts/bench_generate.py                                  # CPU: tiny; CUDA: SD3M size, default + compile
-  python scripts/bench_generate.py --images 24 --batch-size 4 --json /tmp/gen.json
-  python scripts/bench_generate.py --lora /tmp/sd3tune-bench/runs/default   # with the LoRA bench_train trained
-  python scripts/bench_generate.py --variants compile --profile              # where a compiled image's GPU time goes
-  python scripts/anchor_sd3m.py --out /tmp && python scripts/bench_generate.py --anchor-json /tmp/anchor.json
+  python benchmarks/bench_generate.py                               # CPU: tiny; CUDA: SD3M size, default + compile
+  python benchmarks/bench_generate.py --images 24 --batch-size 4 --json /tmp/gen.json
+  python benchmarks/bench_generate.py --lora /tmp/sd3tune-bench/runs/default  # with the LoRA bench_train trained
+  python benchmarks/bench_generate.py --variants compile --profile           # where a compiled image's GPU time goes
+  python benchmarks/anchor_sd3m.py --out /tmp && python benchmarks/bench_generate.py --anchor-json /tmp/anchor.json
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from sd3tune.sheets import mean_abs_diff  # noqa: E402
 TARGET_S_PER_IMAGE = 1.1  # on an H100-class (Hopper) card
 HOPPER = ("H100", "H200", "H800", "GH200")
 VARIANTS = ("default", "compile", "fp8", "compile-qkv", "compile-autotune")
-# scripts/anchor_sd3m.py's denoising steps: 28, or 2 with --tiny (its CPU run, the only one that logs no "gpu")
+# benchmarks/anchor_sd3m.py's denoising steps: 28, or 2 with --tiny (its CPU run, the only one that logs no "gpu")
 ANCHOR_SD3M_STEPS = 28
 ANCHOR_SD3M_TINY_STEPS = 2
 QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")  # SD3.5's q/k normalisation: not SD3 Medium's

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Time sd3tune's LoRA training step (SimpleTuner, with the `sd3tune init` defaults) against the plain
-diffusers + peft loop (the anchor that scripts/anchor_sd3m.py times), in the same command on the same machine.
+diffusers + peft loop (the anchor that benchmarks/anchor_sd3m.py times), in the same command on the same machine.
 
 On a CUDA host it builds an SD3-Medium-sized model with random weights (no download; cached in --work), writes
 1024 px images, runs the anchor in a fresh process, then `sd3tune init` + `sd3tune train` (through the Python API,
@@ -27,13 +27,13 @@ fused-adamw (optimizer_config=fused=true: torch's fused AdamW kernel), cuda-grap
 (the default with every Python allocation traced, as the pinned SimpleTuner ran before compat fix 10).
 Each variant compiles with an empty compile cache of its own (what a first run sees); --warm-cache shares one.
 
---anchor-json FILE takes the anchor from scripts/anchor_sd3m.py's anchor.json (its
+--anchor-json FILE takes the anchor from benchmarks/anchor_sd3m.py's anchor.json (its
 train_bs<batch>_nockpt_s_per_step row), written by that script earlier in the same command on the same machine.
 
 examples:
-  python scripts/bench_train.py                                     # CPU: tiny; CUDA: SD3M size, default variant
-  python scripts/bench_train.py --variants default,regional,regional-cudagraphs --json /tmp/train.json
-  python scripts/bench_train.py --extra attention_mechanism=diffusers   # any SimpleTuner option, every variant
+  python benchmarks/bench_train.py                                  # CPU: tiny; CUDA: SD3M size, default variant
+  python benchmarks/bench_train.py --variants default,regional,regional-cudagraphs --json /tmp/train.json
+  python benchmarks/bench_train.py --extra attention_mechanism=diffusers  # any SimpleTuner option, every variant
 """
 
 from __future__ import annotations

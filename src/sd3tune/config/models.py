@@ -89,7 +89,7 @@ class DataSettings(_Section):
         0.05, ge=0.0, le=1.0, description="Share of steps trained with an empty caption (helps CFG).")
     compress_disk_cache: StrictBool = Field(
         False, description="gzip the latent and text-embedding caches (SimpleTuner's default: on). Off reads each "
-                           "step's files ~20x faster (20-35 ms less per 1024 px step, scripts/bench_cache_read.py) "
+                           "step's files ~20x faster (20-35 ms less per 1024 px step, benchmarks/bench_cache_read.py) "
                            "for 10-20% more disk.")
     prefetch: StrictBool = Field(
         True, description="Load the next batch on a background thread while the GPU trains on this one (H200, "

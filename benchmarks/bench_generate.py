@@ -72,10 +72,9 @@ def fuse_qkv(transformer: Any) -> int:
     text stream's with another (diffusers' ``Attention.fuse_projections`` + ``FusedJointAttnProcessor2_0``): two GEMMs
     per block instead of six, each input read once. (The q/k/v concatenations and the attention output's copy stay:
     with a batch of more than one, the image and text parts are not contiguous in either processor. Keeping the
-    activations token-major instead, so that nothing is copied, measured no faster: H100, 2026-11-27, 1.0645 s/image
-    against --compile's 1.0657.) Only where that processor computes what diffusers' default one does: joint
-    attention without q/k normalisation (SD3 Medium; SD3.5 normalises q/k and is left as is). Returns how many
-    attention layers were fused."""
+    activations token-major instead, so that nothing is copied, measured no faster than --compile: README.md.)
+    Only where that processor computes what diffusers' default one does: joint attention without q/k normalisation
+    (SD3 Medium; SD3.5 normalises q/k and is left as is). Returns how many attention layers were fused."""
     from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 
     fused = 0
@@ -90,11 +89,10 @@ def fuse_qkv(transformer: Any) -> int:
 
 def autotune_blocks(transformer: Any) -> int:
     """The compile-autotune candidate: the blocks compiled with ``mode="max-autotune-no-cudagraphs"`` (Inductor
-    benchmarks Triton GEMM templates against cuBLAS per shape and tunes its pointwise kernels). Measured by the
-    project (H100, CFG batch 2): the whole transformer so compiled took 1.15 s per 1024 px image against ~1.20 for
-    per-block default compile, after 520 s of compiling; per block, the 24 identical blocks share one set of shapes,
-    so the autotuning happens once. CUDA only (``generate --compile`` compiles nothing on CPU either); returns how
-    many blocks."""
+    benchmarks Triton GEMM templates against cuBLAS per shape and tunes its pointwise kernels). The whole
+    transformer so compiled was a little faster than per-block default compile, after minutes of compiling
+    (README.md); per block, the 24 identical blocks share one set of shapes, so the autotuning happens once. CUDA
+    only (``generate --compile`` compiles nothing on CPU either); returns how many blocks."""
     from sd3tune.inference import compile_blocks
 
     if next(transformer.parameters()).device.type != "cuda":

@@ -67,13 +67,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "regional": {**_REGIONAL, "dynamo_mode": "default", "dataloader_prefetch": True},  # no CUDA graphs
     "regional-cudagraphs": {**_REGIONAL, "dynamo_mode": "reduce-overhead", "dataloader_prefetch": True},
     "regional-cudagraphs-noprefetch": {**_REGIONAL, "dynamo_mode": "reduce-overhead", "dataloader_prefetch": False},
-    # SimpleTuner's own default wrapper: C++, which skips CUDA graphs and compiles ~3x longer (H100)
+    # SimpleTuner's own default wrapper: C++, which skips CUDA graphs and compiles longer (README.md)
     "regional-cudagraphs-cpp": {**_REGIONAL, "dynamo_mode": "reduce-overhead", "dynamo_wrapper": "cpp"},
     "inductor": {**_REGIONAL, "dynamo_use_regional_compilation": False, "dynamo_mode": "default"},  # whole model
     "cuda-graphs": {**_EAGER, "dataloader_prefetch": True},  # + `sd3tune train --cuda-graphs` (TRAIN_OPTIONS)
     "cuda-graphs-noprefetch": {**_EAGER, "dataloader_prefetch": False},
-    # torch's fused AdamW kernel (one launch for all LoRA tensors) instead of its foreach one: the optimizer took 6%
-    # of an eager H200 step in py-spy
+    # torch's fused AdamW kernel (one launch for all LoRA tensors) instead of its foreach one: the optimizer is a few
+    # per cent of an eager step in py-spy (README.md)
     "fused-adamw": {**_EAGER, "dataloader_prefetch": True, "optimizer_config": "fused=true"},
     "cuda-graphs-fused-adamw": {**_EAGER, "dataloader_prefetch": True, "optimizer_config": "fused=true"},
     # the default as the pinned SimpleTuner ran it before compat fix 10: every Python allocation traced (tracemalloc
@@ -432,8 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--extra {item!r} must be KEY=VALUE")
         extra_all[key.strip()] = _value(value.strip())
     cuda, size, report = start("train", args)
-    # sd3m: 110 timed steps (~16 s on an H100); over the earlier 30, one H100 run measured 0.156 s/step, the next one
-    # over 110 steps 0.1495
+    # sd3m: 110 timed steps after 10 warm-up ones (seconds on a GPU): over 30, the rate moved between runs (README.md)
     steps = args.steps or (120 if size == "sd3m" else 12)
     warmup = args.warmup if args.warmup is not None else (10 if size == "sd3m" else 4)
     resolution = args.resolution or (1024 if size == "sd3m" else 64)

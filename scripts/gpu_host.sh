@@ -1,15 +1,15 @@
 #!/bin/bash
-# The speed suite (bench_suite.sh) on a lent, offline CUDA host whose Python already has torch, transformers, peft
-# and accelerate but neither SimpleTuner nor sd3tune's other dependencies. Prepare on a connected machine, then run
-# one command there:
+# The speed suite (benchmarks/bench_suite.sh) on a lent, offline CUDA host whose Python already has torch,
+# transformers, peft and accelerate but neither SimpleTuner nor sd3tune's other dependencies. Prepare on a connected
+# machine, then run one command there:
 #
 #   here:  scripts/gpu_prep.sh   (writes .whl/ and .gpu-host/, both git-ignored: send them along with the repository)
 #   there: scripts/gpu_host.sh [ANCHOR_SCRIPT.py] OUT_DIR [DEADLINE_S]
 #
 # It installs the wheels in .whl/ into SITE (default /tmp/sd3tune-site; once per host), puts SITE, src/ and the
 # kit's stubs/ (spacy, boto3: imported at start-up by unrelated model families, never used by an SD3 run) on
-# PYTHONPATH, prints the versions it runs with, then runs bench_suite.sh with its arguments, DEADLINE_S (default 560)
-# less the time taken so far.
+# PYTHONPATH, prints the versions it runs with, then runs benchmarks/bench_suite.sh with its arguments, DEADLINE_S
+# (default 560) less the time taken so far.
 # bench_suite.sh's variables (PY, SIZE, WORK, TRAIN, GEN, TRAIN_ARGS, GEN_ARGS, ANCHOR_ARGS) pass through, e.g.
 #   ANCHOR_ARGS=--skip-train TRAIN= GEN=compile,fp8 GEN_ARGS="--images 16" scripts/gpu_host.sh /tmp/out 420
 # sd3tune's own SimpleTuner fixes (src/sd3tune/simpletuner/compat) reach the training process by themselves.
@@ -41,4 +41,4 @@ names = ("torch", "transformers", "diffusers", "peft", "accelerate", "simpletune
 print("versions: " + ", ".join(f"{n} {md.version(n)}" for n in names)
       + f"; CUDA {torch.version.cuda}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
 EOF
-exec "$HERE/bench_suite.sh" "${ANCHOR[@]}" "$OUT" "$(( DEADLINE - ($(date +%s) - T0) ))"
+exec "$ROOT/benchmarks/bench_suite.sh" "${ANCHOR[@]}" "$OUT" "$(( DEADLINE - ($(date +%s) - T0) ))"

@@ -103,7 +103,7 @@ def test_each_run_keeps_its_own_bucket_cache_in_a_shared_image_folder(trained_ru
 
 
 def test_caches_are_written_uncompressed(trained_run):
-    # gzip-compressed caches cost 20-35 ms of reads per 1024 px step (scripts/bench_cache_read.py); sd3tune turns
+    # gzip-compressed caches cost 20-35 ms of reads per 1024 px step (benchmarks/bench_cache_read.py); sd3tune turns
     # SimpleTuner's compression off with a false flag, which only works through TRAINER_EXTRA_ARGS
     resolved = json.loads((trained_run / "output" / keys.RESOLVED_CONFIG_NAME).read_text())
     assert resolved["compress_disk_cache"] is False

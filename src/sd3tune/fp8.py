@@ -1,8 +1,8 @@
 """`generate --fp8`: the SD3 transformer blocks' large matmuls in FP8 (e4m3) with row-wise scales.
 
-Of a compiled 1024 px image on an H100 (1.12 s at a CFG batch of 8), about half is the blocks' bf16 GEMMs: the image
-stream's rows are 8 x 4096 tokens, so each q/k/v, output and feed-forward projection is a compute-bound
-(32768 x 1536) @ (1536 x N) matmul, and Hopper and Ada tensor cores run e4m3 matmuls at twice the bf16 rate. Each such
+About half of a compiled 1024 px image is the blocks' bf16 GEMMs (benchmarks/README.md): the image stream's rows
+are 8 x 4096 tokens, so each q/k/v, output and feed-forward projection is a compute-bound (32768 x 1536) @
+(1536 x N) matmul, and Hopper and Ada tensor cores run e4m3 matmuls at twice the bf16 rate. Each such
 ``nn.Linear`` becomes a ``Float8Linear``:
 - its weight is stored in e4m3 with one float32 scale per output channel (half the bf16 weight's memory);
 - each call scales every input row by its own absolute maximum into e4m3 (compiled, this fuses into the kernel that

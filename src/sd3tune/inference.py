@@ -20,7 +20,8 @@ from sd3tune.lora import LoraSource, check_lora_fits
 from sd3tune.runtime import pick_device, pick_dtype, quiet_libraries
 from sd3tune.sampling import DIFFUSERS_T5_DEFAULT, T5_MAX_TOKENS, SamplerSettings
 
-# H200, 1024 px, batches of 4: generate --compile costs ~16 s once and saves ~0.37 s per image (scripts/README.md)
+# generate --compile's one-off compile against what it saves per image, at 1024 px in batches of 4: it pays off from
+# ~45 images (measured: benchmarks/README.md)
 COMPILE_PAYS_OFF = 45
 
 
@@ -53,8 +54,8 @@ class Pipeline:
     def prompt_embeddings(self, prompt: str, s: SamplerSettings, n: int) -> dict[str, Any]:
         """The pipeline's text embeddings (and the negative's) for ``n`` images of ``prompt``, as ``pipe(...)``
         keyword arguments. Encoded once per prompt and reused by its later batches: otherwise the three text
-        encoders run for the prompt and the negative in every batch (~0.04 s each for SD3M on an H100, ~2% of a
-        compiled batch of four). The same tensors the pipeline would compute, so the same images."""
+        encoders run for the prompt and the negative in every batch (a few per cent of a compiled batch:
+        benchmarks/README.md). The same tensors the pipeline would compute, so the same images."""
         length = self.t5_length(s)
         key = (prompt, s.negative or "", length, s.guidance > 1)
         if key not in self._embeddings:
@@ -118,11 +119,8 @@ class Pipeline:
         one image at a time, so one graph serves any batch size). Call after ``set_lora_scale``; returns
         notes for the user (``images``: how many will be made, for the note when compiling does not pay off).
 
-        Measured at 1024 px, 28 steps, batches of 4 (scripts/bench_generate.py, no LoRA), against the plain
-        diffusers pipeline in the same command: H100 1.066 and 1.087 s/image (0.65x, 0.68x; 2026-11-27), 1.121 on
-        another H100 (0.695x; first image after 39 s); with ``fp8`` 0.967 and 0.988 (0.59x, 0.61x); before the GELU
-        fusion and the per-prompt text encoding H100 1.144 (0.70x), H200 1.093 (0.70x). Blocks alone: 1.163 s/image
-        (H200), 1.21 (H100)."""
+        Measured with benchmarks/bench_generate.py against the plain diffusers pipeline in the same command (the
+        timings, with and without each part: benchmarks/README.md)."""
         if self.offload != "none":
             flags = "--compile and --fp8" if fp8 else "--compile"
             return [f"{flags} ignored with --offload: CPU offload hooks and fused/compiled blocks do not mix"]
@@ -203,8 +201,9 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto", lora: L
 
 def compile_blocks(transformer: Any, mode: str | None = None) -> int:
     """Regional compilation: ``torch.compile`` each transformer block in place (``mode``: torch.compile's). The
-    identical blocks share one compiled graph, so compiling costs ~6-10 s on an H100/H200 instead of minutes for the
-    whole model. It happens lazily on the first call; each new batch size compiles once more (static shapes)."""
+    identical blocks share one compiled graph, so compiling costs seconds instead of minutes for the whole model
+    (benchmarks/README.md). It happens lazily on the first call; each new batch size compiles once more (static
+    shapes)."""
     blocks = getattr(transformer, "transformer_blocks", None) or []
     for block in blocks:
         block.compile(dynamic=False, mode=mode)
@@ -216,7 +215,7 @@ def fuse_gelu_epilogues(transformer: Any) -> int:
     epilogue (``torch._addmm_activation``, whose CUDA GELU is the tanh approximation SD3 uses; its CPU kernel uses
     the exact GELU, so CPU tensors take diffusers' own path). Unfused, the 6144-wide activation is written by the
     matmul, read and written again by the GELU: ~0.8 GB of memory traffic per block and step at a CFG batch of 8 at
-    1024 px (H100: 1.99 -> 1.78 ms per image-stream feed-forward, compiled; scripts/bench_feedforward.py). Layers
+    1024 px (what it saves: benchmarks/bench_feedforward.py, benchmarks/README.md). Layers
     already FP8 (sd3tune.fp8) are left alone. For inference; returns how many layers now take the fused path."""
     import types
 

@@ -89,7 +89,7 @@ class DataSettings(_Section):
         0.05, ge=0.0, le=1.0, description="Share of steps trained with an empty caption (helps CFG).")
     compress_disk_cache: StrictBool = Field(
         False, description="gzip the latent and text-embedding caches (SimpleTuner's default: on). Off reads each "
-                           "step's files ~20x faster (20-35 ms less per 1024 px step, scripts/bench_cache_read.py) "
+                           "step's files ~20x faster (20-35 ms less per 1024 px step, benchmarks/bench_cache_read.py) "
                            "for 10-20% more disk.")
     prefetch: StrictBool = Field(
         True, description="Load the next batch on a background thread while the GPU trains on this one (H200, "
@@ -98,10 +98,10 @@ class DataSettings(_Section):
 
 
 class CompileSettings(_Section):
-    """torch.compile through SimpleTuner (accelerate's TorchDynamoPlugin). Off by default. On an H200 at 1024 px,
-    batch 1, in one command: eager 0.229 s/step, first step after 21 s; regional + CUDA graphs (reduce-overhead)
-    0.195 s/step, first step after 102 s (it pays from ~2,400 steps); regional without CUDA graphs 0.286 s/step.
-    sd3tune's compat layer makes SimpleTuner run the compiled blocks and compile nothing else (fixes 4 and 8)."""
+    """torch.compile through SimpleTuner (accelerate's TorchDynamoPlugin). Off by default: regional compile with CUDA
+    graphs (reduce-overhead) makes steps faster than eager but the first step minutes later (it pays only after
+    thousands of steps), and without CUDA graphs it is slower than eager (benchmarks/README.md). sd3tune's compat
+    layer makes SimpleTuner run the compiled blocks and compile nothing else (fixes 4 and 8)."""
 
     backend: Literal["no", "inductor", "eager", "aot_eager", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
                      "fx2trt", "onnxrt", "tensorrt", "ipex", "tvm", "hpu_backend"] = Field(

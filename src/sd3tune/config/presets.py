@@ -1,13 +1,13 @@
 """Hardware presets for `sd3tune init --preset`. Each is a set of overrides on RunConfig's defaults.
 
 Speed-relevant defaults shared by all presets (RunConfig defaults), measured with SD3-Medium-sized weights at
-1024 px, batch 1, as ratios to the plain diffusers + peft loop: SimpleTuner's own defaults (adamw_bf16, value
-clipping, LoRA dropout 0.1) 2.3x (the project's H100 reference profile); torch-adamw + norm clipping + no dropout
-1.46-1.49x (H200, H100; scripts/README.md). Uncompressed caches (compress_disk_cache=false) take the gzip reads off each step. Prefetching
-batches is on (the defaults together: 1.30-1.51x, H200): with compat fix 7 seeded runs repeat exactly with it too.
-Gradients are dropped, not zeroed, between steps (set_grads_to_none: the same LoRA, 192 kernels fewer per SD3M step).
-Compiling (CompileSettings) is off: with CUDA graphs it is 1.11x, but the first step comes after 102 s instead of
-21 s, which pays only from ~2,400 steps.
+1024 px, batch 1, against the plain diffusers + peft loop (the ratios: benchmarks/README.md, "What the options
+cost"): torch-adamw + norm clipping + no LoRA dropout instead of SimpleTuner's own defaults (adamw_bf16, value
+clipping, dropout 0.1), which are far slower. Uncompressed caches (compress_disk_cache=false) take the gzip reads off
+each step. Prefetching batches is on: with compat fix 7 seeded runs repeat exactly with it too. Gradients are
+dropped, not zeroed, between steps (set_grads_to_none: the same LoRA, 192 kernels fewer per SD3M step). Compiling
+(CompileSettings) is off: with CUDA graphs its steps are faster, but compiling delays the first step by minutes,
+which pays only after thousands of steps.
 """
 
 from __future__ import annotations

@@ -75,9 +75,9 @@ CHECKPOINT_GUARD = ".guard"  # written last into a checkpoint folder: without it
 # accelerate flags): TRAINER_DYNAMO_BACKEND / TRAINING_DYNAMO_BACKEND lines are silently ignored.
 ENV_LOADER_SKIPS = {"TRAINER_DYNAMO_BACKEND": "dynamo_backend", "TRAINING_DYNAMO_BACKEND": "dynamo_backend"}
 
-# torch.compile through SimpleTuner (measured on an H100, torch 2.11, SD3M size): its default Inductor wrapper
-# (dynamo_wrapper=cpp) turns CUDA graphs off ("skipping cudagraphs due to cpp wrapper enabled") and compiled the
-# first step in 54 s against 19 s with dynamo_wrapper=python. Modes that ask for CUDA graphs:
+# torch.compile through SimpleTuner: its default Inductor wrapper (dynamo_wrapper=cpp) turns CUDA graphs off
+# ("skipping cudagraphs due to cpp wrapper enabled") and compiles the first step far longer than
+# dynamo_wrapper=python (benchmarks/README.md). Modes that ask for CUDA graphs:
 CUDAGRAPH_DYNAMO_MODES = {"reduce-overhead", "max-autotune"}
 
 # Options a run must set explicitly: SimpleTuner's defaults for them are wrong for an SD3M LoRA or missing.
@@ -168,8 +168,8 @@ KEYS: tuple[Key, ...] = (
     Key("data.resolution_type", "resolution_type"),
     Key("data.minimum_image_size", "minimum_image_size"),
     Key("data.caption_dropout_probability", "caption_dropout_probability"),
-    # SimpleTuner gzips its caches by default; gunzipping a step's latent + 2 text embeddings cost its data thread
-    # 21-34 ms per 1024 px step while the trainer waited for the batch (py-spy on an H100; bench_cache_read.py)
+    # SimpleTuner gzips its caches by default; gunzipping a step's latent + 2 text embeddings kept the trainer
+    # waiting for the batch (py-spy; benchmarks/bench_cache_read.py, benchmarks/README.md)
     Key("data.compress_disk_cache", "compress_disk_cache"),
     Key("data.prefetch", "dataloader_prefetch"),
     # SimpleTuner's env loader has no key for these: config.env carries them in TRAINER_EXTRA_ARGS

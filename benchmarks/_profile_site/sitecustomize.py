@@ -1,6 +1,7 @@
 # bench_train.py puts this folder first on the training process's PYTHONPATH (--profile, variant traced-allocations):
 # first what the product's own sitecustomize does (sd3tune's compat fixes), then the benchmark's aids: tracemalloc
-# started as the pinned SimpleTuner left it (SD3TUNE_BENCH_TRACEMALLOC=1), the step profiler of scripts/step_profile.py.
+# started as the pinned SimpleTuner left it (SD3TUNE_BENCH_TRACEMALLOC=1), the step profiler of
+# benchmarks/step_profile.py.
 import os
 import runpy
 import sys

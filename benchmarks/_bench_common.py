@@ -1,10 +1,10 @@
 """Shared pieces of the sd3tune benchmarks (bench_train.py, bench_generate.py).
 
-Importable (``from _bench_common import ...`` with scripts/ on sys.path) and runnable, so that heavy work can go
+Importable (``from _bench_common import ...`` with benchmarks/ on sys.path) and runnable, so that heavy work can go
 to a fresh process whose memory is measured on its own:
 
-  python scripts/_bench_common.py build-model OUT --size {tiny,deep,sd3m}
-  python scripts/_bench_common.py anchor-train --model DIR --resolution 1024 --batch 1 --json OUT.json
+  python benchmarks/_bench_common.py build-model OUT --size {tiny,deep,sd3m}
+  python benchmarks/_bench_common.py anchor-train --model DIR --resolution 1024 --batch 1 --json OUT.json
 
 ``build-model`` writes a diffusers folder with RANDOM weights, fully offline: ``tiny`` is sd3tune's tiny SD3 (CPU
 tests), ``deep`` the tiny SD3 with SD3 Medium's 24 transformer blocks (a CPU proxy for the GPU step at batch 1,
@@ -34,7 +34,7 @@ from typing import Any
 
 from sd3tune.tiny import TINY_SIZES, RandomSd3Sizes, build_random_sd3, build_tiny_sd3
 
-SCRIPTS = Path(__file__).resolve().parent
+BENCHMARKS = Path(__file__).resolve().parent
 NOT_ACCEPTANCE = "tiny/CPU: not an acceptance number"
 GIB = 2**30
 
@@ -257,7 +257,7 @@ class Report:
 
 def anchor_row(path: Path, row: str, metric: str, recipe: str, report: Report, extra: tuple[str, ...] = (),
                missing: str = "was anchor_sd3m.py run with --skip-gen or --skip-train?") -> float | None:
-    """Report one row of scripts/anchor_sd3m.py's anchor.json (written in the same command, on the same machine)
+    """Report one row of benchmarks/anchor_sd3m.py's anchor.json (written in the same command, on the same machine)
     as ``anchor.<metric>``, with the card it ran on; None (and ``anchor.error``, ending with ``missing`` when the file
     has other rows) when the row is missing."""
     data = json.loads(path.read_text()) if path.is_file() else {}
@@ -457,5 +457,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(BENCHMARKS))
     raise SystemExit(main())

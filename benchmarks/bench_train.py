@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Time sd3tune's LoRA training step (SimpleTuner, with the `sd3tune init` defaults) against the plain
-diffusers + peft loop (the anchor that scripts/anchor_sd3m.py times), in the same command on the same machine.
+diffusers + peft loop (the anchor that benchmarks/anchor_sd3m.py times), in the same command on the same machine.
 
 On a CUDA host it builds an SD3-Medium-sized model with random weights (no download; cached in --work), writes
 1024 px images, runs the anchor in a fresh process, then `sd3tune init` + `sd3tune train` (through the Python API,
@@ -27,13 +27,13 @@ fused-adamw (optimizer_config=fused=true: torch's fused AdamW kernel), cuda-grap
 (the default with every Python allocation traced, as the pinned SimpleTuner ran before compat fix 10).
 Each variant compiles with an empty compile cache of its own (what a first run sees); --warm-cache shares one.
 
---anchor-json FILE takes the anchor from scripts/anchor_sd3m.py's anchor.json (its
+--anchor-json FILE takes the anchor from benchmarks/anchor_sd3m.py's anchor.json (its
 train_bs<batch>_nockpt_s_per_step row), written by that script earlier in the same command on the same machine.
 
 examples:
-  python scripts/bench_train.py                                     # CPU: tiny; CUDA: SD3M size, default variant
-  python scripts/bench_train.py --variants default,regional,regional-cudagraphs --json /tmp/train.json
-  python scripts/bench_train.py --extra attention_mechanism=diffusers   # any SimpleTuner option, every variant
+  python benchmarks/bench_train.py                                  # CPU: tiny; CUDA: SD3M size, default variant
+  python benchmarks/bench_train.py --variants default,regional,regional-cudagraphs --json /tmp/train.json
+  python benchmarks/bench_train.py --extra attention_mechanism=diffusers  # any SimpleTuner option, every variant
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "regional": {**_REGIONAL, "dynamo_mode": "default", "dataloader_prefetch": True},  # no CUDA graphs
     "regional-cudagraphs": {**_REGIONAL, "dynamo_mode": "reduce-overhead", "dataloader_prefetch": True},
     "regional-cudagraphs-noprefetch": {**_REGIONAL, "dynamo_mode": "reduce-overhead", "dataloader_prefetch": False},
-    # SimpleTuner's own default wrapper: C++, which skips CUDA graphs and compiles ~3x longer (H100)
+    # SimpleTuner's own default wrapper: C++, which skips CUDA graphs and compiles longer (README.md)
     "regional-cudagraphs-cpp": {**_REGIONAL, "dynamo_mode": "reduce-overhead", "dynamo_wrapper": "cpp"},
     "inductor": {**_REGIONAL, "dynamo_use_regional_compilation": False, "dynamo_mode": "default"},  # whole model
     "cuda-graphs": {**_EAGER, "dataloader_prefetch": True},  # + `sd3tune train --cuda-graphs` (TRAIN_OPTIONS)
     "cuda-graphs-noprefetch": {**_EAGER, "dataloader_prefetch": False},
-    # torch's fused AdamW kernel (one launch for all LoRA tensors) instead of its foreach one: the optimizer took 6%
-    # of an eager H200 step in py-spy
+    # torch's fused AdamW kernel (one launch for all LoRA tensors) instead of its foreach one: the optimizer is a few
+    # per cent of an eager step in py-spy (README.md)
     "fused-adamw": {**_EAGER, "dataloader_prefetch": True, "optimizer_config": "fused=true"},
     "cuda-graphs-fused-adamw": {**_EAGER, "dataloader_prefetch": True, "optimizer_config": "fused=true"},
     # the default as the pinned SimpleTuner ran it before compat fix 10: every Python allocation traced (tracemalloc
@@ -432,8 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--extra {item!r} must be KEY=VALUE")
         extra_all[key.strip()] = _value(value.strip())
     cuda, size, report = start("train", args)
-    # sd3m: 110 timed steps (~16 s on an H100); over the earlier 30, one H100 run measured 0.156 s/step, the next one
-    # over 110 steps 0.1495
+    # sd3m: 110 timed steps after 10 warm-up ones (seconds on a GPU): over 30, the rate moved between runs (README.md)
     steps = args.steps or (120 if size == "sd3m" else 12)
     warmup = args.warmup if args.warmup is not None else (10 if size == "sd3m" else 4)
     resolution = args.resolution or (1024 if size == "sd3m" else 64)

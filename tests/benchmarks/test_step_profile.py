@@ -1,15 +1,12 @@
-"""scripts/step_profile.py reads a torch.profiler Chrome trace into a step summary. The GPU half of a trace cannot be
+"""benchmarks/step_profile.py reads a torch.profiler Chrome trace into a step summary. The GPU half of a trace cannot be
 made on this CPU-only machine, so it is written here in the trace format kineto exports."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
+import step_profile  # benchmarks/, on sys.path through this folder's conftest.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import step_profile  # noqa: E402
+pytestmark = pytest.mark.bench
 
 
 def event(cat: str, name: str, ts_ms: float, dur_ms: float, tid: int = 1, correlation: int | None = None) -> dict:

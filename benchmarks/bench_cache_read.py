@@ -7,13 +7,13 @@ tokens x 4096, plus a 2048-wide pooled vector). SimpleTuner gzips every cache fi
 (compress_disk_cache=true); this times that read path against plain files, on this machine's CPU (the cost is all
 CPU: the files sit in the page cache after the first epoch).
 
-Why it matters (H100, SD3M size, 1024 px, batch 1): py-spy on SimpleTuner's training process showed its data thread
-spending most of its time in gzip's DecompressReader (text embeddings, then latents) while the main thread waited for
-the next batch in fetch_batch for ~1/4 of each step. sd3tune therefore writes compress_disk_cache=false.
+Why it matters (SD3M size, 1024 px, batch 1, on a GPU): py-spy on SimpleTuner's training process showed its data
+thread spending most of its time in gzip's DecompressReader (text embeddings, then latents) while the main thread
+waited for the next batch in fetch_batch (how long: README.md). sd3tune therefore writes compress_disk_cache=false.
 
 examples:
-  python scripts/bench_cache_read.py                 # SD3M sizes, fp32 and bf16 caches
-  python scripts/bench_cache_read.py --repeats 50 --json /tmp/cache.json
+  python benchmarks/bench_cache_read.py              # SD3M sizes, fp32 and bf16 caches
+  python benchmarks/bench_cache_read.py --repeats 50 --json /tmp/cache.json
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 #!/bin/bash
 # The speed acceptance measurements in one command, on one CUDA machine, with a time budget:
-#   the plain diffusers + peft anchor (scripts/anchor_sd3m.py), then bench_train.py and bench_generate.py against it.
+#   the plain diffusers + peft anchor (benchmarks/anchor_sd3m.py), then bench_train.py and bench_generate.py against it.
 #
-#   scripts/bench_suite.sh [ANCHOR_SCRIPT.py] OUT_DIR [DEADLINE_S]
+#   benchmarks/bench_suite.sh [ANCHOR_SCRIPT.py] OUT_DIR [DEADLINE_S]
 #
-# ANCHOR_SCRIPT (a first argument ending in .py) defaults to scripts/anchor_sd3m.py, the reference anchor kept
+# ANCHOR_SCRIPT (a first argument ending in .py) defaults to benchmarks/anchor_sd3m.py, the reference anchor kept
 # verbatim in this repository; OUT_DIR gets anchor.json and one log per stage.
 # Stages run most important first; each gets what is left of DEADLINE_S (default 580) and is stopped with SIGINT
 # (sd3tune then stops SimpleTuner's whole process group), so the command ends in time and keeps what it measured.

@@ -22,18 +22,18 @@ images are from default's, and fp8 and the candidates how far from compile's, at
 difference| out of 255).
 Target on an H100-class card (H100, H200, H800, GH200): <= 1.1 s per 1024x1024 image.
 
---anchor-json FILE takes the anchor from scripts/anchor_sd3m.py's anchor.json (its
+--anchor-json FILE takes the anchor from benchmarks/anchor_sd3m.py's anchor.json (its
 gen_1024_28steps_cfg_s row), written by that script earlier in the same command on the same machine, instead
 of timing the plain pipeline here. sd3tune then runs as many denoising steps as that anchor did unless --steps says
 otherwise: 28, or 2 when anchor_sd3m.py ran with --tiny (its row keeps its name); a different --steps prints no
 ratio. Without --anchor-json both sides run --steps (default 28).
 
 examples:
-  python scripts/bench_generate.py                                  # CPU: tiny; CUDA: SD3M size, default + compile
-  python scripts/bench_generate.py --images 24 --batch-size 4 --json /tmp/gen.json
-  python scripts/bench_generate.py --lora /tmp/sd3tune-bench/runs/default   # with the LoRA bench_train trained
-  python scripts/bench_generate.py --variants compile --profile              # where a compiled image's GPU time goes
-  python scripts/anchor_sd3m.py --out /tmp && python scripts/bench_generate.py --anchor-json /tmp/anchor.json
+  python benchmarks/bench_generate.py                               # CPU: tiny; CUDA: SD3M size, default + compile
+  python benchmarks/bench_generate.py --images 24 --batch-size 4 --json /tmp/gen.json
+  python benchmarks/bench_generate.py --lora /tmp/sd3tune-bench/runs/default  # with the LoRA bench_train trained
+  python benchmarks/bench_generate.py --variants compile --profile           # where a compiled image's GPU time goes
+  python benchmarks/anchor_sd3m.py --out /tmp && python benchmarks/bench_generate.py --anchor-json /tmp/anchor.json
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from sd3tune.sheets import mean_abs_diff  # noqa: E402
 TARGET_S_PER_IMAGE = 1.1  # on an H100-class (Hopper) card
 HOPPER = ("H100", "H200", "H800", "GH200")
 VARIANTS = ("default", "compile", "fp8", "compile-qkv", "compile-autotune")
-# scripts/anchor_sd3m.py's denoising steps: 28, or 2 with --tiny (its CPU run, the only one that logs no "gpu")
+# benchmarks/anchor_sd3m.py's denoising steps: 28, or 2 with --tiny (its CPU run, the only one that logs no "gpu")
 ANCHOR_SD3M_STEPS = 28
 ANCHOR_SD3M_TINY_STEPS = 2
 QK_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")  # SD3.5's q/k normalisation: not SD3 Medium's
@@ -72,10 +72,9 @@ def fuse_qkv(transformer: Any) -> int:
     text stream's with another (diffusers' ``Attention.fuse_projections`` + ``FusedJointAttnProcessor2_0``): two GEMMs
     per block instead of six, each input read once. (The q/k/v concatenations and the attention output's copy stay:
     with a batch of more than one, the image and text parts are not contiguous in either processor. Keeping the
-    activations token-major instead, so that nothing is copied, measured no faster: H100, 2026-11-27, 1.0645 s/image
-    against --compile's 1.0657.) Only where that processor computes what diffusers' default one does: joint
-    attention without q/k normalisation (SD3 Medium; SD3.5 normalises q/k and is left as is). Returns how many
-    attention layers were fused."""
+    activations token-major instead, so that nothing is copied, measured no faster than --compile: README.md.)
+    Only where that processor computes what diffusers' default one does: joint attention without q/k normalisation
+    (SD3 Medium; SD3.5 normalises q/k and is left as is). Returns how many attention layers were fused."""
     from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 
     fused = 0
@@ -90,11 +89,10 @@ def fuse_qkv(transformer: Any) -> int:
 
 def autotune_blocks(transformer: Any) -> int:
     """The compile-autotune candidate: the blocks compiled with ``mode="max-autotune-no-cudagraphs"`` (Inductor
-    benchmarks Triton GEMM templates against cuBLAS per shape and tunes its pointwise kernels). Measured by the
-    project (H100, CFG batch 2): the whole transformer so compiled took 1.15 s per 1024 px image against ~1.20 for
-    per-block default compile, after 520 s of compiling; per block, the 24 identical blocks share one set of shapes,
-    so the autotuning happens once. CUDA only (``generate --compile`` compiles nothing on CPU either); returns how
-    many blocks."""
+    benchmarks Triton GEMM templates against cuBLAS per shape and tunes its pointwise kernels). The whole
+    transformer so compiled was a little faster than per-block default compile, after minutes of compiling
+    (README.md); per block, the 24 identical blocks share one set of shapes, so the autotuning happens once. CUDA
+    only (``generate --compile`` compiles nothing on CPU either); returns how many blocks."""
     from sd3tune.inference import compile_blocks
 
     if next(transformer.parameters()).device.type != "cuda":

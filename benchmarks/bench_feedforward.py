@@ -8,12 +8,11 @@ matmuls in FP8 with row-wise scales, sd3tune.fp8): its time and how far its outp
 On CUDA it times SD3 Medium's shape (1536 -> 6144 -> 1536, bf16, batch 8 = 4 images with CFG, 4096 image tokens, and
 the 333-token text stream), eager and torch.compile'd. On CPU (a small float32 shape) both sides run diffusers' own
 ops, because the fused op's CPU kernel computes the exact GELU instead of SD3's tanh one: the run there only shows
-that the script works.
-Measured on an H100 (2026-11-26): 1.994 -> 1.838 ms per image-stream call eager, 1.988 -> 1.776 ms compiled.
+that the script works. What it measured on GPUs: README.md.
 
 examples:
-  python scripts/bench_feedforward.py
-  python scripts/bench_feedforward.py --no-compile --repeats 20 --json /tmp/ff.json
+  python benchmarks/bench_feedforward.py
+  python benchmarks/bench_feedforward.py --no-compile --repeats 20 --json /tmp/ff.json
 """
 
 from __future__ import annotations

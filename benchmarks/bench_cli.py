@@ -10,8 +10,8 @@
 Exit status 0 when everything passes, 1 otherwise.
 
 examples:
-  python scripts/bench_cli.py
-  python scripts/bench_cli.py --runs 11 --json /tmp/cli.json
+  python benchmarks/bench_cli.py
+  python benchmarks/bench_cli.py --runs 11 --json /tmp/cli.json
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ a fresh process (interpreter start and imports included), then prints PASS/FAIL 
 Exit status 0 on PASS, 1 on FAIL.
 
 examples:
-  python scripts/bench_check.py
-  python scripts/bench_check.py --images 200 --repeat 3 --json /tmp/check.json
+  python benchmarks/bench_check.py
+  python benchmarks/bench_check.py --images 200 --repeat 3 --json /tmp/check.json
 """
 
 from __future__ import annotations

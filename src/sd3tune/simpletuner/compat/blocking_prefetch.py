@@ -1,6 +1,6 @@
 """Fix 3: with ``dataloader_prefetch`` (``data.prefetch``, on by default), SimpleTuner's ``BatchFetcher.next_response``
 waits for the next batch with ``while self.queue.empty(): continue``: the training thread spins, taking the GIL from
-the very thread that loads the batch (in a GPU profile, 10% of the training thread's samples: scripts/README.md).
+the very thread that loads the batch (in a GPU profile, 10% of the training thread's samples: benchmarks/README.md).
 Block on the queue instead (with a timeout, so Ctrl-C still gets through). The loader thread also ends silently on any
 error loading a batch (it logs it at debug level only), and the wait then never ended (seen: a caption file of blank
 lines, whose IndexError hung the run at 0% CPU): when that thread has stopped and the queue is empty, fail with a

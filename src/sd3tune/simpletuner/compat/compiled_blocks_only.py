@@ -1,6 +1,6 @@
 """Fix 8: accelerate's regional compilation also compiles every module outside the repeated blocks, one graph each
 (SD3: patch and timestep embedders, context embedder, final norm and projection), which took much of step 1 (GPU
-timing in scripts/README.md) while they hold a sliver of the step's work. Compile only the repeated blocks, in place
+timing in benchmarks/README.md) while they hold a sliver of the step's work. Compile only the repeated blocks, in place
 (``Module.compile``, so parameter names and the saved LoRA keep their names)."""
 
 from __future__ import annotations

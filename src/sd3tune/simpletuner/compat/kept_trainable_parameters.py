@@ -1,6 +1,6 @@
 """Fix 6: for norm clipping SimpleTuner walks every parameter of the transformer each step to find the trainable ones
 (``Trainer._get_trainable_parameters``; SD3M: ~1,000 tensors, 6% of a CPU step with 24 blocks; the GPU profile is in
-scripts/README.md). For a standard LoRA the set is fixed once the optimizer exists: keep it, and walk again only if the
+benchmarks/README.md). For a standard LoRA the set is fixed once the optimizer exists: keep it, and walk again only if the
 trained module is replaced or a kept parameter stops requiring gradients."""
 
 from __future__ import annotations

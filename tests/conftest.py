@@ -13,6 +13,26 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# What makes a test end-to-end (marker e2e; `pytest -m "not e2e"` is the quick inner loop): a module whose tests run
+# SimpleTuner itself (a training, or its modules imported in a child process), or a fixture that builds or trains the
+# tiny model.
+E2E_MODULES = {"test_train.py", "test_quickstart.py", "test_pins.py", "test_cuda_graphs.py", "test_compat.py"}
+E2E_FIXTURES = {"tiny_model", "trained_run", "train_bench"}
+# Session fixtures that cost minutes: every test that uses one runs on the same xdist worker (`--dist loadgroup`),
+# so the fixture is made once, not once per worker.
+SHARED_ONCE = {"train_bench": "bench-train"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.path.name in E2E_MODULES or fixtures & E2E_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+        for fixture, group in SHARED_ONCE.items():
+            if fixture in fixtures:
+                item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:

@@ -453,7 +453,7 @@ def test_a_relative_image_folder_is_read_from_the_run_folder_whatever_the_shells
 
     from sd3tune.evaluation import training_set
     from sd3tune.simpletuner.backends import ImageBackend
-    from sd3tune.simpletuner.files import RunPaths
+    from sd3tune.simpletuner.layout import RunPaths
 
     shutil.copytree(concept_data, tmp_path / "images")
     (tmp_path / "run").mkdir()

@@ -32,7 +32,7 @@ from sd3tune.findings import plural
 if TYPE_CHECKING:
     from sd3tune.clip import ClipModel
     from sd3tune.prompts import EvalPrompt
-    from sd3tune.simpletuner.files import RunPaths
+    from sd3tune.simpletuner.layout import RunPaths
 
 MAX_REAL_IMAGES = 500  # training images embedded for style similarity and KID (evenly spaced when more)
 KID_SUBSETS = 100

@@ -88,7 +88,8 @@ def _check_options(opts: EvaluateOptions) -> None:
 def _read_run(run_dir: Path):
     from sd3tune.findings import errors_in
     from sd3tune.simpletuner import keys
-    from sd3tune.simpletuner.files import find_run_root, read_run
+    from sd3tune.simpletuner.layout import find_run_root
+    from sd3tune.simpletuner.reader import read_run
 
     run_dir = run_dir.expanduser()
     if not run_dir.is_dir():
@@ -110,7 +111,7 @@ def _read_run(run_dir: Path):
 def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str]) -> list[_Candidate]:
     from sd3tune.fsutil import file_sha256
     from sd3tune.lora import checkpoint_loras, same_tensors, trained_otherwise
-    from sd3tune.simpletuner.files import checkpoint_step
+    from sd3tune.simpletuner.layout import checkpoint_step
 
     step = checkpoint_step(lora.file.parent)
     title = "LoRA" if step is None else f"LoRA (checkpoint-{step})"

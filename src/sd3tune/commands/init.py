@@ -184,8 +184,8 @@ from typing import Annotated, Optional  # noqa: E402
 
 import typer  # noqa: E402
 
+from sd3tune.checks.render import render_report  # noqa: E402
 from sd3tune.cli import command_app  # noqa: E402
-from sd3tune.commands.check import render_report  # noqa: E402
 from sd3tune.commands.options import Format, Preset, RunDir, parse_format, parse_preset  # noqa: E402
 from sd3tune.simpletuner.layout import output_conflict  # noqa: E402
 

@@ -15,10 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 from sd3tune.cli import app
-from sd3tune.commands.evaluate import EvaluateOptions, format_table, run_evaluate
+from sd3tune.commands.evaluate import EvaluateOptions, run_evaluate
 from sd3tune.errors import Sd3tuneError
 from sd3tune.evaluation import METRIC_ORDER
 from sd3tune.prompts import read_prompts_file
+from sd3tune.report import format_table
 
 STEPS = 4
 SEEDS = 2
@@ -453,7 +454,7 @@ def test_a_relative_image_folder_is_read_from_the_run_folder_whatever_the_shells
 
     from sd3tune.evaluation import training_set
     from sd3tune.simpletuner.backends import ImageBackend
-    from sd3tune.simpletuner.files import RunPaths
+    from sd3tune.simpletuner.layout import RunPaths
 
     shutil.copytree(concept_data, tmp_path / "images")
     (tmp_path / "run").mkdir()

@@ -11,7 +11,7 @@ from helpers import assert_one_line_user_error, sd3tune
 
 from sd3tune.defaults import SD3M
 from sd3tune.manifest import read_manifest
-from sd3tune.simpletuner.files import read_run
+from sd3tune.simpletuner.reader import read_run
 
 
 

@@ -19,7 +19,8 @@ from sd3tune.commands.init import run_init
 from sd3tune.errors import Sd3tuneError
 from sd3tune.lora import read_safetensors_header
 from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.files import RunPaths, checkpoint_step, checkpoints, read_run
+from sd3tune.simpletuner.layout import RunPaths, checkpoint_step, checkpoints
+from sd3tune.simpletuner.reader import read_run
 
 
 def test_trained_lora_has_sd3_transformer_keys_and_provenance(trained_run):

@@ -31,8 +31,9 @@ from sd3tune.findings import plural
 
 if TYPE_CHECKING:
     from sd3tune.clip import ClipModel
+    from sd3tune.lora import LoraSource
     from sd3tune.prompts import EvalPrompt
-    from sd3tune.simpletuner.files import RunPaths
+    from sd3tune.simpletuner.layout import RunPaths
 
 MAX_REAL_IMAGES = 500  # training images embedded for style similarity and KID (evenly spaced when more)
 KID_SUBSETS = 100
@@ -117,6 +118,52 @@ class ImageFiles(Sequence):
             return [self[i] for i in range(*index.indices(len(self)))]
         with Image.open(self.paths[index]) as im:
             return im.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------- the models compared
+
+
+@dataclass
+class Candidate:
+    """A model the evaluation compares: the base model, the LoRA, or one checkpoint's LoRA (its own adapter)."""
+
+    label: str
+    title: str
+    kind: str
+    step: int | None
+    file: Path | None
+    adapter: str | None
+    sha256: str | None = None  # of ``file``: a retrain replaces the file at the same path
+
+
+def pick_candidates(lora: LoraSource, output_dir: Path, notes: list[str], every_checkpoint: bool,
+                    run_lora: bool) -> list[Candidate]:
+    """The models to compare: the base model, ``lora`` and, with ``every_checkpoint`` (--checkpoints all), the
+    LoRA of each checkpoint-N in ``output_dir`` once (one with the LoRA's very weights is the LoRA); ``run_lora``:
+    ``lora`` is the run's own. What the comparison should know goes to ``notes``."""
+    from sd3tune.fsutil import file_sha256
+    from sd3tune.lora import checkpoint_loras, same_tensors, trained_otherwise
+    from sd3tune.simpletuner.layout import checkpoint_step
+
+    step = checkpoint_step(lora.file.parent)
+    title = "LoRA" if step is None else f"LoRA (checkpoint-{step})"
+    out = [Candidate("base", "base", "base", None, None, None),
+           Candidate("lora", title, "lora", step, lora.file, "sd3tune", lora.sha256)]
+    if every_checkpoint:
+        found = [(checkpoint_step(file.parent), file.resolve()) for file in checkpoint_loras(output_dir)
+                 if file.resolve() != lora.file]
+        same = [(s, file) for s, file in found if same_tensors(file, lora.file)]
+        for s, _ in same:  # usually the last checkpoint: the final LoRA is saved from the same weights
+            what = "the final LoRA" if run_lora and step is None else f"the evaluated LoRA {lora.file}"
+            notes.append(f"checkpoint-{s} is {what} (identical weights): evaluated once")
+        found = [f for f in found if f not in same]
+        if not found and not same:
+            notes.append("--checkpoints all: the run has no other checkpoint-N folder with a LoRA")
+        for s, file in found:
+            out.append(Candidate(f"checkpoint-{s}", f"checkpoint-{s}", "checkpoint", s, file, f"ckpt_{s}",
+                                  file_sha256(file)))
+            notes += trained_otherwise(f"checkpoint-{s}", file, lora.metadata)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- metrics

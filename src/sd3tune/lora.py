@@ -20,7 +20,7 @@ from sd3tune.errors import Sd3tuneError
 
 if TYPE_CHECKING:
     from sd3tune.config.models import RunConfig
-    from sd3tune.simpletuner.files import LoadedRun
+    from sd3tune.simpletuner.loaded import LoadedRun
 
 # safetensors metadata key holding a LoRA's peft config (lora_alpha, r, ...); diffusers configures the adapter from it,
 # so peft then scales the LoRA by lora_alpha / r by itself. SimpleTuner 4.10 writes it into checkpoint-N files only.
@@ -83,7 +83,7 @@ class LoraSource:
     def later_checkpoint(self) -> Path | None:
         """For a run's final LoRA: a checkpoint LoRA beside it with more steps, left by a later training (resumed,
         then interrupted or failed), which the run's LoRA is not."""
-        from sd3tune.simpletuner.files import checkpoint_step
+        from sd3tune.simpletuner.layout import checkpoint_step
 
         steps = self.metadata.get("sd3tune.steps", "")
         if checkpoint_step(self.file.parent) is not None or not steps.isdigit():
@@ -109,7 +109,7 @@ class LoraSource:
 def checkpoint_loras(output_dir: Path) -> list[Path]:
     """The LoRA file of each checkpoint-N folder that holds one, by step."""
     from sd3tune.simpletuner import keys
-    from sd3tune.simpletuner.files import checkpoints
+    from sd3tune.simpletuner.layout import checkpoints
 
     return [p / keys.LORA_WEIGHT_NAME for p in checkpoints(output_dir) if (p / keys.LORA_WEIGHT_NAME).is_file()]
 
@@ -128,7 +128,8 @@ def resolve_lora(spec: Path, run: LoadedRun | None = None) -> LoraSource:
     """Accept a run folder, an output/checkpoint folder, or a .safetensors file. The training settings come from
     ``run`` when the caller has read it already, else from the run folder at or above ``spec``."""
     from sd3tune.simpletuner import keys
-    from sd3tune.simpletuner.files import find_run_root, read_run
+    from sd3tune.simpletuner.layout import find_run_root
+    from sd3tune.simpletuner.reader import read_run
 
     spec = spec.expanduser()
     if not spec.exists():
@@ -323,7 +324,7 @@ def stamp_checkpoints(output: Path, stamp: dict[str, str], after_step: int) -> N
     so a checkpoint's file copied elsewhere samples as it trained (T5 length, shift, size) and a resumed training
     knows what trained before. A file the training did not finish writing is left as it is."""
     from sd3tune.simpletuner import keys
-    from sd3tune.simpletuner.files import checkpoint_step, checkpoints
+    from sd3tune.simpletuner.layout import checkpoint_step, checkpoints
 
     for folder in checkpoints(output):
         if (checkpoint_step(folder) or 0) <= after_step:
@@ -353,7 +354,7 @@ def resumed_history(checkpoint: Path, stamp: dict[str, str]) -> str:
     """The ``sd3tune.history`` stamp of a training resumed from ``checkpoint`` (its folder, holding ``stamp``, its
     LoRA's metadata): the parts trained before, oldest first, each with the step it ended at and its settings (none
     for a checkpoint sd3tune did not stamp)."""
-    from sd3tune.simpletuner.files import checkpoint_step
+    from sd3tune.simpletuner.layout import checkpoint_step
 
     try:
         earlier = json.loads(stamp.get(HISTORY_KEY, "[]"))

@@ -1,5 +1,7 @@
 """What `sd3tune evaluate` writes about its numbers: metrics.json (strict JSON), report.md and report.html (settings,
-prompts, the contact sheet, the metric table, the best checkpoint and what each number means)."""
+prompts, the contact sheet, the metric table, the best checkpoint and what each number means), the contact sheet
+itself, the table the command prints and the evaluation's entry in the run's sd3tune.json; and which files of a
+previous evaluation --force replaces."""
 
 from __future__ import annotations
 
@@ -10,6 +12,11 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+
+OUTPUT_FILES = ("metrics.json", "contact_sheet.png", "report.md", "report.html")  # + images/LABEL/NN-sS.png
+IMAGES_DIR = "images"
+_LABEL_DIR = re.compile(r"(base|lora|checkpoint-\d+)")
+_IMAGE_FILE = re.compile(r"\d+-s\d+\.png")
 
 
 def fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
@@ -139,3 +146,97 @@ def relpath(path: Path, start: Path) -> str:
         return os.path.relpath(path, start)
     except ValueError:
         return str(path)
+
+
+# ----------------------------------------------------------------------------------------------- the files
+
+
+def write_outputs(out: Path, data: dict[str, Any], made_with: dict[str, Any], models, prompts,
+                  settings) -> dict[str, Path]:
+    """Write the evaluation into ``out``: the contact sheet, report.md, report.html and, last, metrics.json."""
+    from sd3tune.fsutil import atomic_write_text
+    from sd3tune.inference import save_png
+    from sd3tune.sheets import contact_sheet
+
+    paths = {"metrics": out / "metrics.json", "sheet": out / "contact_sheet.png", "report": out / "report.md",
+             "html": out / "report.html"}
+    rows = [[m.images[p][0] for m in models] for p in range(len(prompts))]
+    labels = [f"{i + 1}. ({p.kind}) {p.text}" for i, p in enumerate(prompts)]
+    cell = 256 if max(settings.width, settings.height) >= 256 else 128
+    sheet = contact_sheet(rows, labels, [m.title for m in models], cell=cell)
+    save_png(sheet, paths["sheet"], _sheet_fields(data, made_with, models, prompts, labels))
+    atomic_write_text(paths["report"], render_markdown(data, paths["sheet"].name))
+    atomic_write_text(paths["html"], render_html(data, paths["sheet"].name))
+    atomic_write_text(paths["metrics"], dumps(data))  # last: its presence means the evaluation finished
+    return paths
+
+
+def _sheet_fields(data: dict[str, Any], made_with: dict[str, Any], models, prompts,
+                  labels: list[str]) -> dict[str, Any]:
+    """The contact sheet's provenance: what made its images (``made_with``: base model, the run's LoRA and its
+    SHA-256, sampler), its rows (prompts, first seed) and columns (models: each one's LoRA file, SHA-256 and
+    adapter weight)."""
+    from sd3tune.sheets import sheet_fields
+
+    seed = data["seeds"][0]
+    return sheet_fields(
+        {**made_with, "run_dir": data["run_dir"]}, sheet="sd3tune evaluate contact sheet", rows="prompt",
+        columns="model", row_labels=labels,
+        column_labels=[m.title for m in models], prompts=[p.text for p in prompts], seeds=[seed],
+        prompt_kinds=[p.kind for p in prompts],
+        models=[{"label": m.label, "title": m.title, "lora": data["models"][m.label]["lora_file"],
+                 "lora_sha256": data["models"][m.label]["lora_sha256"], "adapter_weight": m.adapter_weight}
+                for m in models],
+        images=[[data["models"][m.label]["images"][p][0] for m in models] for p in range(len(prompts))])
+
+
+def record_in_manifest(run_dir: Path, out: Path, data: dict[str, Any]) -> None:
+    """The evaluation's entry in the run's sd3tune.json (``evaluations``: one per out folder)."""
+    from sd3tune.manifest import read_manifest, update_manifest
+
+    best = data["best"]["label"]
+    entry = {"created": data["created"], "out": str(out), "metrics": str(out / "metrics.json"),
+             "lora_sha256": data["lora"]["sha256"], "clip_model": data["clip_model"]["name"],
+             "models": list(data["models"]), "best": best}
+    try:
+        earlier = read_manifest(run_dir).get("evaluations")
+        # one entry per out folder: an evaluation replaced there (--force) replaces its entry
+        kept = [e for e in earlier if not (isinstance(e, dict) and e.get("out") == str(out))] \
+            if isinstance(earlier, list) else []
+        update_manifest(run_dir, "evaluations", kept + [entry])
+    except OSError:  # a read-only run folder: the evaluation itself is complete in ``out``
+        pass
+
+
+def remove_previous(out: Path) -> None:
+    """--force: remove what a previous evaluation wrote in ``out`` (metrics.json first: its presence means a finished
+    evaluation), so the new one is never mixed with old images. Other files stay."""
+    for name in OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    images = out / IMAGES_DIR
+    if not images.is_dir():
+        return
+    for folder in images.iterdir():
+        if folder.is_dir() and not folder.is_symlink() and _LABEL_DIR.fullmatch(folder.name):
+            for file in folder.iterdir():
+                if _IMAGE_FILE.fullmatch(file.name) and (file.is_file() or file.is_symlink()):
+                    file.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
+    if not any(images.iterdir()):
+        images.rmdir()
+
+
+# ----------------------------------------------------------------------------------------------- table
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A compact plain-text table: one line per model, mean ± std of each metric."""
+    width = max([len("model")] + [len(m["title"]) + 2 for m in metrics["models"].values()]) + 2
+    cols = [(k, title, d, max(len(title), 16) + 2) for k, title, d in TABLE_COLUMNS]
+    lines = ["model".ljust(width) + "".join(title.ljust(w) for _, title, _, w in cols)]
+    for label, m in metrics["models"].items():
+        mark = " *" if label == metrics["best"]["label"] else ""
+        lines.append((m["title"] + mark).ljust(width)
+                     + "".join(fmt(m["metrics"][k], d).ljust(w) for k, _, d, w in cols))
+    return "\n".join(line.rstrip() for line in lines)

@@ -11,7 +11,8 @@ import pytest
 from sd3tune.config.models import RunConfig
 from sd3tune.defaults import SD3M
 from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
-from sd3tune.simpletuner.files import read_run, render_backends, render_env, render_json
+from sd3tune.simpletuner.reader import read_run
+from sd3tune.simpletuner.writer import render_backends, render_env, render_json
 
 GOLDEN = Path(__file__).parents[1] / "golden"
 UPDATE = os.environ.get("SD3TUNE_UPDATE_GOLDEN") == "1"

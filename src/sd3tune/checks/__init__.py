@@ -9,6 +9,7 @@ Rules that mirror SimpleTuner 4.10.1 behaviour name the place in its source they
 - :mod:`.paths`: the folders the run reads and writes (output, resume, write access, other runs, environment);
 - :mod:`.datasets`: the datasets (entries, images, captions, sizes, buckets against the batch, the summary);
 - :mod:`.budget`: disk for the caches and the GPU memory estimate.
+- :mod:`.render`: the report as text (`sd3tune check`'s output).
 """
 
 from sd3tune.checks.budget import gpu_memory_estimate

@@ -25,7 +25,9 @@ from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.backends import BACKENDS as BACKEND_LIST
 from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
-from sd3tune.simpletuner.files import LoadedRun, RunPaths, config_from_args, read_run, with_simpletuner_defaults
+from sd3tune.simpletuner.layout import RunPaths
+from sd3tune.simpletuner.loaded import LoadedRun
+from sd3tune.simpletuner.reader import config_from_args, read_run, with_simpletuner_defaults
 
 
 @dataclass

@@ -13,8 +13,8 @@ from sd3tune.findings import Finding, error, warning
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.backends import ImageBackend
 from sd3tune.simpletuner.caches import run_bucket_suffix
-from sd3tune.simpletuner.files import (checkpoints, find_run_root, incomplete_checkpoint, incomplete_hint,
-                                      output_conflict)
+from sd3tune.simpletuner.layout import (checkpoints, find_run_root, incomplete_checkpoint, incomplete_hint,
+                                       output_conflict)
 from sd3tune.simpletuner.keys import BACKENDS_FILE as BACKENDS
 
 if TYPE_CHECKING:

@@ -9,22 +9,21 @@ selected with ``set_adapters`` (the base model is the LoRA at weight 0, exactly 
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sd3tune.defaults import DEFAULT_CLIP
 from sd3tune.errors import Sd3tuneError
 from sd3tune.findings import plural
+from sd3tune.report import OUTPUT_FILES
+
+if TYPE_CHECKING:
+    from sd3tune.evaluation import Candidate
 
 CHECKPOINT_CHOICES = ("latest", "all")
 EVAL_DIR = "eval"  # default --out, inside the run folder
-OUTPUT_FILES = ("metrics.json", "contact_sheet.png", "report.md", "report.html")  # + images/LABEL/NN-sS.png
-IMAGES_DIR = "images"
-_LABEL_DIR = re.compile(r"(base|lora|checkpoint-\d+)")
-_IMAGE_FILE = re.compile(r"\d+-s\d+\.png")
 
 
 @dataclass
@@ -58,17 +57,6 @@ class EvaluateResult:
     seconds: float = 0.0
 
 
-@dataclass
-class _Candidate:
-    label: str
-    title: str
-    kind: str
-    step: int | None
-    file: Path | None
-    adapter: str | None
-    sha256: str | None = None  # of ``file``: a retrain replaces the file at the same path
-
-
 def _check_options(opts: EvaluateOptions) -> None:
     if opts.checkpoints not in CHECKPOINT_CHOICES:
         raise Sd3tuneError(f"--checkpoints {opts.checkpoints!r} is not one of {', '.join(CHECKPOINT_CHOICES)}",
@@ -88,7 +76,8 @@ def _check_options(opts: EvaluateOptions) -> None:
 def _read_run(run_dir: Path):
     from sd3tune.findings import errors_in
     from sd3tune.simpletuner import keys
-    from sd3tune.simpletuner.files import find_run_root, read_run
+    from sd3tune.simpletuner.layout import find_run_root
+    from sd3tune.simpletuner.reader import read_run
 
     run_dir = run_dir.expanduser()
     if not run_dir.is_dir():
@@ -107,30 +96,11 @@ def _read_run(run_dir: Path):
     return run_dir.resolve(), loaded
 
 
-def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str]) -> list[_Candidate]:
-    from sd3tune.fsutil import file_sha256
-    from sd3tune.lora import checkpoint_loras, same_tensors, trained_otherwise
-    from sd3tune.simpletuner.files import checkpoint_step
+def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str]) -> list[Candidate]:
+    from sd3tune.evaluation import pick_candidates
 
-    step = checkpoint_step(lora.file.parent)
-    title = "LoRA" if step is None else f"LoRA (checkpoint-{step})"
-    out = [_Candidate("base", "base", "base", None, None, None),
-           _Candidate("lora", title, "lora", step, lora.file, "sd3tune", lora.sha256)]
-    if opts.checkpoints == "all":
-        found = [(checkpoint_step(file.parent), file.resolve()) for file in checkpoint_loras(output_dir)
-                 if file.resolve() != lora.file]
-        same = [(s, file) for s, file in found if same_tensors(file, lora.file)]
-        for s, _ in same:  # usually the last checkpoint: the final LoRA is saved from the same weights
-            what = "the final LoRA" if opts.lora is None and step is None else f"the evaluated LoRA {lora.file}"
-            notes.append(f"checkpoint-{s} is {what} (identical weights): evaluated once")
-        found = [f for f in found if f not in same]
-        if not found and not same:
-            notes.append("--checkpoints all: the run has no other checkpoint-N folder with a LoRA")
-        for s, file in found:
-            out.append(_Candidate(f"checkpoint-{s}", f"checkpoint-{s}", "checkpoint", s, file, f"ckpt_{s}",
-                                  file_sha256(file)))
-            notes += trained_otherwise(f"checkpoint-{s}", file, lora.metadata)
-    return out
+    return pick_candidates(lora, output_dir, notes, every_checkpoint=opts.checkpoints == "all",
+                           run_lora=opts.lora is None)
 
 
 def evaluation_folder(run_dir: Path, out: Path | None) -> Path:
@@ -153,36 +123,17 @@ def _check_out(out: Path, force: bool, defaulted: bool) -> None:
                                     f"images/, {', '.join(OUTPUT_FILES)}; other files stay)")
 
 
-def _remove_previous(out: Path) -> None:
-    """--force: remove what a previous evaluation wrote in ``out`` (metrics.json first: its presence means a finished
-    evaluation), so the new one is never mixed with old images. Other files stay."""
-    for name in OUTPUT_FILES:
-        (out / name).unlink(missing_ok=True)
-    images = out / IMAGES_DIR
-    if not images.is_dir():
-        return
-    for folder in images.iterdir():
-        if folder.is_dir() and not folder.is_symlink() and _LABEL_DIR.fullmatch(folder.name):
-            for file in folder.iterdir():
-                if _IMAGE_FILE.fullmatch(file.name) and (file.is_file() or file.is_symlink()):
-                    file.unlink()
-            if not any(folder.iterdir()):
-                folder.rmdir()
-    if not any(images.iterdir()):
-        images.rmdir()
-
-
 def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult:
     """Generate the grid for every model with one pipeline load, score it, and write metrics.json, the contact
     sheet and the report into ``opts.out`` (default ``RUN_DIR/eval``). User mistakes raise Sd3tuneError before
     any model loads."""
     from sd3tune import __version__
     from sd3tune.clip import ClipModel
-    from sd3tune.evaluation import ImageFiles, training_set
+    from sd3tune.evaluation import DEFINITIONS, ImageFiles, training_set
     from sd3tune.lora import resolve_lora
     from sd3tune.manifest import now, read_manifest
     from sd3tune.prompts import default_prompts, distinct_prompts, read_prompts_file
-    from sd3tune.report import relpath
+    from sd3tune.report import record_in_manifest, relpath, remove_previous, write_outputs
     from sd3tune.sampling import SamplerFlags, resolve_settings
 
     start = time.perf_counter()
@@ -227,7 +178,7 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     clip = ClipModel.load(clip_spec, origin=clip_origin)  # before the SD3 load: a wrong --clip-model fails in seconds
     timings["load_clip"] = time.perf_counter() - t
     if opts.force:  # after every check: a refused evaluation leaves the previous one intact
-        _remove_previous(out)
+        remove_previous(out)
 
     t = time.perf_counter()
     models, made_with = _generate(opts, model, lora, settings, prompts, seeds, candidates, out, progress)
@@ -275,26 +226,20 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
         "best": best,
         "reference": result.reference,
         "kid": result.kid,
-        "definitions": _definitions(),
+        "definitions": dict(DEFINITIONS),
         "per_image": result.per_image,
         "notes": notes,
         "versions": package_versions("diffusers", "transformers", "torch", "torchmetrics", "peft"),
     }
     timings["total"] = time.perf_counter() - start
     data["timings"] = timings
-    paths = _write_outputs(out, data, made_with, models, prompts, settings)
-    _record_in_manifest(run_dir, out, data)
+    paths = write_outputs(out, data, made_with, models, prompts, settings)
+    record_in_manifest(run_dir, out, data)
     return EvaluateResult(out, paths["metrics"], paths["sheet"], paths["report"], paths["html"], data, notes,
                           time.perf_counter() - start)
 
 
-def _definitions() -> dict[str, str]:
-    from sd3tune.evaluation import DEFINITIONS
-
-    return dict(DEFINITIONS)
-
-
-def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds, candidates: list[_Candidate],
+def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds, candidates: list[Candidate],
               out: Path, progress: bool):
     """Load the pipeline once (the run's LoRA + one adapter per checkpoint) and make every model's grid; returns
     the models' images and what made them all (an image's provenance with the run's LoRA, less prompt and seed)."""
@@ -364,79 +309,6 @@ def _empty_cache(device: str) -> None:
         torch.mps.empty_cache()
 
 
-def _write_outputs(out: Path, data: dict[str, Any], made_with: dict[str, Any], models, prompts,
-                   settings) -> dict[str, Path]:
-    from sd3tune.report import dumps, render_html, render_markdown
-    from sd3tune.fsutil import atomic_write_text
-    from sd3tune.inference import save_png
-    from sd3tune.sheets import contact_sheet
-
-    paths = {"metrics": out / "metrics.json", "sheet": out / "contact_sheet.png", "report": out / "report.md",
-             "html": out / "report.html"}
-    rows = [[m.images[p][0] for m in models] for p in range(len(prompts))]
-    labels = [f"{i + 1}. ({p.kind}) {p.text}" for i, p in enumerate(prompts)]
-    cell = 256 if max(settings.width, settings.height) >= 256 else 128
-    sheet = contact_sheet(rows, labels, [m.title for m in models], cell=cell)
-    save_png(sheet, paths["sheet"], _sheet_fields(data, made_with, models, prompts, labels))
-    atomic_write_text(paths["report"], render_markdown(data, paths["sheet"].name))
-    atomic_write_text(paths["html"], render_html(data, paths["sheet"].name))
-    atomic_write_text(paths["metrics"], dumps(data))  # last: its presence means the evaluation finished
-    return paths
-
-
-def _sheet_fields(data: dict[str, Any], made_with: dict[str, Any], models, prompts,
-                  labels: list[str]) -> dict[str, Any]:
-    """The contact sheet's provenance: what made its images (``made_with``: base model, the run's LoRA and its
-    SHA-256, sampler), its rows (prompts, first seed) and columns (models: each one's LoRA file, SHA-256 and
-    adapter weight)."""
-    from sd3tune.sheets import sheet_fields
-
-    seed = data["seeds"][0]
-    return sheet_fields(
-        {**made_with, "run_dir": data["run_dir"]}, sheet="sd3tune evaluate contact sheet", rows="prompt",
-        columns="model", row_labels=labels,
-        column_labels=[m.title for m in models], prompts=[p.text for p in prompts], seeds=[seed],
-        prompt_kinds=[p.kind for p in prompts],
-        models=[{"label": m.label, "title": m.title, "lora": data["models"][m.label]["lora_file"],
-                 "lora_sha256": data["models"][m.label]["lora_sha256"], "adapter_weight": m.adapter_weight}
-                for m in models],
-        images=[[data["models"][m.label]["images"][p][0] for m in models] for p in range(len(prompts))])
-
-
-def _record_in_manifest(run_dir: Path, out: Path, data: dict[str, Any]) -> None:
-    from sd3tune.manifest import read_manifest, update_manifest
-
-    best = data["best"]["label"]
-    entry = {"created": data["created"], "out": str(out), "metrics": str(out / "metrics.json"),
-             "lora_sha256": data["lora"]["sha256"], "clip_model": data["clip_model"]["name"],
-             "models": list(data["models"]), "best": best}
-    try:
-        earlier = read_manifest(run_dir).get("evaluations")
-        # one entry per out folder: an evaluation replaced there (--force) replaces its entry
-        kept = [e for e in earlier if not (isinstance(e, dict) and e.get("out") == str(out))] \
-            if isinstance(earlier, list) else []
-        update_manifest(run_dir, "evaluations", kept + [entry])
-    except OSError:  # a read-only run folder: the evaluation itself is complete in ``out``
-        pass
-
-
-# ----------------------------------------------------------------------------------------------- table
-
-
-def format_table(metrics: dict[str, Any]) -> str:
-    """A compact plain-text table: one line per model, mean ± std of each metric."""
-    from sd3tune.report import TABLE_COLUMNS, fmt
-
-    width = max([len("model")] + [len(m["title"]) + 2 for m in metrics["models"].values()]) + 2
-    cols = [(k, title, d, max(len(title), 16) + 2) for k, title, d in TABLE_COLUMNS]
-    lines = ["model".ljust(width) + "".join(title.ljust(w) for _, title, _, w in cols)]
-    for label, m in metrics["models"].items():
-        mark = " *" if label == metrics["best"]["label"] else ""
-        lines.append((m["title"] + mark).ljust(width)
-                     + "".join(fmt(m["metrics"][k], d).ljust(w) for k, _, d, w in cols))
-    return "\n".join(line.rstrip() for line in lines)
-
-
 # --- `sd3tune evaluate` on the command line (sd3tune.cli loads it when the command runs or shows its help; this
 # section imports all it uses, whatever the module above imports) ---
 
@@ -449,6 +321,7 @@ from sd3tune.commands.options import (BatchSizeOpt, Device, DeviceOpt, Dtype, Dt
                                       StepsOpt, choice_parser, choices)
 from sd3tune.defaults import DEFAULT_CLIP  # noqa: E402,F811
 from sd3tune.errors import Sd3tuneError  # noqa: E402,F811
+from sd3tune.report import format_table  # noqa: E402
 
 Checkpoints = choices("Checkpoints", CHECKPOINT_CHOICES)
 parse_checkpoints = choice_parser(Checkpoints, lambda value: _check_options(EvaluateOptions(Path(), checkpoints=value)))

@@ -21,7 +21,8 @@ from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.caches import run_bucket_suffix
-from sd3tune.simpletuner.files import RunPaths, render_backends, render_env, render_json
+from sd3tune.simpletuner.layout import RunPaths
+from sd3tune.simpletuner.writer import render_backends, render_env, render_json
 
 
 @dataclass
@@ -183,10 +184,10 @@ from typing import Annotated, Optional  # noqa: E402
 
 import typer  # noqa: E402
 
+from sd3tune.checks.render import render_report  # noqa: E402
 from sd3tune.cli import command_app  # noqa: E402
-from sd3tune.commands.check import render_report  # noqa: E402
 from sd3tune.commands.options import Format, Preset, RunDir, parse_format, parse_preset  # noqa: E402
-from sd3tune.simpletuner.files import output_conflict  # noqa: E402
+from sd3tune.simpletuner.layout import output_conflict  # noqa: E402
 
 app = command_app()
 

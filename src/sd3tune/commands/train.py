@@ -18,8 +18,8 @@ from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
                                         fix_not_applied_message, phase_of, run_plan)
-from sd3tune.simpletuner.files import (RunPaths, checkpoint_step, checkpoints, incomplete_checkpoint,
-                                      incomplete_hint, output_conflict)
+from sd3tune.simpletuner.layout import (RunPaths, checkpoint_step, checkpoints, incomplete_checkpoint,
+                                       incomplete_hint, output_conflict)
 from sd3tune.simpletuner.caches import prepare_dataset_caches
 
 

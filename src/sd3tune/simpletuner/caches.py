@@ -33,7 +33,7 @@ from sd3tune.errors import Sd3tuneError
 from sd3tune.fsutil import atomic_write_text
 from sd3tune.simpletuner.backends import ImageBackend
 from sd3tune.simpletuner.dataset import list_images
-from sd3tune.simpletuner.files import RunPaths
+from sd3tune.simpletuner.layout import RunPaths
 
 RECORD = ".sd3tune-latents.json"  # beside the latents: what made them
 # The image dataset settings that change a latent: its size, aspect bucket or crop.

@@ -1,222 +1,24 @@
-"""Writers and readers of a run's SimpleTuner files: ``config/config.env`` or ``config/config.json`` plus
-``config/multidatabackend.json``. Readers report every problem as a Finding and never raise for user mistakes.
+"""Readers of a run's SimpleTuner files: ``config/config.env`` or ``config/config.json`` plus
+``config/multidatabackend.json``, into a LoadedRun. Readers report every problem as a Finding and never raise for
+user mistakes.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 
-from sd3tune import __version__
 from sd3tune.config.models import RunConfig
-from sd3tune.errors import UnsafeValueError
 from sd3tune.findings import Finding, at_line, choice_error, error, warning
 from sd3tune.simpletuner import envfile, keys
-from sd3tune.simpletuner.backends import BACKENDS, NUMBER_ERROR, ImageBackend, TextEmbedsBackend, dump_backends
+from sd3tune.simpletuner.backends import BACKENDS, NUMBER_ERROR, ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
-
-Format = Literal["env", "json"]
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where a run's files live. SimpleTuner runs with ``root`` as its working directory."""
-
-    root: Path
-
-    @property
-    def config_dir(self) -> Path:
-        return self.root / keys.CONFIG_DIR
-
-    @property
-    def env(self) -> Path:
-        return self.config_dir / keys.ENV_FILE
-
-    @property
-    def json(self) -> Path:
-        return self.config_dir / keys.JSON_FILE
-
-    @property
-    def toml(self) -> Path:
-        return self.config_dir / keys.TOML_FILE
-
-    @property
-    def backends(self) -> Path:
-        return self.config_dir / keys.BACKENDS_FILE
-
-    @property
-    def output(self) -> Path:
-        return self.root / "output"
-
-    @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    def config_file(self, fmt: Format) -> Path:
-        return self.env if fmt == "env" else self.json
-
-    def resolve(self, value: str) -> Path:
-        """A path from the run's files as SimpleTuner reads it: relative ones from the run folder, its working dir."""
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else self.root / p
-
-
-# ----------------------------------------------------------------------------------------------- writers
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-def _descriptions() -> dict[str, str]:
-    out = {}
-    for key in keys.KEYS:
-        section, name = key.path.split(".")
-        section_model = RunConfig.model_fields[section].annotation
-        out[key.option] = section_model.model_fields[name].description or ""
-    return out
-
-
-def render_env(cfg: RunConfig, catalog: Catalog | None = None) -> str:
-    """config.env text for ``cfg``: one commented line per setting, the rest in TRAINER_EXTRA_ARGS.
-
-    Options with a config.env key are written as ``KEY='value'``; ``false`` values and options without a key go
-    to TRAINER_EXTRA_ARGS as ``--option=value`` (SimpleTuner drops ``KEY=false`` lines).
-    """
-    catalog = catalog or load_catalog()
-    env_key = catalog.env_key_for()
-    notes = _descriptions()
-    lines = [f"# SimpleTuner {catalog.simpletuner_version} config written by sd3tune {__version__}.",
-             "# Check it with `sd3tune check RUN_DIR`; train with `sd3tune train RUN_DIR`.", ""]
-    extra: list[str] = []
-    for option, value in keys.to_simpletuner_args(cfg).items():
-        key = env_key.get(option)
-        if key is None or value is False or (isinstance(value, str) and value.lower() == "false"):
-            text = _text(value)
-            if not text or any(ch.isspace() or ch in "'\"\\$`" for ch in text):
-                raise UnsafeValueError(
-                    f"config.env: --{option} value {text!r} must go in TRAINER_EXTRA_ARGS, which SimpleTuner splits on "
-                    "spaces and which cannot hold quotes", hint="use a value without spaces or quotes, or --format json")
-            extra.append(f"--{option}={text}")
-            continue
-        if notes.get(option):
-            lines.append(f"# {notes[option]}")
-        lines.append(envfile.format_line(key, _text(value)))
-    lines.append("# Options without a config.env key, and every false flag (SimpleTuner drops KEY=false lines).")
-    lines.append(envfile.format_line(keys.EXTRA_ARGS_KEY, " ".join(extra)))
-    return "\n".join(lines) + "\n"
-
-
-def render_json(cfg: RunConfig) -> str:
-    return json.dumps(keys.to_simpletuner_args(cfg), indent=2) + "\n"
-
-
-def render_backends(backends: list[ImageBackend | TextEmbedsBackend]) -> str:
-    return json.dumps(dump_backends(backends), indent=2) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------- readers
-
-
-@dataclass
-class LoadedRun:
-    """A run as read from disk: the typed models (None when invalid) and every finding on the way."""
-
-    paths: RunPaths
-    format: Format | None = None
-    config: RunConfig | None = None
-    backends: list[ImageBackend | TextEmbedsBackend] | None = None
-    backend_entries: list[Any] | None = None  # multidatabackend.json as parsed, when it is a JSON list
-    args: dict[str, Any] = field(default_factory=dict)  # SimpleTuner options as the files set them
-    sources: dict[str, str] = field(default_factory=dict)  # option -> "KEY" / "TRAINER_EXTRA_ARGS --opt" / json key
-    findings: list[Finding] = field(default_factory=list)
-    config_read: bool = False  # the config file itself could be read and parsed
-
-    def paths_name(self) -> str:
-        """The config file's name, for findings."""
-        return keys.JSON_FILE if self.format == "json" else keys.ENV_FILE
-
-    def key_for(self, option: str, located: bool = True, catalog: Catalog | None = None) -> str:
-        """Where the user sets ``option`` in this run's files. ``located``: the exact entry when the files set it
-        (config.env line, TRAINER_EXTRA_ARGS entry or JSON key), else where it would go; otherwise the bare key for
-        use inside a message (the env variable, ``--option``, or the JSON key)."""
-        if located and option in self.sources:
-            return self.sources[option]
-        if self.format != "env":
-            return option
-        env_key = (catalog or load_catalog()).env_key_for().get(option)
-        if env_key:
-            return env_key
-        return f"{keys.EXTRA_ARGS_KEY} --{option}" if located else f"--{option}"
-
-    def output_dir(self) -> Path | None:
-        """SimpleTuner's OUTPUT_DIR; a relative one is relative to the run folder (its working directory). None when
-        the config could not be read."""
-        if self.config is None:
-            return None
-        out = Path(self.config.paths.output_dir).expanduser()
-        return out if out.is_absolute() else self.paths.root / out
-
-
-def checkpoint_step(folder: Path) -> int | None:
-    """N for a ``checkpoint-N`` folder, else None."""
-    tail = folder.name[len(keys.CHECKPOINT_PREFIX):]
-    return int(tail) if folder.name.startswith(keys.CHECKPOINT_PREFIX) and tail.isdigit() else None
-
-
-def checkpoints(output_dir: Path) -> list[Path]:
-    """The ``checkpoint-N`` folders SimpleTuner wrote in ``output_dir``, oldest first."""
-    found = [p for p in output_dir.glob(f"{keys.CHECKPOINT_PREFIX}*") if p.is_dir() and checkpoint_step(p) is not None]
-    return sorted(found, key=checkpoint_step)
-
-
-def incomplete_checkpoint(folder: Path) -> bool:
-    """Whether SimpleTuner never finished saving this checkpoint (e.g. a Ctrl-C during the save): resuming from it
-    fails, after loading every model."""
-    return not (folder / keys.CHECKPOINT_GUARD).is_file()
-
-
-def incomplete_hint(output: Path, run: Path) -> str:
-    """How the run ``run`` goes on when the latest checkpoint in ``output`` is incomplete: delete every incomplete
-    one after the last complete one (SimpleTuner resumes from the latest), then resume from that one."""
-    found = checkpoints(output)
-    complete = [c for c in found if not incomplete_checkpoint(c)]
-    cut = found[found.index(complete[-1]) + 1:] if complete else found
-    then = (f"continue from {complete[-1].name} with `sd3tune train {run} --resume`" if complete else
-            f"start again with `sd3tune train {run}`")
-    return f"delete {'it' if len(cut) == 1 else 'them'} (rm -r {' '.join(map(str, cut))}), then {then}"
-
-
-def output_conflict(output: Path, resume: bool, steps: int | None) -> tuple[str, str] | None:
-    """(problem, fix) when `sd3tune train` (``resume``: with --resume) must refuse this output folder: SimpleTuner
-    would silently resume from a checkpoint in it, or replace its finished LoRA; None when it may train."""
-    existing = checkpoints(output)
-    if existing and not resume:
-        return (f"{output} already holds {existing[-1].name}; SimpleTuner would silently resume from it",
-                "pass --resume to continue, or move the output folder away to start over")
-    if not existing and (output / keys.LORA_WEIGHT_NAME).is_file():
-        return (f"{output} already holds a trained {keys.LORA_WEIGHT_NAME} (and no checkpoint to resume from); "
-                "training again would replace it",
-                "move the output folder away to start over, or set OUTPUT_DIR to a new folder")
-    if resume and not existing:
-        return f"nothing to resume: no checkpoint in {output}", "run without --resume"
-    if resume and steps and (checkpoint_step(existing[-1]) or 0) >= steps:
-        return (f"nothing to resume: {existing[-1].name} has all {steps} steps of the run",
-                "raise the step count (MAX_NUM_STEPS) to train further")
-    return None
+from sd3tune.simpletuner.layout import RunPaths
+from sd3tune.simpletuner.loaded import LoadedRun, load_json, set_arg
 
 
 def _coerce_bool_options(args: dict[str, Any], catalog: Catalog) -> None:
@@ -293,7 +95,7 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> bool:
             run.findings.append(error(name, where, f"--{option} takes a value, but 'true' makes SimpleTuner pass it "
                                                    "without one", f"set {key} to a {opt.kind} value"))
             continue
-        _set_arg(run, option, value, where)
+        set_arg(run, option, value, where)
     if keys.EXTRA_ARGS_KEY in resolved:
         value, line = resolved[keys.EXTRA_ARGS_KEY]
         _read_extra_args(run, catalog, value, at_line(keys.EXTRA_ARGS_KEY, line))
@@ -361,33 +163,18 @@ def _read_extra_args(run: LoadedRun, catalog: Catalog, value: str, where: str) -
                 run.findings.append(error(keys.ENV_FILE, where, f"--{option} needs a value", f"write --{option}=VALUE"))
                 continue
             raw = "true"
-        _set_arg(run, opt.name, raw, f"{where} --{option}")
+        set_arg(run, opt.name, raw, f"{where} --{option}")
 
 
-# names SimpleTuner still reads, under their current name: a legacy config.json key, and an lr_scheduler alias
+# a legacy config.json key SimpleTuner still reads, under its current name
 _JSON_LEGACY_KEYS = {"save_total_limit": "checkpoints_total_limit"}
-_LR_SCHEDULER_ALIASES = {"cosine_with_warmup": "cosine"}
-
-
-def _set_arg(run: LoadedRun, option: str, value: Any, source: str) -> None:
-    if option == "lr_scheduler" and isinstance(value, str) and value.strip().lower() in _LR_SCHEDULER_ALIASES:
-        meant = _LR_SCHEDULER_ALIASES[value.strip().lower()]
-        run.findings.append(warning(run.paths_name(), source, f"SimpleTuner reads {value!r} as {meant!r} (warm-up "
-                                                              "from lr_warmup_steps either way)", f"write {meant}"))
-        value = meant
-    if option in run.args:
-        run.findings.append(warning(run.paths_name(), source,
-                                    f"--{option} is also set by {run.sources[option]}; this later value wins",
-                                    "keep one of them"))
-    run.args[option] = value
-    run.sources[option] = source
 
 
 def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
     """Read config.json into ``run.args``; False when it could not be read or parsed."""
     name = keys.JSON_FILE
     # json.loads keeps only the last value of a key written twice (as SimpleTuner does), silently: note them
-    data = _load_json(run, run.paths.json, name, object_pairs_hook=_JsonObject.from_pairs)
+    data = load_json(run, run.paths.json, name, object_pairs_hook=_JsonObject.from_pairs)
     if data is None:
         return False
     if not isinstance(data, dict):
@@ -439,7 +226,7 @@ def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
                 run.findings.append(warning(name, raw_key, f"null: SimpleTuner ignores the key and {default}",
                                             "write a value, or remove the key"))
             continue
-        _set_arg(run, opt.name, value, raw_key)
+        set_arg(run, opt.name, value, raw_key)
     return True
 
 
@@ -454,23 +241,6 @@ class _JsonObject(dict):
         seen: set[str] = set()
         obj.duplicates = list(dict.fromkeys(k for k, _ in pairs if k in seen or seen.add(k)))
         return obj
-
-
-def _load_json(run: LoadedRun, path: Path, name: str, object_pairs_hook=None) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=object_pairs_hook)
-    except json.JSONDecodeError as exc:
-        if exc.msg.startswith("Unexpected UTF-8 BOM"):  # SimpleTuner's json.load fails on it the same way
-            run.findings.append(error(name, "", "starts with a byte-order mark (BOM), which SimpleTuner cannot read",
-                                      "save the file as UTF-8 without BOM"))
-            return None
-        run.findings.append(error(name, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}",
-                                  "fix the syntax (a trailing comma or a missing quote is typical)"))
-    except UnicodeDecodeError:
-        run.findings.append(error(name, "", "not UTF-8 text", "save the file as UTF-8"))
-    except OSError as exc:
-        run.findings.append(error(name, "", f"cannot be read: {exc.strerror}", "check the file's permissions"))
-    return None
 
 
 def with_simpletuner_defaults(args: dict[str, Any], catalog: Catalog) -> dict[str, Any]:
@@ -530,7 +300,7 @@ def _read_backends(run: LoadedRun) -> None:
     if not run.paths.backends.is_file():
         run.findings.append(error(name, "", f"{run.paths.backends} is missing", "run `sd3tune init` to write it"))
         return
-    data = _load_json(run, run.paths.backends, name)
+    data = load_json(run, run.paths.backends, name)
     if data is None:
         return
     if not isinstance(data, list):
@@ -575,14 +345,6 @@ def _number_finding(file: str, where: str, given: Any) -> Finding:
                      f"write {text} without quotes" if numeric else "write a number without quotes")
     return error(file, where, f"{json.dumps(given) if isinstance(given, (bool, type(None))) else repr(given)} is not "
                               "a number", "write a number")
-
-
-def find_run_root(path: Path) -> Path | None:
-    """The run folder (the one holding config/config.env or config/config.json) at ``path`` or up to 4 above."""
-    for candidate in [path, *path.parents][:5]:
-        if (candidate / keys.CONFIG_DIR / keys.ENV_FILE).is_file() or (candidate / keys.CONFIG_DIR / keys.JSON_FILE).is_file():
-            return candidate
-    return None
 
 
 def read_run(run_dir: str | Path, catalog: Catalog | None = None) -> LoadedRun:

@@ -286,9 +286,13 @@ def untrained_run(tiny_init_options) -> Path:
     return tiny_init_options.run_dir
 
 
-@pytest.mark.parametrize("case", ["missing_run", "inside_run", "no_lora", "bad_checkpoints", "missing_clip",
-                                  "clip_not_a_model", "clip_text_encoder", "clip_not_on_hub", "missing_prompts",
-                                  "zero_seeds"])
+_TRAINED = pytest.mark.e2e  # the case needs the trained run (or the tiny model)
+
+
+@pytest.mark.parametrize("case", ["missing_run", pytest.param("inside_run", marks=_TRAINED), "no_lora",
+                                  *(pytest.param(case, marks=_TRAINED) for case in (
+                                      "bad_checkpoints", "missing_clip", "clip_not_a_model", "clip_text_encoder",
+                                      "clip_not_on_hub", "missing_prompts", "zero_seeds"))])
 def test_user_errors_are_one_line_with_a_hint(case, request, tmp_path, prompts_file):
     run = tmp_path / "nope"
     kw: dict = {}

@@ -56,6 +56,7 @@ def test_buckets_for_sd3():
     assert all(side % 64 == 0 for side in bucket_of(777, 1333, 768, "pixel_area"))
 
 
+@pytest.mark.e2e  # imports SimpleTuner's bucket code
 def test_buckets_match_simpletuners_own_code(tmp_path):
     """The same sizes through SimpleTuner 4.10.1's MultiaspectImage (imports torch: ~10 s)."""
     pytest.importorskip("simpletuner")

@@ -157,3 +157,36 @@ def test_no_module_is_over_400_lines():
     bad = [f"{name} ({modules[name].relative_to(SRC)}): {n} lines" for name, n in lengths.items()
            if n > MAX_LINES and name not in LONG_MODULES]
     assert not bad, _report(bad, f"a module holds one concern in at most {MAX_LINES} lines: split it")
+
+
+def test_the_readme_layout_names_every_module_and_only_modules_that_exist():
+    """README.md's "Layout" block lists src/sd3tune: every module and folder it names exists, and every module of the
+    package, of commands/ and of simpletuner/ is named there (a line's names come before its description)."""
+    import re
+
+    readme = (SRC.parent / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    named: set[Path] = set()
+    folder = None
+    lines = block.splitlines()
+    for line in lines[lines.index("src/sd3tune/") + 1:]:
+        indent = len(line) - len(line.lstrip())
+        if indent == 0:  # past src/sd3tune/
+            break
+        words = re.split(r"\s{2,}", line.strip())[0].split()
+        if indent == 2:
+            folder = None
+        for word in words:
+            if word.endswith("/"):
+                path = PACKAGE / folder / word if folder and indent > 2 else PACKAGE / word
+                assert path.is_dir(), f"README.md's Layout names {path.relative_to(SRC)}/, which does not exist"
+                if indent == 2:
+                    folder = word.rstrip("/")
+            elif word.endswith(".py"):
+                path = PACKAGE / folder / word if folder and indent > 2 else PACKAGE / word
+                assert path.is_file(), f"README.md's Layout names {path.relative_to(SRC)}, which does not exist"
+                named.add(path)
+    for where in (PACKAGE, PACKAGE / "commands", PACKAGE / "simpletuner"):
+        missing = [str(p.relative_to(SRC)) for p in sorted(where.glob("*.py"))
+                   if p.name not in ("__init__.py", "__main__.py") and p not in named]
+        assert not missing, f"README.md's Layout does not name {missing}"

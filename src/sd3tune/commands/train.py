@@ -217,8 +217,8 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
 class ProgressPrinter:
     """Prints step, loss, s/it and ETA: in place on a terminal, every ~5% otherwise (logs stay short)."""
 
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
+    def __init__(self, stream=None) -> None:
+        self.stream = stream if stream is not None else sys.stderr  # the one in place now (not at import)
         self.tty = stream.isatty()
         self.last_pct = -1
 

@@ -243,18 +243,50 @@ def test_a_checkpoint_save_cut_short_by_ctrl_c_is_named_and_the_hint_resumes_fro
     assert r.code == 0, r.out
 
 
+@pytest.fixture(scope="module")
+def finished_training(tmp_path_factory, tiny_model, concept_data):
+    """What the real SimpleTuner leaves and returns for a tiny run trained to its end (4 steps, checkpoints every 2):
+    its output folder as SimpleTuner left it (before sd3tune stamps anything), its log and run_plan's outcome."""
+    from sd3tune.commands import train
+    from sd3tune.commands.quickstart import tiny_init_options
+    from sd3tune.simpletuner.launch import run_plan
+
+    folder = tmp_path_factory.mktemp("finished")
+    options = tiny_init_options(folder / "run", Path(shutil.copytree(concept_data, folder / "images")), tiny_model,
+                                steps=4, checkpoint_every=2)
+    run_init(options)
+    kept = {}
+
+    def keep_what_simpletuner_left(plan, log, **kwargs):
+        kept["outcome"] = run_plan(plan, log, **kwargs)
+        shutil.copytree(options.run_dir / "output", folder / "as-trained")
+        kept["log"] = log.read_bytes()
+        return kept["outcome"]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "run_plan", keep_what_simpletuner_left)
+        train.run_train(train.TrainOptions(run_dir=options.run_dir))
+    assert kept["outcome"].returncode == 0, kept["outcome"].tail
+    return folder / "as-trained", kept["log"], kept["outcome"]
+
+
 @pytest.mark.parametrize("lora_saved", [True, False])
-def test_a_ctrl_c_after_the_last_step_says_the_training_is_done(tiny_init_options, monkeypatch, lora_saved):
+def test_a_ctrl_c_after_the_last_step_says_the_training_is_done(tiny_init_options, monkeypatch, lora_saved,
+                                                                finished_training):
     # a Ctrl-C while SimpleTuner tore down after its last step (seconds on a GPU) said "checkpoint-4 is kept" and
     # hinted --resume, which refused (nothing to resume); the final LoRA it had saved was left without its stamp
     import dataclasses
 
     from sd3tune.commands import train
-    from sd3tune.simpletuner.launch import run_plan
 
-    def ctrl_c_at_the_end(plan, log, **kwargs):  # the real training, then the interrupt it would have seen
-        outcome = run_plan(plan, log, **kwargs)
-        assert outcome.returncode == 0, outcome.tail
+    as_trained, trained_log, outcome = finished_training
+
+    def ctrl_c_at_the_end(plan, log, **kwargs):  # the real training (shared), then the interrupt it would have seen
+        # written now, as by this training (copy2 would keep the times of the shared one, which ran earlier)
+        shutil.copytree(as_trained, tiny_init_options.run_dir / "output", dirs_exist_ok=True,
+                        copy_function=shutil.copy)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_bytes(trained_log)
         if not lora_saved:  # the Ctrl-C came before SimpleTuner saved the final LoRA
             (tiny_init_options.run_dir / "output" / keys.LORA_WEIGHT_NAME).unlink()
         last = dataclasses.replace(outcome.last_progress, step=outcome.last_progress.step - 1)  # its last line unread

@@ -219,7 +219,7 @@ class ProgressPrinter:
 
     def __init__(self, stream=None) -> None:
         self.stream = stream if stream is not None else sys.stderr  # the one in place now (not at import)
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
         self.last_pct = -1
 
     def __call__(self, p: Progress) -> None:

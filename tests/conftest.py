@@ -18,9 +18,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # tiny model.
 E2E_MODULES = {"test_train.py", "test_quickstart.py", "test_pins.py", "test_cuda_graphs.py", "test_compat.py"}
 E2E_FIXTURES = {"tiny_model", "tiny_clip", "trained_run", "train_bench"}
-# Session fixtures that cost minutes: every test that uses one runs on the same xdist worker (`--dist loadgroup`),
-# so the fixture is made once, not once per worker.
-SHARED_ONCE = {"train_bench": "bench-train"}
+# Session or module fixtures that cost tens of seconds or minutes: every test that uses one runs on the same xdist
+# worker (`--dist loadgroup`), so the fixture is made once, not once per worker.
+SHARED_ONCE = {"train_bench": "bench-train", "probes": "pins-probes", "finished_training": "finished-training"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

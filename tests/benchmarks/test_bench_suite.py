@@ -14,12 +14,11 @@ pytestmark = pytest.mark.bench
 
 
 @pytest.mark.e2e
-def test_bench_suite_runs_the_vendored_anchor_then_the_benchmarks_within_a_deadline(train_bench, bench_work,
-                                                                                     tmp_path):
+def test_bench_suite_runs_the_vendored_anchor_then_the_benchmarks_within_a_deadline(tiny_model, tmp_path):
     # no anchor argument: benchmarks/anchor_sd3m.py --tiny (~15 s on 2 cores) writes OUT/anchor.json
-    work = tmp_path / "work"  # the tiny model bench_train built, its runs left alone
+    work = tmp_path / "work"  # the tests' tiny model (the one `--size tiny` builds) stands in for a built one
     work.mkdir()
-    (work / "model-tiny").symlink_to(bench_work / "model-tiny")
+    (work / "model-tiny").symlink_to(tiny_model)
     out = tmp_path / "out"
     env = child_env(PY=sys.executable, SIZE="tiny", WORK=str(work), TRAIN="default", GEN="default",
                     TRAIN_ARGS="--steps 6 --warmup 2", GEN_ARGS="--images 2 --batch-size 1")

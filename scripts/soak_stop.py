@@ -1,11 +1,12 @@
 """Soak `sd3tune train`'s stop: N trials, each a tiny training hit by a random signal at a random moment, then resumed.
 
 Each trial initialises a tiny run (the tiny SD3 of ``sd3tune.tiny``, 64 px, CPU-sized), starts ``sd3tune train RUN``,
-sends it SIGINT, SIGTERM, SIGHUP or SIGKILL after a random delay (seeded), waits for it to end, and 3 s later counts
-the processes still working in the run folder (orphans; they are then killed). A checkpoint without its ``.guard`` or
-whose safetensors do not load is corrupt (and removed, as sd3tune's hint says). Then it continues as a user would
-(``sd3tune train RUN --resume``, or without ``--resume`` when no checkpoint was kept) and counts a clean resume when
-that finishes the run. Lost steps: the steps trained before the signal that no kept checkpoint holds.
+sends it SIGINT, SIGTERM, SIGHUP or SIGKILL a random delay (seeded) after the launch or after SimpleTuner's first
+step, waits for it to end, and 3 s later counts the processes still working in the run folder (orphans; they are then
+killed). A checkpoint without its ``.guard`` or whose safetensors do not load is corrupt (and removed, as sd3tune's
+hint says). Then it continues as a user would (``sd3tune train RUN --resume``, or without ``--resume`` when no
+checkpoint was kept) and counts a clean resume when that finishes the run. Lost steps: the steps trained before the
+signal that no kept checkpoint holds.
 
     python scripts/soak_stop.py --trials 20 --seed 1 --work /tmp/soak [--steps 6] [--max-delay 40]
 
@@ -97,11 +98,15 @@ def trial(number: int, rng: random.Random, work: Path, model: Path, data: Path, 
     run = work / f"trial-{number}" / "run"
     shutil.rmtree(run.parent, ignore_errors=True)
     run_init(tiny_init_options(run, data, model, steps=steps, checkpoint_every=2))
-    sig, delay = rng.choice(SIGNALS), rng.uniform(0.5, max_delay)
+    # the moment: after the launch (start-up, caching, loading), or after SimpleTuner's first step (steps, saves)
+    sig, moment, delay = rng.choice(SIGNALS), rng.choice(("launch", "first step")), rng.uniform(0.5, max_delay)
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "sd3tune", "train", str(run)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    if moment == "first step":
+        while proc.poll() is None and not last_step(run / "logs", started):
+            time.sleep(0.1)  # polls the log
     try:
         proc.wait(timeout=delay)  # the random moment; a training done before it is no stop
         signalled = False
@@ -125,7 +130,7 @@ def trial(number: int, rng: random.Random, work: Path, model: Path, data: Path, 
     kept = checkpoints(output)
     resumed_from = (checkpoint_step(kept[-1]) or 0) if kept else 0
     record = {"trial": number, "signal": signal.Signals(sig).name if signalled else None,
-              "delay_s": round(delay, 1), "exit_code": proc.returncode, "trained_steps": trained,
+              "after": f"{delay:.1f} s after the {moment}", "exit_code": proc.returncode, "trained_steps": trained,
               "orphans": len(orphans), "corrupt": [c.name for c in corrupt], "guarded_corrupt": guarded_corrupt,
               "resumed_from": resumed_from, "error": next((line for line in err.splitlines()
                                                            if line.startswith("error:")), None)}
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="a folder for the tiny model and the trial runs")
     parser.add_argument("--steps", type=int, default=6, help="steps of each trial's run (a checkpoint every 2)")
     parser.add_argument("--max-delay", type=float, default=40.0,
-                        help="the signal comes 0.5 s to this many seconds after the launch")
+                        help="the signal comes 0.5 s to this many seconds after the launch or the first step")
     args = parser.parse_args(argv)
 
     from sd3tune.commands.quickstart import TRIGGER

@@ -231,3 +231,47 @@ def test_a_signal_ignored_when_sd3tune_started_stays_ignored():
             assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+LEADER = """\
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(120)"])
+print(child.pid, flush=True)
+if sys.argv[1] == "exit":  # gone before the child's sitecustomize ran, most likely
+    sys.exit(0)
+time.sleep(120)
+"""
+
+
+def _running(pid: int) -> bool:
+    try:  # a zombie (dead, not yet reaped by its new parent) is not running
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.parametrize("leader", ["killed", "exit"])
+def test_a_process_of_the_launch_dies_with_the_launcher_even_if_orphaned_before_it_started(leader):
+    # the launcher's children (train.py) get the parent-death signal from sd3tune's sitecustomize; one whose launcher
+    # was already gone when it started ends at once instead of training on its own
+    import sd3tune
+    from sd3tune.simpletuner.compat import LAUNCHED_ENV, SITE_DIR
+
+    env = {**child_env(), LAUNCHED_ENV: "1",
+           "PYTHONPATH": os.pathsep.join([str(SITE_DIR), str(Path(sd3tune.__file__).parents[1])])}
+    proc = subprocess.Popen([sys.executable, "-c", LEADER, "exit" if leader == "exit" else "wait"], env=env,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        child = int(proc.stdout.readline())
+        if leader == "killed":
+            assert proc.stdout.readline().strip() == "ready"  # its sitecustomize ran
+            proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 3.0
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(child), f"the launch's child {child} outlived its launcher"
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError, UnboundLocalError):
+            os.kill(child, signal.SIGKILL)
+        proc.kill()

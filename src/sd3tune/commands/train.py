@@ -16,8 +16,8 @@ from sd3tune.fsutil import file_sha256
 from sd3tune.lora import at_step, safetensors_metadata, stamp_checkpoints, stamp_lora, stamped, training_stamp
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.launch import (LaunchPlan, Progress, build_launch, cuda_graphs_message, failure_reason,
-                                        fix_not_applied_message, phase_of, run_plan)
+from sd3tune.simpletuner.launch import (LaunchPlan, Progress, StopSignals, build_launch, cuda_graphs_message,
+                                        failure_reason, fix_not_applied_message, phase_of, run_plan)
 from sd3tune.simpletuner.layout import (RunPaths, checkpoint_step, checkpoints, incomplete_checkpoint,
                                        incomplete_hint, output_conflict)
 from sd3tune.simpletuner.caches import prepare_dataset_caches
@@ -162,56 +162,86 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
             last_phase = phase
             on_status(f"SimpleTuner: {phase} ({time.perf_counter() - start:.0f} s)")
 
-    outcome = run_plan(plan, log, on_progress=on_progress, on_line=on_line)
-    result.seconds = time.perf_counter() - start
-    result.last = outcome.last_progress
-    entry = {"started": stamp, "finished": now(), "seconds": round(result.seconds, 1), "exit_code": outcome.returncode,
-             "resume": opts.resume, **({"resumed_from": resumed_from.name} if resumed_from else {}),
-             "gpus": opts.gpus, "cuda_graphs": opts.cuda_graphs, "log": str(log), "command": plan.argv,
-             "versions": package_versions("simpletuner", "accelerate", "diffusers", "peft", "transformers", "torch")}
-    # whatever the outcome: a checkpoint is resumed from, or sampled, later
-    stamp_checkpoints(output, lora_stamp, after_step=(checkpoint_step(resumed_from) or 0) if resumed_from else 0)
-    lora = output / keys.LORA_WEIGHT_NAME
-    steps = outcome.last_progress.step if outcome.last_progress else None
-    if outcome.interrupted:
-        # a Ctrl-C after SimpleTuner saved the final LoRA (while it tore down): that LoRA is this training's, complete
-        saved = lora.is_file() and lora.stat().st_mtime >= launched and safetensors_metadata(lora) is not None
-        if saved:  # saved after every step (the progress read may stop a step or two short)
-            steps = outcome.last_progress.total if outcome.last_progress else None
-            saved = stamped(lora, at_step(lora_stamp, steps))
-        update_manifest(paths.root, "trainings", {**entry, "status": "interrupted", **(
-            {"lora": str(lora), "lora_sha256": file_sha256(lora), "steps": steps} if saved else {})}, append=True)
-        kept = checkpoints(output)
-        if kept and incomplete_checkpoint(kept[-1]):  # Ctrl-C during its save: resuming from it would fail
-            raise TrainingFailed(f"training interrupted while saving {kept[-1].name}, which is incomplete",
-                                 hint=incomplete_hint(output, opts.run_dir), exit_code=130)
-        done = kept and output_conflict(output, True, cfg.optim.max_train_steps)  # every step: --resume refuses
-        if saved or done:
-            more = (f"raise {report.run.key_for('max_train_steps', located=False)} and continue with "
-                    f"`sd3tune train {opts.run_dir} --resume` to train further")
-            raise TrainingFailed(
-                "training interrupted after its last step; " + (f"its LoRA {lora} is saved" if saved else
-                                                                  f"{kept[-1].name} holds the trained LoRA"),
-                hint=f"use it as it is, or {more}", exit_code=130)
-        raise TrainingFailed(f"training interrupted; {kept[-1].name} is kept" if kept else
-                             "training interrupted before its first checkpoint",
-                             hint=f"continue with `sd3tune train {opts.run_dir} --resume`" if kept else
-                             f"start again with `sd3tune train {opts.run_dir}`", exit_code=130)
-    if outcome.returncode != 0:
-        update_manifest(paths.root, "trainings", {**entry, "status": "failed"}, append=True)
-        detail = failure_reason(outcome.tail)
-        raise TrainingFailed(f"SimpleTuner exited with code {outcome.returncode}: {detail}",
-                             hint=f"see the full log {log}", exit_code=outcome.returncode)
-    if not lora.is_file():
-        raise TrainingFailed(f"SimpleTuner finished but wrote no {keys.LORA_WEIGHT_NAME} in {lora.parent}",
-                             hint=f"see the full log {log}", exit_code=1)
-    stamp_lora(lora, at_step(lora_stamp, steps))
-    final_loss = outcome.last_progress.loss if outcome.last_progress else None
-    update_manifest(paths.root, "trainings", {**entry, "status": "ok", "lora": str(lora),
-                                              "lora_sha256": file_sha256(lora), "steps": steps,
-                                              "final_loss": final_loss}, append=True)
+    with StopSignals() as signals:  # a signal during the stop, the stamping or the record cannot cut them short
+        outcome = run_plan(plan, log, on_progress=on_progress, on_line=on_line, signals=signals)
+        result.seconds = time.perf_counter() - start
+        result.last = outcome.last_progress
+        entry = {"started": stamp, "finished": now(), "seconds": round(result.seconds, 1),
+                 "exit_code": outcome.returncode, "resume": opts.resume,
+                 **({"resumed_from": resumed_from.name} if resumed_from else {}), "gpus": opts.gpus,
+                 "cuda_graphs": opts.cuda_graphs, "log": str(log), "command": plan.argv,
+                 "versions": package_versions("simpletuner", "accelerate", "diffusers", "peft", "transformers",
+                                              "torch")}
+        lora = output / keys.LORA_WEIGHT_NAME
+        steps = outcome.last_progress.step if outcome.last_progress else None
+
+        def record(status: str, **more) -> None:  # first, before any stamping: a full disk must not lose it
+            try:
+                update_manifest(paths.root, "trainings", {**entry, "status": status, **more}, append=True)
+            except Sd3tuneError as exc:
+                warn(f"this training is not in {paths.root / 'sd3tune.json'}: {exc.message}")
+
+        def warn(text: str) -> None:
+            if on_status:
+                on_status(f"warning: {text}")
+
+        def stamp_checkpoints_noting() -> None:  # a checkpoint is resumed from, or sampled, later
+            try:
+                stamp_checkpoints(output, lora_stamp,
+                                  after_step=(checkpoint_step(resumed_from) or 0) if resumed_from else 0)
+            except Sd3tuneError as exc:  # (a full disk) the training's own outcome stays what is said
+                warn(f"the checkpoints are not all stamped with their settings: {exc.message}")
+
+        if outcome.interrupted:
+            # a Ctrl-C after SimpleTuner saved the final LoRA (while it tore down): that LoRA is this training's
+            saved = lora.is_file() and lora.stat().st_mtime >= launched and safetensors_metadata(lora) is not None
+            if saved:  # saved after every step (the progress read may stop a step or two short)
+                steps = outcome.last_progress.total if outcome.last_progress else None
+                try:
+                    saved = stamped(lora, at_step(lora_stamp, steps))
+                except Sd3tuneError as exc:
+                    saved = False
+                    warn(f"{lora} is not stamped: {exc.message}")
+            record("interrupted", signal=outcome.signal, **(
+                {"lora": str(lora), "lora_sha256": file_sha256(lora), "steps": steps} if saved else {}))
+            stamp_checkpoints_noting()
+            raise _interrupted(opts, cfg, report, output, lora, saved)
+        if outcome.returncode != 0:
+            detail = failure_reason(outcome.tail)  # SimpleTuner's own error, recorded before anything else
+            record("failed", error=detail)
+            stamp_checkpoints_noting()
+            raise TrainingFailed(f"SimpleTuner exited with code {outcome.returncode}: {detail}",
+                                 hint=f"see the full log {log}", exit_code=outcome.returncode)
+        stamp_checkpoints_noting()
+        if not lora.is_file():
+            record("failed", error=f"no {keys.LORA_WEIGHT_NAME} written")
+            raise TrainingFailed(f"SimpleTuner finished but wrote no {keys.LORA_WEIGHT_NAME} in {lora.parent}",
+                                 hint=f"see the full log {log}", exit_code=1)
+        stamp_lora(lora, at_step(lora_stamp, steps))
+        final_loss = outcome.last_progress.loss if outcome.last_progress else None
+        record("ok", lora=str(lora), lora_sha256=file_sha256(lora), steps=steps, final_loss=final_loss)
     result.lora = lora
     return result
+
+
+def _interrupted(opts: TrainOptions, cfg: RunConfig, report, output: Path, lora: Path, saved: bool) -> TrainingFailed:
+    """What an interrupted training says: what it left and how to go on."""
+    kept = checkpoints(output)
+    if kept and incomplete_checkpoint(kept[-1]):  # Ctrl-C during its save: resuming from it would fail
+        return TrainingFailed(f"training interrupted while saving {kept[-1].name}, which is incomplete",
+                              hint=incomplete_hint(output, opts.run_dir), exit_code=130)
+    done = kept and output_conflict(output, True, cfg.optim.max_train_steps)  # every step: --resume refuses
+    if saved or done:
+        more = (f"raise {report.run.key_for('max_train_steps', located=False)} and continue with "
+                f"`sd3tune train {opts.run_dir} --resume` to train further")
+        return TrainingFailed(
+            "training interrupted after its last step; " + (f"its LoRA {lora} is saved" if saved else
+                                                              f"{kept[-1].name} holds the trained LoRA"),
+            hint=f"use it as it is, or {more}", exit_code=130)
+    return TrainingFailed(f"training interrupted; {kept[-1].name} is kept" if kept else
+                          "training interrupted before its first checkpoint",
+                          hint=f"continue with `sd3tune train {opts.run_dir} --resume`" if kept else
+                          f"start again with `sd3tune train {opts.run_dir}`", exit_code=130)
 
 
 class ProgressPrinter:

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping
 from sd3tune.errors import Sd3tuneError
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.catalog import load_catalog
-from sd3tune.simpletuner.compat import CUDA_GRAPHS_ENV, SITE_DIR
+from sd3tune.simpletuner.compat import CUDA_GRAPHS_ENV, LAUNCHED_ENV, SITE_DIR, die_with_parent
 
 # Variables the child may inherit: system basics, GPU/NCCL plumbing, Hub and W&B credentials and caches.
 PASSTHROUGH = {
@@ -195,42 +195,118 @@ class RunOutcome:
     interrupted: bool
     last_progress: Progress | None
     tail: list[str] = field(default_factory=list)
+    signal: str | None = None  # what stopped an interrupted training: SIGINT, SIGTERM or SIGHUP
+
+
+def _say(text: str) -> None:
+    """A line on stderr from a signal handler: os.write (the handler may run inside a write to sys.stderr); a
+    terminal gone with the SIGHUP that brought us here is no error."""
+    try:
+        os.write(2, f"\n{text}\n".encode())
+    except OSError:
+        pass
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C), SIGTERM (``kill``, ``timeout``, a cancelled job) and SIGHUP (a closed terminal or SSH session)
+    while a training runs, as a context manager around the run and its record.
+
+    The first signal starts one orderly stop: ``KeyboardInterrupt`` in the run, which stops the trainer's process
+    group (``_stop``). Every later signal is absorbed, so the stop, the stamping and the record finish ("stopping,
+    please wait", said once): ``uv run`` forwards one Ctrl-C as two SIGINTs. A third SIGINT within 5 s of the first
+    kills the trainer at once (the interruption is still recorded). A signal ignored when sd3tune started (``nohup``,
+    a script's background job) stays ignored. Outside the main thread nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.state = "idle"  # -> running (the trainer started) -> stopping | finished
+        self.first: int | None = None  # the signal that stopped the training
+        self.pending = False  # a signal came before the trainer started
+        self.kill = False  # stop at once: SIGKILL
+        self.sigints: list[float] = []
+        self.said = False
+        self._restore: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._restore[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._restore.items():
+            signal.signal(sig, handler)
+        self._restore.clear()
+
+    def started(self) -> None:
+        """The trainer runs: a signal now raises KeyboardInterrupt (one that came while it started, now)."""
+        self.state = "running"
+        if self.pending:
+            self.state = "stopping"
+            raise KeyboardInterrupt
+
+    def _handle(self, signum, frame) -> None:
+        import time
+
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            self.sigints = [t for t in self.sigints if now - t < 5.0] + [now]
+        if self.first is None:
+            self.first = signum
+        if self.state == "idle":
+            self.pending = True
+        elif self.state == "running":
+            self.state = "stopping"
+            raise KeyboardInterrupt
+        elif self.state == "stopping" and len(self.sigints) >= 3 and not self.kill:
+            self.kill = True
+            _say("stopping now: killing the training")
+        elif not self.said:
+            self.said = True
+            _say("stopping, please wait")
 
 
 def run_plan(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress], None] | None = None,
-             on_line: Callable[[str], None] | None = None, tail_lines: int = 80) -> RunOutcome:
+             on_line: Callable[[str], None] | None = None, tail_lines: int = 80,
+             signals: StopSignals | None = None) -> RunOutcome:
     """Run the plan; all output goes to ``log_path``; progress lines are parsed and reported.
 
-    Ctrl-C sends SIGINT to the training process group, waits for it to stop, and reports ``interrupted``.
+    SIGINT, SIGTERM or SIGHUP stops the training process group, waits for it to stop, and reports ``interrupted``
+    (``StopSignals``: pass one that also spans what the caller does with the outcome, else it spans the run alone).
+    The trainer dies with sd3tune, even with a ``kill -9`` of sd3tune (``die_with_parent``).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    # The training runs in its own session, so a SIGTERM to sd3tune (`kill`, `timeout`, a cancelled CI job) never
-    # reaches it: sd3tune died and left SimpleTuner training (and holding the GPU). Stop it as Ctrl-C does.
-    restore = None
-    if threading.current_thread() is threading.main_thread():
-        restore = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        return _run(plan, log_path, on_progress, on_line, tail_lines)
-    finally:
-        if restore is not None:
-            signal.signal(signal.SIGTERM, restore)
+    if signals is not None:
+        return _run(plan, log_path, on_progress, on_line, tail_lines, signals)
+    with StopSignals() as own:
+        return _run(plan, log_path, on_progress, on_line, tail_lines, own)
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+def _child_setup(parent: int) -> None:
+    """In the launcher, between fork and exec: it leads its own session (start_new_session) so that a stop reaches
+    every process of the launch, dies with sd3tune, and takes SIGINT and SIGTERM at their defaults even where
+    sd3tune started with them ignored (a script's ``cmd &``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent)
 
 
 def _run(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress], None] | None,
-         on_line: Callable[[str], None] | None, tail_lines: int) -> RunOutcome:
+         on_line: Callable[[str], None] | None, tail_lines: int, signals: StopSignals) -> RunOutcome:
     last: Progress | None = None
     tail: list[str] = []
     interrupted = False
+    parent = os.getpid()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env=plan.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(plan.argv, cwd=plan.cwd, env={**plan.env, LAUNCHED_ENV: str(parent)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=lambda: _child_setup(parent))
         assert proc.stdout is not None
         buffer = b""
         try:
+            signals.started()
             while True:
                 chunk = proc.stdout.read1(65536)  # type: ignore[attr-defined]
                 if not chunk:
@@ -254,10 +330,15 @@ def _run(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress], Non
                         if on_line:
                             on_line(cleaned)
             proc.wait()
+            signals.state = "finished"
         except KeyboardInterrupt:
             interrupted = True
-            _stop(proc)
-    return RunOutcome(proc.returncode if not interrupted else 130, interrupted, last, tail)
+            signals.state = "stopping"
+            _stop(proc, signals)
+            signals.state = "finished"
+    stopped_by = signal.Signals(signals.first).name if interrupted and signals.first else None
+    return RunOutcome(proc.returncode if not interrupted else 130, interrupted, last, tail,
+                      stopped_by or ("SIGINT" if interrupted else None))
 
 
 def _group_alive(pgid: int) -> bool:
@@ -270,12 +351,24 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop the launcher and every process it started (its own session): SIGINT, then SIGTERM, then SIGKILL."""
+def _stop(proc: subprocess.Popen, signals: StopSignals) -> None:
+    """Stop the launcher and every process it started (its own session): SIGINT, then SIGTERM, then SIGKILL, each
+    after the last one's grace; SIGKILL at once when ``signals`` says so. Never cut short by another interrupt."""
+    while True:
+        try:
+            _stop_group(proc, signals)
+            return
+        except KeyboardInterrupt:  # not from StopSignals (it absorbs them while stopping): stop at once
+            signals.kill = True
+
+
+def _stop_group(proc: subprocess.Popen, signals: StopSignals) -> None:
     import time
 
     pgid = proc.pid  # start_new_session=True made the launcher its group's leader
     for sig, grace in ((signal.SIGINT, 30.0), (signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        if signals.kill and sig != signal.SIGKILL:
+            continue
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
@@ -284,5 +377,7 @@ def _stop(proc: subprocess.Popen) -> None:
         while time.monotonic() < deadline:
             if proc.poll() is not None and not _group_alive(pgid):
                 return
+            if signals.kill and sig != signal.SIGKILL:
+                break
             time.sleep(0.1)
     proc.wait()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -109,3 +111,54 @@ def install() -> None:
         else:
             pending[name] = fixes
     sys.meta_path.insert(0, _PostImportHook(pending))
+
+
+# ------------------------------------------------------------------------------------------------ dying with sd3tune
+
+LAUNCHED_ENV = "SD3TUNE_LAUNCHED"  # set (to sd3tune's pid) in the environment of every process of a launch
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
+        return None
+
+
+_PRCTL = _load_prctl()  # resolved before any fork: loading a library between fork and exec may deadlock
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """Have Linux send ``sig`` to this process when its parent (pid ``parent``) ends, and end now if it already has
+    (this process was re-parented between its fork and this call). Nothing elsewhere (no such call)."""
+    if _PRCTL is None:
+        return
+    _PRCTL(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
+def die_with_launch() -> None:
+    """In a process of a training sd3tune launched (``LAUNCHED_ENV`` set): end with the launch.
+
+    sd3tune starts ``accelerate launch`` as the leader of its own session, which dies with sd3tune (``die_with_parent``
+    in ``launch.py``). The launcher's own children (SimpleTuner's ``train.py``, one per GPU) die with the launcher; a
+    process of the launch whose parent has already left the session was orphaned before it got here and ends now."""
+    if LAUNCHED_ENV not in os.environ or _PRCTL is None:
+        return
+    session, parent = os.getsid(0), os.getppid()
+    if os.getpid() == session:  # the launcher itself: sd3tune did it between fork and exec
+        return
+    try:
+        orphaned = os.getsid(parent) != session  # re-parented to init (or a subreaper) outside the session
+    except OSError:
+        orphaned = True
+    if orphaned:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if parent == session:
+        die_with_parent(session)

@@ -80,6 +80,9 @@ def resolve_settings(opts: SamplerFlags, lora: LoraSource | None) -> tuple[str, 
         s.max_sequence_length = DIFFUSERS_T5_DEFAULT
     run_shift = lora.schedule_shift if lora else None
     if opts.shift is not None:
+        if not 0 < opts.shift < float("inf"):  # nan fails every comparison
+            raise Sd3tuneError(f"--shift {opts.shift} must be a finite number above 0",
+                               hint="SD3 Medium trains and samples with shift 3.0")
         s.shift = opts.shift
         if run_shift is not None and run_shift != opts.shift:
             notes.append(f"--shift {opts.shift} overrides the run's schedule shift {run_shift}")
@@ -103,8 +106,9 @@ def resolve_settings(opts: SamplerFlags, lora: LoraSource | None) -> tuple[str, 
             raise Sd3tuneError(f"--steps {opts.steps} must be at least 1", hint="SD3 Medium's default is 28")
         s.steps = opts.steps
     if opts.guidance is not None:
-        if opts.guidance < 0:
-            raise Sd3tuneError(f"--guidance {opts.guidance} must not be negative")
+        if not 0 <= opts.guidance < float("inf"):  # nan fails every comparison
+            raise Sd3tuneError(f"--guidance {opts.guidance} must be a finite number, not negative",
+                               hint="SD3 Medium's default is 7.0; 1 or less samples unguided")
         s.guidance = opts.guidance
     s.negative = opts.negative
     if opts.negative and s.guidance <= 1:

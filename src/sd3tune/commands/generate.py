@@ -117,7 +117,7 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
         raise Sd3tuneError(f"cannot create the --out folder {opts.out}: {exc.strerror or exc}",
                            hint="pass a folder you can write to") from None
     try:
-        with folder_lock(opts.out, "generate"):  # another generate into --out is refused, naming this one
+        with folder_lock(opts.out, "generate", on_note=notes.append):  # another generate here is refused
             return _generate(opts, prompts, lora, model, settings, notes, on_image, progress)
     except BaseException:
         if created and not any(opts.out.iterdir()):  # no image made: leave no empty folder behind

@@ -195,6 +195,7 @@ def test_quickstart_replaces_its_own_folder_and_refuses_another(tmp_path):
     (["--scale", "-1"], "--scale -1.0 must be a finite number, not negative"),
     (["--shift", "nan"], "--shift nan must be a finite number above 0"),
     (["--shift", "0"], "--shift 0.0 must be a finite number above 0"),
+    (["--steps", "99999999999"], "--steps 99999999999 is over 10,000"),
 ])
 def test_generate_refuses_non_finite_numbers_before_loading(tmp_path, flags, needle):
     out = tmp_path / "out"

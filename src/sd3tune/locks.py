@@ -67,8 +67,9 @@ def _open_locked(path: Path, what: str) -> tuple[int, dict]:
                     break
                 time.sleep(0.01)
             os.close(fd)
+            where = f" on {holder['host']}" if holder.get("host", socket.gethostname()) != socket.gethostname() else ""
             raise Sd3tuneError(f"{path.parent} is in use by {_holder_text(holder)}; nothing was done",
-                               hint=f"wait for it to finish, or stop it (kill {holder.get('pid', 'PID')}); "
+                               hint=f"wait for it to finish, or stop it (kill {holder.get('pid', 'PID')}{where}); "
                                     f"its lock is {shlex.quote(str(path))}") from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -125,22 +126,6 @@ def _remove_if_empty(folder: Path, made: bool) -> None:
             folder.rmdir()
     except OSError:
         pass
-
-
-def holder(folder: Path) -> dict | None:
-    """The JSON of the process holding ``folder/.lock``, or None when no live process holds it."""
-    path = Path(folder) / LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return _read(fd)
-    finally:
-        os.close(fd)
-    return None
 
 
 def claim_name(folder: Path, stem: str, suffix: str = ".png") -> Path:

@@ -124,6 +124,16 @@ def test_a_second_train_of_a_training_run_is_refused_and_the_first_finishes(tiny
     assert not (run / LOCK_NAME).exists()
 
 
+def test_init_force_is_refused_while_the_run_trains(tiny_init_options):
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    before = (run / "config" / "config.env").read_text()
+    with folder_lock(run, "train"):
+        r = sd3tune("init", run, "--data", tiny_init_options.data, "--force", "--steps", "9")
+    assert_one_line_user_error(r, f"{run} is in use by pid {os.getpid()}")
+    assert (run / "config" / "config.env").read_text() == before
+
+
 # ----------------------------------------------------------------------------------------------- generate
 
 

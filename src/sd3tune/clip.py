@@ -5,6 +5,7 @@ transformers and torch load inside the functions."""
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -77,8 +78,8 @@ class ClipModel:
             target, source = str(local.resolve()), "local folder"
         else:
             target, source = spec, "Hub"
-        hub_hint = (f"offline or not downloaded? fetch it once with `hf download {spec}`, or pass --clip-model PATH "
-                    "to a local CLIP folder")
+        hub_hint = (f"offline or not downloaded? fetch it once with `hf download {shlex.quote(spec)}`, or pass "
+                    "--clip-model PATH to a local CLIP folder")
         local_only = False
         if source == "Hub":  # fail fast, not after a minute of huggingface_hub's retries, when the Hub is out of reach
             from sd3tune.hub import hub_files_only

@@ -9,6 +9,7 @@ huggingface_hub and httpx load inside the functions that ask the Hub.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from sd3tune.errors import Sd3tuneError
@@ -85,5 +86,5 @@ def model_files_only(model: str, otherwise: str) -> bool:
     """``hub_files_only`` for the diffusers model ``model`` (a Hub id), whose error says how to download it, or
     ``otherwise`` (the local alternative: the flag or key to set)."""
     return hub_files_only(model, model, "model_index.json",
-                          hint=f"download it once where the Hub is reachable (`hf download {model}`; gated models "
-                               f"need `hf auth login` and accepted terms), or {otherwise}")
+                          hint=f"download it once where the Hub is reachable (`hf download {shlex.quote(model)}`; "
+                               f"gated models need `hf auth login` and accepted terms), or {otherwise}")

@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 from sd3tune import __version__
 from sd3tune.defaults import SD3M
@@ -336,16 +336,6 @@ def a1111_parameters(fields: dict[str, Any]) -> str:
 def slug(text: str, limit: int = 40) -> str:
     s = re.sub(r"[^A-Za-z0-9]+", "-", text.lower()).strip("-")
     return (s[:limit].rstrip("-")) or "image"
-
-
-def free_name(folder: Path, stem: str, taken: Collection[Path] = ()) -> Path:
-    """``folder/stem.png``, or ``stem-2.png``... when that file exists (or is ``taken`` by a pending write)."""
-    candidate = folder / f"{stem}.png"
-    n = 2
-    while candidate.exists() or candidate in taken:
-        candidate = folder / f"{stem}-{n}.png"
-        n += 1
-    return candidate
 
 
 def provenance(p: Pipeline, prompt: str, seed: int, s: SamplerSettings, scale: float, weight: float) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from shlex import quote
 from typing import TYPE_CHECKING, Any
 
 from sd3tune import __version__
@@ -142,7 +143,7 @@ def resolve_lora(spec: Path, run: LoadedRun | None = None) -> LoraSource:
             output_dir = run.output_dir() or spec / "output"
             if (file := latest_lora_in(output_dir)) is None:
                 raise Sd3tuneError(f"no {keys.LORA_WEIGHT_NAME} under {output_dir}: the run is not trained yet",
-                                   hint=f"train it first: `sd3tune train {spec}`")
+                                   hint=f"train it first: `sd3tune train {quote(str(spec))}`")
         elif (file := latest_lora_in(spec)) is None:
             raise Sd3tuneError(f"no {keys.LORA_WEIGHT_NAME} under {spec}",
                                hint="train first (`sd3tune train RUN_DIR`), or pass the .safetensors file")

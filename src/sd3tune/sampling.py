@@ -14,6 +14,7 @@ from sd3tune.simpletuner import keys
 DIFFUSERS_T5_DEFAULT = 256  # StableDiffusion3Pipeline's max_sequence_length default
 T5_MAX_TOKENS = 512  # the most StableDiffusion3Pipeline takes (check_inputs refuses more)
 SIZE_MULTIPLE = 16  # VAE factor 8 x patch size 2
+MAX_SAMPLING_STEPS = 10_000  # far beyond any use (28 is SD3's default): a typo, not a wish to wait for days
 
 
 @dataclass
@@ -80,6 +81,9 @@ def resolve_settings(opts: SamplerFlags, lora: LoraSource | None) -> tuple[str, 
         s.max_sequence_length = DIFFUSERS_T5_DEFAULT
     run_shift = lora.schedule_shift if lora else None
     if opts.shift is not None:
+        if not 0 < opts.shift < float("inf"):  # nan fails every comparison
+            raise Sd3tuneError(f"--shift {opts.shift} must be a finite number above 0",
+                               hint="SD3 Medium trains and samples with shift 3.0")
         s.shift = opts.shift
         if run_shift is not None and run_shift != opts.shift:
             notes.append(f"--shift {opts.shift} overrides the run's schedule shift {run_shift}")
@@ -99,12 +103,14 @@ def resolve_settings(opts: SamplerFlags, lora: LoraSource | None) -> tuple[str, 
             raise Sd3tuneError(f"--{name} {v} must be a multiple of {SIZE_MULTIPLE} and at least 64",
                                hint="e.g. 1024, 1152 or 768")
     if opts.steps is not None:
-        if opts.steps < 1:
-            raise Sd3tuneError(f"--steps {opts.steps} must be at least 1", hint="SD3 Medium's default is 28")
+        if not 1 <= opts.steps <= MAX_SAMPLING_STEPS:
+            raise Sd3tuneError(f"--steps {opts.steps} must be at least 1" if opts.steps < 1 else
+                               f"--steps {opts.steps} is over {MAX_SAMPLING_STEPS:,}", hint="SD3 Medium's default is 28")
         s.steps = opts.steps
     if opts.guidance is not None:
-        if opts.guidance < 0:
-            raise Sd3tuneError(f"--guidance {opts.guidance} must not be negative")
+        if not 0 <= opts.guidance < float("inf"):  # nan fails every comparison
+            raise Sd3tuneError(f"--guidance {opts.guidance} must be a finite number, not negative",
+                               hint="SD3 Medium's default is 7.0; 1 or less samples unguided")
         s.guidance = opts.guidance
     s.negative = opts.negative
     if opts.negative and s.guidance <= 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from shlex import quote
 from typing import Any, Callable
 
 from pydantic import ValidationError
@@ -61,7 +62,7 @@ class CheckReport:
     @property
     def command(self) -> str:
         """The `sd3tune check` command that makes this report again."""
-        return f"sd3tune check {self.run.paths.root}" + (" --resume" if self.resume else "")
+        return f"sd3tune check {quote(str(self.run.paths.root))}" + (" --resume" if self.resume else "")
 
     @property
     def ok(self) -> bool:

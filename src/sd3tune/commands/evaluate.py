@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sd3tune.defaults import DEFAULT_CLIP
 from sd3tune.errors import Sd3tuneError
 from sd3tune.findings import plural
+from sd3tune.locks import LOCK_NAME, folder_lock
 from sd3tune.report import OUTPUT_FILES
 
 if TYPE_CHECKING:
@@ -66,14 +67,17 @@ def _check_options(opts: EvaluateOptions) -> None:
     if opts.batch_size < 1:
         raise Sd3tuneError(f"--batch-size {opts.batch_size} must be at least 1",
                            hint="images per pipeline call; the default is 4, lower it when memory runs out")
-    if opts.lora_scale < 0:
-        raise Sd3tuneError(f"LoRA scale {opts.lora_scale} must not be negative", hint="0 gives the base model")
+    if not opts.lora_scale >= 0 or opts.lora_scale == float("inf"):  # nan fails every comparison
+        raise Sd3tuneError(f"LoRA scale {opts.lora_scale} must be a finite number, not negative",
+                           hint="0 gives the base model")
     from sd3tune.runtime import check_runtime_choices
 
     check_runtime_choices(opts.device, opts.dtype)
 
 
 def _read_run(run_dir: Path):
+    import shlex
+
     from sd3tune.findings import errors_in
     from sd3tune.simpletuner import keys
     from sd3tune.simpletuner.layout import find_run_root
@@ -92,7 +96,7 @@ def _read_run(run_dir: Path):
         problems = errors_in(loaded.findings)
         first = problems[0].render() if problems else "its config cannot be read"
         raise Sd3tuneError(f"{run_dir} is not a readable sd3tune run: {first}",
-                           hint=f"`sd3tune check {run_dir}` lists every problem")
+                           hint=f"`sd3tune check {shlex.quote(str(run_dir))}` lists every problem")
     return run_dir.resolve(), loaded
 
 
@@ -113,7 +117,7 @@ def _check_out(out: Path, force: bool, defaulted: bool) -> None:
     name = f"--out {out}" if not defaulted else f"{out} (the default --out)"
     if out.exists() and not out.is_dir():
         raise Sd3tuneError(f"{name} is a file", hint="pass a folder")
-    if force or not out.is_dir() or not any(out.iterdir()):
+    if force or not out.is_dir() or all(p.name == LOCK_NAME for p in out.iterdir()):
         return
     from sd3tune.errors import RefuseOverwriteError
 
@@ -127,6 +131,17 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     """Generate the grid for every model with one pipeline load, score it, and write metrics.json, the contact
     sheet and the report into ``opts.out`` (default ``RUN_DIR/eval``). User mistakes raise Sd3tuneError before
     any model loads."""
+    start = time.perf_counter()
+    _check_options(opts)
+    run_dir, loaded = _read_run(opts.run_dir)
+    out = evaluation_folder(run_dir, opts.out)
+    _check_out(out, force=True, defaulted=opts.out is None)  # a file, not a folder
+    with folder_lock(out, "evaluate", create=True):  # another evaluate into --out is refused, naming this one
+        _check_out(out, opts.force, defaulted=opts.out is None)
+        return _evaluate(opts, progress, start, run_dir, loaded, out)
+
+
+def _evaluate(opts: EvaluateOptions, progress: bool, start: float, run_dir: Path, loaded, out: Path) -> EvaluateResult:
     from sd3tune import __version__
     from sd3tune.clip import ClipModel
     from sd3tune.evaluation import DEFINITIONS, ImageFiles, training_set
@@ -136,12 +151,7 @@ def run_evaluate(opts: EvaluateOptions, progress: bool = True) -> EvaluateResult
     from sd3tune.report import record_in_manifest, relpath, remove_previous, write_outputs
     from sd3tune.sampling import SamplerFlags, resolve_settings
 
-    start = time.perf_counter()
     timings: dict[str, float] = {}
-    _check_options(opts)
-    run_dir, loaded = _read_run(opts.run_dir)
-    out = evaluation_folder(run_dir, opts.out)
-    _check_out(out, opts.force, defaulted=opts.out is None)
     config = loaded.config
     manifest = read_manifest(run_dir)
     trigger = (manifest.get("init") or {}).get("trigger")

@@ -9,7 +9,8 @@ from typing import Callable, Literal
 
 from sd3tune.errors import Sd3tuneError
 from sd3tune.findings import plural
-from sd3tune.inference import ImageBatch, chunks, free_name, load_pipeline, make_images, provenance, save_png, slug
+from sd3tune.inference import ImageBatch, chunks, load_pipeline, make_images, provenance, save_png, slug
+from sd3tune.locks import claim_name, folder_lock
 from sd3tune.lora import LoraSource, resolve_lora
 from sd3tune.runtime import check_runtime_choices
 from sd3tune.sampling import SamplerSettings, resolve_settings
@@ -94,8 +95,9 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
         last = "" if opts.num_images == 1 else f" (its last image's seed {opts.seed + opts.num_images - 1})"
         raise Sd3tuneError(f"--seed {opts.seed}{last} is outside 0..{SEED_MAX}",
                            hint="seeds are whole numbers from 0; image i uses seed --seed + i")
-    if opts.scale < 0:
-        raise Sd3tuneError(f"--scale {opts.scale} must not be negative", hint="0 gives the base model")
+    if not opts.scale >= 0 or opts.scale == float("inf"):  # nan fails every comparison
+        raise Sd3tuneError(f"--scale {opts.scale} must be a finite number, not negative",
+                           hint="0 gives the base model, 1 the LoRA as trained")
     if opts.batch_size < 1:
         raise Sd3tuneError(f"--batch-size {opts.batch_size} must be at least 1",
                            hint="images per pipeline call; the default is 4, lower it when memory runs out")
@@ -115,7 +117,8 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
         raise Sd3tuneError(f"cannot create the --out folder {opts.out}: {exc.strerror or exc}",
                            hint="pass a folder you can write to") from None
     try:
-        return _generate(opts, prompts, lora, model, settings, notes, on_image, progress)
+        with folder_lock(opts.out, "generate", on_note=notes.append):  # another generate here is refused
+            return _generate(opts, prompts, lora, model, settings, notes, on_image, progress)
     except BaseException:
         if created and not any(opts.out.iterdir()):  # no image made: leave no empty folder behind
             opts.out.rmdir()
@@ -150,22 +153,26 @@ def _generate(opts: GenerateOptions, prompts: list[str], lora: LoraSource | None
     # 8-bit conversion on the GPU, then PNG encoding (~0.1 s for 1024 px) on a writer thread while the GPU makes the
     # next batch: the GPU never waits for the CPU between batches. Interrupted, the writer finishes the images made;
     # the bar closes after it (its line ends before the command's last words).
-    with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
-        pending, taken = [], set()
-        for index, prompt in enumerate(prompts):
-            for batch in chunks(seeds, opts.batch_size):
-                made = make_images(pipe, prompt, batch, settings)  # queued on the GPU; copied as it finishes
-                for i, seed in enumerate(batch):
-                    path = free_name(opts.out, f"{index:03d}-{slug(prompt)}-s{seed}", taken)
-                    taken.add(path)
-                    item = GeneratedImage(path, prompt, seed)
-                    fields = provenance(pipe, prompt, seed, settings, opts.scale, weight)
-                    pending.append((item, writer.submit(_write, made, i, item, fields, on_image)))
-                    bar.update(1)
-        for item, future in pending:
-            future.result()
-            images.append(item)
+    claimed: list[Path] = []  # names claimed (an empty file each) until their image is written
+    try:
+        with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
+            pending = []
+            for index, prompt in enumerate(prompts):
+                for batch in chunks(seeds, opts.batch_size):
+                    made = make_images(pipe, prompt, batch, settings)  # queued on the GPU; copied as it finishes
+                    for i, seed in enumerate(batch):
+                        claimed.append(claim_name(opts.out, f"{index:03d}-{slug(prompt)}-s{seed}"))
+                        item = GeneratedImage(claimed[-1], prompt, seed)
+                        fields = provenance(pipe, prompt, seed, settings, opts.scale, weight)
+                        pending.append((item, writer.submit(_write, made, i, item, fields, on_image)))
+                        bar.update(1)
+            for item, future in pending:
+                future.result()
+                images.append(item)
+    finally:  # interrupted or failed: a name claimed but never written leaves no empty file
+        for path in claimed:
+            _unclaim(path)
     seconds = time.perf_counter() - t1
     grid = None
     if opts.grid and len(images) > 1:
@@ -206,9 +213,22 @@ def _write_grid(out: Path, prompts: list[str], seeds: list[int], images: list[Ge
     fields = sheet_fields(made_with, sheet="sd3tune generate grid", rows="prompt", columns="seed",
                           row_labels=prompts, column_labels=columns, prompts=prompts, seeds=seeds,
                           images=[[i.path.name for i in row] for row in rows])
-    path = free_name(out, "grid")
-    save_png(sheet, path, fields)
+    path = claim_name(out, "grid")
+    try:
+        save_png(sheet, path, fields)
+    except BaseException:
+        _unclaim(path)
+        raise
     return path
+
+
+def _unclaim(path: Path) -> None:
+    """Remove a claimed name that no image was written to (an empty file)."""
+    try:
+        if path.stat().st_size == 0:
+            path.unlink()
+    except OSError:
+        pass
 
 
 # --- `sd3tune generate` on the command line (sd3tune.cli loads it when the command runs or shows its help; this

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ from sd3tune.defaults import SD3M
 from sd3tune.errors import ConfigError, Sd3tuneError
 from sd3tune.findings import Finding, error, warning
 from sd3tune.fsutil import absolute_model, atomic_write_text, refuse_existing
+from sd3tune.locks import folder_lock
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
@@ -164,10 +166,11 @@ def run_init(opts: InitOptions) -> InitResult:
     refuse_existing([paths.env, paths.json, paths.toml, paths.backends], opts.force)
     text = render_env(result.config) if opts.format == "env" else render_json(result.config)
     backends_text = render_backends(result.backends)
-    atomic_write_text(paths.backends, backends_text)
-    atomic_write_text(config_file, text)
-    for other in others:  # with --force: a leftover config.json would silently shadow config.env
-        other.unlink(missing_ok=True)
+    with folder_lock(paths.root, "init") if paths.root.is_dir() else nullcontext():  # refused while it trains
+        atomic_write_text(paths.backends, backends_text)
+        atomic_write_text(config_file, text)
+        for other in others:  # with --force: a leftover config.json would silently shadow config.env
+            other.unlink(missing_ok=True)
     update_manifest(paths.root, "init", {
         "created": now(), "preset": opts.preset, "format": opts.format, "data": str(opts.data.expanduser().resolve()),
         "model": result.config.model.name_or_path, "trigger": opts.trigger, "versions": package_versions("simpletuner"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,10 +14,13 @@ from typing import Callable
 from sd3tune.commands.generate import GenerateOptions, run_generate
 from sd3tune.commands.init import InitOptions, run_init
 from sd3tune.commands.train import TrainOptions, run_train
+from sd3tune.config.models import MAX_STEPS
 from sd3tune.errors import Sd3tuneError
+from sd3tune.fsutil import atomic_write_text
 from sd3tune.simpletuner.launch import Progress
 
 TRIGGER = "sd3tune-style"
+MARKER = ".sd3tune-quickstart"  # in a folder the quickstart made: a later quickstart may replace it
 PROMPTS = [f"{TRIGGER}, concept art of a castle", f"{TRIGGER}, concept art of a robot"]
 
 # A CPU-sized run: 64 px, batch 2, a high learning rate so 20 steps visibly change a random model.
@@ -71,25 +75,38 @@ def run_quickstart(folder: Path, steps: int = 20, force: bool = False,
                    on_progress: Callable[[Progress], None] | None = None) -> QuickstartResult:
     start = time.perf_counter()
     # every check before anything is built: a refused command leaves the folder as it was, so the corrected one runs
-    if steps < 1:
-        raise Sd3tuneError(f"--steps {steps} must be at least 1", hint="the quickstart's default is --steps 20")
+    if not 1 <= steps <= MAX_STEPS:
+        raise Sd3tuneError(f"--steps {steps} must be at least 1" if steps < 1 else
+                           f"--steps {steps} is over {MAX_STEPS:,}", hint="the quickstart's default is --steps 20")
     folder = folder.expanduser().resolve()
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         what = f"{folder} is a file" if blocker == folder else f"{blocker} (in the path {folder}) is a file"
         raise Sd3tuneError(f"{what}, not a folder", hint="pass a folder for the tiny model, data, run and samples "
                            "(a new one, or an empty one)")
-    if folder.exists() and any(folder.iterdir()) and not force:
-        raise Sd3tuneError(f"{folder} is not empty", hint="pass --force to reuse it, or choose a new folder")
-    if force and (folder / "run" / "output").exists():
+    ours = (folder / MARKER).is_file()  # made by an earlier quickstart: replaced (its model and images are kept)
+    if folder.exists() and any(folder.iterdir()) and not (force or ours):
+        raise Sd3tuneError(f"{folder} is not empty (and not made by `sd3tune quickstart`)",
+                           hint="pass --force to reuse it, or choose a new folder")
+    if force or ours:  # the run's output (and a quickstart's own samples) go: the run trains from scratch
         import shutil
 
-        shutil.rmtree(folder / "run" / "output")
+        from sd3tune.locks import folder_lock
+
+        with folder_lock(folder / "run", "quickstart") if (folder / "run").is_dir() else nullcontext():
+            pass  # refused while a training holds the run; its training takes the lock again
+
+        for made in (folder / "run" / "output", *((folder / "samples",) if ours else ())):
+            if made.is_dir() and not made.is_symlink():
+                shutil.rmtree(made)
+    else:  # a new or empty folder: the quickstart's own from now on
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / MARKER, "made by `sd3tune quickstart`: the next quickstart here replaces it\n")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never wait on the network
     timings: dict[str, float] = {}
     on_status(f"building a tiny random SD3 and 8 captioned images in {folder}")
     t = time.perf_counter()
-    model, run_dir = tiny_run(folder, steps=steps, force=force)
+    model, run_dir = tiny_run(folder, steps=steps, force=force or ours)
     timings["build_and_init"] = time.perf_counter() - t
     on_status(f"training {steps} steps with SimpleTuner (run folder {run_dir})")
     t = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -122,6 +123,17 @@ def _check_gpus(gpus: int, on_status: Callable[[str], None] | None) -> None:
 
 def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None = None,
               on_status: Callable[[str], None] | None = None) -> TrainResult:
+    """Train the run, holding RUN/.lock throughout (a second `train` of the run is refused; --dry-run takes none)."""
+    if opts.dry_run or not opts.run_dir.is_dir():  # no run folder: prepare says so
+        return _train(opts, on_progress, on_status)
+    from sd3tune.locks import folder_lock
+
+    with folder_lock(opts.run_dir, "train", on_note=on_status):
+        return _train(opts, on_progress, on_status)
+
+
+def _train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None,
+           on_status: Callable[[str], None] | None) -> TrainResult:
     plan, report = prepare(opts)
     result = TrainResult(plan)
     for finding in report.warnings if on_status and opts.warnings else []:  # for a user who skipped `check`
@@ -140,7 +152,10 @@ def run_train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None
     resumed_from = checkpoints(output)[-1] if opts.resume else None  # the one SimpleTuner resumes from: the latest
     lora_stamp = training_stamp(cfg, report.run.backends or [], paths.root, resumed_from)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    log = (paths.logs / f"train-{stamp}.log").resolve()  # absolute in the manifest, wherever train ran from
+    from sd3tune.locks import claim_name
+
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    log = claim_name(paths.logs, f"train-{stamp}", ".log").resolve()  # absolute in the manifest, a name of its own
     result.log = log
     if on_status:
         on_status(f"launching SimpleTuner ({plural(opts.gpus, 'process', 'processes')}); full log: {log}")
@@ -231,17 +246,18 @@ def _interrupted(opts: TrainOptions, cfg: RunConfig, report, output: Path, lora:
         return TrainingFailed(f"training interrupted while saving {kept[-1].name}, which is incomplete",
                               hint=incomplete_hint(output, opts.run_dir), exit_code=130)
     done = kept and output_conflict(output, True, cfg.optim.max_train_steps)  # every step: --resume refuses
+    run = shlex.quote(str(opts.run_dir))
     if saved or done:
         more = (f"raise {report.run.key_for('max_train_steps', located=False)} and continue with "
-                f"`sd3tune train {opts.run_dir} --resume` to train further")
+                f"`sd3tune train {run} --resume` to train further")
         return TrainingFailed(
             "training interrupted after its last step; " + (f"its LoRA {lora} is saved" if saved else
                                                               f"{kept[-1].name} holds the trained LoRA"),
             hint=f"use it as it is, or {more}", exit_code=130)
     return TrainingFailed(f"training interrupted; {kept[-1].name} is kept" if kept else
                           "training interrupted before its first checkpoint",
-                          hint=f"continue with `sd3tune train {opts.run_dir} --resume`" if kept else
-                          f"start again with `sd3tune train {opts.run_dir}`", exit_code=130)
+                          hint=f"continue with `sd3tune train {run} --resume`" if kept else
+                          f"start again with `sd3tune train {run}`", exit_code=130)
 
 
 class ProgressPrinter:

@@ -41,17 +41,20 @@ class LoraSettings(_Section):
         return float(self.alpha if self.alpha is not None else self.rank)
 
 
+MAX_STEPS = 10_000_000  # steps, epochs: far beyond any real training (SimpleTuner takes any int); catches typos
+
+
 class OptimSettings(_Section):
     optimizer: str = Field("torch-adamw", min_length=1,
                            description="SimpleTuner optimizer name (e.g. torch-adamw, adamw_bf16, prodigy).")
     learning_rate: float = Field(1e-4, gt=0, le=1.0, description="Peak learning rate.")
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
                           "polynomial", "sine"] = Field("constant", description="Learning-rate schedule.")
-    lr_warmup_steps: int = Field(0, ge=0, description="Warm-up steps before the peak learning rate.")
+    lr_warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Warm-up steps before the peak learning rate.")
     train_batch_size: int = Field(1, ge=1, le=256, description="Images per step per GPU.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Steps accumulated per update.")
-    max_train_steps: int | None = Field(1000, ge=0, description="Total optimizer steps; empty or 0 means train by epochs.")
-    num_train_epochs: int = Field(0, ge=0, description="Epochs; must be 0 when max_train_steps is set.")
+    max_train_steps: int | None = Field(1000, ge=0, le=MAX_STEPS, description="Total optimizer steps; empty or 0 means train by epochs.")
+    num_train_epochs: int = Field(0, ge=0, le=MAX_STEPS, description="Epochs; must be 0 when max_train_steps is set.")
     grad_clip_method: Literal["norm", "value"] = Field(
         "norm", description="Gradient clipping: norm is cheap; value scans every module each step.")
     max_grad_norm: float = Field(1.0, ge=0, description="Clipping threshold (0 disables clipping).")
@@ -115,7 +118,7 @@ class CompileSettings(_Section):
 
 
 class CheckpointSettings(_Section):
-    step_interval: int = Field(250, ge=1, description="Save a checkpoint every N steps.")
+    step_interval: int = Field(250, ge=1, le=MAX_STEPS, description="Save a checkpoint every N steps.")
     total_limit: int | None = Field(5, ge=1, description="Keep at most N checkpoints.")
 
 
@@ -127,7 +130,7 @@ class ValidationSettings(_Section):
     prompt: str | None = Field(None, description="Prompt for validation images.")
     negative_prompt: str | None = Field("blurry, cropped, ugly",
                                         description="Negative prompt for validation images (SimpleTuner's default).")
-    step_interval: int = Field(250, ge=1, description="Sample validation images every N steps.")
+    step_interval: int = Field(250, ge=1, le=MAX_STEPS, description="Sample validation images every N steps.")
     resolution: str = Field("1024x1024", description="Validation size as WIDTHxHEIGHT (a bare number is a square).")
     guidance: float = Field(5.0, ge=0, le=50, description="Classifier-free guidance for validation.")
     num_inference_steps: int = Field(28, ge=1, le=500, description="Sampling steps for validation.")

@@ -6,6 +6,7 @@ mark is written), with what `sd3tune train` makes of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from shlex import quote
 from pathlib import Path
 from typing import Literal
 
@@ -93,9 +94,9 @@ def incomplete_hint(output: Path, run: Path) -> str:
     found = checkpoints(output)
     complete = [c for c in found if not incomplete_checkpoint(c)]
     cut = found[found.index(complete[-1]) + 1:] if complete else found
-    then = (f"continue from {complete[-1].name} with `sd3tune train {run} --resume`" if complete else
-            f"start again with `sd3tune train {run}`")
-    return f"delete {'it' if len(cut) == 1 else 'them'} (rm -r {' '.join(map(str, cut))}), then {then}"
+    then = (f"continue from {complete[-1].name} with `sd3tune train {quote(str(run))} --resume`" if complete else
+            f"start again with `sd3tune train {quote(str(run))}`")
+    return f"delete {'it' if len(cut) == 1 else 'them'} (rm -r {' '.join(quote(str(c)) for c in cut)}), then {then}"
 
 
 def output_conflict(output: Path, resume: bool, steps: int | None) -> tuple[str, str] | None:

@@ -179,14 +179,8 @@ def test_an_evaluate_into_a_locked_folder_is_refused_naming_the_holder(trained_r
 # ----------------------------------------------------------------------------------------------- quickstart
 
 
-def test_quickstart_replaces_its_own_folder_and_refuses_another(tmp_path):
-    folder = tmp_path / "demo"
-    for _ in range(2):
-        r = sd3tune("quickstart", folder, "--steps", "2")
-        assert r.code == 0, r.err[-3000:]
-        assert len(list((folder / "samples" / "base").glob("*.png"))) == 2  # replaced, not added to
-    manifest = json.loads((folder / "run" / "sd3tune.json").read_text())
-    assert manifest["trainings"][-1]["status"] == "ok"
+def test_quickstart_refuses_a_folder_it_did_not_make(tmp_path):
+    # (a second run into a folder quickstart made replaces it: tests/test_quickstart.py runs the whole loop twice)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")

@@ -33,8 +33,13 @@ def test_quickstart_runs_the_whole_loop(tmp_path):
     diff = float(re.search(r"mean \|pixel difference\| = ([\d.]+) / 255", r.out).group(1))
     assert diff >= 1.0
     assert re.search(r"done in [\d.]+ s", r.out)
-    # a second run into the same folder replaces it (tests/test_locks.py runs one); another non-empty one is refused
+    # the README's first command run again (a newcomer's retry): the folder it made is replaced, not added to
     assert (folder / ".sd3tune-quickstart").is_file()
+    r = sd3tune("quickstart", folder, "--steps", "2")
+    assert r.code == 0, r.err[-3000:]
+    assert len(list((folder / "samples" / "base").glob("*.png"))) == 2
+    manifest = json.loads((folder / "run" / "sd3tune.json").read_text())
+    assert manifest["trainings"][-1]["status"] == "ok" and manifest["trainings"][-1]["steps"] == 2
 
 
 def test_a_file_or_zero_steps_is_refused_before_anything_is_built(tmp_path):

@@ -190,7 +190,7 @@ def test_a_failure_while_saving_is_recorded_with_its_cause_and_stamping_cannot_m
 
 @pytest.mark.e2e
 def test_soak_stop_reports_each_trial(tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "soak_stop.py"), "--trials", "2", "--seed", "3",
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "soak_stop.py"), "--trials", "1", "--seed", "3",
                            "--work", str(tmp_path), "--steps", "4", "--max-delay", "25"],
                           capture_output=True, text=True, env=child_env(), timeout=900)
     lines = proc.stdout.splitlines()
@@ -198,8 +198,9 @@ def test_soak_stop_reports_each_trial(tmp_path):
     result = json.loads(lines[-1].removeprefix("RESULT "))
     for key in ("trials", "clean_resumes", "corrupt_checkpoints", "orphans", "lost_steps"):
         assert f"{key}: {result[key]}" in lines, key
-    assert result["trials"] == 2 and result["orphans"] == 0, proc.stdout
-    assert result["clean_resumes"] == 2 and proc.returncode == 0, proc.stdout
+    # one trial proves the script (each costs two trainings); 20 ran by hand, see the README of scripts/
+    assert result["trials"] == 1 and result["orphans"] == 0, proc.stdout
+    assert result["clean_resumes"] == 1 and proc.returncode == 0, proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------ no training

@@ -6,7 +6,8 @@ step, waits for it to end, and 3 s later counts the processes still working in t
 killed). A checkpoint without its ``.guard`` or whose safetensors do not load is corrupt (and removed, as sd3tune's
 hint says). Then it continues as a user would (``sd3tune train RUN --resume``, or without ``--resume`` when no
 checkpoint was kept) and counts a clean resume when that finishes the run. Lost steps: the steps trained before the
-signal that no kept checkpoint holds.
+signal that no kept checkpoint holds. Unrecorded stops: a stop sd3tune saw (all but a SIGKILL of sd3tune itself)
+without its entry in the run's sd3tune.json.
 
     python scripts/soak_stop.py --trials 20 --seed 1 --work /tmp/soak [--steps 6] [--max-delay 40]
 
@@ -129,7 +130,12 @@ def trial(number: int, rng: random.Random, work: Path, model: Path, data: Path, 
         shutil.rmtree(folder)
     kept = checkpoints(output)
     resumed_from = (checkpoint_step(kept[-1]) or 0) if kept else 0
-    record = {"trial": number, "signal": signal.Signals(sig).name if signalled else None,
+    manifest = run / "sd3tune.json"  # the trial's run is new: its one training entry is this launch's
+    trainings = json.loads(manifest.read_text()).get("trainings", []) if manifest.is_file() else []
+    # every stop sd3tune could see is recorded (a SIGKILL of sd3tune itself leaves it no moment to write)
+    recorded = not signalled or sig == signal.SIGKILL or (
+        len(trainings) == 1 and trainings[0].get("status") in ("interrupted", "ok"))
+    record = {"trial": number, "recorded": recorded, "signal": signal.Signals(sig).name if signalled else None,
               "after": f"{delay:.1f} s after the {moment}", "exit_code": proc.returncode, "trained_steps": trained,
               "orphans": len(orphans), "corrupt": [c.name for c in corrupt], "guarded_corrupt": guarded_corrupt,
               "resumed_from": resumed_from, "error": next((line for line in err.splitlines()
@@ -178,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
               "corrupt_checkpoints": sum(len(r["corrupt"]) for r in records),
               "guarded_corrupt_checkpoints": sum(len(r["guarded_corrupt"]) for r in records),
               "orphans": sum(r["orphans"] for r in records), "lost_steps": sum(r["lost_steps"] for r in records),
+              "unrecorded_stops": sum(not r["recorded"] for r in records),
               "signals": sorted({r["signal"] for r in records if r["signal"]}), "seed": args.seed}
     for key, value in result.items():
         print(f"{key}: {value}")
     print("RESULT " + json.dumps(result), flush=True)
-    failed = result["orphans"] or result["guarded_corrupt_checkpoints"] or result["clean_resumes"] < len(records)
+    failed = (result["orphans"] or result["guarded_corrupt_checkpoints"] or result["unrecorded_stops"]
+              or result["clean_resumes"] < len(records))
     return 1 if failed else 0
 
 

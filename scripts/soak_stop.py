@@ -6,8 +6,8 @@ step, waits for it to end, and 3 s later counts the processes still working in t
 killed). A checkpoint without its ``.guard`` or whose safetensors do not load is corrupt (and removed, as sd3tune's
 hint says). Then it continues as a user would (``sd3tune train RUN --resume``, or without ``--resume`` when no
 checkpoint was kept) and counts a clean resume when that finishes the run. Lost steps: the steps trained before the
-signal that no kept checkpoint holds. Unrecorded stops: a stop sd3tune saw (all but a SIGKILL of sd3tune itself)
-without its entry in the run's sd3tune.json.
+signal that no kept checkpoint holds. Unrecorded stops: a launched training's stop that sd3tune saw (all
+but a SIGKILL of sd3tune itself) without its entry in the run's sd3tune.json.
 
     python scripts/soak_stop.py --trials 20 --seed 1 --work /tmp/soak [--steps 6] [--max-delay 40]
 
@@ -132,8 +132,10 @@ def trial(number: int, rng: random.Random, work: Path, model: Path, data: Path, 
     resumed_from = (checkpoint_step(kept[-1]) or 0) if kept else 0
     manifest = run / "sd3tune.json"  # the trial's run is new: its one training entry is this launch's
     trainings = json.loads(manifest.read_text()).get("trainings", []) if manifest.is_file() else []
-    # every stop sd3tune could see is recorded (a SIGKILL of sd3tune itself leaves it no moment to write)
-    recorded = not signalled or sig == signal.SIGKILL or (
+    # every stop of a launched training that sd3tune could see is recorded (a SIGKILL of sd3tune itself leaves it
+    # no moment to write; a signal before the launch, while sd3tune itself starts, stops no training)
+    launched = any((run / "logs").glob("train-*.log"))
+    recorded = not signalled or sig == signal.SIGKILL or not launched or (
         len(trainings) == 1 and trainings[0].get("status") in ("interrupted", "ok"))
     record = {"trial": number, "recorded": recorded, "signal": signal.Signals(sig).name if signalled else None,
               "after": f"{delay:.1f} s after the {moment}", "exit_code": proc.returncode, "trained_steps": trained,

@@ -32,6 +32,10 @@ def pytest_collection_modifyitems(config, items) -> None:
         for fixture, group in SHARED_ONCE.items():
             if fixture in fixtures:
                 item.add_marker(pytest.mark.xdist_group(group))
+    # the slow tests first (the groups' first of all), the quick ones last: xdist hands out tests in this order, so
+    # the workers end together instead of one finishing a training while the other idles
+    items.sort(key=lambda item: (not any(m.name == "xdist_group" for m in item.iter_markers()),
+                                 item.get_closest_marker("e2e") is None))
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,9 @@ def bench_work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def train_bench(bench_work, tiny_model):
-    """bench_train.py at tiny size (default and traced-allocations, profiled): its LoRA in ``bench_work`` serves
+    """bench_train.py at tiny size (the default variant, profiled): its LoRA in ``bench_work`` serves
     bench_generate.py's tests. The tests' tiny model (what `--size tiny` builds) is its model."""
     (bench_work / "model-tiny").symlink_to(tiny_model)
     return run_script("bench_train.py", "--size", "tiny", "--work", str(bench_work), "--steps", "8", "--warmup", "3",
-                      "--variants", "default,traced-allocations", "--profile", "2", "--json",
+                      "--variants", "default", "--profile", "2", "--json",
                       str(bench_work / "train.json"), timeout=600)

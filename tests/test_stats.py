@@ -84,7 +84,7 @@ def test_the_bootstrap_is_the_same_for_a_seed_and_differs_for_another():
 def test_too_few_paired_values_give_no_verdict_even_when_all_agree():
     c = stats.paired("clip_score", [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 3.0, 4.0, 5.0, 6.0])
     assert c.ci95 == (1.0, 1.0) and c.verdict == stats.SAME and "6 needed" in c.why
-    assert "; only 5 image pairs, 6 needed for a verdict)" in stats.describe(c)
+    assert ", only 5 image pairs, 6 needed for a verdict)" in stats.describe(c)
     assert stats.paired("clip_score", [1.0] * 6, [2.0] * 6).verdict == stats.BETTER
 
 

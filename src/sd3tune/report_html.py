@@ -66,11 +66,23 @@ def _chip(verdict: str) -> str:
     return f'<span class="chip {VERDICT_CLASS.get(verdict, "same")}">{e(verdict)}</span>'
 
 
+def _verdict_words(text: str) -> str:
+    for verdict in ("no measurable difference", "better", "worse"):
+        if f" {verdict} (" in text:
+            name, _, rest = text.partition(f" {verdict} (")
+            return f"{e(name)} {_chip(verdict)} ({e(rest)}"
+    return e(text)
+
+
 def _headline(data: dict[str, Any]) -> str:
     items = []
     for line in data["headline"]:
-        cls = ' class="best"' if line.startswith("best:") else ""
-        items.append(f"<li{cls}>{e(line)}</li>")
+        who, sep, said = line.partition(" vs base: ")
+        if sep:  # one candidate's verdicts, one metric per line, the verdict in its colour
+            parts = "".join(f"<li>{_verdict_words(part)}</li>" for part in said.split("; "))
+            items.append(f"<li><b>{e(who)} vs base</b><ul class='plain'>{parts}</ul></li>")
+        else:
+            items.append(f"<li{' class=best' if line.startswith('best:') else ''}>{e(line)}</li>")
     return f'<section id="verdict"><h2>What the numbers say</h2><ul class="headline">{"".join(items)}</ul>' \
            f'<p class="sub">{e(data["statistics"]["method"])}.</p></section>'
 

@@ -219,7 +219,7 @@ def describe(c: Comparison) -> str:
     if c.diff is None:
         return f"{spec.name} not measured"
     diff, ci = shown(c)
-    why = f"; {c.why}" if c.why and c.ci95 and (c.ci95[0] > 0 or c.ci95[1] < 0) else ""
+    why = f", {c.why}" if c.why and c.ci95 and (c.ci95[0] > 0 or c.ci95[1] < 0) else ""
     return f"{spec.name} {c.verdict} ({diff}, " + (f"CI {ci}" if ci else "no CI") + f"{why})"
 
 
@@ -233,7 +233,8 @@ def headline(titles: dict[str, str], vs_base: dict[str, dict[str, Comparison]], 
         lines.append(f"{titles[label]} vs base: " + ("; ".join(said) if said else "nothing measured"))
     if len(vs_base) > 1:
         lines.append(f"best: {titles[best]} (measurably ahead of the other fine-tuned candidates on CLIP score or "
-                     "style similarity, behind on neither)" if best else
+                     "style similarity, behind on neither; how it compares with the base model is its line above)"
+                     if best else
                      "best: none; no fine-tuned candidate is measurably ahead of all the others")
     first = next(iter(vs_base.values()), {})
     sizes = [(METRICS[m].name, c.n, c.unit) for m, c in first.items() if m in HEADLINE_METRICS and c.n]

@@ -68,7 +68,8 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     final, last = (trained_run / "output" / "pytorch_lora_weights.safetensors",
                    trained_run / "output" / "checkpoint-20" / "pytorch_lora_weights.safetensors")
     assert last.is_file() and final.read_bytes() != last.read_bytes()
-    assert list(data["models"]) == ["base", "lora", "checkpoint-10"]
+    assert list(data["models"]) == ["base", "checkpoint-10", "lora"]  # in training-step order, the final LoRA last
+    assert [m["step"] for m in data["models"].values()] == [None, 10, 20]
     assert "checkpoint-20 is the final LoRA (identical weights): evaluated once" in data["notes"]
     assert not (evaluated.out / "images" / "checkpoint-20").exists()
     for label in ("base", "lora"):
@@ -87,9 +88,10 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     assert [p["kind"] for p in data["prompts"]] == ["concept", "neutral"]
     assert data["training_images"]["used"] == 8
     assert data["kid"]["subset_size"] == SEEDS and "CLIP" in data["kid"]["feature"]
-    # best checkpoint: a LoRA candidate, chosen by the stated rule
-    assert data["best"]["label"] in ("lora", "checkpoint-10")
-    assert "z-score" in data["best"]["rule"] and "later training step" in data["best"]["rule"]
+    # each candidate against the base: paired differences with intervals and verdicts, never a claim they do not back
+    _assert_honest(data)
+    assert data["best"]["label"] in (None, "lora", "checkpoint-10")
+    assert "measurably ahead of every other fine-tuned candidate" in data["best"]["rule"]
     # the grid: rows prompts, columns base | LoRA | checkpoints
     sheet = Image.open(evaluated.sheet)
     assert sheet.size == (220 + 3 * (128 + 4) + 4, 22 + 2 * (128 + 4) + 4)
@@ -105,18 +107,28 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     assert "prompt" not in made and "seed" not in made and "lora_adapter_weight" not in made  # per cell / column
     assert made["prompts"] == json.loads(text["sd3tune:prompts"]) == [p["text"] for p in data["prompts"]]
     assert made["seeds"] == [0] and (made["rows"], made["columns"]) == ("prompt", "model")
-    assert made["column_labels"] == ["base", "LoRA", "checkpoint-10"]
+    assert made["column_labels"] == ["base", "checkpoint-10", "LoRA"]
     assert [(m["label"], m["lora_sha256"]) for m in made["models"]] == [
         (label, m["lora_sha256"]) for label, m in data["models"].items()]
     assert made["images"][1] == [m["images"][1][0] for m in data["models"].values()]
     report = evaluated.report.read_text()
-    assert "| model | CLIP score" in report and "](contact_sheet.png)" in report
+    assert "| model | step | CLIP score" in report and "](contact_sheet.png)" in report
     assert data["best"]["rule"] in report and "Inception" in report
-    # the best model is named as the table names it ("LoRA", not the label "lora")
-    best_title = data["models"][data["best"]["label"]]["title"]
-    assert data["best"]["title"] == best_title and f"**{best_title}** — " in report
-    assert f"<b>{best_title}</b> — " in evaluated.report_html.read_text()
-    assert "<table>" in evaluated.report_html.read_text()
+    import re
+
+    unescaped = re.sub(r"\\(.)", r"\1", report)  # as Markdown shows it
+    assert all(f"- **{line}**" in unescaped for line in data["headline"])  # what the numbers support, first
+    assert "| candidate | CLIP score | style similarity |" in report and "## How the run trained" in report
+    page = evaluated.report_html.read_text()
+    assert "<table class=\"cmp\">" in page and "<svg" in page and "<script" not in page
+    # the training side: every step's loss from SimpleTuner's log of the training, as the manifest recorded it
+    training = data["training"]
+    assert training["loss"]["steps"] == list(range(1, 21))
+    manifest_training = json.loads((trained_run / "sd3tune.json").read_text())["trainings"][0]
+    assert training["loss"]["values"][-1] == manifest_training["final_loss"]
+    assert training["lr"]["values"] and training["settings"]["learning rate"] == training["lr"]["values"][0]
+    assert training["validation_images"] == {"step": None, "files": [],
+                                             "from": str(trained_run / "output" / "validation_images")}
     # every image is on disk with its provenance
     first = evaluated.out / data["models"]["checkpoint-10"]["images"][0][0]
     fields = json.loads(Image.open(first).text["sd3tune"])
@@ -136,7 +148,31 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     manifest = json.loads((trained_run / "sd3tune.json").read_text())
     assert [(e["models"], e["lora_sha256"]) for e in manifest["evaluations"] if e["out"] == str(evaluated.out)] == [
         (list(data["models"]), data["lora"]["sha256"])]
-    assert "LoRA" in format_table(data) and "*" in format_table(data)
+    assert "LoRA" in format_table(data) and ("*" in format_table(data)) == (data["best"]["label"] is not None)
+
+
+def _assert_honest(data: dict) -> None:
+    """metrics.json carries, per candidate and metric, diff, ci95, verdict and n; a verdict is "better" or "worse"
+    only when its interval excludes 0, and the headline says only those verdicts."""
+    from sd3tune.stats import BETTER, HEADLINE_METRICS, METRICS, SAME, WORSE, describe, Comparison
+
+    for label, model in data["models"].items():
+        if model["kind"] == "base":
+            assert model["vs_base"] is None
+            continue
+        line = next(x for x in data["headline"] if x.startswith(f"{model['title']} vs base: "))
+        for metric in METRIC_ORDER:
+            c = model["vs_base"][metric]
+            assert {"diff", "ci95", "verdict", "n"} <= set(c), (label, metric)
+            if c["verdict"] in (BETTER, WORSE):
+                lo, hi = c["ci95"]
+                assert (lo > 0 or hi < 0) and c["n"] >= 6
+                assert (c["verdict"] == BETTER) == ((lo > 0) == METRICS[metric].higher_is_better)
+            elif c["diff"] is not None:
+                assert c["verdict"] == SAME
+            if metric in HEADLINE_METRICS and c["diff"] is not None:
+                assert describe(Comparison(**{**c, "ci95": tuple(c["ci95"]) if c["ci95"] else None})) in line
+        assert " better (" not in line or any(c["verdict"] == BETTER for c in model["vs_base"].values())
 
 
 @pytest.mark.e2e
@@ -217,9 +253,15 @@ def test_cli_command_prints_the_table_and_paths(trained_run, tiny_clip, tmp_path
     assert result.exit_code == 0, result.output
     assert f"metrics: {out / 'metrics.json'}" in result.output
     assert "contact_sheet.png" in result.output and "report.md" in result.output
-    assert "CLIP score" in result.output and "base" in result.output and "best: LoRA (" in result.output
+    assert "CLIP score" in result.output and "base" in result.output and "\nLoRA vs base: CLIP score " in result.output
     data = json.loads((out / "metrics.json").read_text())
-    assert list(data["models"]) == ["base", "lora"] and data["best"]["label"] == "lora"
+    # one candidate: nothing to be "best" among (it used to be best by default, whatever its numbers)
+    assert list(data["models"]) == ["base", "lora"] and data["best"]["label"] is None and "best" not in result.output
+    assert data["headline"][-1].startswith(("n per candidate: ", "power: "))
+    _assert_honest(data)
+    clip = data["models"]["lora"]["vs_base"]["clip_score"]
+    assert clip["n"] == 7 * 2 and clip["unit"] == "image pairs"  # 7 prompts x 2 seeds, paired with the base's
+    assert data["models"]["lora"]["vs_base"]["kid"]["unit"] == "prompts"
     kinds = [p["kind"] for p in data["prompts"]]
     assert kinds == ["concept"] * 4 + ["neutral"] * 3
     assert all("sd3tune-style" in p["text"] for p in data["prompts"][:4])
@@ -421,8 +463,7 @@ def test_a_prompts_file_that_is_a_folder_says_so(tmp_path):
     assert "does not exist" not in info.value.one_line()
 
 
-def test_default_prompts_and_best_rule():
-    from sd3tune.evaluation import ModelImages, pick_best
+def test_default_prompts():
     from sd3tune.prompts import default_prompts
 
     prompts = default_prompts("myst, a castle", ["myst, a dog", "myst, a dog", "myst, a cat", "myst, a tree",
@@ -433,22 +474,14 @@ def test_default_prompts_and_best_rule():
     with pytest.raises(Sd3tuneError):
         default_prompts(None, [], None)
 
-    def model(label, kind, step):
-        return ModelImages(label, label, kind, step, None, 1.0, [])
-
-    models = [model("base", "base", None), model("lora", "lora", None), model("checkpoint-10", "checkpoint", 10),
-              model("checkpoint-20", "checkpoint", 20)]
-
-    def m(clip, style):
-        return {"clip_score": {"mean": clip}, "style_similarity": {"mean": style}}
-
-    metrics = {"base": m(99.0, 0.99), "lora": m(20.0, 0.5), "checkpoint-10": m(30.0, 0.6),
-               "checkpoint-20": m(25.0, 0.55)}
-    assert pick_best(models, metrics)["label"] == "checkpoint-10"  # base is never a candidate
-    models[1].title = "LoRA"
-    assert pick_best(models, {**metrics, "lora": m(40.0, 0.7)})["title"] == "LoRA"  # as the table names it
-    tie = {"base": m(1.0, 0.1), "lora": m(20.0, 0.5), "checkpoint-10": m(20.0, 0.5), "checkpoint-20": m(20.0, 0.5)}
-    assert pick_best(models, tie)["label"] == "lora"  # ties go to the later step; the final LoRA is the last
+    # a long caption is cut to its first 30 words, keeping the trigger, and said
+    long = "myst " + " ".join(f"word{i}" for i in range(200))
+    notes: list[str] = []
+    prompts = default_prompts(None, [long, "a dog, myst"], "myst", notes=notes)
+    assert [p.text for p in prompts if p.kind == "concept"] == [" ".join(long.split()[:30]), "a dog, myst"]
+    assert notes == ["1 concept prompt from training captions cut to the first 30 words (the full captions are longer)"]
+    late = " ".join(f"word{i}" for i in range(40)) + " myst"
+    assert default_prompts(None, [late], "myst")[0].text == "myst, " + " ".join(late.split()[:30])
 
 
 def test_a_relative_image_folder_is_read_from_the_run_folder_whatever_the_shells_cwd(concept_data, tmp_path,
@@ -626,6 +659,132 @@ def test_a_checkpoint_trained_with_other_settings_than_the_lora_is_said(tmp_path
     notes: list[str] = []
     models = _candidates(EvaluateOptions(run_dir=tmp_path, checkpoints="all"), output,
                          resolve_lora(output / keys.LORA_WEIGHT_NAME), notes)
-    assert [m.label for m in models] == ["base", "lora", "checkpoint-4", "checkpoint-8"]
+    assert [m.label for m in models] == ["base", "checkpoint-4", "checkpoint-8", "lora"]  # step order
     assert notes == ["checkpoint-4 trained with other settings than the LoRA (schedule shift 3.0 -> 1.0, resolution "
                      "64 -> 128): it is sampled with the LoRA's, as every model here"]
+
+
+def _checkpointed_output(tmp_path: Path) -> Path:
+    """output/ with a final LoRA (step 8) and checkpoint-4 and checkpoint-8 (the final LoRA's very weights)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sd3tune.simpletuner import keys
+
+    output = tmp_path / "output"
+    for where, value, steps in ((output, 3.0, "8"), (output / "checkpoint-8", 3.0, "8"),
+                                (output / "checkpoint-4", 1.0, "4")):
+        where.mkdir(parents=True, exist_ok=True)
+        save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.full((4, 32), value)},
+                  str(where / keys.LORA_WEIGHT_NAME), metadata={"sd3tune.steps": steps})
+    return output
+
+
+@pytest.mark.parametrize("which, labels, steps", [
+    ("latest", ["base", "lora"], [None, 8]),
+    ("all", ["base", "checkpoint-4", "lora"], [None, 4, 8]),
+    ("8,4", ["base", "checkpoint-4", "lora"], [None, 4, 8]),  # checkpoint-8 is the final LoRA: shown as it
+    ("4", ["base", "checkpoint-4"], [None, 4]),
+])
+def test_checkpoints_by_step_number_in_step_order(which, labels, steps, tmp_path):
+    # `--checkpoints 20` was refused, and the columns came as base, LoRA, then the checkpoints
+    from sd3tune.commands.evaluate import _candidates
+    from sd3tune.lora import resolve_lora
+    from sd3tune.simpletuner import keys
+
+    output = _checkpointed_output(tmp_path)
+    notes: list[str] = []
+    models = _candidates(EvaluateOptions(run_dir=tmp_path, checkpoints=which), output,
+                         resolve_lora(output / keys.LORA_WEIGHT_NAME), notes)
+    assert [m.label for m in models] == labels and [m.step for m in models] == steps
+
+
+def test_a_checkpoint_step_the_run_lacks_is_refused_with_the_steps_it_has(tmp_path):
+    from sd3tune.commands.evaluate import _candidates
+    from sd3tune.lora import resolve_lora
+    from sd3tune.simpletuner import keys
+
+    output = _checkpointed_output(tmp_path)
+    with pytest.raises(Sd3tuneError) as info:
+        _candidates(EvaluateOptions(run_dir=tmp_path, checkpoints="4,6"), output,
+                    resolve_lora(output / keys.LORA_WEIGHT_NAME), [])
+    assert info.value.message == f"--checkpoints 4,6: no checkpoint-6 with a LoRA in {output}"
+    assert "steps: 4, 8" in info.value.hint
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--checkpoints", "ten"])
+    assert isinstance(result.exception, Sd3tuneError) and "'ten' is not one of latest, all, N,M" in \
+        result.exception.message
+
+
+def test_a_full_disk_is_found_before_any_model_loads(trained_run, prompts_file, tmp_path, monkeypatch):
+    # on a full disk, evaluate generated every image before its first write failed
+    from collections import namedtuple
+
+    import sd3tune.evalgen as evalgen
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(evalgen.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 50_000, 50_000))
+    out = tmp_path / "out"
+    opts = EvaluateOptions(run_dir=trained_run, prompts_file=prompts_file, seeds=SEEDS, steps=STEPS, out=out,
+                           clip_model=str(tmp_path / "no-clip-here"), device="cpu")  # never loaded: refused first
+    with pytest.raises(Sd3tuneError) as info:
+        run_evaluate(opts, progress=False)
+    assert info.value.message.startswith(f"{out} has 0.0 MiB free; this evaluation writes about ")
+    assert "(8 images at 64x64, the contact sheet and reports); nothing was generated" in info.value.message
+    assert "--seeds" in info.value.hint and not (out / "images").exists()
+
+
+def test_a_failed_image_write_stops_the_generation_at_once(trained_run, tiny_clip, prompts_file, tmp_path,
+                                                           monkeypatch):
+    import sd3tune.evalgen as evalgen
+    import sd3tune.inference as inference
+
+    made = []
+    real_make = inference.make_images
+    monkeypatch.setattr(inference, "make_images", lambda *a, **k: made.append(1) or real_make(*a, **k))
+
+    def full_disk(made_batch, index, path, fields):
+        raise Sd3tuneError(f"cannot write {path}: No space left on device", hint="free some disk space")
+
+    monkeypatch.setattr(evalgen, "_save_image", full_disk)
+    opts = _opts(trained_run, tiny_clip, prompts_file, tmp_path / "out", batch_size=1, checkpoints="all")
+    with pytest.raises(Sd3tuneError, match="No space left on device"):
+        run_evaluate(opts, progress=False)
+    assert len(made) == 2  # of 3 models x 2 prompts x 2 seeds = 12 batches: the first write's failure stops it
+
+
+@pytest.mark.skipif(__import__("shutil").which("chromium") is None,
+                    reason="needs Debian's chromium (.ci/run installs it)")
+@pytest.mark.parametrize("width", [800, 1400])
+def test_report_html_fits_the_window_and_shows_every_image_in_chromium(evaluated, width, tmp_path):
+    """report.html in a real browser: no sideways page scroll, every <img> loaded (the grid, the validation images)."""
+    import re
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    from sd3tune.report_html import render_html
+
+    out = Path(shutil.copytree(evaluated.out, tmp_path / "eval"))
+    data = json.loads((out / "metrics.json").read_text())
+    (out / "validation").mkdir()
+    for i in range(2):  # as SimpleTuner names them; the tiny run trains with validation off
+        Image.new("RGB", (128, 128), (40 * i, 90, 160)).save(out / "validation" / f"step_20_castle_{i}_128x128.png")
+    data["training"]["validation_images"].update(step=20, files=[f"validation/step_20_castle_{i}_128x128.png"
+                                                                 for i in range(2)])
+    data["prompts"][0]["text"] = "sd3tune-style, " + " ".join(f"verylongword{i}" for i in range(150))
+    page = render_html(data, "contact_sheet.png")
+    probe = ("<script>addEventListener('load',()=>{const d=document.documentElement;const p=document.createElement"
+             "('pre');p.id='probe';p.textContent=JSON.stringify({scroll:d.scrollWidth,inner:innerWidth,images:"
+             "[...document.images].map(i=>[i.getAttribute('src'),i.naturalWidth])});document.body.appendChild(p)})"
+             "</script>")
+    (out / "probe.html").write_text(page.replace("</body>", probe + "</body>"), encoding="utf-8")
+    proc = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--window-size={width},900", "--virtual-time-budget=5000", "--dump-dom",
+                           (out / "probe.html").as_uri()], capture_output=True, text=True, timeout=120)
+    found = re.search(r'<pre id="probe">(.*?)</pre>', proc.stdout)
+    assert found, proc.stderr[-2000:]
+    probe_data = json.loads(found.group(1).replace("&quot;", '"'))
+    assert probe_data["inner"] == width and probe_data["scroll"] <= probe_data["inner"], probe_data
+    images = probe_data["images"]
+    assert len(images) == 2 * 3 + 2 and all(w > 0 for _, w in images), images  # 2 prompts x 3 models + validation

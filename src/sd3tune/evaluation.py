@@ -38,12 +38,6 @@ if TYPE_CHECKING:
 MAX_REAL_IMAGES = 500  # training images embedded for style similarity and KID (evenly spaced when more)
 KID_SUBSETS = 100
 KID_MAX_SUBSET = 1000
-TIE_TOLERANCE = 1e-6
-
-BEST_RULE = ("best = the LoRA candidate (the final LoRA and each evaluated checkpoint; never the base model) with the "
-             "highest mean of two z-scores taken across the candidates: mean CLIP score and mean style similarity "
-             "(a metric equal for all candidates counts 0); ties (within 1e-6) go to the later training step")
-
 DEFINITIONS = {
     "clip_score": "prompt adherence: 100 * max(cos(CLIP image, CLIP prompt), 0) per image, all prompts (higher = "
                   "follows the prompt better)",
@@ -136,34 +130,60 @@ class Candidate:
     sha256: str | None = None  # of ``file``: a retrain replaces the file at the same path
 
 
-def pick_candidates(lora: LoraSource, output_dir: Path, notes: list[str], every_checkpoint: bool,
+def checkpoint_steps(value: str) -> list[int] | None:
+    """``--checkpoints N,M,...``: the steps, ascending and each once; None for ``latest`` / ``all``; ValueError for
+    anything else."""
+    if value in ("latest", "all"):
+        return None
+    steps = [int(part) for part in value.split(",")] if value else []
+    if not steps or any(s < 0 for s in steps):
+        raise ValueError(value)
+    return sorted(set(steps))
+
+
+def pick_candidates(lora: LoraSource, output_dir: Path, notes: list[str], which: str,
                     run_lora: bool) -> list[Candidate]:
-    """The models to compare: the base model, ``lora`` and, with ``every_checkpoint`` (--checkpoints all), the
-    LoRA of each checkpoint-N in ``output_dir`` once (one with the LoRA's very weights is the LoRA); ``run_lora``:
-    ``lora`` is the run's own. What the comparison should know goes to ``notes``."""
+    """The models to compare, the base model first, then the fine-tuned ones in training-step order (the final LoRA
+    after its checkpoints): ``which`` is ``latest`` (``lora``), ``all`` (``lora`` and the LoRA of each checkpoint-N
+    in ``output_dir``) or ``N,M,...`` (those checkpoints' LoRAs). A checkpoint with ``lora``'s very weights is
+    ``lora``, evaluated once. ``run_lora``: ``lora`` is the run's own. What the comparison should know goes to
+    ``notes``."""
     from sd3tune.fsutil import file_sha256
     from sd3tune.lora import checkpoint_loras, same_tensors, trained_otherwise
     from sd3tune.simpletuner.layout import checkpoint_step
 
     step = checkpoint_step(lora.file.parent)
+    stamped = lora.metadata.get("sd3tune.steps", "")
     title = "LoRA" if step is None else f"LoRA (checkpoint-{step})"
-    out = [Candidate("base", "base", "base", None, None, None),
-           Candidate("lora", title, "lora", step, lora.file, "sd3tune", lora.sha256)]
-    if every_checkpoint:
-        found = [(checkpoint_step(file.parent), file.resolve()) for file in checkpoint_loras(output_dir)
-                 if file.resolve() != lora.file]
-        same = [(s, file) for s, file in found if same_tensors(file, lora.file)]
-        for s, _ in same:  # usually the last checkpoint: the final LoRA is saved from the same weights
+    own = Candidate("lora", title, "lora", step if step is not None else int(stamped) if stamped.isdigit() else None,
+                    lora.file, "sd3tune", lora.sha256)
+    wanted = checkpoint_steps(which)
+    found = {checkpoint_step(file.parent): file.resolve() for file in checkpoint_loras(output_dir)}
+    if wanted is not None:
+        missing = [s for s in wanted if s not in found]
+        if missing:
+            have = ", ".join(map(str, sorted(s for s in found if s is not None))) or "none"
+            raise Sd3tuneError(f"--checkpoints {which}: no checkpoint-{missing[0]} with a LoRA in {output_dir}",
+                               hint=f"the run's checkpoints are at steps: {have}; or pass latest or all")
+        found = {s: f for s, f in found.items() if s in wanted}
+    elif which == "latest":
+        found = {}
+    elif not [f for f in found.values() if f != lora.file]:
+        notes.append("--checkpoints all: the run has no other checkpoint-N folder with a LoRA")
+    out, has_own = [], wanted is None
+    for s, file in sorted(found.items()):
+        if file == lora.file or same_tensors(file, lora.file):  # the final LoRA is saved from the last weights
             what = "the final LoRA" if run_lora and step is None else f"the evaluated LoRA {lora.file}"
-            notes.append(f"checkpoint-{s} is {what} (identical weights): evaluated once")
-        found = [f for f in found if f not in same]
-        if not found and not same:
-            notes.append("--checkpoints all: the run has no other checkpoint-N folder with a LoRA")
-        for s, file in found:
-            out.append(Candidate(f"checkpoint-{s}", f"checkpoint-{s}", "checkpoint", s, file, f"ckpt_{s}",
-                                  file_sha256(file)))
-            notes += trained_otherwise(f"checkpoint-{s}", file, lora.metadata)
-    return out
+            if file != lora.file:
+                notes.append(f"checkpoint-{s} is {what} (identical weights): evaluated once")
+            has_own = True
+            continue
+        out.append(Candidate(f"checkpoint-{s}", f"checkpoint-{s}", "checkpoint", s, file, f"ckpt_{s}",
+                             file_sha256(file)))
+        notes += trained_otherwise(f"checkpoint-{s}", file, lora.metadata)
+    out += [own] if has_own else []
+    out.sort(key=lambda c: math.inf if c.step is None else c.step)  # stable: the final LoRA after a same-step one
+    return [Candidate("base", "base", "base", None, None, None)] + out
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -200,6 +220,8 @@ class MetricsResult:
     reference: dict[str, Any]
     kid: dict[str, Any]
     notes: list[str]
+    arrays: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> metric -> paired values (numpy)
+    real: Any = None  # the training images' CLIP embeddings [N, d] (numpy), for KID's bootstrap
 
 
 def compute_metrics(models: Sequence[ModelImages], prompts: Sequence[EvalPrompt], seeds: Sequence[int],
@@ -238,27 +260,33 @@ def compute_metrics(models: Sequence[ModelImages], prompts: Sequence[EvalPrompt]
 
     base = models[0].label
     out: dict[str, dict[str, Any]] = {}
+    arrays: dict[str, dict[str, Any]] = {}
     per_image: list[dict[str, Any]] = []
     base_style = embeddings[base] @ centroid
     for m in models:
         e = embeddings[m.label]
         style = e @ centroid  # [P, S]
         clip_scores = (100 * torch.clamp((e * text[:, None, :]).sum(-1), min=0)).tolist()
-        pairs = [1 - float(e[p, a] @ e[p, b]) for p in range(n_prompts) for a in range(n_seeds)
-                 for b in range(a + 1, n_seeds)]
+        pairs = [[1 - float(e[p, a] @ e[p, b]) for a in range(n_seeds) for b in range(a + 1, n_seeds)]
+                 for p in range(n_prompts)]
+        drift = (style - base_style)[neutral]
+        arrays[m.label] = {"clip_score": torch.tensor(clip_scores).numpy(), "style_similarity": style[concept].numpy(),
+                           "neutral_style_similarity": style[neutral].numpy(), "drift": drift.numpy(),
+                           "diversity": [sum(row) / len(row) for row in pairs] if n_seeds > 1 else [],
+                           "kid": e[concept].numpy()}
         out[m.label] = {
             "clip_score": stats([c for row in clip_scores for c in row]),
             "style_similarity": stats([float(style[p, s]) for p in concept for s in range(n_seeds)]),
-            "diversity": stats(pairs),
+            "diversity": stats([d for row in pairs for d in row]),
             "kid": kid_values.get(m.label, {"mean": None, "std": None, "n": 0}),
             "neutral_style_similarity": stats([float(style[p, s]) for p in neutral for s in range(n_seeds)]),
-            "drift": stats([float(style[p, s] - base_style[p, s]) for p in neutral for s in range(n_seeds)]),
+            "drift": stats(drift.flatten().tolist()),
         }
         for p in range(n_prompts):
             for s in range(n_seeds):
                 per_image.append({"model": m.label, "prompt_index": p, "seed": seeds[s],
                                   "clip_score": clip_scores[p][s], "style_similarity": float(style[p, s])})
-    return MetricsResult(out, per_image, reference, kid_info, notes)
+    return MetricsResult(out, per_image, reference, kid_info, notes, arrays, real.numpy())
 
 
 def _kid(models: Sequence[ModelImages], concept: list[int], n_seeds: int, real: Any, embeddings: dict[str, Any],
@@ -305,31 +333,25 @@ def _kid(models: Sequence[ModelImages], concept: list[int], n_seeds: int, real: 
     return info, values
 
 
-def pick_best(models: Sequence[ModelImages], metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Apply BEST_RULE to the LoRA candidates; returns the winner, the rule and every candidate's score."""
-    candidates = [m for m in models if m.kind != "base"]
-    if not candidates:
-        return {"label": None, "title": None, "rule": BEST_RULE, "scores": {}}
-    z: dict[str, float] = {m.label: 0.0 for m in candidates}
-    used = []
-    for metric in ("clip_score", "style_similarity"):
-        vals = {m.label: metrics[m.label][metric]["mean"] for m in candidates}
-        if any(v is None for v in vals.values()):
-            continue
-        used.append(metric)
-        mean = sum(vals.values()) / len(vals)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in vals.values()) / len(vals))
-        for label, v in vals.items():
-            z[label] += (v - mean) / sd if sd > 1e-12 else 0.0
-    scores = {k: v / max(len(used), 1) for k, v in z.items()}
-    order = {m.label: (i, m.step) for i, m in enumerate(candidates)}
+def compare(models: Sequence[ModelImages], result: MetricsResult) -> dict[str, Any]:
+    """Each fine-tuned candidate against the base model (``models[0]``), metric by metric, on the same prompts and
+    seeds (``stats``' paired bootstrap); the best candidate (``stats.BEST_RULE``) and the headline in words."""
+    from sd3tune import stats as st
 
-    def step_key(label: str) -> float:
-        i, step = order[label]
-        return math.inf if step is None else float(step)
+    def versus(ref: str, label: str, metric: str) -> st.Comparison:
+        a, b = result.arrays[ref], result.arrays[label]
+        if metric == "kid":
+            if not len(a["kid"]) or result.kid.get("subset_size", 0) < 2:
+                return st.judge("kid", None, None, 0, "not computed")
+            return st.kid_paired(a["kid"], b["kid"], result.real)
+        return st.paired(metric, a[metric], b[metric])
 
-    top = max(scores.values())
-    tied = [label for label, s in scores.items() if top - s <= TIE_TOLERANCE]
-    best = max(tied, key=lambda label: (step_key(label), order[label][0]))
-    title = candidates[order[best][0]].title  # as the tables name it (the label is the images/ folder's name)
-    return {"label": best, "title": title, "rule": BEST_RULE, "metrics_used": used, "scores": scores}
+    base, candidates = models[0].label, [m.label for m in models[1:]]
+    vs_base = {label: {metric: versus(base, label, metric) for metric in METRIC_ORDER} for label in candidates}
+    best = st.best_candidate(candidates, lambda a, b, metric: versus(b, a, metric))
+    titles = {m.label: m.title for m in models}
+    return {"vs_base": {label: {k: c.as_dict() for k, c in comparisons.items()} for label, comparisons in vs_base.items()},
+            "best": {"label": best, "title": titles[best] if best else None, "rule": st.BEST_RULE},
+            "headline": st.headline(titles, vs_base, best), "method": st.METHOD,
+            "bootstrap": {"seed": st.BOOTSTRAP_SEED, "resamples": st.RESAMPLES, "level": st.LEVEL,
+                          "min_paired_values": st.MIN_PAIRS}}

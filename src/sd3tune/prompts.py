@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from sd3tune.errors import Sd3tuneError
+from sd3tune.findings import plural
 
 NEUTRAL_PREFIX = "neutral:"
 NEUTRAL_PROMPTS = (
@@ -18,6 +19,7 @@ NEUTRAL_PROMPTS = (
     "a portrait photograph of an elderly man",
 )
 CAPTION_PROMPTS = 3  # training captions used as concept prompts by default
+CAPTION_WORDS = 30  # a caption chosen as a prompt is cut to its first words (captions can run to hundreds)
 
 
 @dataclass(frozen=True)
@@ -57,15 +59,34 @@ def read_prompts_file(path: Path, trigger: str | None) -> list[EvalPrompt]:
     return prompts
 
 
+def shorten(text: str, trigger: str | None, words: int = CAPTION_WORDS) -> str:
+    """The first ``words`` words of ``text``; the trigger word first when the cut lost it."""
+    kept = text.split()
+    if len(kept) <= words:
+        return " ".join(kept)
+    short = " ".join(kept[:words])
+    if trigger and trigger.lower() in text.lower() and trigger.lower() not in short.lower():
+        short = f"{trigger}, {short}"
+    return short
+
+
 def default_prompts(validation_prompt: str | None, captions: Sequence[str], trigger: str | None,
-                    n_captions: int = CAPTION_PROMPTS) -> list[EvalPrompt]:
-    """The run's validation prompt and a few of its training captions (concept prompts), plus neutral prompts."""
+                    n_captions: int = CAPTION_PROMPTS, notes: list[str] | None = None) -> list[EvalPrompt]:
+    """The run's validation prompt and a few of its training captions (concept prompts; each cut to its first
+    CAPTION_WORDS words, said in ``notes``), plus neutral prompts."""
     concept: list[str] = [validation_prompt] if validation_prompt else []
-    distinct = [c for c in dict.fromkeys(" ".join(c.split()) for c in captions if c and c.strip())
-                if c not in concept]
+    cut: dict[str, bool] = {}  # each caption as a prompt -> whether it was cut
+    for c in captions:
+        if c and c.strip():
+            cut.setdefault(shorten(c, trigger), len(c.split()) > CAPTION_WORDS)
+    distinct = [c for c in cut if c not in concept]
     if distinct and n_captions > 0:
         step = len(distinct) / min(n_captions, len(distinct))
-        concept += [distinct[int(i * step)] for i in range(min(n_captions, len(distinct)))]
+        chosen = [distinct[int(i * step)] for i in range(min(n_captions, len(distinct)))]
+        concept += chosen
+        if notes is not None and any(cut[c] for c in chosen):
+            notes.append(f"{plural(sum(cut[c] for c in chosen), 'concept prompt')} from training captions cut to "
+                         f"the first {CAPTION_WORDS} words (the full captions are longer)")
     if not concept and trigger:
         concept.append(trigger)
     if not concept:

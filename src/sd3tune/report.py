@@ -1,11 +1,10 @@
-"""What `sd3tune evaluate` writes about its numbers: metrics.json (strict JSON), report.md and report.html (settings,
-prompts, the contact sheet, the metric table, the best checkpoint and what each number means), the contact sheet
-itself, the table the command prints and the evaluation's entry in the run's sd3tune.json; and which files of a
-previous evaluation --force replaces."""
+"""What `sd3tune evaluate` writes about its numbers: metrics.json (strict JSON), report.md (what the numbers support,
+each candidate's paired difference from the base, how the run trained, settings, prompts, what each number means;
+report.html is ``report_html``'s), the contact sheet, the table the command prints and the evaluation's entry in the
+run's sd3tune.json; and which files of a previous evaluation --force replaces."""
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -13,10 +12,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+from sd3tune.stats import HEADLINE_METRICS, METRICS, shown
+
 OUTPUT_FILES = ("metrics.json", "contact_sheet.png", "report.md", "report.html")  # + images/LABEL/NN-sS.png
 IMAGES_DIR = "images"
+VALIDATION_DIR = "validation"  # copies of the run's latest validation images (runsummary.VALIDATION_COPY)
 _LABEL_DIR = re.compile(r"(base|lora|checkpoint-\d+)")
 _IMAGE_FILE = re.compile(r"\d+-s\d+\.png")
+_VALIDATION_FILE = re.compile(r"step_\d+_.+_\d+_\d+x\d+\.png")
 
 
 def fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
@@ -35,23 +38,47 @@ def _rounded(value: float, digits: int) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
-def _title(data: dict[str, Any], label: str | None) -> str:
-    """A model's name as the tables show it (its title), from its label."""
-    model = data["models"].get(label) if label is not None else None
-    return model["title"] if model else str(label)
-
-
 TABLE_COLUMNS = (("clip_score", "CLIP score ↑", 2), ("style_similarity", "style sim. ↑", 3),
                  ("diversity", "diversity", 3), ("kid", "KID ↓", 4), ("drift", "neutral drift", 3))
 
 
+def _md_cell(c: dict[str, Any] | None) -> str:
+    if not c or c.get("diff") is None:
+        return "n/a"
+    diff, ci = shown(c)
+    return f"{diff}" + (f" [{ci}]" if ci else "") + f" {c['verdict']}, n {c['n']}"
+
+
+def _md_training(t: dict[str, Any]) -> list[str]:
+    """How the run trained, in words (report.html draws the curves)."""
+    lines = ["## How the run trained", ""]
+    loss = t.get("loss") or {}
+    if loss.get("steps"):
+        v, smoothed = loss["values"], loss["smoothed"]
+        lines.append(f"- loss over {len(v)} steps ({loss['steps'][0]}-{loss['steps'][-1]}): first {v[0]:g}, last "
+                     f"{v[-1]:g}, lowest {min(v):g}; moving average {smoothed[0]:.3g} -> {smoothed[-1]:.3g} "
+                     "(the curve is in report.html)")
+    else:
+        lines.append("- no loss per step found in the run's training logs")
+    lrs = (t.get("lr") or {}).get("values") or []
+    if lrs:
+        lines.append(f"- learning rate: {lrs[0]:g}" + (f" -> {lrs[-1]:g}" if len(set(lrs)) > 1 else " (constant)"))
+    lines += [f"- {k}: {_md(str(v))}" for k, v in (t.get("settings") or {}).items() if v is not None]
+    val = t.get("validation_images") or {}
+    if val.get("files"):
+        lines += ["", f"Latest validation images (step {val['step']}):", ""]
+        lines += [f"![validation image]({f})" for f in val["files"]]
+    return lines + [""]
+
+
 def render_markdown(data: dict[str, Any], sheet_name: str) -> str:
     """The report: settings, the contact sheet, the metric table, the best checkpoint and what each number means."""
-    lines = [f"# sd3tune evaluation: {data['run_dir']}", ""]
+    lines = [f"# sd3tune evaluation: {data['run_dir']}", ""] + [f"- **{_md(line)}**" for line in data["headline"]]
+    lines.append("")
     lines += [f"- base model: `{data['model']}`",
               f"- LoRA: `{data['lora']['file']}` (sha256 `{data['lora']['sha256'][:12]}`)",
               f"- CLIP model for the metrics: `{data['clip_model']['name']}` ({data['clip_model']['source']})",
-              f"- sampler: {_sampler_text(data['sampler'])}",
+              f"- sampler: {sampler_text(data['sampler'])}",
               f"- seeds per prompt: {', '.join(map(str, data['seeds']))}",
               f"- training images: {data['training_images']['used']} of {data['training_images']['total']} in "
               + ", ".join(f"`{f}`" for f in data["training_images"]["folders"]),
@@ -63,19 +90,25 @@ def render_markdown(data: dict[str, Any], sheet_name: str) -> str:
               f"Rows: prompts (seed {data['seeds'][0]}); columns: {' | '.join(m['title'] for m in data['models'].values())}. "
               "Every image is under `images/`.", "", f"![contact sheet]({sheet_name})", ""]
     lines += ["## Metrics (mean ± std)", ""]
-    header = ["model"] + [c[1] for c in TABLE_COLUMNS]
+    header = ["model", "step"] + [c[1] for c in TABLE_COLUMNS]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best = data["best"]["label"]
     for label, m in data["models"].items():
         name = m["title"] + (" **(best)**" if label == best else "")
-        lines.append("| " + " | ".join([name] + [fmt(m["metrics"][k], d) for k, _, d in TABLE_COLUMNS]) + " |")
+        step = "" if m["step"] is None else str(m["step"])
+        lines.append("| " + " | ".join([name, step] + [fmt(m["metrics"][k], d) for k, _, d in TABLE_COLUMNS]) + " |")
     ref = data["reference"]["training_style_similarity"]
     lines += ["", f"Reference: the training images' own style similarity is {fmt(ref)}.", ""]
-    lines += ["## Best checkpoint", "", f"**{_title(data, best)}** — {data['best']['rule']}.", ""]
-    if data["best"]["scores"]:
-        lines += ["| candidate | score |", "|---|---|"]
-        lines += [f"| {_title(data, k)} | {v:+.3f} |" for k, v in data["best"]["scores"].items()]
-        lines.append("")
+    lines += ["## Each candidate against the base model", "",
+              "Mean paired difference (candidate - base) [95% bootstrap interval] verdict, n.", ""]
+    header = ["candidate"] + [METRICS[m].name for m in HEADLINE_METRICS]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for m in data["models"].values():
+        if m.get("vs_base"):
+            lines.append("| " + " | ".join([m["title"]] + [_md_cell(m["vs_base"].get(k)) for k in HEADLINE_METRICS])
+                         + " |")
+    lines += ["", f"Method: {data['statistics']['method']}.", "", f"Best: {data['best']['rule']}.", ""]
+    lines += _md_training(data.get("training") or {})
     lines += ["## What the numbers mean", ""]
     lines += [f"- **{k}**: {v}" for k, v in data["definitions"].items()]
     lines += ["- std is the sample standard deviation across prompts and seeds (KID: across random subsets); a value "
@@ -93,33 +126,7 @@ def _md(text: str) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
 
 
-def render_html(data: dict[str, Any], sheet_name: str) -> str:
-    """A self-contained HTML page with the same table and the contact sheet (for a browser)."""
-    e = html.escape
-    rows = []
-    best = data["best"]["label"]
-    for label, m in data["models"].items():
-        cells = "".join(f"<td>{e(fmt(m['metrics'][k], d))}</td>" for k, _, d in TABLE_COLUMNS)
-        mark = " <b>(best)</b>" if label == best else ""
-        rows.append(f"<tr><td>{e(m['title'])}{mark}</td>{cells}</tr>")
-    head = "".join(f"<th>{e(c[1])}</th>" for c in TABLE_COLUMNS)
-    prompts = "".join(f"<li>({e(p['kind'])}) {e(p['text'])}</li>" for p in data["prompts"])
-    defs = "".join(f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in data["definitions"].items())
-    notes = "".join(f"<li>{e(n)}</li>" for n in data["notes"])
-    return (f"<!doctype html><meta charset='utf-8'><title>sd3tune evaluation</title>"
-            f"<style>body{{font-family:sans-serif;max-width:1100px}}td,th{{padding:4px 8px;border:1px solid #ccc}}"
-            f"table{{border-collapse:collapse}}</style>"
-            f"<h1>sd3tune evaluation</h1><p>{e(data['run_dir'])}<br>base <code>{e(data['model'])}</code>, LoRA "
-            f"<code>{e(data['lora']['file'])}</code> (sha256 <code>{e(data['lora']['sha256'][:12])}</code>), "
-            f"CLIP <code>{e(data['clip_model']['name'])}</code><br>"
-            f"{e(_sampler_text(data['sampler']))}; seeds {e(', '.join(map(str, data['seeds'])))}</p>"
-            f"<h2>Prompts</h2><ol>{prompts}</ol><h2>Images</h2><img src='{e(sheet_name)}'>"
-            f"<h2>Metrics (mean ± std)</h2><table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
-            f"<h2>Best checkpoint</h2><p><b>{e(_title(data, best))}</b> — {e(data['best']['rule'])}.</p>"
-            f"<h2>What the numbers mean</h2><ul>{defs}</ul>" + (f"<h2>Notes</h2><ul>{notes}</ul>" if notes else ""))
-
-
-def _sampler_text(s: dict[str, Any]) -> str:
+def sampler_text(s: dict[str, Any]) -> str:
     return (f"{s['steps']} steps, CFG {s['guidance']}, {s['width']}x{s['height']}, T5 length "
             f"{s['max_sequence_length']}, shift {s['shift']}")
 
@@ -156,6 +163,7 @@ def write_outputs(out: Path, data: dict[str, Any], made_with: dict[str, Any], mo
     """Write the evaluation into ``out``: the contact sheet, report.md, report.html and, last, metrics.json."""
     from sd3tune.fsutil import atomic_write_text
     from sd3tune.inference import save_png
+    from sd3tune.report_html import render_html
     from sd3tune.sheets import contact_sheet
 
     paths = {"metrics": out / "metrics.json", "sheet": out / "contact_sheet.png", "report": out / "report.md",
@@ -213,6 +221,13 @@ def remove_previous(out: Path) -> None:
     evaluation), so the new one is never mixed with old images. Other files stay."""
     for name in OUTPUT_FILES:
         (out / name).unlink(missing_ok=True)
+    validation = out / VALIDATION_DIR
+    if validation.is_dir() and not validation.is_symlink():
+        for file in validation.iterdir():
+            if _VALIDATION_FILE.fullmatch(file.name) and (file.is_file() or file.is_symlink()):
+                file.unlink()
+        if not any(validation.iterdir()):
+            validation.rmdir()
     images = out / IMAGES_DIR
     if not images.is_dir():
         return
@@ -231,7 +246,8 @@ def remove_previous(out: Path) -> None:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """A compact plain-text table: one line per model, mean ± std of each metric."""
+    """A compact plain-text table: one line per model (in step order), mean ± std of each metric; * marks the best
+    fine-tuned candidate, when one is measurably ahead of the others."""
     width = max([len("model")] + [len(m["title"]) + 2 for m in metrics["models"].values()]) + 2
     cols = [(k, title, d, max(len(title), 16) + 2) for k, title, d in TABLE_COLUMNS]
     lines = ["model".ljust(width) + "".join(title.ljust(w) for _, title, _, w in cols)]

@@ -1,11 +1,7 @@
-"""`sd3tune evaluate`: a fixed prompt x seed grid for the base model, the LoRA and (optionally) each checkpoint,
-from ONE pipeline load, scored with CLIP-based metrics; writes metrics.json, a contact sheet and a report.
-
-One load: the pipeline is loaded once with the run's LoRA (adapter ``sd3tune``); each checkpoint's LoRA is loaded
-into the same pipeline as another adapter (``pipe.load_lora_weights(..., adapter_name=...)``), and each model is
-selected with ``set_adapters`` (the base model is the LoRA at weight 0, exactly the base weights).
-
-"""
+"""`sd3tune evaluate`: a fixed prompt x seed grid for the base model, the LoRA and (optionally) its checkpoints,
+from ONE pipeline load (``evalgen``), scored with CLIP-based metrics (``evaluation``), each candidate compared with
+the base model on the same prompts and seeds (``stats``); writes metrics.json, a contact sheet and a report with how
+the run trained (``runsummary``)."""
 
 from __future__ import annotations
 
@@ -23,7 +19,7 @@ from sd3tune.report import OUTPUT_FILES
 if TYPE_CHECKING:
     from sd3tune.evaluation import Candidate
 
-CHECKPOINT_CHOICES = ("latest", "all")
+CHECKPOINT_CHOICES = ("latest", "all", "N,M,...")
 EVAL_DIR = "eval"  # default --out, inside the run folder
 
 
@@ -32,7 +28,7 @@ class EvaluateOptions:
     run_dir: Path
     prompts_file: Path | None = None  # one prompt per line; "neutral: ..." marks a neutral prompt
     seeds: int = 4  # seeds 0..N-1 for every prompt and model
-    checkpoints: str = "latest"  # latest: base vs the run's LoRA; all: also every checkpoint-N
+    checkpoints: str = "latest"  # latest: base vs the run's LoRA; all: also every checkpoint-N; N,M: those steps
     model: str | None = None  # base model (default: the run's)
     clip_model: str | None = None  # default: the run's manifest "defaults.clip_model", else DEFAULT_CLIP
     out: Path | None = None  # default RUN_DIR/eval
@@ -59,9 +55,14 @@ class EvaluateResult:
 
 
 def _check_options(opts: EvaluateOptions) -> None:
-    if opts.checkpoints not in CHECKPOINT_CHOICES:
+    from sd3tune.evaluation import checkpoint_steps
+
+    try:
+        checkpoint_steps(opts.checkpoints)
+    except ValueError:
         raise Sd3tuneError(f"--checkpoints {opts.checkpoints!r} is not one of {', '.join(CHECKPOINT_CHOICES)}",
-                           hint="latest compares base and the LoRA; all adds every checkpoint-N of the run")
+                           hint="latest compares base and the LoRA; all adds every checkpoint-N of the run; "
+                                "10,20 those checkpoints (training steps)") from None
     if opts.seeds < 1:
         raise Sd3tuneError(f"--seeds {opts.seeds} must be at least 1", hint="2 or more also measures diversity")
     if opts.batch_size < 1:
@@ -103,8 +104,7 @@ def _read_run(run_dir: Path):
 def _candidates(opts: EvaluateOptions, output_dir: Path, lora, notes: list[str]) -> list[Candidate]:
     from sd3tune.evaluation import pick_candidates
 
-    return pick_candidates(lora, output_dir, notes, every_checkpoint=opts.checkpoints == "all",
-                           run_lora=opts.lora is None)
+    return pick_candidates(lora, output_dir, notes, opts.checkpoints, run_lora=opts.lora is None)
 
 
 def evaluation_folder(run_dir: Path, out: Path | None) -> Path:
@@ -171,11 +171,15 @@ def _evaluate(opts: EvaluateOptions, progress: bool, start: float, run_dir: Path
             notes.append(f"{plural(repeats, 'repeated prompt')} in {opts.prompts_file} left out: each prompt is "
                          "evaluated once")
     else:
-        prompts = default_prompts(config.validation.prompt, train.captions, trigger)
+        prompts = default_prompts(config.validation.prompt, train.captions, trigger, notes=notes)
     model, settings, setting_notes = resolve_settings(
         SamplerFlags(model=opts.model, steps=opts.steps, guidance=opts.guidance), lora)
     notes += setting_notes
     seeds = list(range(opts.seeds))
+    from sd3tune.evalgen import check_free_space, generate_grid
+
+    check_free_space(out, len(candidates) * len(prompts) * len(seeds), settings.width, settings.height,
+                     len(candidates), len(prompts), reclaimed=out / "images" if opts.force else None)
 
     clip_spec, clip_origin = opts.clip_model, None
     if clip_spec is None:
@@ -191,16 +195,17 @@ def _evaluate(opts: EvaluateOptions, progress: bool, start: float, run_dir: Path
         remove_previous(out)
 
     t = time.perf_counter()
-    models, made_with = _generate(opts, model, lora, settings, prompts, seeds, candidates, out, progress)
+    models, made_with = generate_grid(opts, model, lora, settings, prompts, seeds, candidates, out, progress)
     device = made_with["device"]
     timings["generate"] = time.perf_counter() - t
 
-    from sd3tune.evaluation import compute_metrics, pick_best
+    from sd3tune.evaluation import compare, compute_metrics
+    from sd3tune.runsummary import training_summary
 
     t = time.perf_counter()
     clip.to(device)
     result = compute_metrics(models, prompts, seeds, ImageFiles(train.images), clip, progress=progress)
-    best = pick_best(models, result.models)
+    compared = compare(models, result)
     timings["metrics"] = time.perf_counter() - t
     notes += result.notes
     if train.total > len(train.images):
@@ -231,9 +236,13 @@ def _evaluate(opts: EvaluateOptions, progress: bool, start: float, run_dir: Path
                              "lora_file": str(m.lora_file) if m.lora_file else None,
                              "lora_sha256": sha256[m.label],
                              "adapter_weight": m.adapter_weight, "metrics": result.models[m.label],
+                             "vs_base": compared["vs_base"].get(m.label),
                              "images": [[relpath(p, out) for p in row] for row in m.paths]}
                    for m in models},
-        "best": best,
+        "headline": compared["headline"],
+        "best": compared["best"],
+        "statistics": {"method": compared["method"], **compared["bootstrap"]},
+        "training": training_summary(run_dir, loaded.output_dir(), config, manifest, trigger, out),
         "reference": result.reference,
         "kid": result.kid,
         "definitions": dict(DEFINITIONS),
@@ -249,76 +258,6 @@ def _evaluate(opts: EvaluateOptions, progress: bool, start: float, run_dir: Path
                           time.perf_counter() - start)
 
 
-def _generate(opts: EvaluateOptions, model: str, lora, settings, prompts, seeds, candidates: list[Candidate],
-              out: Path, progress: bool):
-    """Load the pipeline once (the run's LoRA + one adapter per checkpoint) and make every model's grid; returns
-    the models' images and what made them all (an image's provenance with the run's LoRA, less prompt and seed)."""
-    import gc
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm.auto import tqdm
-
-    from sd3tune.evaluation import ModelImages
-    from sd3tune.inference import chunks, load_adapter, load_pipeline, make_images, provenance
-
-    pipe = load_pipeline(model, device=opts.device, dtype=opts.dtype, lora=lora, shift=settings.shift)
-    for c in candidates:
-        if c.kind == "checkpoint":
-            assert c.file is not None and c.adapter is not None
-            load_adapter(pipe.pipe, c.file, c.adapter)
-    made_with = provenance(pipe, prompts[0].text, seeds[0], settings, opts.lora_scale, opts.lora_scale)
-    del made_with["lora_adapter_weight"]  # each model's own: the sheet lists them per column
-    made_grids = []  # per candidate: (candidate, adapter weight, images as futures, paths)
-    total = len(candidates) * len(prompts) * len(seeds)
-    # images reach the CPU and are written as PNGs on a thread while the next batch is made, as in generate
-    with tqdm(total=total, unit="img", desc="generating", disable=not progress) as bar, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="png") as writer:
-        for c in candidates:
-            w = pipe.set_lora_scale(0.0 if c.kind == "base" else opts.lora_scale,
-                                    adapter=None if c.kind == "base" else c.adapter)
-            grid, grid_paths = [], []
-            for index, prompt in enumerate(prompts):
-                row, row_paths = [], []
-                for batch in chunks(seeds, opts.batch_size):
-                    made = make_images(pipe, prompt.text, batch, settings)
-                    for i, seed in enumerate(batch):
-                        fields = provenance(pipe, prompt.text, seed, settings, opts.lora_scale, w)
-                        fields.update(lora=str(c.file) if c.file else None, lora_sha256=c.sha256,
-                                      lora_scale=None if c.kind == "base" else opts.lora_scale, evaluate_model=c.label)
-                        path = out / "images" / c.label / f"{index:02d}-s{seed}.png"
-                        row.append(writer.submit(_save_image, made, i, path, fields))
-                        row_paths.append(path)
-                        bar.update(1)
-                grid.append(row)
-                grid_paths.append(row_paths)
-            made_grids.append((c, w, grid, grid_paths))
-        models = [ModelImages(c.label, c.title, c.kind, c.step, c.file, w,  # type: ignore[arg-type]
-                              [[image.result() for image in row] for row in grid], grid_paths)  # a failed write raises
-                  for c, w, grid, grid_paths in made_grids]
-    del pipe
-    gc.collect()
-    _empty_cache(made_with["device"])
-    return models, made_with
-
-
-def _save_image(made, index: int, path: Path, fields: dict):
-    """The writer thread's job: image ``index`` of a batch (waiting for its copy from the GPU), saved as PNG."""
-    from sd3tune.inference import save_png
-
-    image = made.pil(index)
-    save_png(image, path, fields)
-    return image
-
-
-def _empty_cache(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    elif device == "mps":
-        torch.mps.empty_cache()
-
-
 # --- `sd3tune evaluate` on the command line (sd3tune.cli loads it when the command runs or shows its help; this
 # section imports all it uses, whatever the module above imports) ---
 
@@ -328,13 +267,20 @@ import typer  # noqa: E402
 
 from sd3tune.cli import command_app  # noqa: E402
 from sd3tune.commands.options import (BatchSizeOpt, Device, DeviceOpt, Dtype, DtypeOpt, GuidanceOpt,  # noqa: E402
-                                      StepsOpt, choice_parser, choices)
+                                      StepsOpt)
 from sd3tune.defaults import DEFAULT_CLIP  # noqa: E402,F811
 from sd3tune.errors import Sd3tuneError  # noqa: E402,F811
 from sd3tune.report import format_table  # noqa: E402
 
-Checkpoints = choices("Checkpoints", CHECKPOINT_CHOICES)
-parse_checkpoints = choice_parser(Checkpoints, lambda value: _check_options(EvaluateOptions(Path(), checkpoints=value)))
+
+
+def parse_checkpoints(value: str) -> str:
+    """--checkpoints: latest, all or N,M,... (refused with the Python API's one-line error)."""
+    value = str(value).replace(" ", "")
+    _check_options(EvaluateOptions(Path(), checkpoints=value))
+    return value
+
+
 app = command_app()
 
 
@@ -345,9 +291,10 @@ def evaluate_command(
         "--prompts", help="Prompts file, one per line; 'neutral: TEXT' marks a neutral prompt (default: the run's "
                           "validation prompt and 3 captions, plus 3 neutral prompts).")] = None,
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds per prompt (0..N-1), the same for every model.")] = 4,
-    checkpoints: Annotated[Checkpoints, typer.Option(
-        "--checkpoints", help="latest: base vs the LoRA; all: also every checkpoint-N of the run.",
-        parser=parse_checkpoints)] = Checkpoints("latest"),
+    checkpoints: Annotated[str, typer.Option(
+        "--checkpoints", metavar="latest|all|N,M,...", help="latest: base vs the LoRA; all: also every checkpoint-N "
+        "of the run; 10,20: the checkpoints of those steps. Always in step order.",
+        parser=parse_checkpoints)] = "latest",
     model: Annotated[Optional[str], typer.Option(
         "--model", help="Base model: Hub id or local diffusers folder (default: the run's model).")] = None,
     clip_model: Annotated[Optional[str], typer.Option(
@@ -365,19 +312,21 @@ def evaluate_command(
 ) -> None:
     """Compare the base model, the LoRA and its checkpoints on a fixed prompt x seed grid (one model load).
 
-    Writes metrics.json (CLIP score, style similarity, diversity, KID, neutral-prompt drift: mean and std per
-    model, and the best checkpoint), contact_sheet.png and report.md / report.html.
+    Writes metrics.json (CLIP score, style similarity, diversity, KID, neutral-prompt drift per model; each
+    candidate's paired difference from the base with a 95% bootstrap interval and a verdict), contact_sheet.png and
+    report.md / report.html (with the run's loss curve and validation images).
 
     \b
     examples:
       sd3tune evaluate runs/art
       sd3tune evaluate runs/art --checkpoints all --seeds 8 --out runs/art/eval-all
+      sd3tune evaluate runs/art --checkpoints 500,1000 --out runs/art/eval-500-1000
       sd3tune evaluate runs/art --force          # replace the previous runs/art/eval
       sd3tune evaluate runs/art --prompts prompts.txt --clip-model ~/models/clip-vit-large-patch14
     """
     try:
         result = run_evaluate(EvaluateOptions(
-            run_dir=run_dir, prompts_file=prompts, seeds=seeds, checkpoints=checkpoints.value, model=model,
+            run_dir=run_dir, prompts_file=prompts, seeds=seeds, checkpoints=checkpoints, model=model,
             clip_model=clip_model, out=out, steps=steps, guidance=guidance, device=device.value, dtype=dtype.value,
             batch_size=batch_size, force=force))
     except KeyboardInterrupt:
@@ -389,9 +338,9 @@ def evaluate_command(
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(format_table(result.metrics))
-    best = result.metrics["best"]
-    if best["label"] is not None:  # named as the table names it
-        typer.echo(f"best: {best['title'] or best['label']} (* above; rule in metrics.json 'best.rule')")
+    typer.echo("")
+    for line in result.metrics["headline"]:  # what the paired intervals support, in words; "best" only if one leads
+        typer.echo(line)
     typer.echo(f"metrics: {result.metrics_file}")
     typer.echo(f"grid:    {result.sheet}")
     typer.echo(f"report:  {result.report} ({result.report_html.name} beside it)")

@@ -1,0 +1,133 @@
+"""The paired statistics behind `sd3tune evaluate`'s verdicts, on fabricated metric arrays (no model, no image)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sd3tune import stats
+from sd3tune.evaluation import METRIC_ORDER, MetricsResult, ModelImages, compare
+
+PROMPTS, SEEDS, DIM = 8, 4, 16
+
+
+def _models(*labels: str) -> list[ModelImages]:
+    kinds = {"base": "base", "lora": "lora"}
+    return [ModelImages(label, "LoRA" if label == "lora" else label, kinds.get(label, "checkpoint"),  # type: ignore
+                        int(label.split("-")[1]) if label.startswith("checkpoint-") else None, None, 1.0, [])
+            for label in labels]
+
+
+def _arrays(rng, shift: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """One model's paired values: per image [prompts, seeds] (neutral prompts: the last 3), diversity per prompt,
+    KID features [concept prompts, seeds, d]; ``shift`` adds a constant to a metric."""
+    shift = shift or {}
+    feats = rng.normal(size=(PROMPTS - 3, SEEDS, DIM))
+    out = {"clip_score": rng.normal(30, 3, size=(PROMPTS, SEEDS)),
+           "style_similarity": rng.normal(0.8, 0.02, size=(PROMPTS - 3, SEEDS)),
+           "neutral_style_similarity": rng.normal(0.5, 0.02, size=(3, SEEDS)),
+           "drift": np.zeros((3, SEEDS)), "diversity": rng.normal(0.3, 0.01, size=PROMPTS),
+           "kid": feats / np.linalg.norm(feats, axis=-1, keepdims=True)}
+    return {k: v + shift.get(k, 0.0) for k, v in out.items()}
+
+
+def _result(arrays: dict[str, dict[str, np.ndarray]], rng) -> MetricsResult:
+    real = rng.normal(size=(20, DIM))
+    return MetricsResult({}, [], {}, {"subset_size": 10}, [], arrays, real / np.linalg.norm(real, axis=1, keepdims=True))
+
+
+def test_identical_candidates_differ_measurably_in_nothing_and_none_is_best():
+    rng = np.random.default_rng(3)
+    same = _arrays(rng)
+    models = _models("base", "checkpoint-10", "lora")
+    out = compare(models, _result({m.label: same for m in models}, rng))
+    for label in ("checkpoint-10", "lora"):
+        for metric in METRIC_ORDER:
+            c = out["vs_base"][label][metric]
+            assert c["verdict"] == stats.SAME and c["diff"] == 0.0, (label, metric, c)
+            assert set(c) >= {"diff", "ci95", "verdict", "n"}
+    assert out["best"]["label"] is None
+    assert "best: none; no fine-tuned candidate is measurably ahead of all the others" in out["headline"]
+    assert not any(" better (" in line or " worse (" in line for line in out["headline"])
+
+
+def test_a_shift_of_three_standard_errors_is_better_and_a_third_of_one_is_not():
+    rng = np.random.default_rng(0)
+    n = 40
+    base = rng.normal(30, 3, size=n)
+    noise = rng.normal(0, 1, size=n)
+    noise -= noise.mean()
+    se = noise.std(ddof=1) / np.sqrt(n)
+    up = stats.paired("clip_score", base, base + noise + 3 * se)
+    assert up.verdict == stats.BETTER and up.diff == pytest.approx(3 * se) and up.ci95[0] > 0 and up.n == n
+    assert up.se == pytest.approx(se, rel=0.15)  # the bootstrap's standard error is the textbook one
+    assert stats.paired("kid", base, base + noise + 3 * se).verdict == stats.WORSE  # lower is better for KID
+    small = stats.paired("clip_score", base, base + noise + se / 3)
+    assert small.verdict == stats.SAME and small.ci95[0] < 0 < small.ci95[1]
+    # the power estimate: a third of a standard error needs ~(2.8 * 3)^2 = 70x the samples
+    assert small.more_needed == pytest.approx(n * 70, rel=0.2)
+    assert "would need about" in "\n".join(stats.headline({"lora": "LoRA"}, {"lora": {"clip_score": small}}, None))
+
+
+def test_the_bootstrap_is_the_same_for_a_seed_and_differs_for_another():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=30), rng.normal(0.2, 1, size=30)
+    first, again = stats.paired("style_similarity", a, b), stats.paired("style_similarity", a, b)
+    assert first.ci95 == again.ci95 and first.se == again.se
+    other = stats.paired("style_similarity", a, b, seed=1)
+    assert other.ci95 != first.ci95 and other.diff == first.diff
+    feats = rng.normal(size=(3, 6, 4, DIM))
+    real = rng.normal(size=(12, DIM))
+    assert stats.kid_paired(feats[0], feats[1], real).ci95 == stats.kid_paired(feats[0], feats[1], real).ci95
+
+
+def test_too_few_paired_values_give_no_verdict_even_when_all_agree():
+    c = stats.paired("clip_score", [1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 3.0, 4.0, 5.0, 6.0])
+    assert c.ci95 == (1.0, 1.0) and c.verdict == stats.SAME and "6 needed" in c.why
+    assert ", only 5 image pairs, 6 needed for a verdict)" in stats.describe(c)
+    assert stats.paired("clip_score", [1.0] * 6, [2.0] * 6).verdict == stats.BETTER
+
+
+def test_a_candidate_measurably_ahead_of_the_others_is_best_and_a_single_one_never_is():
+    rng = np.random.default_rng(5)
+    base = _arrays(rng)
+    ahead = {**base, "style_similarity": base["style_similarity"] + 0.05 + rng.normal(0, 0.002, (PROMPTS - 3, SEEDS))}
+    models = _models("base", "checkpoint-10", "lora")
+    out = compare(models, _result({"base": base, "checkpoint-10": ahead, "lora": base}, rng))
+    assert out["best"]["label"] == "checkpoint-10" and out["best"]["title"] == "checkpoint-10"
+    assert out["vs_base"]["checkpoint-10"]["style_similarity"]["verdict"] == stats.BETTER
+    assert out["headline"][0].startswith("checkpoint-10 vs base: CLIP score no measurable difference")
+    assert "style similarity better (+0.05" in out["headline"][0]
+    assert any(line.startswith("best: checkpoint-10 (") for line in out["headline"])
+    single = compare(_models("base", "lora"), _result({"base": base, "lora": ahead}, rng))
+    assert single["best"]["label"] is None and not any(line.startswith("best") for line in single["headline"])
+    assert single["vs_base"]["lora"]["style_similarity"]["verdict"] == stats.BETTER
+
+
+def test_kid_difference_is_torchmetrics_kid_difference_on_the_whole_sets():
+    import torch
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    rng = np.random.default_rng(2)
+
+    def unit(*shape):
+        x = rng.normal(size=shape)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    real, a, b = unit(12, DIM), unit(4, 3, DIM), unit(4, 3, DIM) + 0.2
+
+    def kid(fake):
+        metric = KernelInceptionDistance(feature=torch.nn.Identity(), subsets=1, subset_size=12, gamma=1.0)
+        metric.update(torch.tensor(real, dtype=torch.float64), real=True)
+        metric.update(torch.tensor(fake.reshape(12, DIM), dtype=torch.float64), real=False)
+        return float(metric.compute()[0])
+
+    c = stats.kid_paired(a, b, real)
+    assert c.diff == pytest.approx(kid(b) - kid(a), rel=1e-6) and c.n == 4 and c.unit == "prompts"
+
+
+def test_differences_show_enough_digits_to_tell_their_interval_from_zero():
+    c = stats.Comparison("diversity", 0.00064, (0.00045, 0.00082), stats.BETTER, 7, "prompts")
+    assert stats.shown(c) == ("+0.00064", "+0.00045..+0.00082")
+    assert stats.describe(c) == "diversity better (+0.00064, CI +0.00045..+0.00082)"
+    assert stats.signed(-1e-9, 3) == "0.000"

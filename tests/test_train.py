@@ -565,6 +565,23 @@ def test_bad_process_counts_and_accelerate_files_are_one_line_each_before_any_la
     assert not (run / "logs").exists() and not (run / "output").exists()  # nothing launched
 
 
+def test_the_launch_message_and_record_count_the_accelerate_files_processes(tiny_init_options, monkeypatch):
+    # `--accelerate-config multi_gpu.yaml` said "launching SimpleTuner (1 process)" although the file starts 2
+    import sd3tune.commands.train as train
+    from sd3tune.simpletuner.launch import RunOutcome
+
+    run_init(tiny_init_options)
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / "multi_gpu.yaml"
+    monkeypatch.setattr(train, "run_plan", lambda plan, log, **kw: RunOutcome(1, False, None, ["ValueError: stop"]))
+    said: list[str] = []
+    with pytest.raises(Sd3tuneError, match="ValueError: stop"):
+        train.run_train(train.TrainOptions(run_dir=tiny_init_options.run_dir, accelerate_config=config),
+                        on_status=said.append)
+    assert any(line.startswith("launching SimpleTuner (2 processes, effective batch 4)") for line in said), said
+    entry = json.loads((tiny_init_options.run_dir / "sd3tune.json").read_text())["trainings"][-1]
+    assert (entry["processes"], entry["machines"], entry["effective_batch"]) == (2, 1, 4)
+
+
 def test_check_counts_every_process_of_the_job(tiny_init_options):
     # 8 images in one bucket, batch 2: 2 processes -> effective batch 4, 2 steps an epoch; 5 -> 10 > 8: no batch
     run_init(tiny_init_options)

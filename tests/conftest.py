@@ -20,7 +20,8 @@ E2E_MODULES = {"test_train.py", "test_quickstart.py", "test_pins.py", "test_cuda
 E2E_FIXTURES = {"tiny_model", "tiny_clip", "trained_run", "train_bench"}
 # Session or module fixtures that cost tens of seconds or minutes: every test that uses one runs on the same xdist
 # worker (`--dist loadgroup`), so the fixture is made once, not once per worker.
-SHARED_ONCE = {"train_bench": "bench-train", "probes": "pins-probes", "finished_training": "finished-training"}
+SHARED_ONCE = {"train_bench": "bench-train", "probes": "pins-probes", "finished_training": "finished-training",
+               "ddp_run": "data-parallel"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

@@ -22,6 +22,29 @@ def test_accelerate_configs_load_with_accelerate(path):
     assert cfg.distributed_type == "MULTI_GPU" and cfg.num_processes >= 2 and cfg.mixed_precision == "bf16"
 
 
+@pytest.mark.parametrize("path,extra,processes", [("multi_gpu.yaml", [], "2 processes"),
+                                                  ("multi_node.yaml", ["--machine_rank", "1"], "16 processes")],
+                         ids=["multi_gpu", "multi_node-node1"])
+def test_accelerate_configs_dry_run_and_accelerate_accepts_the_launch(tiny_init_options, path, extra, processes):
+    """--dry-run of each shipped file: sd3tune reads the processes (check counts them all), and the launch it prints
+    passes accelerate's own validation (the function `accelerate launch` runs before it starts anything)."""
+    import shlex
+
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    tiny_init_options.image_backend_overrides["repeats"] = 3  # 8 images x 4 fill 16 processes x batch 2
+    run_init(tiny_init_options)
+    config = CONFIGS / "accelerate" / path
+    r = sd3tune("train", tiny_init_options.run_dir, "--dry-run", "--accelerate-config", config, "--", *extra)
+    assert r.code == 0, r.err
+    argv = shlex.split(r.out.strip().splitlines()[-1].partition(" -m accelerate.commands.launch ")[2])
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    assert defaults.distributed_type == "MULTI_GPU" and args.multi_gpu and args.num_processes >= 2
+    assert args.machine_rank == int(extra[1] if extra else 0) < args.num_machines
+    c = sd3tune("check", tiny_init_options.run_dir, "--accelerate-config", config)
+    assert f"({processes} x batch x accumulation)" in c.out
+
+
 def test_accelerate_config_reaches_the_launch_command(tiny_init_options):
     run_init(tiny_init_options)
     config = CONFIGS / "accelerate" / "multi_gpu.yaml"

@@ -494,6 +494,57 @@ def test_more_gpus_than_the_machine_has_are_refused_before_the_launch(tiny_init_
     assert "--multi_gpu" in result.plan.argv
 
 
+def test_bad_process_counts_and_accelerate_files_are_one_line_each_before_any_launch(tiny_init_options, tmp_path,
+                                                                                    monkeypatch):
+    import sd3tune.commands.train as train
+
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    assert_one_line_user_error(sd3tune("train", run, "--gpus", "0"), "--gpus 0 must be at least 1")
+    assert_one_line_user_error(sd3tune("check", run, "--gpus", "0"), "--gpus 0 must be at least 1")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("distributed_type: MULTI_GPU\nnum_processes: [2\n")
+    for command in ("train", "check"):
+        assert_one_line_user_error(sd3tune(command, run, "--accelerate-config", broken), "broken.yaml does not parse")
+    nodes = tmp_path / "nodes.yaml"
+    nodes.write_text("distributed_type: MULTI_GPU\nnum_machines: 2\nnum_processes: 4\nmain_process_ip: 10.0.0.1\n")
+    assert_one_line_user_error(sd3tune("train", run, "--accelerate-config", nodes, "--", "--num_machines", "1"),
+                               "nodes.yaml names 2 machines but the launch says --num_machines 1")
+    monkeypatch.setattr(train, "visible_gpus", lambda: ("cuda", 1))  # the file's 2 processes per machine: 1 GPU here
+    with pytest.raises(Sd3tuneError, match=r"nodes.yaml starts 2 processes here but only 1 GPU \(cuda\) visible"):
+        train.run_train(train.TrainOptions(run_dir=run, accelerate_config=nodes))
+    assert not (run / "logs").exists() and not (run / "output").exists()  # nothing launched
+
+
+def test_the_launch_message_and_record_count_the_accelerate_files_processes(tiny_init_options, monkeypatch):
+    # `--accelerate-config multi_gpu.yaml` said "launching SimpleTuner (1 process)" although the file starts 2
+    import sd3tune.commands.train as train
+    from sd3tune.simpletuner.launch import RunOutcome
+
+    run_init(tiny_init_options)
+    config = Path(__file__).parents[1] / "configs" / "accelerate" / "multi_gpu.yaml"
+    monkeypatch.setattr(train, "run_plan", lambda plan, log, **kw: RunOutcome(1, False, None, ["ValueError: stop"]))
+    said: list[str] = []
+    with pytest.raises(Sd3tuneError, match="ValueError: stop"):
+        train.run_train(train.TrainOptions(run_dir=tiny_init_options.run_dir, accelerate_config=config),
+                        on_status=said.append)
+    assert any(line.startswith("launching SimpleTuner (2 processes, effective batch 4)") for line in said), said
+    entry = json.loads((tiny_init_options.run_dir / "sd3tune.json").read_text())["trainings"][-1]
+    assert (entry["processes"], entry["machines"], entry["effective_batch"]) == (2, 1, 4)
+
+
+def test_check_counts_every_process_of_the_job(tiny_init_options):
+    # 8 images in one bucket, batch 2: 2 processes -> effective batch 4, 2 steps an epoch; 5 -> 10 > 8: no batch
+    run_init(tiny_init_options)
+    run = tiny_init_options.run_dir
+    r = sd3tune("check", run, "--gpus", "2", "--json")
+    summary = json.loads(r.out)["summary"]
+    assert (summary["processes"], summary["effective_batch_size"], summary["steps_per_epoch"]) == (2, 4, 2)
+    r = sd3tune("check", run, "--gpus", "5")
+    assert r.code == 2 and "effective batch 10 (TRAIN_BATCH_SIZE=2 x 5 processes) is larger than aspect bucket" in r.out
+    assert_one_line_user_error(sd3tune("train", run, "--gpus", "5", "--dry-run"), "effective batch 10")
+
+
 def test_cuda_graphs_refuse_a_run_they_could_never_replay(tiny_init_options):
     import dataclasses
 

@@ -19,7 +19,7 @@ from sd3tune.simpletuner.compat import (blocking_prefetch, compiled_sd3_blocks, 
 ALL_FIXES = [fix for fixes in compat.FIXES.values() for fix in fixes]
 
 _PROBE = """
-import importlib, json, sys
+import importlib, json, os, sys
 from sd3tune.simpletuner import compat
 assert any(isinstance(f, compat._PostImportHook) for f in sys.meta_path), "the compat site did not install the fixes"
 for name in compat.FIXES:
@@ -34,6 +34,8 @@ replaced = {
     "private_dataloader_generators":
         "simpletuner.helpers.data_backend.factory:FactoryRegistry._create_dataset_and_sampler",
     "compiled_blocks_only": "accelerate.utils.other:compile_regions",
+    "rank_samples": "simpletuner.helpers.multiaspect.sampler:MultiAspectSampler.__iter__",
+    "rank_lora_digest": "simpletuner.helpers.training.trainer:Trainer.train",
 }
 marked = {}
 for fix, where in replaced.items():
@@ -43,6 +45,8 @@ for fix, where in replaced.items():
         target = getattr(target, part)
     marked[fix] = getattr(target, "sd3tune_fix", False)
 factory = sys.modules["simpletuner.helpers.data_backend.factory"]
+# a rank torchrun started on a host without GPU trains on the CPU, in the job's gloo group
+marked["cpu_process_group"] = os.environ.get("ACCELERATE_USE_CPU") == "true" or sys.modules["torch"].cuda.is_available()
 print("RESULT " + json.dumps({"outcomes": compat.OUTCOMES, "marked": marked,
                               "untraced": type(factory.tracemalloc).__name__}))
 """
@@ -52,7 +56,8 @@ print("RESULT " + json.dumps({"outcomes": compat.OUTCOMES, "marked": marked,
 def pinned(tmp_path_factory) -> dict:
     """What the fixes did in a process started as the training process is (the compat site first on PYTHONPATH), after
     importing every target module once (SimpleTuner's imports take seconds: one process for all fixes)."""
-    env = {**os.environ, compat.CUDA_GRAPHS_ENV: "1",  # fix 9 only applies when asked for
+    env = {**os.environ, compat.CUDA_GRAPHS_ENV: "1",  # fix 9 only applies when asked for; 11-13 in a rank of 2
+           "LOCAL_RANK": "0", "WORLD_SIZE": "2",
            "PYTHONPATH": os.pathsep.join([str(compat.SITE_DIR), os.environ.get("PYTHONPATH", "")])}
     cwd = tmp_path_factory.mktemp("probe")  # importing SimpleTuner's trainer writes debug.log into the cwd
     proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, cwd=cwd, env=env)

@@ -303,7 +303,7 @@ def _check_batches(ctx: Context, datasets: list[UsableDataset]) -> list[Finding]
     if accum > 1:
         batch_text += f" x {ctx.key('gradient_accumulation_steps')}={accum}"
     if ctx.gpus > 1:
-        batch_text += f" x {ctx.gpus} GPUs"
+        batch_text += f" x {ctx.gpus} processes"
     oversubscribe = ctx.flag("allow_dataset_oversubscription")
     pruning = not ctx.flag("disable_bucket_pruning")
     for d in datasets:

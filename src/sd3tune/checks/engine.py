@@ -37,7 +37,8 @@ class Summary:
     usable: int = 0  # of those, the ones that survive the size filter and bucket pruning
     samples_per_epoch: int = 0  # usable images x (repeats + 1)
     buckets: dict[str, int] = field(default_factory=dict)  # "WxH" -> usable images
-    effective_batch: int | None = None  # batch x accumulation x GPUs
+    processes: int = 1  # data-parallel processes of the job (GPUs, all machines)
+    effective_batch: int | None = None  # processes x batch x accumulation: samples per optimizer step
     steps: int | None = None
     steps_per_epoch: int | None = None
     epochs: float | None = None
@@ -47,7 +48,8 @@ class Summary:
 
     def as_dict(self) -> dict[str, Any]:
         return {"images": self.images, "usable_images": self.usable, "samples_per_epoch": self.samples_per_epoch,
-                "buckets": self.buckets, "effective_batch_size": self.effective_batch, "steps": self.steps,
+                "buckets": self.buckets, "processes": self.processes,
+                "effective_batch_size": self.effective_batch, "steps": self.steps,
                 "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "preset": self.preset,
                 "gpu_memory_gb": self.gpu_memory_gb, "cache_gb": self.cache_gb}
 
@@ -144,7 +146,7 @@ def check_run(run_dir: str | Path, gpus: int = 1, resume: bool = False) -> Check
     findings = list(run.findings)
     # Nothing read from a config file that could not be parsed (the reader says why): no config rule applies.
     cfg, bad = best_effort_config(run, catalog) if run.config_read else (None, set())
-    ctx = Context(run, catalog, cfg, bad, max(1, gpus), Summary(), resume=resume)
+    ctx = Context(run, catalog, cfg, bad, max(1, gpus), Summary(processes=max(1, gpus)), resume=resume)
     ctx.backends, ctx.backends_partial = best_effort_backends(run)
     for rule in RULES:
         findings += _guarded(rule, ctx)

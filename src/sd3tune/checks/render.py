@@ -19,7 +19,8 @@ def render_summary(s: Summary) -> str:
     if s.samples_per_epoch != s.usable:
         parts.append(f"{s.samples_per_epoch} samples/epoch with repeats")
     if s.effective_batch:
-        parts.append(f"effective batch {s.effective_batch}")
+        over = f" ({s.processes} processes x batch x accumulation)" if s.processes > 1 else ""
+        parts.append(f"effective batch {s.effective_batch}{over}")
     if s.steps and s.steps_per_epoch:
         parts.append(f"{plural(s.steps, 'step')} = {s.epochs:g} epoch{'' if s.epochs == 1 else 's'} of "
                      f"{plural(s.steps_per_epoch, 'step')}")

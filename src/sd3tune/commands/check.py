@@ -11,17 +11,26 @@ from pathlib import Path
 
 from sd3tune.checks import CheckReport, check_run
 from sd3tune.checks.render import render_report
+from sd3tune.simpletuner.processes import plan_processes
 
 
-def run_check(run_dir: Path, as_json: bool = False, resume: bool = False) -> tuple[CheckReport, str]:
-    report = check_run(run_dir, resume=resume)
+def run_check(run_dir: Path, as_json: bool = False, resume: bool = False, gpus: int = 1,
+              accelerate_config: Path | None = None) -> tuple[CheckReport, str]:
+    """The report for a training on ``gpus`` processes or the ones ``accelerate_config`` starts (all machines)."""
+    if accelerate_config is not None and not accelerate_config.expanduser().is_file():
+        from sd3tune.errors import Sd3tuneError
+
+        raise Sd3tuneError(f"accelerate config {accelerate_config} is not a file",
+                           hint="create one with `accelerate config --config_file FILE`")
+    processes = plan_processes(gpus, accelerate_config.expanduser() if accelerate_config else None)
+    report = check_run(run_dir, gpus=processes.total, resume=resume)
     text = json.dumps(report.as_dict(), indent=2) if as_json else render_report(report)
     return report, text
 
 
 # --- `sd3tune check` on the command line (sd3tune.cli loads it when the command runs or shows its help) ---
 
-from typing import Annotated  # noqa: E402
+from typing import Annotated, Optional  # noqa: E402
 
 import typer  # noqa: E402
 
@@ -36,6 +45,8 @@ def check_command(
     run_dir: RunDir,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Check as `sd3tune train --resume` would: continuing from the latest checkpoint.")] = False,
+    gpus: Annotated[int, typer.Option("--gpus", help="Check for a training on N GPUs (processes), as `train --gpus N`.")] = 1,
+    accelerate_config: Annotated[Optional[Path], typer.Option("--accelerate-config", help="Check for the processes this accelerate config file starts (all machines).")] = None,
 ) -> None:
     """Validate a run's config and data before any model loads (exit 0: clean or warnings, 2: errors).
 
@@ -44,8 +55,9 @@ def check_command(
       sd3tune check runs/art
       sd3tune check runs/art --json | jq .errors
       sd3tune check runs/art --resume
+      sd3tune check runs/art --gpus 4
     """
-    report, text = run_check(run_dir, as_json=as_json, resume=resume)
+    report, text = run_check(run_dir, as_json=as_json, resume=resume, gpus=gpus, accelerate_config=accelerate_config)
     typer.echo(text)
     if not report.ok:
         raise typer.Exit(2)

@@ -22,6 +22,7 @@ from sd3tune.simpletuner.launch import (LaunchPlan, Progress, StopSignals, build
 from sd3tune.simpletuner.layout import (RunPaths, checkpoint_step, checkpoints, incomplete_checkpoint,
                                        incomplete_hint, output_conflict)
 from sd3tune.simpletuner.caches import prepare_dataset_caches
+from sd3tune.simpletuner.processes import Processes, plan_processes
 
 
 @dataclass
@@ -45,9 +46,20 @@ class TrainResult:
     last: Progress | None = None
 
 
+def job_processes(opts: TrainOptions) -> Processes:
+    """The job's processes from --gpus or the accelerate file (a file that is not there, does not parse or contradicts
+    the launch: a user error, before anything else is read)."""
+    config = opts.accelerate_config
+    if config is not None and not config.expanduser().is_file():
+        raise Sd3tuneError(f"accelerate config {config} is not a file",
+                           hint="create one with `accelerate config --config_file FILE`")
+    return plan_processes(opts.gpus, config.expanduser() if config else None, opts.extra_accelerate_args)
+
+
 def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
     """Validate the run and build the launch (raises ConfigError with every finding on a broken run)."""
-    report = check_run(opts.run_dir, gpus=opts.gpus, resume=opts.resume)
+    processes = job_processes(opts)
+    report = check_run(opts.run_dir, gpus=processes.total, resume=opts.resume)
     if report.run.config is not None:  # said as itself, before any other finding: what to decide first
         conflict = output_conflict(report.run.output_dir(), opts.resume, report.run.config.optim.max_train_steps)
         if conflict:
@@ -61,11 +73,8 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
     accelerate_config = None
     if opts.accelerate_config is not None:  # accelerate runs in the run folder: pass the file as the user meant it
         accelerate_config = opts.accelerate_config.expanduser().resolve()
-        if not accelerate_config.is_file():
-            raise Sd3tuneError(f"accelerate config {opts.accelerate_config} is not a file",
-                               hint="create one with `accelerate config --config_file FILE`")
     if opts.cuda_graphs:
-        check_cuda_graphs(cfg, opts.gpus)
+        check_cuda_graphs(cfg, processes.total)
     plan = build_launch(report.run.paths.root, report.run.format, cfg.precision.mixed_precision, gpus=opts.gpus,
                         accelerate_config=accelerate_config, extra_accelerate_args=opts.extra_accelerate_args,
                         cuda_graphs=opts.cuda_graphs)
@@ -88,7 +97,7 @@ def check_cuda_graphs(cfg: RunConfig, gpus: int) -> None:
     if cfg.precision.gradient_checkpointing:
         conflicts.append(("gradient checkpointing is on", "set precision.gradient_checkpointing to false"))
     if gpus > 1:
-        conflicts.append((f"--gpus {gpus}", "train on one GPU"))
+        conflicts.append((f"{gpus} processes", "train on one GPU"))
     if conflicts:
         why, fix = conflicts[0]
         raise Sd3tuneError(f"--cuda-graphs cannot replay this run: {why}", hint=f"{fix}, or drop --cuda-graphs")
@@ -106,13 +115,14 @@ def visible_gpus() -> tuple[str, int]:
     return "cpu", 0
 
 
-def _check_gpus(gpus: int, on_status: Callable[[str], None] | None) -> None:
+def _check_gpus(gpus: int, on_status: Callable[[str], None] | None, source: str = "--gpus") -> None:
     """Refuse --gpus beyond the GPUs visible here (the process of rank N trains on GPU N: a device that is not there
     fails it after start-up); say when there is no GPU at all (SimpleTuner then trains on the CPU, --gpus N in N CPU
     processes)."""
     kind, count = visible_gpus()
     if 0 < count < gpus:
-        raise Sd3tuneError(f"--gpus {gpus} but only {plural(count, 'GPU')} ({kind}) visible on this machine",
+        asked = f"--gpus {gpus}" if source == "--gpus" else f"{source} starts {gpus} processes here"
+        raise Sd3tuneError(f"{asked} but only {plural(count, 'GPU')} ({kind}) visible on this machine",
                            hint=(f"pass --gpus {count}" if count > 1 else "drop --gpus") + " (CUDA_VISIBLE_DEVICES "
                                 "limits what is visible); several machines: --accelerate-config FILE")
     if count == 0 and on_status:
@@ -140,8 +150,8 @@ def _train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None,
         on_status(f"warning: {finding.render()}")
     if opts.dry_run:  # the command may be meant for another machine: this one's GPUs are not asked
         return result
-    if opts.accelerate_config is None:  # a config file may launch across machines: its processes are not all here
-        _check_gpus(opts.gpus, on_status if opts.warnings else None)
+    processes = job_processes(opts)  # a file over several machines starts only its share of processes here
+    _check_gpus(processes.here, on_status if opts.warnings else None, processes.source)
     cfg = report.run.config
     paths: RunPaths = report.run.paths
     for note in prepare_dataset_caches(cfg, report.run.backends or [], paths):
@@ -158,7 +168,9 @@ def _train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None,
     log = claim_name(paths.logs, f"train-{stamp}", ".log").resolve()  # absolute in the manifest, a name of its own
     result.log = log
     if on_status:
-        on_status(f"launching SimpleTuner ({plural(opts.gpus, 'process', 'processes')}); full log: {log}")
+        machines = f" on {processes.machines} machines" if processes.machines > 1 else ""
+        on_status(f"launching SimpleTuner ({plural(processes.total, 'process', 'processes')}{machines}, effective "
+                  f"batch {report.summary.effective_batch}); full log: {log}")
     start, launched = time.perf_counter(), time.time()
     last_phase = None
     skipped_fixes: set[str] = set()  # each process says it in the log and on stderr: shown once
@@ -184,6 +196,8 @@ def _train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None,
         entry = {"started": stamp, "finished": now(), "seconds": round(result.seconds, 1),
                  "exit_code": outcome.returncode, "resume": opts.resume,
                  **({"resumed_from": resumed_from.name} if resumed_from else {}), "gpus": opts.gpus,
+                 "processes": processes.total, "machines": processes.machines,
+                 "effective_batch": report.summary.effective_batch,
                  "cuda_graphs": opts.cuda_graphs, "log": str(log), "command": plan.argv,
                  "versions": package_versions("simpletuner", "accelerate", "diffusers", "peft", "transformers",
                                               "torch")}

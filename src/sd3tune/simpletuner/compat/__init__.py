@@ -21,10 +21,10 @@ import sys
 from pathlib import Path
 
 from sd3tune.simpletuner.compat import (blocking_prefetch, compiled_blocks_only, compiled_sd3_blocks,
-                                        kept_trainable_parameters, no_eager_step_marker,
+                                        cpu_process_group, kept_trainable_parameters, no_eager_step_marker,
                                         pin_memory_without_accelerator, private_dataloader_generators,
-                                        qwen3vl_output_alias, replayed_sd3_training, torch_threads,
-                                        untraced_factory_memory)
+                                        qwen3vl_output_alias, rank_lora_digest, rank_samples, replayed_sd3_training,
+                                        torch_threads, untraced_factory_memory)
 from sd3tune.simpletuner.compat.replayed_sd3_training import CUDA_GRAPHS_ENV, GRAPHED_INPUTS  # noqa: F401 (public)
 from sd3tune.simpletuner.compat.torch_threads import usable_cores  # noqa: F401 (public)
 
@@ -37,9 +37,11 @@ FIXES = {
     "simpletuner.helpers.data_backend.runtime.batch_fetcher": (blocking_prefetch,),  # fix 3
     "simpletuner.helpers.models.sd3.transformer": (compiled_sd3_blocks, replayed_sd3_training),  # fixes 4 and 9
     "simpletuner.helpers.training.dynamo": (no_eager_step_marker,),  # fix 5
-    "simpletuner.helpers.training.trainer": (kept_trainable_parameters,),  # fix 6
+    "simpletuner.helpers.training.trainer": (kept_trainable_parameters, rank_lora_digest),  # fix 6, evidence 13
     "simpletuner.helpers.data_backend.factory": (private_dataloader_generators, untraced_factory_memory),  # 7, 10
     "accelerate.utils.other": (compiled_blocks_only,),  # fix 8
+    "accelerate.state": (cpu_process_group,),  # fix 11
+    "simpletuner.helpers.multiaspect.sampler": (rank_samples,),  # evidence 12
 }
 
 NOT_APPLIED = "sd3tune: fix {name} did not apply: {why}"  # `sd3tune train` relays these lines (launch.py)

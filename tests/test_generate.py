@@ -327,6 +327,47 @@ def test_ctrl_c_keeps_the_images_written_and_lists_them(tiny_model, tmp_path):
     assert "Traceback" not in err
 
 
+def test_a_full_disk_is_found_before_the_model_loads(tiny_model, tmp_path, monkeypatch):
+    # on a full disk, generate made every image before its first write failed
+    from collections import namedtuple
+
+    import sd3tune.commands.generate as generate
+    import sd3tune.fsutil as fsutil
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(fsutil.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 50_000, 50_000))
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    out = tmp_path / "out"
+    r = sd3tune("generate", "--model", tiny_model, "-p", PROMPT, "-n", "4", "--width", "256", "--out", out)
+    assert_one_line_user_error(r, f"{out} has 0.0 MiB free; writing 4 images at 256x256 and their grid needs about ",
+                               "nothing was generated", "fewer images")
+    assert not out.exists()  # the folder it made is gone with nothing in it
+
+
+def test_a_failed_write_stops_at_once_and_lists_the_images_written_before_it(tiny_model, tmp_path, monkeypatch):
+    # on a full disk generate went on making images, then said only the failed file's name
+    import sd3tune.commands.generate as generate
+
+    made, real_save, real_make = [], generate.save_png, generate.make_images
+
+    def save(image, path, fields=None):
+        if "-s1." in path.name:  # the second image: the disk is full
+            raise Sd3tuneError(f"cannot write {path}: No space left on device", hint="free some disk space")
+        real_save(image, path, fields)
+
+    monkeypatch.setattr(generate, "save_png", save)
+    monkeypatch.setattr(generate, "make_images", lambda *a, **k: made.append(1) or real_make(*a, **k))
+    out = tmp_path / "out"
+    r = sd3tune("generate", "--model", tiny_model, "-p", PROMPT, "-n", "6", "--batch-size", "1", "--steps", "2",
+                "--width", "64", "--out", out)
+    written = sorted(out.glob("*.png"))  # the first, and any the writer had in hand after the failed one
+    assert_one_line_user_error(r, "-s1.png: No space left on device",
+                               f"; {len(written)} image{'s' * (len(written) > 1)} written, listed above")
+    assert written and r.out.split() == [str(p) for p in written]
+    assert not (out / written[0].name.replace("-s0.", "-s1.")).exists()  # no empty or partial file left
+    assert len(made) <= 3  # of 6 batches: the failed write stops the making (the writer runs one batch behind)
+
+
 def test_a_repeated_prompt_is_made_once_and_said(tiny_model, tmp_path):
     # -p dup -p dup made the same images twice (from a prompts file, the repeat was dropped without a word)
     prompts_file = tmp_path / "p.txt"

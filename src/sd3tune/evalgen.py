@@ -9,42 +9,27 @@ selected with ``set_adapters`` (the base model is the LoRA at weight 0, exactly 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sd3tune.errors import Sd3tuneError
 
 if TYPE_CHECKING:
     from sd3tune.evaluation import Candidate
-
-PNG_RATIO = 0.6  # a generated image's PNG against its raw RGB bytes (SD3 images at 1024 px: ~0.4-0.6)
-PNG_EXTRA = 16 * 1024  # provenance text chunks and headers, per image
-MARGIN = 1.1
-
-
-def space_needed(images: int, width: int, height: int, columns: int, rows: int) -> int:
-    """Bytes an evaluation writes, about: its images, the contact sheet (cells of at most 256 px) and the reports."""
-    cell = 256 if max(width, height) >= 256 else 128
-    sheet = (220 + columns * (cell + 4)) * (22 + rows * (cell + 4)) * 3
-    return int(MARGIN * (images * (width * height * 3 * PNG_RATIO + PNG_EXTRA) + sheet + 1024 * 1024))
-
 
 def check_free_space(out: Path, images: int, width: int, height: int, columns: int, rows: int,
                      reclaimed: Path | None = None) -> None:
     """Refuse an evaluation whose images cannot fit in ``out``'s free space, before any model loads (``reclaimed``:
     a folder of images that --force removes first)."""
-    needed = space_needed(images, width, height, columns, rows)
+    from sd3tune.fsutil import check_free_space as refuse_when_full, images_bytes
+
     try:
-        free = shutil.disk_usage(out).free
-        free += sum(f.stat().st_size for f in reclaimed.rglob("*.png")) if reclaimed and reclaimed.is_dir() else 0
+        freed = sum(f.stat().st_size for f in reclaimed.rglob("*.png")) if reclaimed and reclaimed.is_dir() else 0
     except OSError:
-        return
-    if free < needed:
-        raise Sd3tuneError(f"{out} has {free / 2**20:.1f} MiB free; this evaluation writes about "
-                           f"{needed / 2**20:.1f} MiB ({images} images at {width}x{height}, the contact sheet and "
-                           "reports); nothing was generated",
-                           hint="free disk space, pass --out on a larger disk, or use fewer --seeds or prompts")
+        freed = 0
+    needed = images_bytes(images, width, height, columns, rows) + 1024 * 1024  # and the reports
+    refuse_when_full(out, needed, f"this evaluation's {images} images at {width}x{height}, the contact sheet and "
+                     "reports", hint="free disk space, pass --out on a larger disk, or use fewer --seeds or prompts",
+                     reclaimed=freed)
 
 
 def generate_grid(opts: Any, model: str, lora, settings, prompts, seeds, candidates: list[Candidate], out: Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -84,3 +85,28 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+PNG_RATIO = 0.6  # a generated image's PNG against its raw RGB bytes (SD3 images at 1024 px: ~0.4-0.6)
+PNG_EXTRA = 16 * 1024  # provenance text chunks and headers, per image
+SPACE_MARGIN = 1.1
+
+
+def images_bytes(images: int, width: int, height: int, columns: int = 0, rows: int = 0) -> int:
+    """Bytes that ``images`` generated PNGs take, about, with a contact sheet of ``columns`` x ``rows`` cells (of at
+    most 256 px) when there is one, and a margin."""
+    cell = 256 if max(width, height) >= 256 else 128
+    sheet = (220 + columns * (cell + 4)) * (22 + rows * (cell + 4)) * 3 if columns and rows else 0
+    return int(SPACE_MARGIN * (images * (width * height * 3 * PNG_RATIO + PNG_EXTRA) + sheet))
+
+
+def check_free_space(folder: Path, needed: int, what: str, hint: str, reclaimed: int = 0) -> None:
+    """Refuse work that writes about ``needed`` bytes (``what``: what they are) into ``folder`` when its disk has
+    less free, before any model loads (``reclaimed``: bytes the work removes first). Unknown free space passes."""
+    try:
+        free = shutil.disk_usage(folder).free + reclaimed
+    except OSError:
+        return
+    if free < needed:
+        raise Sd3tuneError(f"{folder} has {free / 2**20:.1f} MiB free; writing {what} needs about "
+                           f"{needed / 2**20:.1f} MiB; nothing was generated", hint=hint)

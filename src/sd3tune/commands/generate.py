@@ -118,11 +118,25 @@ def run_generate(opts: GenerateOptions, on_image: Callable[[GeneratedImage], Non
                            hint="pass a folder you can write to") from None
     try:
         with folder_lock(opts.out, "generate", on_note=notes.append):  # another generate here is refused
+            _check_space(opts, len(prompts), settings)
             return _generate(opts, prompts, lora, model, settings, notes, on_image, progress)
     except BaseException:
         if created and not any(opts.out.iterdir()):  # no image made: leave no empty folder behind
             opts.out.rmdir()
         raise
+
+
+def _check_space(opts: GenerateOptions, prompts: int, settings: SamplerSettings) -> None:
+    """Refuse before loading when the images (and the grid) cannot fit on the --out folder's disk."""
+    from sd3tune.fsutil import check_free_space, images_bytes
+
+    total = prompts * opts.num_images
+    grid = opts.grid and total > 1
+    needed = images_bytes(total, settings.width, settings.height, opts.num_images if grid else 0,
+                          prompts if grid else 0)
+    check_free_space(opts.out, needed, f"{plural(total, 'image')} at {settings.width}x{settings.height}"
+                     + (" and their grid" if grid else ""),
+                     hint="free disk space, pass --out on a larger disk, or make fewer images (-n, prompts)")
 
 
 def _generate(opts: GenerateOptions, prompts: list[str], lora: LoraSource | None, model: str,
@@ -167,6 +181,9 @@ def _generate(opts: GenerateOptions, prompts: list[str], lora: LoraSource | None
                         fields = provenance(pipe, prompt, seed, settings, opts.scale, weight)
                         pending.append((item, writer.submit(_write, made, i, item, fields, on_image)))
                         bar.update(1)
+                    for _, future in pending:  # a write that failed (a full disk) stops the making at once
+                        if future.done() and future.exception() is not None:
+                            future.result()
             for item, future in pending:
                 future.result()
                 images.append(item)
@@ -293,6 +310,12 @@ def generate_command(
             typer.echo(str(path))
         raise Sd3tuneError(f"interrupted: {plural(len(written), 'image')} written"
                            + (f" to {out}" if written else ""), exit_code=130) from None
+    except Sd3tuneError as exc:  # a failed write (a full disk): the images before it are complete, say which
+        if written:
+            for path in written:
+                typer.echo(str(path))
+            exc.message += f"; {plural(len(written), 'image')} written, listed above"
+        raise
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     for image in result.images:

@@ -107,6 +107,7 @@ def test_failure_reason_is_the_childs_exception_not_accelerates():
     ("[INFO] Loading diffusion model from /m", "loading the SD3 transformer"),
     ("[INFO] [RANK 0] Saving current state to /runs/a/output/checkpoint-10", "saving checkpoint-10"),
     ("[INFO] [RANK 0] Saving current state to /runs/my art/output/checkpoint-10 ", "saving checkpoint-10"),
+    ("[INFO] Resuming from checkpoint /runs/my art/output/checkpoint-40", "resuming from checkpoint-40 (step 40)"),
     ("[INFO] Model components unloaded successfully.", None),
 ])
 def test_log_lines_that_start_a_phase_are_named(line, phase):

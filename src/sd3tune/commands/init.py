@@ -177,14 +177,14 @@ def _fill_small_buckets(config: RunConfig, image: ImageBackend, images: list, pr
     config.extra[OVERSUBSCRIBE] = True
     listed = ", ".join(f"{w}x{h}: {n}" for (w, h), n in small.items())
     most = max(math.ceil(batch / n) for n in small.values())
-    return [warning("flags", "--preset", f"{plural(sum(small.values()), 'image')} of {len(images)} sit in aspect "
-                                         f"buckets smaller than the batch of {batch} ({listed}), which SimpleTuner "
-                                         f"refuses; init turned on --{OVERSUBSCRIBE}: SimpleTuner repeats only those "
-                                         f"images to fill a batch (each up to {most}x per epoch), and the batch stays "
-                                         f"{batch} as the {preset} preset sets it, rather than shrinking for every "
-                                         "image",
-                    "to train every image equally often, crop to square (crop true, crop_aspect square in "
-                    f"{keys.BACKENDS_FILE}), add images of those shapes, or use a smaller batch (--preset 24gb)")]
+    count = sum(small.values())
+    said = (f"{plural(count, 'image')} of {len(images)} {'sits' if count == 1 else 'sit'} in aspect buckets smaller "
+            f"than the batch of {batch} ({listed}), which SimpleTuner refuses; init turned on --{OVERSUBSCRIBE}: "
+            f"SimpleTuner repeats only those images to fill a batch (each up to {most}x per epoch), and the batch "
+            f"stays {batch} as the {preset} preset sets it, rather than shrinking for every image")
+    return [warning("flags", "--preset", said, "to train every image equally often, crop to square (crop true, "
+                    f"crop_aspect square in {keys.BACKENDS_FILE}), add images of those shapes, or use a smaller batch "
+                    "(--preset 24gb)")]
 
 
 def run_init(opts: InitOptions) -> InitResult:

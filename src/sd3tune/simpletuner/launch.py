@@ -144,12 +144,14 @@ PHASES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"Executing VAE cache update|Creating VAE latent cache"), "caching VAE latents"),
     (re.compile(r"Loading diffusion model"), "loading the SD3 transformer"),
     (re.compile(r"Saving current state to (.+?)\s*$"), "saving {0}"),  # a run folder may have spaces
-    (re.compile(r"Resuming from checkpoint (?:.*/)?(checkpoint-(\d+))\s*$"), "resuming from {0} (step {1})"),
+    # accelerate's load_state, which SimpleTuner calls to resume (its own "Resuming from" line is not logged)
+    (re.compile(r"Loading states from (?:.*/)?(checkpoint-(\d+))\s*$"), "resuming from {0} (step {1})"),
 )
 
 
 def phase_of(line: str) -> str | None:
     """A short description of the phase a SimpleTuner log line starts, or None."""
+    line = clean_line(line)
     for pattern, text in PHASES:
         m = pattern.search(line)
         if m:

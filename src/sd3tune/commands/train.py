@@ -302,8 +302,9 @@ class _ValidationImages:
 
     def recorded(self) -> list[dict]:
         """[{"step": N, "path": ...}], paths relative to the run folder (absolute when the output lies outside it)."""
-        return [{"step": step, "path": os.path.relpath(p, self.root) if p.is_relative_to(self.root) else str(p)}
-                for p, step in sorted(self.new.items(), key=lambda item: (item[1], item[0].name))]
+        root = self.root.resolve()
+        return [{"step": step, "path": os.path.relpath(p.resolve(), root) if p.resolve().is_relative_to(root)
+                 else str(p.resolve())} for p, step in sorted(self.new.items(), key=lambda item: (item[1], item[0].name))]
 
 
 # --- `sd3tune train` on the command line (sd3tune.cli loads it when the command runs or shows its help) ---

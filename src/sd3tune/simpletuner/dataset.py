@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-import unicodedata
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -101,6 +101,7 @@ def caption_lines(text: str | None) -> list[str]:
     return [line.strip() for line in text.split("\n") if line.strip()]
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode's control characters (Cc) but tab and \n
 _CONTROL_NAMES = {"\x00": "NUL byte", "\x08": "backspace", "\x0b": "vertical tab", "\x0c": "form feed",
                   "\r": "carriage return", "\x1b": "escape character", "\x7f": "delete character"}
 
@@ -111,17 +112,16 @@ def caption_control(text: str) -> tuple[int, int, str] | None:
     character (``prepare_instance_prompt_from_textfile``): a NUL or an escape byte would be trained into the caption,
     and a carriage return that ends no line joins two lines into one caption. Allowed: tab, and ``\r`` before a line
     end (Windows line ends)."""
-    for number, line in enumerate(text.split("\n"), 1):
-        for column, ch in enumerate(line, 1):
-            if ch == "\t" or unicodedata.category(ch) != "Cc":
-                continue
-            if ch == "\r" and column == len(line):
-                continue  # a Windows line end
-            name = _CONTROL_NAMES.get(ch, "control character")
-            what = f"{'an' if name[0] in 'aeiou' else 'a'} {name} (U+{ord(ch):04X})"
-            if ch == "\r":
-                what += " that ends no line: SimpleTuner splits captions at \\n only and reads the two lines as one"
-            return number, column, what
+    for m in _CONTROL.finditer(text):
+        ch, at = m.group(), m.start()
+        if ch == "\r" and text[at + 1:at + 2] in ("\n", ""):
+            continue  # a Windows line end
+        line_start = text.rfind("\n", 0, at) + 1
+        name = _CONTROL_NAMES.get(ch, "control character")
+        what = f"{'an' if name[0] in 'aeiou' else 'a'} {name} (U+{ord(ch):04X})"
+        if ch == "\r":
+            what += " that ends no line: SimpleTuner splits captions at \\n only and reads the two lines as one"
+        return text.count("\n", 0, at) + 1, at - line_start + 1, what
     return None
 
 

@@ -99,6 +99,56 @@ def interrupted(*args: str, when: Callable[[], bool]) -> CliResult:
     return CliResult(proc.returncode, out, err)
 
 
+def terminal_lines(text: str) -> list[str]:
+    """The lines a terminal shows for ``text``: ``\r`` moves back to the line's start, ``ESC[2K`` erases the line,
+    what is written after overwrites, ``\n`` ends the line (other escape sequences are dropped)."""
+    import re
+
+    lines, line, col = [], [], 0
+    for piece in re.split(r"(\r\n|\r|\n|\x1b\[[0-9;?]*[A-Za-z])", text):
+        if piece in ("\n", "\r\n"):
+            lines.append("".join(line).rstrip())
+            line, col = [], 0
+        elif piece == "\r":
+            col = 0
+        elif piece == "\x1b[2K":
+            line = [" "] * len(line)
+        elif piece and not piece.startswith("\x1b"):
+            for ch in piece:
+                line[col:col + 1] = [ch]
+                col += 1
+    if "".join(line).strip():
+        lines.append("".join(line).rstrip())
+    return lines
+
+
+def sd3tune_in_terminal(*args: str, columns: int = 100, timeout: float = 600) -> CliResult:
+    """`sd3tune ARGS` in a new process whose stdout and stderr are a terminal (a pseudo-terminal ``columns`` wide);
+    ``out`` is everything the terminal received, ``err`` is empty."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "sd3tune", *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=follower, stderr=follower, env=child_env())
+    os.close(follower)
+    received = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the last holder of the terminal closed it
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(leader)
+    code = proc.wait(timeout=timeout)
+    return CliResult(code, received.decode("utf-8", "replace").replace("\r\n", "\n"), "")
+
+
 def assert_one_line_user_error(result: CliResult, *needles: str) -> None:
     assert result.code == 2, (result.code, result.out, result.err)
     assert "Traceback" not in result.err and "Traceback" not in result.out

@@ -174,3 +174,47 @@ def test_one_existing_file_is_named_in_the_singular(tmp_path):
     (tmp_path / "a.json").write_text("{}")
     with pytest.raises(RefuseOverwriteError, match=r"a\.json already exists; nothing was written"):
         refuse_existing([tmp_path / "a.json", tmp_path / "b.json"], force=False)
+
+
+def test_a_control_character_in_a_caption_is_named_with_its_file_and_line_and_nothing_is_written(tmp_path,
+                                                                                                   data_copy):
+    # a NUL in the first caption failed with a message about VALIDATION_PROMPT, which the user never gave
+    captions = sorted(data_copy.glob("*.txt"))
+    captions[0].write_bytes(b"a castle\x00 on a hill")
+    captions[3].write_text("a tower\nat \x1b[1mnight")
+    run = tmp_path / "run"
+    r = sd3tune("init", run, "--data", data_copy)
+    assert_one_line_user_error(r, f"{captions[0]}:line 1 column 9: holds a NUL byte (U+0000)",
+                               "(and 1 more caption file)", "delete it from the file")
+    assert "VALIDATION_PROMPT" not in r.err and not run.exists()
+    captions[0].write_text("a castle on a hill\r\n")  # a Windows line end is no control character
+    assert_one_line_user_error(sd3tune("init", run, "--data", data_copy, "--force"),
+                               f"{captions[3]}:line 2 column 4: holds an escape character (U+001B)")
+    assert not run.exists()
+
+
+def test_the_80gb_preset_on_mixed_sizes_fills_small_buckets_and_check_passes(tmp_path, tiny_model):
+    # 23 mixed-size images: batch 4 is larger than two aspect buckets, and init wrote a run its own check refused
+    from PIL import Image
+
+    data = tmp_path / "art"
+    data.mkdir()
+    for i, size in enumerate([(256, 256)] * 15 + [(304, 208)] * 5 + [(208, 304)] * 2 + [(384, 160)]):
+        Image.new("RGB", size, (10 * i, 80, 120)).save(data / f"sketch_{i:02d}.png")
+        (data / f"sketch_{i:02d}.txt").write_text(f"concept art sketch {i}")
+    run = tmp_path / "run"
+    r = sd3tune("init", run, "--data", data, "--model", tiny_model, "--preset", "80gb", "--resolution", "512")
+    assert r.code == 0, r.out + r.err
+    assert ("warning: flags:--preset: 3 images of 23 sit in aspect buckets smaller than the batch of 4 (448x640: 2, "
+            "768x320: 1), which SimpleTuner refuses; init turned on --allow_dataset_oversubscription: SimpleTuner "
+            "repeats only those images to fill a batch (each up to 4x per epoch), and the batch stays 4 as the 80gb "
+            "preset sets it, rather than shrinking for every image") in r.err
+    assert "--allow_dataset_oversubscription=true" in (run / "config" / "config.env").read_text()
+    assert read_run(run).config.optim.train_batch_size == 4
+    r = sd3tune("check", run)
+    assert r.code == 0 and "--allow_dataset_oversubscription repeats them to fit" in r.out, r.out
+
+    env = run / "config" / "config.env"  # without it: check's error says what SimpleTuner offers
+    env.write_text(env.read_text().replace(" --allow_dataset_oversubscription=true", ""))
+    r = sd3tune("check", run)
+    assert r.code == 2 and "or add --allow_dataset_oversubscription=true to TRAINER_EXTRA_ARGS" in r.out, r.out

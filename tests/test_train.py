@@ -128,7 +128,14 @@ def test_a_relative_accelerate_config_is_the_users_file(tiny_init_options, tmp_p
 
 
 def test_dry_run_command_trains_when_run_by_hand_and_resume_continues(tiny_init_options):
-    """The printed command, pasted into a shell, trains; `train --resume` then continues from its checkpoint."""
+    """The printed command, pasted into a shell, trains; `train --resume` then continues from its checkpoint, as a
+    terminal shows it, and says where the validation images it samples are."""
+    from helpers import sd3tune_in_terminal, terminal_lines
+
+    from sd3tune.config.presets import merge
+
+    tiny_init_options.overrides = merge(tiny_init_options.overrides, {"validation": {
+        "enabled": True, "step_interval": 2, "num_inference_steps": 2}})
     run_init(tiny_init_options)
     run = tiny_init_options.run_dir
     r = sd3tune("train", run, "--dry-run")
@@ -141,12 +148,29 @@ def test_dry_run_command_trains_when_run_by_hand_and_resume_continues(tiny_init_
 
     env_file = run / "config" / "config.env"
     env_file.write_text(env_file.read_text().replace("MAX_NUM_STEPS='4'", "MAX_NUM_STEPS='6'"))
-    r = sd3tune("train", run, "--resume")
-    assert r.code == 0, r.err[-3000:]
-    assert "step 6/6" in r.err
+    r = sd3tune_in_terminal("train", run, "--resume")
+    assert r.code == 0, r.out[-3000:]
+    lines = terminal_lines(r.out)
+    # events never glued to the progress line (`...ETA 00:20SimpleTuner: saving checkpoint-15 (70 s)`); one clock
+    assert not [line for line in lines if "ETA" in line and not line.startswith("step ")], lines
+    assert any(line.startswith("SimpleTuner: resuming from checkpoint-4 (step 4), elapsed ") for line in lines), lines
+    assert any(line.startswith("SimpleTuner: saving checkpoint-6, elapsed ") for line in lines), lines
+    assert [line for line in lines if re.fullmatch(r"step 6/6  loss \d+\.\d{4}  lr 2\.00e-03  [\d.]+ s/step  "
+                                                   r"elapsed \d\d:\d\d  ETA \S+", line)], lines
+    folder = run / "output" / "validation_images"
+    shown = f"validation images at step 6: {folder}/ (step_6_unconditional_0_128x128.png, " \
+            "step_6_validation_0_128x128.png)"
+    assert shown in lines or {f"validation image at step 6: {folder / name}" for name in (
+        "step_6_unconditional_0_128x128.png", "step_6_validation_0_128x128.png")} <= set(lines), lines
+    assert lines[-1].startswith("trained in ")
     manifest = json.loads((run / "sd3tune.json").read_text())
     assert manifest["trainings"][-1]["resume"] is True and manifest["trainings"][-1]["steps"] == 6
     assert manifest["trainings"][-1]["resumed_from"] == "checkpoint-4"
+    # this training's validation images (the first training's, at steps 2 and 4, are not)
+    assert (folder / "step_4_validation_0_128x128.png").is_file()
+    assert manifest["trainings"][-1]["validation_images"] == [
+        {"step": 6, "path": "output/validation_images/step_6_unconditional_0_128x128.png"},
+        {"step": 6, "path": "output/validation_images/step_6_validation_0_128x128.png"}]
     # the LoRA says it continued a training sd3tune knows nothing of; that checkpoint is left as SimpleTuner wrote it
     meta, _ = read_safetensors_header(run / "output" / keys.LORA_WEIGHT_NAME)
     assert json.loads(meta["sd3tune.history"]) == [{"until_step": 4, "checkpoint": "checkpoint-4"}]
@@ -287,9 +311,20 @@ def test_a_ctrl_c_after_the_last_step_says_the_training_is_done(tiny_init_option
 
 
 def test_uncaptioned_images_train_with_the_trigger_and_cuda_graphs_on_a_cpu_run_eagerly(tiny_init_options):
+    # and a bucket smaller than the batch (one wide image, batch 2), which SimpleTuner refused: init turns on its
+    # oversubscription, and SimpleTuner trains the run
+    from PIL import Image
+
+    from sd3tune.config.presets import merge
+
     for caption in tiny_init_options.data.glob("*.txt"):
         caption.unlink()
-    run_init(tiny_init_options)
+    Image.new("RGB", (128, 64), (200, 40, 40)).save(tiny_init_options.data / "wide.png")
+    tiny_init_options.image_backend_overrides = {"crop": False}
+    tiny_init_options.overrides = merge(tiny_init_options.overrides, {"data": {"minimum_image_size": None}})
+    result = run_init(tiny_init_options)
+    assert "1 image of 9 sits in aspect buckets smaller than the batch of 2 (128x64: 1)" in result.warnings[0].message
+    assert result.check.ok, [f.render() for f in result.check.errors]
     run = tiny_init_options.run_dir
     image = read_run(run).backends[0]
     assert (image.caption_strategy, image.instance_prompt) == ("instanceprompt", tiny_init_options.trigger)
@@ -300,6 +335,8 @@ def test_uncaptioned_images_train_with_the_trigger_and_cuda_graphs_on_a_cpu_run_
     assert "CUDA graphs: running eagerly: inputs on cpu" in r.err  # from the training process, shown once
     assert r.err.count("CUDA graphs:") == 1
     assert json.loads((run / "sd3tune.json").read_text())["trainings"][-1]["cuda_graphs"] is True
+    log = Path(json.loads((run / "sd3tune.json").read_text())["trainings"][-1]["log"]).read_text()
+    assert "Dataset oversubscription enabled: automatically padding 1 undersized bucket(s)" in log
 
 
 def _run_config(run: RunPaths, **data):

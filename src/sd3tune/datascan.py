@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sd3tune.simpletuner import keys
-from sd3tune.simpletuner.dataset import caption_lines, caption_path, list_images, read_caption
+from sd3tune.simpletuner.dataset import caption_control, caption_lines, caption_path, list_images, read_caption
 
 CLIP_MAX_TOKENS = 77  # including the start and end tokens
 T5_MAX_TOKENS = keys.SD3_T5_MAX_LENGTH  # SimpleTuner's SD3 T5 length, including the end token
@@ -52,6 +52,8 @@ class ScanResult:
     corrupt: list[tuple[Path, str]] = field(default_factory=list)  # unusable listed files and unreadable captions
     files: list[Path] = field(default_factory=list)  # every file SimpleTuner lists (readable or not)
     missing_captions: list[Path] = field(default_factory=list)  # NAME.txt of each listed file that has none
+    # caption files holding a control character SimpleTuner would train on: (file, line, column, what), the first each
+    control_captions: list[tuple[Path, int, int, str]] = field(default_factory=list)
 
     @property
     def uncaptioned(self) -> list[ImageInfo]:
@@ -127,6 +129,8 @@ def scan_folder(folder: str | Path) -> ScanResult:
             caption = ""  # present but unusable: not reported again as missing
         elif caption is None:
             result.missing_captions.append(caption_file)  # SimpleTuner reads every listed file's caption
+        elif (control := caption_control(text)) is not None:
+            result.control_captions.append((caption_file, *control))
         kind = keys.dataset_file_kind(path.name)
         if kind != "image":
             what = "a video" if kind == "video" else "audio"

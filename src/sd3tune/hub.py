@@ -1,7 +1,7 @@
 """The Hugging Face Hub: whether it answers, and what the local cache holds. Used before loading a model by its Hub id
 (train, generate, evaluate's CLIP model) so a Hub out of reach fails in seconds with one line, and by `sd3tune check`.
 
-Only the standard library at import time: ``hub_cache_dir`` / ``cached_snapshot`` / ``hub_token_found`` read the
+Only the standard library at import time: ``hub_cache_dir`` / ``cached_snapshot(_dir)`` / ``hub_token_found`` read the
 environment and the cache folder the way huggingface_hub does, without importing it (`check` stays fast);
 huggingface_hub and httpx load inside the functions that ask the Hub.
 """
@@ -32,7 +32,21 @@ def hub_cache_dir() -> Path:
 
 def cached_snapshot(repo_id: str, filename: str = "model_index.json") -> bool:
     """Whether any cached snapshot of the Hub model ``repo_id`` holds ``filename`` (no huggingface_hub import)."""
-    return any((hub_cache_dir() / f"models--{repo_id.replace('/', '--')}" / "snapshots").glob(f"*/{filename}"))
+    return cached_snapshot_dir(repo_id, filename) is not None
+
+
+def cached_snapshot_dir(repo_id: str, filename: str = "model_index.json") -> Path | None:
+    """The cached snapshot folder of the Hub model ``repo_id`` that holds ``filename``: the one ``refs/main`` names
+    (what a load without a revision uses), else the newest; None when none does (no huggingface_hub import)."""
+    repo = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+    try:
+        main = repo / "snapshots" / (repo / "refs" / "main").read_text().strip()
+    except (OSError, ValueError):
+        main = None
+    if main is not None and (main / filename).is_file():
+        return main
+    found = [p.parent for p in (repo / "snapshots").glob(f"*/{filename}")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def hub_token_found() -> bool:

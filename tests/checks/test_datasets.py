@@ -56,6 +56,13 @@ CASES: list[Case] = [
     ("captions-one-missing", "env", lambda r, d, t: (d / "concept_04.txt").unlink(), ("concept_04.txt",)),
     ("caption-not-utf8", "env", lambda r, d, t: (d / "concept_01.txt").write_bytes("caf\xe9".encode("latin-1")),
      ("concept_01.txt", "UTF-8")),
+    # SimpleTuner keeps every character but \n of a caption file: a NUL trained into the caption, and check said ok
+    ("caption-nul-byte", "env", lambda r, d, t: (d / "concept_03.txt").write_bytes(b"a castle\x00 on a hill"),
+     ("concept_03.txt:line 1 column 9: holds a NUL byte (U+0000); SimpleTuner trains it into the caption",)),
+    ("caption-escape-on-its-second-line", "env", lambda r, d, t: (d / "concept_05.txt").write_text(
+        "a castle\n\x1b[31ma red castle"), ("concept_05.txt:line 2 column 1: holds an escape character (U+001B)",)),
+    ("caption-lone-carriage-return", "env", lambda r, d, t: (d / "concept_02.txt").write_bytes(b"one\rtwo\r\n"),
+     ("concept_02.txt:line 1 column 4", "ends no line")),
     ("instance-prompt-missing", "env", lambda r, d, t: backend_set(r, caption_strategy="instanceprompt"),
      ("instance_prompt",)),
     ("too-few-images-for-batch", "env", lambda r, d, t: env_set(r, "TRAIN_BATCH_SIZE", "16"), ("TRAIN_BATCH_SIZE",)),
@@ -121,3 +128,14 @@ def test_bucket_smaller_than_batch_is_dropped_with_a_warning(make_run, tmp_path)
     assert result.exit_code == 0, result.output
     assert "1 images sit in aspect buckets smaller than the batch" in result.output
     assert "[64x64: 8]" in result.output
+
+
+def test_captions_with_windows_line_ends_and_tabs_pass_and_many_bad_ones_are_counted(make_run):
+    run, data = make_run()
+    (data / "concept_00.txt").write_bytes(b"a castle,\tat night\r\na castle by day\r\n")
+    assert check(run)[0].exit_code == 0
+    for i in range(1, 8):
+        (data / f"concept_0{i}.txt").write_text(f"castle {i}\x07")
+    errors = section(check(run)[0].output, "error")
+    assert errors.count("holds a control character (U+0007)") == 5
+    assert "2 more caption files hold control characters: concept_06.txt, concept_07.txt" in errors

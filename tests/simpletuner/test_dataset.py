@@ -88,3 +88,18 @@ def test_buckets_match_simpletuners_own_code(tmp_path):
         if rtype == "pixel":  # no size map: compare each image's own target
             ours = [bucket_of(w, h, resolution, rtype) for w, h in sizes]
         assert ours == theirs, rtype
+
+
+@pytest.mark.parametrize("text, found", [
+    ("a castle\x00 on a hill", (1, 9, "a NUL byte (U+0000)")),
+    ("a castle\n\x1b[1mat night", (2, 1, "an escape character (U+001B)")),
+    ("one\rtwo", (1, 4, "a carriage return (U+000D) that ends no line: SimpleTuner splits captions at \\n only and "
+                        "reads the two lines as one")),
+    ("a\x85b", (1, 2, "a control character (U+0085)")),
+    ("a castle,\tat night\r\nby day\r\n", None),  # tabs and Windows line ends
+    ("é 漢字\u2028more", None),  # letters of any script, and separators that are no control characters
+])
+def test_control_characters_simpletuner_would_train_into_a_caption_are_found_at_their_line(text, found):
+    from sd3tune.simpletuner.dataset import caption_control
+
+    assert caption_control(text) == found

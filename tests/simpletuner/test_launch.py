@@ -107,6 +107,8 @@ def test_failure_reason_is_the_childs_exception_not_accelerates():
     ("[INFO] Loading diffusion model from /m", "loading the SD3 transformer"),
     ("[INFO] [RANK 0] Saving current state to /runs/a/output/checkpoint-10", "saving checkpoint-10"),
     ("[INFO] [RANK 0] Saving current state to /runs/my art/output/checkpoint-10 ", "saving checkpoint-10"),
+    ("\x1b[0m[RANK 0] \x1b[32m2026-12-06 08:13:10,571 [INFO] [RANK 0] Loading states from /runs/my art/output/"
+     "checkpoint-40\x1b[0m", "resuming from checkpoint-40 (step 40)"),
     ("[INFO] Model components unloaded successfully.", None),
 ])
 def test_log_lines_that_start_a_phase_are_named(line, phase):

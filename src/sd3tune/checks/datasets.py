@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sd3tune.checks.budget import check_disk, check_memory
-from sd3tune.datascan import CLIP_MAX_TOKENS, T5_MAX_TOKENS, estimate_clip_tokens, estimate_t5_tokens
+from sd3tune.datascan import CLIP_MAX_TOKENS, ScanResult, T5_MAX_TOKENS, estimate_clip_tokens, estimate_t5_tokens
 from sd3tune.findings import Finding, error, warning
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from sd3tune.checks.engine import Context
 
 MAX_LISTED = 5  # file names quoted in one finding
+OVERSUBSCRIBE = "allow_dataset_oversubscription"  # SimpleTuner's option that repeats small buckets' images
 
 
 @dataclass
@@ -66,6 +67,7 @@ def check_backends(ctx: Context) -> list[Finding]:
             datasets.append(dataset)
     out += _check_run_resolution(ctx, images)
     out += _check_batches(ctx, datasets)
+    ctx.datasets = datasets
     _summarise(ctx, datasets)
     out += check_disk(ctx, datasets, text)
     out += check_memory(ctx)
@@ -166,6 +168,12 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
             what = "1 caption file is" if len(empty) == 1 else f"{len(empty)} caption files are"
             out.append(warning(str(folder), "", f"{what} empty ({_names(empty, folder)}); those images train "
                                                 "unconditioned", "write a caption in each"))
+        control = caption_control_errors(scan)
+        out += control[:MAX_LISTED]
+        if len(control) > MAX_LISTED:
+            out.append(error(str(folder), "", f"{len(control) - MAX_LISTED} more caption files hold control "
+                             f"characters: {_names([Path(f.file) for f in control[MAX_LISTED:]], folder)}",
+                             "delete them from each file"))
     elif b.caption_strategy == "instanceprompt" and not b.instance_prompt:
         out.append(error(BACKENDS, f"{b.id}.instance_prompt", "caption_strategy instanceprompt needs "
                                                               "instance_prompt", "set it to your trigger word"))
@@ -206,6 +214,14 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
                            "use larger images or a lower resolution"))
     counts = bucket_counts(kept, res, rtype, crop_square)
     return out, UsableDataset(b, len(scan.images), counts, captions)
+
+
+def caption_control_errors(scan: ScanResult) -> list[Finding]:
+    """One error per caption file holding a control character (a NUL byte, an escape...) SimpleTuner would train on,
+    at its first one."""
+    return [error(str(path), f"line {line} column {column}", f"holds {what}; SimpleTuner trains it into the caption",
+                 "delete it from the file (most editors show it as a blank or not at all), then save as UTF-8 text")
+           for path, line, column, what in scan.control_captions]
 
 
 def _check_run_resolution(ctx: Context, images: list[ImageBackend]) -> list[Finding]:
@@ -304,7 +320,7 @@ def _check_batches(ctx: Context, datasets: list[UsableDataset]) -> list[Finding]
         batch_text += f" x {ctx.key('gradient_accumulation_steps')}={accum}"
     if ctx.gpus > 1:
         batch_text += f" x {ctx.gpus} processes"
-    oversubscribe = ctx.flag("allow_dataset_oversubscription")
+    oversubscribe = ctx.flag(OVERSUBSCRIBE)
     pruning = not ctx.flag("disable_bucket_pruning")
     for d in datasets:
         b, mult = d.backend, d.backend.repeats + 1
@@ -342,9 +358,12 @@ def _check_batches(ctx: Context, datasets: list[UsableDataset]) -> list[Finding]
             else:
                 where = ctx.where("gradient_accumulation_steps") if accum > 1 and bs <= min(failing.values()) * mult \
                     else ctx.where("train_batch_size")
-                out.append(error(ctx.file, where, message,
-                                 f"lower {ctx.key('train_batch_size')} or {ctx.key('gradient_accumulation_steps')}, "
-                                 f"add images, set repeats in {BACKENDS}, or crop to square so images share a bucket"))
+                fixes = [f"lower {ctx.key('train_batch_size')} or {ctx.key('gradient_accumulation_steps')}",
+                         "add images", f"set repeats in {BACKENDS}", "crop to square so images share a bucket"]
+                if not b.repeats:  # SimpleTuner's oversubscription leaves a dataset's own repeats as they are
+                    fixes.append((f"add --{OVERSUBSCRIBE}=true to {keys.EXTRA_ARGS_KEY}" if ctx.run.format == "env"
+                                  else f'set "{OVERSUBSCRIBE}": true') + " (repeats those buckets' images to fill one)")
+                out.append(error(ctx.file, where, message, ", ".join(fixes[:-1]) + ", or " + fixes[-1]))
     return out
 
 

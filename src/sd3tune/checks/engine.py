@@ -1,9 +1,9 @@
 """The preflight engine: read a run, run every rule over one :class:`Context`, and gather the findings.
 
 A rule is a small ``check_*`` function over a :class:`Context` that returns findings (``file:key: problem — fix``);
-the rules live by concern in :mod:`.options`, :mod:`.paths` and :mod:`.datasets` (with :mod:`.budget`). A config
-or dataset entry that fails validation is checked as far as it can be: its invalid values are left out
-(``best_effort_config``, ``best_effort_backends``) and the rules on them are skipped.
+the rules live by concern in :mod:`.options`, :mod:`.paths`, :mod:`.datasets` (with :mod:`.budget`) and :mod:`.model`
+(the base model's own limits). A config or dataset entry that fails validation is checked as far as it can be: its
+invalid values are left out (``best_effort_config``, ``best_effort_backends``) and the rules on them are skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from sd3tune.checks.datasets import check_backends
+from sd3tune.checks.model import check_model_sizes
 from sd3tune.checks.options import check_extra_options, check_model, check_steps, check_training, check_traps
 from sd3tune.checks.paths import check_environment, check_paths
 from sd3tune.config.models import RunConfig
@@ -97,6 +98,7 @@ class Context:
     backends: list[ImageBackend | TextEmbedsBackend] | None = None  # run.backends, or the valid part of them
     backends_partial: bool = False  # some dataset entries were invalid (already reported) and are left out
     scans: dict[Path, ScanResult] = field(default_factory=dict)
+    datasets: list = field(default_factory=list)  # the image datasets as they train (datasets.UsableDataset)
     resume: bool = False  # checked for `sd3tune train --resume`: a checkpoint in the output folder is expected
 
     @property
@@ -224,6 +226,6 @@ def best_effort_backends(run: LoadedRun) -> tuple[list[ImageBackend | TextEmbeds
 
 RULES: tuple[Callable[[Context], list[Finding]], ...] = (
     check_extra_options, check_traps, check_steps, check_training, check_model, check_paths,
-    check_backends, check_environment,
+    check_backends, check_model_sizes, check_environment,
 )
 

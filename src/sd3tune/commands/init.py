@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -11,18 +12,20 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from sd3tune.checks import CheckReport, check_run
+from sd3tune.checks.datasets import OVERSUBSCRIBE, caption_control_errors
 from sd3tune.config.models import RunConfig
 from sd3tune.config.presets import DEFAULT_PRESET, PRESETS, merge
 from sd3tune.datascan import scan_folder
 from sd3tune.defaults import SD3M
 from sd3tune.errors import ConfigError, Sd3tuneError
-from sd3tune.findings import Finding, error, warning
+from sd3tune.findings import Finding, error, plural, warning
 from sd3tune.fsutil import absolute_model, atomic_write_text, refuse_existing
 from sd3tune.locks import folder_lock
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.caches import run_bucket_suffix
+from sd3tune.simpletuner.dataset import bucket_counts
 from sd3tune.simpletuner.layout import RunPaths
 from sd3tune.simpletuner.writer import render_backends, render_env, render_json
 
@@ -91,6 +94,10 @@ def build_run(opts: InitOptions) -> InitResult:
     if not scan.images:
         raise Sd3tuneError(f"no readable images in {data}",
                            hint="put .png/.jpg/.webp images (with .txt captions) in that folder")
+    control = caption_control_errors(scan)
+    if control:  # before a caption becomes the validation prompt: said as itself, nothing written
+        more = f" (and {plural(len(control) - 1, 'more caption file')})" if len(control) > 1 else ""
+        raise Sd3tuneError(f"{control[0].file}:{control[0].key}: {control[0].message}{more}", hint=control[0].hint)
     warnings: list[Finding] = []
     preset = PRESETS[opts.preset]
     if not preset.verified:
@@ -150,7 +157,34 @@ def build_run(opts: InitOptions) -> InitResult:
                                                       "default": True, "cache_dir": str(paths.cache / "text")})]
     except ValidationError as exc:
         _raise_validation(exc, "multidatabackend")
+    warnings += _fill_small_buckets(config, backends[0], scan.images, opts.preset)
     return InitResult(paths, config, backends, [], warnings)
+
+
+def _fill_small_buckets(config: RunConfig, image: ImageBackend, images: list, preset: str) -> list[Finding]:
+    """Aspect buckets with fewer images than one batch make SimpleTuner refuse to start ("zero usable batches"). init
+    turns on SimpleTuner's --allow_dataset_oversubscription, which repeats the images of those buckets only, rather
+    than lowering the batch of every image (the preset's speed). Not when a minimum image size is set (SimpleTuner
+    then drops those buckets, as check says), nor over the dataset's own repeats or the caller's own choice."""
+    e = image.effective(config.data)
+    if e.minimum_image_size or image.repeats or OVERSUBSCRIBE in config.extra:
+        return []
+    batch = config.optim.train_batch_size * config.optim.gradient_accumulation_steps
+    counts = bucket_counts(images, e.resolution, e.resolution_type, image.crop and image.crop_aspect == "square")
+    small = {k: n for k, n in sorted(counts.items()) if n < batch}
+    if not small:
+        return []
+    config.extra[OVERSUBSCRIBE] = True
+    listed = ", ".join(f"{w}x{h}: {n}" for (w, h), n in small.items())
+    most = max(math.ceil(batch / n) for n in small.values())
+    count = sum(small.values())
+    said = (f"{plural(count, 'image')} of {len(images)} {'sits' if count == 1 else 'sit'} in aspect buckets smaller "
+            f"than the batch of {batch} ({listed}), which SimpleTuner refuses; init turned on --{OVERSUBSCRIBE}: "
+            f"SimpleTuner repeats only those images to fill a batch (each up to {most}x per epoch), and the batch "
+            f"stays {batch} as the {preset} preset sets it, rather than shrinking for every image")
+    return [warning("flags", "--preset", said, "to train every image equally often, crop to square (crop true, "
+                    f"crop_aspect square in {keys.BACKENDS_FILE}), add images of those shapes, or use a smaller batch "
+                    "(--preset 24gb)")]
 
 
 def run_init(opts: InitOptions) -> InitResult:

@@ -156,7 +156,7 @@ from typing import Annotated  # noqa: E402
 import typer  # noqa: E402
 
 from sd3tune.cli import command_app  # noqa: E402
-from sd3tune.commands.train import ProgressPrinter  # noqa: E402
+from sd3tune.console import TrainConsole  # noqa: E402
 
 app = command_app()
 
@@ -173,8 +173,11 @@ def quickstart_command(
     examples:
       sd3tune quickstart /tmp/demo
     """
-    result = run_quickstart(folder, steps=steps, force=force, on_status=lambda m: typer.echo(m, err=True),
-                            on_progress=ProgressPrinter())
+    console = TrainConsole()
+    try:
+        result = run_quickstart(folder, steps=steps, force=force, on_status=console.status, on_progress=console)
+    finally:  # what comes next starts on a line of its own
+        console.close()
     typer.echo(f"LoRA:    {result.lora}")
     typer.echo(f"samples: {result.sheet.parent} (side by side: {result.sheet})")
     typer.echo(f"LoRA vs base, same seeds: mean |pixel difference| = {result.mean_abs_diff:.2f} / 255")

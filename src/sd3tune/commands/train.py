@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shlex
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from sd3tune.checks import check_run
+from sd3tune.console import TrainConsole, clock
 from sd3tune.config.models import RunConfig
 from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
 from sd3tune.findings import plural
@@ -20,7 +21,7 @@ from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, StopSignals, build_launch, cuda_graphs_message,
                                         failure_reason, fix_not_applied_message, phase_of, run_plan)
 from sd3tune.simpletuner.layout import (RunPaths, checkpoint_step, checkpoints, incomplete_checkpoint,
-                                       incomplete_hint, output_conflict)
+                                       incomplete_hint, output_conflict, validation_images)
 from sd3tune.simpletuner.caches import prepare_dataset_caches
 from sd3tune.simpletuner.processes import Processes, plan_processes
 
@@ -171,12 +172,19 @@ def _train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None,
         machines = f" on {processes.machines} machines" if processes.machines > 1 else ""
         on_status(f"launching SimpleTuner ({plural(processes.total, 'process', 'processes')}{machines}, effective "
                   f"batch {report.summary.effective_batch}); full log: {log}")
-    start, launched = time.perf_counter(), time.time()
+    start, launched = time.monotonic(), time.time()
     last_phase = None
     skipped_fixes: set[str] = set()  # each process says it in the log and on stderr: shown once
+    shown = _ValidationImages(output, paths.root, on_status)
+
+    def progressed(progress: Progress) -> None:
+        shown.look()
+        if on_progress:
+            on_progress(progress)
 
     def on_line(line: str) -> None:
         nonlocal last_phase
+        shown.look()
         graphs = cuda_graphs_message(line)
         if graphs and on_status:
             on_status(f"CUDA graphs: {graphs}")
@@ -187,18 +195,20 @@ def _train(opts: TrainOptions, on_progress: Callable[[Progress], None] | None,
         phase = phase_of(line)
         if phase and on_status and phase != last_phase:
             last_phase = phase
-            on_status(f"SimpleTuner: {phase} ({time.perf_counter() - start:.0f} s)")
+            on_status(f"SimpleTuner: {phase}, elapsed {clock(time.monotonic() - start)}")
 
     with StopSignals() as signals:  # a signal during the stop, the stamping or the record cannot cut them short
-        outcome = run_plan(plan, log, on_progress=on_progress, on_line=on_line, signals=signals)
-        result.seconds = time.perf_counter() - start
+        outcome = run_plan(plan, log, on_progress=progressed, on_line=on_line, signals=signals, clock_start=start)
+        result.seconds = time.monotonic() - start
         result.last = outcome.last_progress
+        shown.look(final=True)
         entry = {"started": stamp, "finished": now(), "seconds": round(result.seconds, 1),
                  "exit_code": outcome.returncode, "resume": opts.resume,
                  **({"resumed_from": resumed_from.name} if resumed_from else {}), "gpus": opts.gpus,
                  "processes": processes.total, "machines": processes.machines,
                  "effective_batch": report.summary.effective_batch,
                  "cuda_graphs": opts.cuda_graphs, "log": str(log), "command": plan.argv,
+                 "validation_images": shown.recorded(),
                  "versions": package_versions("simpletuner", "accelerate", "diffusers", "peft", "transformers",
                                               "torch")}
         lora = output / keys.LORA_WEIGHT_NAME
@@ -274,29 +284,41 @@ def _interrupted(opts: TrainOptions, cfg: RunConfig, report, output: Path, lora:
                           f"start again with `sd3tune train {run}`", exit_code=130)
 
 
-class ProgressPrinter:
-    """Prints step, loss, s/it and ETA: in place on a terminal, every ~5% otherwise (logs stay short)."""
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
 
-    def __init__(self, stream=None) -> None:
-        self.stream = stream if stream is not None else sys.stderr  # the one in place now (not at import)
-        self.tty = self.stream.isatty()
-        self.last_pct = -1
 
-    def __call__(self, p: Progress) -> None:
-        loss = f"{p.loss:.4f}" if p.loss is not None else "-"
-        rate = f"{p.seconds_per_step:.2f} s/step" if p.seconds_per_step else "- s/step"
-        line = f"step {p.step}/{p.total}  loss {loss}  {rate}  elapsed {p.elapsed}  ETA {p.eta}"
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line)
-            if p.step >= p.total:
-                self.stream.write("\n")
-        else:
-            pct = 100 * p.step // max(1, p.total)
-            if pct // 5 == self.last_pct // 5:
-                return
-            self.last_pct = pct
-            self.stream.write(line + "\n")
-        self.stream.flush()
+class _ValidationImages:
+    """The validation images SimpleTuner samples during this training (output/validation_images/step_N_*): said as
+    they appear (a look at the folder at most once a second, and once at the end), and recorded for the manifest."""
+
+    def __init__(self, output: Path, root: Path, on_status: Callable[[str], None] | None) -> None:
+        self.output, self.root, self.on_status = output, root, on_status
+        self.before = {p: _mtime(p) for p in validation_images(output)}  # an earlier training's (the one resumed)
+        self.new: dict[Path, int] = {}
+        self.looked = time.monotonic()
+
+    def look(self, final: bool = False) -> None:
+        if not final and time.monotonic() - self.looked < 1.0:
+            return
+        self.looked = time.monotonic()
+        fresh = {p: step for p, step in validation_images(self.output).items()
+                 if p not in self.new and self.before.get(p, -1) != _mtime(p)}  # new, or written again
+        self.new.update(fresh)
+        for step in dict.fromkeys(fresh.values()) if self.on_status else ():
+            names = [p for p, s in fresh.items() if s == step]
+            where = str(names[0]) if len(names) == 1 else \
+                f"{names[0].parent}/ ({', '.join(p.name for p in names)})"
+            self.on_status(f"validation image{'s' if len(names) > 1 else ''} at step {step}: {where}")
+
+    def recorded(self) -> list[dict]:
+        """[{"step": N, "path": ...}], paths relative to the run folder (absolute when the output lies outside it)."""
+        root = self.root.resolve()
+        return [{"step": step, "path": os.path.relpath(p.resolve(), root) if p.resolve().is_relative_to(root)
+                 else str(p.resolve())} for p, step in sorted(self.new.items(), key=lambda item: (item[1], item[0].name))]
 
 
 # --- `sd3tune train` on the command line (sd3tune.cli loads it when the command runs or shows its help) ---
@@ -334,10 +356,14 @@ def train_command(
       sd3tune train runs/art --cuda-graphs
       sd3tune train runs/art --accelerate-config fsdp.yaml -- --main_process_port 29501
     """
-    result = run_train(TrainOptions(run_dir=run_dir, resume=resume, dry_run=dry_run, gpus=gpus,
-                                    accelerate_config=accelerate_config, extra_accelerate_args=list(ctx.args),
-                                    cuda_graphs=cuda_graphs),
-                       on_progress=ProgressPrinter(), on_status=lambda m: typer.echo(m, err=True))
+    console = TrainConsole()
+    try:
+        result = run_train(TrainOptions(run_dir=run_dir, resume=resume, dry_run=dry_run, gpus=gpus,
+                                        accelerate_config=accelerate_config, extra_accelerate_args=list(ctx.args),
+                                        cuda_graphs=cuda_graphs),
+                           on_progress=console, on_status=console.status)
+    finally:  # an error line or the result next: below the progress line, not glued to it
+        console.close()
     if dry_run:
         typer.echo(result.plan.shell())
         return

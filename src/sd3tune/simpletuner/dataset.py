@@ -3,7 +3,8 @@
 - the files are exactly those SimpleTuner's local backend lists for an image dataset (every extension Pillow opens,
   plus SimpleTuner's video and audio ones: ``keys.DATASET_FILE_EXTENSIONS``), walked as it walks the folder;
 - captions are the ``NAME.txt`` beside each listed file (``caption_strategy=textfile``), one caption per line, else
-  the file name or the dataset's instance prompt;
+  the file name or the dataset's instance prompt; SimpleTuner keeps every other character of the file, control
+  characters too (``caption_control``);
 - aspect buckets and the minimum-size filter mirror SimpleTuner's ``MultiaspectImage`` and
   ``meets_resolution_requirements`` for SD3 (64 px alignment).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Protocol
@@ -97,6 +99,30 @@ def caption_lines(text: str | None) -> list[str]:
     if not text:
         return []
     return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Unicode's control characters (Cc) but tab and \n
+_CONTROL_NAMES = {"\x00": "NUL byte", "\x08": "backspace", "\x0b": "vertical tab", "\x0c": "form feed",
+                  "\r": "carriage return", "\x1b": "escape character", "\x7f": "delete character"}
+
+
+def caption_control(text: str) -> tuple[int, int, str] | None:
+    """(line, column, what) of the first control character in a caption file's text, both counted from 1 as an
+    editor shows them, or None. SimpleTuner decodes the file and splits it at ``\n`` only, keeping every other
+    character (``prepare_instance_prompt_from_textfile``): a NUL or an escape byte would be trained into the caption,
+    and a carriage return that ends no line joins two lines into one caption. Allowed: tab, and ``\r`` before a line
+    end (Windows line ends)."""
+    for m in _CONTROL.finditer(text):
+        ch, at = m.group(), m.start()
+        if ch == "\r" and text[at + 1:at + 2] in ("\n", ""):
+            continue  # a Windows line end
+        line_start = text.rfind("\n", 0, at) + 1
+        name = _CONTROL_NAMES.get(ch, "control character")
+        what = f"{'an' if name[0] in 'aeiou' else 'a'} {name} (U+{ord(ch):04X})"
+        if ch == "\r":
+            what += " that ends no line: SimpleTuner splits captions at \\n only and reads the two lines as one"
+        return text.count("\n", 0, at) + 1, at - line_start + 1, what
+    return None
 
 
 def dataset_captions(caption_strategy: str, instance_prompt: str | None,

@@ -121,6 +121,7 @@ class Progress:
     seconds_per_step: float | None
     loss: float | None
     lr: float | None
+    since_launch: float | None = None  # seconds since the launch (run_plan's clock), when it is known
 
 
 def parse_progress(line: str) -> Progress | None:
@@ -143,11 +144,14 @@ PHASES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"Executing VAE cache update|Creating VAE latent cache"), "caching VAE latents"),
     (re.compile(r"Loading diffusion model"), "loading the SD3 transformer"),
     (re.compile(r"Saving current state to (.+?)\s*$"), "saving {0}"),  # a run folder may have spaces
+    # accelerate's load_state, which SimpleTuner calls to resume (its own "Resuming from" line is not logged)
+    (re.compile(r"Loading states from (?:.*/)?(checkpoint-(\d+))\s*$"), "resuming from {0} (step {1})"),
 )
 
 
 def phase_of(line: str) -> str | None:
     """A short description of the phase a SimpleTuner log line starts, or None."""
+    line = clean_line(line)
     for pattern, text in PHASES:
         m = pattern.search(line)
         if m:
@@ -270,8 +274,9 @@ class StopSignals:
 
 def run_plan(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress], None] | None = None,
              on_line: Callable[[str], None] | None = None, tail_lines: int = 80,
-             signals: StopSignals | None = None) -> RunOutcome:
-    """Run the plan; all output goes to ``log_path``; progress lines are parsed and reported.
+             signals: StopSignals | None = None, clock_start: float | None = None) -> RunOutcome:
+    """Run the plan; all output goes to ``log_path``; progress lines are parsed and reported, each with the seconds
+    since ``clock_start`` (``time.monotonic()``; by default the launch).
 
     SIGINT, SIGTERM or SIGHUP stops the training process group, waits for it to stop, and reports ``interrupted``
     (``StopSignals``: pass one that also spans what the caller does with the outcome, else it spans the run alone).
@@ -279,9 +284,9 @@ def run_plan(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress],
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if signals is not None:
-        return _run(plan, log_path, on_progress, on_line, tail_lines, signals)
+        return _run(plan, log_path, on_progress, on_line, tail_lines, signals, clock_start)
     with StopSignals() as own:
-        return _run(plan, log_path, on_progress, on_line, tail_lines, own)
+        return _run(plan, log_path, on_progress, on_line, tail_lines, own, clock_start)
 
 
 def _child_setup(parent: int) -> None:
@@ -294,7 +299,10 @@ def _child_setup(parent: int) -> None:
 
 
 def _run(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress], None] | None,
-         on_line: Callable[[str], None] | None, tail_lines: int, signals: StopSignals) -> RunOutcome:
+         on_line: Callable[[str], None] | None, tail_lines: int, signals: StopSignals,
+         clock_start: float | None) -> RunOutcome:
+    import time
+
     last: Progress | None = None
     tail: list[str] = []
     interrupted = False
@@ -304,6 +312,7 @@ def _run(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress], Non
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, preexec_fn=lambda: _child_setup(parent))
         assert proc.stdout is not None
+        clock_start = time.monotonic() if clock_start is None else clock_start
         buffer = b""
         try:
             signals.started()
@@ -319,6 +328,7 @@ def _run(plan: LaunchPlan, log_path: Path, on_progress: Callable[[Progress], Non
                     text = piece.decode("utf-8", "replace")
                     progress = parse_progress(text)
                     if progress is not None:
+                        progress.since_launch = time.monotonic() - clock_start
                         if last is None or (progress.step, progress.loss) != (last.step, last.loss):
                             last = progress
                             if on_progress:

@@ -1,10 +1,11 @@
 """SimpleTuner's run layout: where a run's files live (its config folder, output, caches and logs), the run folder
-above a path, and the ``checkpoint-N`` folders SimpleTuner writes into the output (complete once their ``.guard``
-mark is written), with what `sd3tune train` makes of them.
+above a path, the ``checkpoint-N`` folders SimpleTuner writes into the output (complete once their ``.guard``
+mark is written), with what `sd3tune train` makes of them, and the validation images it samples while training.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from shlex import quote
 from pathlib import Path
@@ -116,3 +117,16 @@ def output_conflict(output: Path, resume: bool, steps: int | None) -> tuple[str,
         return (f"nothing to resume: {existing[-1].name} has all {steps} steps of the run",
                 "raise the step count (MAX_NUM_STEPS) to train further")
     return None
+
+
+VALIDATION_IMAGES_DIR = "validation_images"  # in the output folder (helpers/training/validation.py: save_dir)
+# helpers/training/validation_images.py save_images: step_{global step}_{prompt}_{index}_{WxH}.{png|webp|jpg}
+_VALIDATION_IMAGE = re.compile(r"step_(\d+)_.+_\d+_(?:\d+x\d+|unknown)\.(?:png|webp|jpg)")
+
+
+def validation_images(output_dir: Path) -> dict[Path, int]:
+    """The validation images SimpleTuner wrote in ``output_dir``, each with the training step it sampled at, by step
+    then name."""
+    folder = output_dir / VALIDATION_IMAGES_DIR
+    found = {p: int(m.group(1)) for p in folder.glob("step_*") if (m := _VALIDATION_IMAGE.fullmatch(p.name))}
+    return dict(sorted(found.items(), key=lambda item: (item[1], item[0].name)))

@@ -169,7 +169,7 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
     elif b.caption_strategy == "instanceprompt" and not b.instance_prompt:
         out.append(error(BACKENDS, f"{b.id}.instance_prompt", "caption_strategy instanceprompt needs "
                                                               "instance_prompt", "set it to your trigger word"))
-    captions = set(dataset_captions(b.caption_strategy, b.instance_prompt, scan.images))
+    captions = set(dataset_captions(b.caption_strategy, b.instance_prompt, scan.images, b.prepend_instance_prompt))
     with_text = sum(1 for i in scan.images if i.caption)
     if b.caption_strategy != "textfile" and with_text:
         out.append(warning(BACKENDS, f"{b.id}.caption_strategy", f"{with_text} images have a .txt caption beside "

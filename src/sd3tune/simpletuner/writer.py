@@ -68,3 +68,8 @@ def render_json(cfg: RunConfig) -> str:
 
 def render_backends(backends: list[ImageBackend | TextEmbedsBackend]) -> str:
     return json.dumps(dump_backends(backends), indent=2) + "\n"
+
+
+def render_prompt_library(prompts: list[str]) -> str:
+    """SimpleTuner's user prompt library (``--user_prompt_library``): each further validation prompt by a name."""
+    return json.dumps({f"prompt_{n}": p for n, p in enumerate(prompts, 2)}, indent=2, ensure_ascii=False) + "\n"

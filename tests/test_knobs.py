@@ -1,0 +1,139 @@
+"""`sd3tune init`'s training knobs and datasets: each flag reaches SimpleTuner as given (read back by SimpleTuner's own
+loaders, env and json), each --data / --reg-data is its own dataset, and bad values are one line, exit 2, no file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import assert_one_line_user_error, sd3tune
+
+from sd3tune.simpletuner.reader import read_run
+
+KNOB_FLAGS = ["--lr", "2e-4", "--batch-size", "2", "--grad-accum", "3", "--optimizer", "adamw_bf16",
+              "--scheduler", "cosine", "--warmup-steps", "10", "--alpha", "8", "--checkpoint-every", "50",
+              "--validate-every", "25", "--seed", "7", "--tracker", "tensorboard", "--tracker-project", "proj x",
+              "--tracker-run", "run-1", "--validation-prompt", "myst, a castle", "--validation-prompt",
+              "myst, a boat at 'dusk'", "--caption-prefix", "myst"]
+# what SimpleTuner's parser must hold afterwards (argparse's Namespace names and typed values)
+EXPECTED = {"learning_rate": 2e-4, "train_batch_size": 2, "gradient_accumulation_steps": 3, "optimizer": "adamw_bf16",
+            "lr_scheduler": "cosine", "lr_warmup_steps": 10, "lora_alpha": 8.0, "checkpoint_step_interval": 50,
+            "validation_step_interval": 25, "seed": 7, "report_to": "tensorboard", "tracker_project_name": "proj x",
+            "tracker_run_name": "run-1", "validation_prompt": "myst, a castle"}
+
+
+def _simpletuner_namespace(run: Path, fmt: str):
+    """The run's config as SimpleTuner 4.10.1 parses it: its env loader (parse_env_file + load_env_config) or its
+    config.json loader, then its own argparse parser."""
+    from sd3tune.simpletuner.compat import install
+
+    install()
+    from simpletuner.helpers.configuration.cmd_args import get_argument_parser
+    from simpletuner.helpers.configuration.env_file import load_env_config, parse_env_file
+    from simpletuner.helpers.configuration.json_file import load_json_config
+
+    old_env, old_cwd = dict(os.environ), os.getcwd()
+    try:
+        os.chdir(run)
+        if fmt == "env":
+            os.environ.update({k: " ".join(v) for k, v in parse_env_file("config/config.env").items()})
+            args = load_env_config()
+        else:
+            args = load_json_config()
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+    return get_argument_parser().parse_known_args(args)[0]
+
+
+@pytest.mark.parametrize("fmt", ["env", "json"])
+def test_every_knob_reads_back_exactly_through_simpletuners_own_loaders(tmp_path, tiny_model, concept_data, fmt):
+    from simpletuner.helpers.prompts import PromptHandler
+
+    run = tmp_path / "run"
+    r = sd3tune("init", run, "--data", concept_data, "--model", tiny_model, "--resolution", "64", "--format", fmt,
+                *KNOB_FLAGS)
+    assert r.code == 0, r.err + r.out
+    ns = _simpletuner_namespace(run, fmt)
+    assert {k: getattr(ns, k) for k in EXPECTED} == EXPECTED
+    library = PromptHandler.load_user_prompts(ns.user_prompt_library)
+    assert [e.prompt for e in library.values()] == ["myst, a boat at 'dusk'"]
+    [images] = [b for b in json.loads((run / "config" / "multidatabackend.json").read_text())
+                if b["dataset_type"] == "image"]
+    assert images["instance_prompt"] == "myst" and images["prepend_instance_prompt"] is True
+    loaded = read_run(run)  # sd3tune's reader agrees, with nothing to report
+    assert loaded.findings == [] and loaded.config.optim.learning_rate == 2e-4
+
+
+def test_caption_strategy_and_prefix_reach_the_dataset_and_checks_sees_the_prefixed_captions(tmp_path, tiny_model,
+                                                                                           concept_data):
+    run = tmp_path / "run"
+    r = sd3tune("init", run, "--data", concept_data, "--model", tiny_model, "--resolution", "64",
+                "--caption-strategy", "filename", "--caption-prefix", "zq")
+    assert r.code == 0, r.err + r.out
+    [images, _] = json.loads((run / "config" / "multidatabackend.json").read_text())
+    assert (images["caption_strategy"], images["instance_prompt"]) == ("filename", "zq")
+    from sd3tune.simpletuner.dataset import dataset_captions
+    from sd3tune.datascan import scan_folder
+
+    captions = dataset_captions("filename", "zq", scan_folder(concept_data).images, prepend=True)
+    assert captions and all(c.startswith("zq ") for c in captions)
+
+
+def test_several_datasets_each_get_a_backend_and_check_reports_each(tmp_path, tiny_model, concept_data):
+    second = Path(shutil.copytree(concept_data, tmp_path / "more"))
+    reg = Path(shutil.copytree(concept_data, tmp_path / "reg"))
+    run = tmp_path / "run"
+    r = sd3tune("init", run, "--data", concept_data, "--data", f"{second}:repeats=3,resolution=128,crop=center",
+                "--reg-data", f"{reg}:probability=0.3", "--model", tiny_model, "--resolution", "64")
+    assert r.code == 0, r.err + r.out
+    backends = json.loads((run / "config" / "multidatabackend.json").read_text())
+    images = {b["id"]: b for b in backends if b["dataset_type"] == "image"}
+    assert list(images) == ["concepts", "more", "reg"]
+    assert (images["more"]["repeats"], images["more"]["resolution"], images["more"]["crop_style"]) == (3, 128, "center")
+    assert images["reg"]["is_regularisation_data"] is True and images["reg"]["probability"] == 0.3
+    assert "repeats" not in images["concepts"]
+    # check: one line per dataset, images and the share of the epoch's steps (repeats 3 -> 4x the batches)
+    lines = {line.split()[1].rstrip(":"): line for line in map(str.strip, r.out.splitlines()) if line.startswith("dataset ")}
+    assert set(lines) == {"concepts", "more", "reg"}
+    assert "8 images" in lines["more"] and "32 samples/epoch" in lines["more"] and "66.7% of steps" in lines["more"]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--lr", "-1"], ["--lr", "greater than 0"]),
+    (["--optimizer", "adamw8"], ["--optimizer 'adamw8'", "did you mean", "adamw_bf16"]),
+    (["--data", "{data}"], ["given twice"]),
+    (["--data", "{copy}:repets=3"], ["unknown dataset option 'repets'", "did you mean repeats"]),
+    (["--data", "{copy}:repeats=many"], ["repeats='many' is not a whole number"]),
+    (["--scheduler", "cosin"], ["--scheduler", "'cosine'"]),
+    (["--tracker", "tb"], ["--tracker", "'tensorboard'"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--caption-strategy", "instanceprompt", "--caption-prefix", "x", "--trigger", "t"], ["--caption-prefix"]),
+])
+def test_a_bad_value_is_one_line_exit_2_and_nothing_is_written(tmp_path, concept_data, args, needles):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    args = [a.format(data=concept_data, copy=copy) for a in args]
+    run = tmp_path / "run"
+    result = sd3tune("init", run, "--data", concept_data, *args)
+    assert_one_line_user_error(result, *needles)
+    assert not run.exists()
+
+
+def test_tracker_tensorboard_without_the_package_is_one_line_naming_it(tmp_path, concept_data, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    result = sd3tune("init", tmp_path / "run", "--data", concept_data, "--tracker", "tensorboard")
+    assert_one_line_user_error(result, "needs the tensorboard package", "pip install tensorboard")
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_help_says_force_keeps_nothing():
+    r = sd3tune("init", "--help")
+    assert "keeps nothing" in " ".join(r.out.split()) and "sd3tune set" in r.out

@@ -137,3 +137,30 @@ def test_tracker_tensorboard_without_the_package_is_one_line_naming_it(tmp_path,
 def test_init_help_says_force_keeps_nothing():
     r = sd3tune("init", "--help")
     assert "keeps nothing" in " ".join(r.out.split()) and "sd3tune set" in r.out
+
+
+SECRET = "hf_Sup3rSecretValue0123456789"
+
+
+@pytest.mark.parametrize("fmt, line", [
+    ("env", f"HF_TOKEN={SECRET}\n"),
+    ("env", f"export WANDB_API_KEY='{SECRET}'\n"),
+    ("env", f"MY_SERVICE_KEY=\"{SECRET}\"\n"),
+    ("env", f"TRAINER_EXTRA_ARGS='--hub_token={SECRET}'\n"),
+    ("json", {"HF_TOKEN": SECRET}),
+])
+def test_a_credential_in_the_config_is_an_error_that_never_shows_it(tmp_path, tiny_model, concept_data, fmt, line):
+    run = tmp_path / "run"
+    assert sd3tune("init", run, "--data", concept_data, "--model", tiny_model, "--resolution", "64",
+                   "--format", fmt).code == 0
+    config = run / "config" / f"config.{fmt}"
+    if fmt == "env":
+        config.write_text(config.read_text() + line)
+    else:
+        config.write_text(json.dumps({**json.loads(config.read_text()), **line}))
+    result = sd3tune("check", run)
+    assert result.code == 2
+    assert "credentials belong in the environment" in result.out and "export" in result.out
+    assert SECRET not in result.out + result.err and SECRET[:8] not in result.out + result.err
+    as_json = sd3tune("check", run, "--json")
+    assert SECRET not in as_json.out and "credential" in as_json.out

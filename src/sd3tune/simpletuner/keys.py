@@ -248,6 +248,15 @@ def option_for_path(loc: tuple) -> str | None:
     return None
 
 
+# Names that hold a secret (HF_TOKEN, WANDB_API_KEY, any *_TOKEN / *_KEY ...); no SimpleTuner option is named so
+CREDENTIAL_SUFFIXES = ("_TOKEN", "_KEY", "_SECRET", "_PASSWORD")
+
+
+def is_credential(name: str) -> bool:
+    upper = name.lstrip("-").upper()
+    return upper.endswith(CREDENTIAL_SUFFIXES) or upper in ("TOKEN", "HF_TOKEN", "WANDB_API_KEY")
+
+
 def parse_bool_word(text: str) -> bool | None:
     lowered = text.strip().lower()
     if lowered in TRUE_WORDS:

@@ -4,12 +4,11 @@ loaders, env and json), each --data / --reg-data is its own dataset, and bad val
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_user_error, sd3tune
+from helpers import assert_one_line_user_error, sd3tune, simpletuner_namespace
 
 from sd3tune.simpletuner.reader import read_run
 
@@ -25,31 +24,6 @@ EXPECTED = {"learning_rate": 2e-4, "train_batch_size": 2, "gradient_accumulation
             "tracker_run_name": "run-1", "validation_prompt": "myst, a castle"}
 
 
-def _simpletuner_namespace(run: Path, fmt: str):
-    """The run's config as SimpleTuner 4.10.1 parses it: its env loader (parse_env_file + load_env_config) or its
-    config.json loader, then its own argparse parser."""
-    from sd3tune.simpletuner.compat import install
-
-    install()
-    from simpletuner.helpers.configuration.cmd_args import get_argument_parser
-    from simpletuner.helpers.configuration.env_file import load_env_config, parse_env_file
-    from simpletuner.helpers.configuration.json_file import load_json_config
-
-    old_env, old_cwd = dict(os.environ), os.getcwd()
-    try:
-        os.chdir(run)
-        if fmt == "env":
-            os.environ.update({k: " ".join(v) for k, v in parse_env_file("config/config.env").items()})
-            args = load_env_config()
-        else:
-            args = load_json_config()
-    finally:
-        os.chdir(old_cwd)
-        os.environ.clear()
-        os.environ.update(old_env)
-    return get_argument_parser().parse_known_args(args)[0]
-
-
 @pytest.mark.parametrize("fmt", ["env", "json"])
 def test_every_knob_reads_back_exactly_through_simpletuners_own_loaders(tmp_path, tiny_model, concept_data, fmt):
     from simpletuner.helpers.prompts import PromptHandler
@@ -58,7 +32,7 @@ def test_every_knob_reads_back_exactly_through_simpletuners_own_loaders(tmp_path
     r = sd3tune("init", run, "--data", concept_data, "--model", tiny_model, "--resolution", "64", "--format", fmt,
                 *KNOB_FLAGS)
     assert r.code == 0, r.err + r.out
-    ns = _simpletuner_namespace(run, fmt)
+    ns = simpletuner_namespace(run, fmt)
     assert {k: getattr(ns, k) for k in EXPECTED} == EXPECTED
     library = PromptHandler.load_user_prompts(ns.user_prompt_library)
     assert [e.prompt for e in library.values()] == ["myst, a boat at 'dusk'"]

@@ -138,3 +138,41 @@ def test_a_credential_in_the_config_is_an_error_that_never_shows_it(tmp_path, ti
     assert SECRET not in result.out + result.err and SECRET[:8] not in result.out + result.err
     as_json = sd3tune("check", run, "--json")
     assert SECRET not in as_json.out and "credential" in as_json.out
+
+
+@pytest.mark.e2e
+def test_two_datasets_train_as_check_predicts_with_a_tensorboard_log(tmp_path, tiny_model, concept_data, monkeypatch):
+    """One real SimpleTuner training of one epoch: datasets with repeats 1 and 3, tensorboard tracking. Each dataset
+    gives exactly the batches check predicted (SimpleTuner's debug log names the dataset of every batch), and the
+    event file holds the loss of every step."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sd3tune.commands.init import run_init
+    from sd3tune.commands.quickstart import tiny_init_options
+    from sd3tune.commands.train import TrainOptions, run_train
+    from sd3tune.knobs import Knobs
+
+    few = tmp_path / "few"  # 6 images x (3 + 1) = 24 samples: 12 batches of 2; the other 8 x 2 = 16: 8 batches
+    few.mkdir()
+    for image in sorted(concept_data.glob("*.png"))[:6]:
+        shutil.copy(image, few / image.name)
+        shutil.copy(image.with_suffix(".txt"), few / f"{image.stem}.txt")
+    run = tmp_path / "run"
+    opts = tiny_init_options(run, f"{concept_data}:repeats=1", tiny_model, steps=20, checkpoint_every=100)
+    opts.more_data = [f"{few}:repeats=3"]
+    opts.knobs = Knobs(tracker="tensorboard", tracker_project="proj", tracker_run="two")
+    opts.overrides["data"] = {**opts.overrides["data"], "prefetch": False}  # no batch fetched past the last step
+    predicted = {d.id: d.batches for d in run_init(opts).check.summary.datasets}
+    assert predicted == {"concepts": 8, "few": 12}  # one epoch: 20 steps
+    monkeypatch.setenv("SIMPLETUNER_LOG_LEVEL", "DEBUG")
+    assert run_train(TrainOptions(run_dir=run)).lora is not None
+    log = (run / "debug.log").read_text()
+    trained = {name: len(re.findall(rf"\(MultiAspectSampler-{name}\) .*Yielding samples", log)) for name in predicted}
+    assert trained == predicted
+    [events] = (run / "output" / "logs" / "proj").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train_loss")] == list(range(1, 21))
+    assert all(e.value > 0 for e in acc.Scalars("train_loss"))

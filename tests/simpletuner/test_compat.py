@@ -34,6 +34,7 @@ replaced = {
     "private_dataloader_generators":
         "simpletuner.helpers.data_backend.factory:FactoryRegistry._create_dataset_and_sampler",
     "compiled_blocks_only": "accelerate.utils.other:compile_regions",
+    "tensorboard_hparams": "accelerate.tracking:TensorBoardTracker.store_init_configuration",
 }
 marked = {}
 for fix, where in replaced.items():

@@ -296,7 +296,7 @@ def init_command(
     validate_every: Annotated[Optional[int], Opt("--validate-every", help="Sample validation images every N steps.")] = None,
     seed: Annotated[Optional[int], Opt("--seed", help="Training seed (42).")] = None,
     tracker: Annotated[Optional[str], Opt("--tracker", help="none, wandb (WANDB_MODE=offline works offline) or "
-                                                            "tensorboard (event files under RUN_DIR/logs).")] = None,
+                                                            "tensorboard (event files under RUN_DIR/output/logs).")] = None,
     tracker_project: Annotated[Optional[str], Opt("--tracker-project", help="Tracker project name.")] = None,
     tracker_run: Annotated[Optional[str], Opt("--tracker-run", help="Tracker run name.")] = None,
     caption_strategy: Annotated[Optional[CaptionStrategy], Opt("--caption-strategy", parser=parse_caption_strategy,

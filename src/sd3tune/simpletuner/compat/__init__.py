@@ -23,8 +23,8 @@ from pathlib import Path
 from sd3tune.simpletuner.compat import (blocking_prefetch, compiled_blocks_only, compiled_sd3_blocks,
                                         kept_trainable_parameters, no_eager_step_marker,
                                         pin_memory_without_accelerator, private_dataloader_generators,
-                                        qwen3vl_output_alias, replayed_sd3_training, torch_threads,
-                                        untraced_factory_memory)
+                                        qwen3vl_output_alias, replayed_sd3_training, tensorboard_hparams,
+                                        torch_threads, untraced_factory_memory)
 from sd3tune.simpletuner.compat.replayed_sd3_training import CUDA_GRAPHS_ENV, GRAPHED_INPUTS  # noqa: F401 (public)
 from sd3tune.simpletuner.compat.torch_threads import usable_cores  # noqa: F401 (public)
 
@@ -40,6 +40,7 @@ FIXES = {
     "simpletuner.helpers.training.trainer": (kept_trainable_parameters,),  # fix 6
     "simpletuner.helpers.data_backend.factory": (private_dataloader_generators, untraced_factory_memory),  # 7, 10
     "accelerate.utils.other": (compiled_blocks_only,),  # fix 8
+    "accelerate.tracking": (tensorboard_hparams,),  # fix 11
 }
 
 NOT_APPLIED = "sd3tune: fix {name} did not apply: {why}"  # `sd3tune train` relays these lines (launch.py)

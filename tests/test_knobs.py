@@ -138,6 +138,8 @@ def test_a_credential_in_the_config_is_an_error_that_never_shows_it(tmp_path, ti
     assert SECRET not in result.out + result.err and SECRET[:8] not in result.out + result.err
     as_json = sd3tune("check", run, "--json")
     assert SECRET not in as_json.out and "credential" in as_json.out
+    shown = sd3tune("show", run)
+    assert shown.code == 0 and SECRET not in shown.out and "see `sd3tune check" in shown.out
 
 
 @pytest.mark.e2e

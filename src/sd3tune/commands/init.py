@@ -31,7 +31,7 @@ from sd3tune.simpletuner.writer import render_backends, render_env, render_json,
 @dataclass
 class InitOptions:
     run_dir: Path
-    data: Path
+    data: Path | str  # a folder, or (from the command line) DIR:key=value,... (knobs.parse_spec)
     model: str = SD3M
     trigger: str | None = None
     validation_prompt: str | None = None

@@ -178,3 +178,18 @@ def test_two_datasets_train_as_check_predicts_with_a_tensorboard_log(tmp_path, t
     acc.Reload()
     assert [e.step for e in acc.Scalars("train_loss")] == list(range(1, 21))
     assert all(e.value > 0 for e in acc.Scalars("train_loss"))
+
+
+def test_wandb_without_a_key_is_a_warning_unless_offline(tmp_path, tiny_model, concept_data, monkeypatch):
+    from sd3tune.checks import check_run
+
+    run = tmp_path / "run"
+    assert sd3tune("init", run, "--data", concept_data, "--model", tiny_model, "--resolution", "64",
+                   "--tracker", "wandb", "--tracker-project", "art").code == 0
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    [finding] = [f for f in check_run(run).warnings if "wandb" in f.message]
+    assert "WANDB_MODE=offline" in finding.hint
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert not [f for f in check_run(run).warnings if "wandb" in f.message]

@@ -91,9 +91,10 @@ def check_traps(ctx: Context) -> list[Finding]:
     if ctx.valid("mixed_precision") and cfg.precision.mixed_precision == "fp16":
         out.append(warning(f, ctx.where("mixed_precision"), "SD3 overflows in fp16", "use bf16"))
     if ctx.valid("report_to") and cfg.tracking.report_to == "wandb" and not os.environ.get("WANDB_API_KEY") \
-            and not (Path.home() / ".netrc").is_file():
+            and os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not (Path.home() / ".netrc").is_file():
         out.append(warning(f, ctx.where("report_to"), "wandb is selected but no WANDB_API_KEY is set",
-                           "export WANDB_API_KEY or run `wandb login`"))
+                           "export WANDB_API_KEY or run `wandb login`; offline: export WANDB_MODE=offline "
+                           "(`wandb sync` uploads later)"))
     return out
 
 

@@ -156,18 +156,20 @@ def test_two_datasets_train_as_check_predicts_with_a_tensorboard_log(tmp_path, t
     from sd3tune.commands.train import TrainOptions, run_train
     from sd3tune.knobs import Knobs
 
-    few = tmp_path / "few"  # 6 images x (3 + 1) = 24 samples: 12 batches of 2; the other 8 x 2 = 16: 8 batches
-    few.mkdir()
-    for image in sorted(concept_data.glob("*.png"))[:6]:
-        shutil.copy(image, few / image.name)
-        shutil.copy(image.with_suffix(".txt"), few / f"{image.stem}.txt")
+    images = sorted(concept_data.glob("*.png"))
+    many, few = tmp_path / "many", tmp_path / "few"  # 4 x (1 + 1) = 8 samples: 4 batches of 2; 3 x (3 + 1): 6
+    for folder, chosen in ((many, images[:4]), (few, images[4:7])):
+        folder.mkdir()
+        for image in chosen:
+            shutil.copy(image, folder / image.name)
+            shutil.copy(image.with_suffix(".txt"), folder / f"{image.stem}.txt")
     run = tmp_path / "run"
-    opts = tiny_init_options(run, f"{concept_data}:repeats=1", tiny_model, steps=20, checkpoint_every=100)
+    opts = tiny_init_options(run, f"{many}:repeats=1", tiny_model, steps=10, checkpoint_every=100)
     opts.more_data = [f"{few}:repeats=3"]
     opts.knobs = Knobs(tracker="tensorboard", tracker_project="proj", tracker_run="two")
     opts.overrides["data"] = {**opts.overrides["data"], "prefetch": False}  # no batch fetched past the last step
     predicted = {d.id: d.batches for d in run_init(opts).check.summary.datasets}
-    assert predicted == {"concepts": 8, "few": 12}  # one epoch: 20 steps
+    assert predicted == {"many": 4, "few": 6}  # one epoch: 10 steps
     monkeypatch.setenv("SIMPLETUNER_LOG_LEVEL", "DEBUG")
     assert run_train(TrainOptions(run_dir=run)).lora is not None
     log = (run / "debug.log").read_text()
@@ -176,7 +178,7 @@ def test_two_datasets_train_as_check_predicts_with_a_tensorboard_log(tmp_path, t
     [events] = (run / "output" / "logs" / "proj").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("train_loss")] == list(range(1, 21))
+    assert [e.step for e in acc.Scalars("train_loss")] == list(range(1, 11))
     assert all(e.value > 0 for e in acc.Scalars("train_loss"))
 
 

@@ -165,3 +165,28 @@ def sd3_transformer_inputs(config) -> tuple:
 
     return (torch.randn(2, config["in_channels"], 8, 8), torch.randn(2, 5, config["joint_attention_dim"]),
             torch.randn(2, config["pooled_projection_dim"]), torch.tensor([500.0, 20.0]))
+
+
+def simpletuner_namespace(run: Path, fmt: str):
+    """The run's config as SimpleTuner 4.10.1 parses it: its env loader (parse_env_file + load_env_config) or its
+    config.json loader, then its own argparse parser."""
+    from sd3tune.simpletuner.compat import install
+
+    install()
+    from simpletuner.helpers.configuration.cmd_args import get_argument_parser
+    from simpletuner.helpers.configuration.env_file import load_env_config, parse_env_file
+    from simpletuner.helpers.configuration.json_file import load_json_config
+
+    old_env, old_cwd = dict(os.environ), os.getcwd()
+    try:
+        os.chdir(run)
+        if fmt == "env":
+            os.environ.update({k: " ".join(v) for k, v in parse_env_file("config/config.env").items()})
+            args = load_env_config()
+        else:
+            args = load_json_config()
+    finally:
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+    return get_argument_parser().parse_known_args(args)[0]

@@ -24,6 +24,8 @@ from sd3tune.errors import Sd3tuneError
 # (tests/test_cli.py holds them equal), so that the list imports no command.
 COMMANDS = {
     "init": "Scaffold a run: SimpleTuner config.env (or config.json) and multidatabackend.json.",
+    "set": "Change options of an existing run in place, then check it (everything else in the file is kept).",
+    "show": "Show a run's options as SimpleTuner will read them, each with the line or key that sets it.",
     "check": "Validate a run's config and data before any model loads (exit 0: clean or warnings, 2: errors).",
     "train": "Train the run with SimpleTuner through `accelerate launch` (one GPU by default).",
     "generate": "Generate images with SD3 Medium (+ a LoRA); PNGs carry their settings in text chunks.",

@@ -36,6 +36,7 @@ replaced = {
     "compiled_blocks_only": "accelerate.utils.other:compile_regions",
     "rank_samples": "simpletuner.helpers.multiaspect.sampler:MultiAspectSampler.__iter__",
     "rank_lora_digest": "simpletuner.helpers.training.trainer:Trainer.train",
+    "tensorboard_hparams": "accelerate.tracking:TensorBoardTracker.store_init_configuration",
 }
 marked = {}
 for fix, where in replaced.items():

@@ -20,8 +20,14 @@ UPDATE = os.environ.get("SD3TUNE_UPDATE_GOLDEN") == "1"
 
 def reference_run() -> tuple[RunConfig, list]:
     cfg = RunConfig(paths={"output_dir": "/RUN/output", "data_backend_config": "/RUN/config/multidatabackend.json"},
-                    validation={"prompt": "myst, a castle & a $(dragon) `at` \"dusk\""})
+                    validation={"prompt": "myst, a castle & a $(dragon) `at` \"dusk\"",
+                                "prompt_library": "/RUN/config/validation_prompts.json"},
+                    optim={"learning_rate": 2e-4, "lr_scheduler": "cosine", "lr_warmup_steps": 10},
+                    tracking={"report_to": "tensorboard", "project_name": "art x"})
     backends = [ImageBackend(id="art", instance_data_dir="/DATA/art", cache_dir_vae="/RUN/cache/vae/art"),
+                ImageBackend(id="sketches", instance_data_dir="/DATA/sketches", cache_dir_vae="/RUN/cache/vae/sketches",
+                             repeats=3, instance_prompt="myst", prepend_instance_prompt=True, crop=True,
+                             crop_style="center"),
                 TextEmbedsBackend(id="text-embeds", dataset_type="text_embeds", cache_dir="/RUN/cache/text")]
     return cfg, backends
 
@@ -87,7 +93,7 @@ def test_simpletuner_reads_the_written_env_as_sd3m_lora(tmp_path):
 def test_backends_json_points_at_the_data_and_has_a_default_text_embeds():
     data = json.loads(render_backends(reference_run()[1]))
     assert data[0]["instance_data_dir"] == "/DATA/art" and data[0]["type"] == "local"
-    assert data[1] == {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
+    assert data[-1] == {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True,
                        "cache_dir": "/RUN/cache/text"}
 
 

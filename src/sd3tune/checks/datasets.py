@@ -3,7 +3,6 @@ captions, sizes and aspect buckets against the batch, and the summary's image an
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.dataset import (bucket_counts, caption_path, dataset_captions, megapixels,
                                         minimum_megapixels, too_small)
+from sd3tune.checks.summary import bucket_name, summarise
 from sd3tune.simpletuner.keys import BACKENDS_FILE as BACKENDS
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def check_backends(ctx: Context) -> list[Finding]:
     out += _check_run_resolution(ctx, images)
     out += _check_batches(ctx, datasets)
     ctx.datasets = datasets
-    _summarise(ctx, datasets)
+    summarise(ctx, datasets)
     out += check_disk(ctx, datasets, text)
     out += check_memory(ctx)
     return out
@@ -177,7 +177,7 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
     elif b.caption_strategy == "instanceprompt" and not b.instance_prompt:
         out.append(error(BACKENDS, f"{b.id}.instance_prompt", "caption_strategy instanceprompt needs "
                                                               "instance_prompt", "set it to your trigger word"))
-    captions = set(dataset_captions(b.caption_strategy, b.instance_prompt, scan.images))
+    captions = set(dataset_captions(b.caption_strategy, b.instance_prompt, scan.images, b.prepend_instance_prompt))
     with_text = sum(1 for i in scan.images if i.caption)
     if b.caption_strategy != "textfile" and with_text:
         out.append(warning(BACKENDS, f"{b.id}.caption_strategy", f"{with_text} images have a .txt caption beside "
@@ -300,10 +300,6 @@ def _caption_tokens(b: ImageBackend, folder: Path, captions: set[str]) -> list[F
     return out
 
 
-def _bucket_name(bucket: tuple[int, int]) -> str:
-    return f"{bucket[0]}x{bucket[1]}"
-
-
 def _check_batches(ctx: Context, datasets: list[UsableDataset]) -> list[Finding]:
     """Buckets against the batch: SimpleTuner prunes buckets smaller than the batch (only when a minimum image size
     is set), then refuses to start when a bucket cannot fill batch x accumulation x GPUs
@@ -330,7 +326,7 @@ def _check_batches(ctx: Context, datasets: list[UsableDataset]) -> list[Finding]
             pruned = {k: n for k, n in d.usable.items() if n * mult < bs}
             if pruned:
                 lost = sum(pruned.values())
-                listed = ", ".join(f"{_bucket_name(k)} ({n})" for k, n in sorted(pruned.items()))
+                listed = ", ".join(f"{bucket_name(k)} ({n})" for k, n in sorted(pruned.items()))
                 if lost < sum(d.usable.values()):
                     out.append(warning(BACKENDS, b.id, f"{lost} images sit in aspect buckets smaller than the batch "
                                                        f"({batch_text}) and are dropped: {listed}",
@@ -340,14 +336,14 @@ def _check_batches(ctx: Context, datasets: list[UsableDataset]) -> list[Finding]
                     del d.usable[k]
         failing = {k: n for k, n in d.usable.items() if n * mult < effective}
         if not d.usable:
-            listed = ", ".join(f"{_bucket_name(k)}: {n}" for k, n in sorted(before.items()))
+            listed = ", ".join(f"{bucket_name(k)}: {n}" for k, n in sorted(before.items()))
             out.append(error(ctx.file, ctx.where("train_batch_size"),
                              f"dataset {b.id!r}: no aspect bucket fills one batch of {batch_text} "
                              f"({listed}{f', x {mult} with repeats' if mult > 1 else ''}); SimpleTuner drops every "
                              "image",
                              f"lower {ctx.key('train_batch_size')}, add images, or raise repeats in {BACKENDS}"))
         elif failing:
-            listed = ", ".join(f"{_bucket_name(k)}: {n} x {mult}" for k, n in sorted(failing.items()))
+            listed = ", ".join(f"{bucket_name(k)}: {n} x {mult}" for k, n in sorted(failing.items()))
             message = (f"dataset {b.id!r}: effective batch {effective} ({batch_text}) is larger than aspect "
                        f"bucket{'' if len(failing) == 1 else 's'} {listed}; "
                        "SimpleTuner refuses to start (zero usable batches)")
@@ -365,29 +361,3 @@ def _check_batches(ctx: Context, datasets: list[UsableDataset]) -> list[Finding]
                                   else f'set "{OVERSUBSCRIBE}": true') + " (repeats those buckets' images to fill one)")
                 out.append(error(ctx.file, where, message, ", ".join(fixes[:-1]) + ", or " + fixes[-1]))
     return out
-
-
-def _summarise(ctx: Context, datasets: list[UsableDataset]) -> None:
-    """Images, buckets and the step arithmetic of SimpleTuner's trainer (len(sampler) per dataset, / accumulation)."""
-    s, cfg = ctx.summary, ctx.cfg
-    s.images = sum(d.scanned for d in datasets)
-    # images counted once per dataset even when two datasets share a folder: that is what SimpleTuner trains on
-    s.usable = sum(sum(d.usable.values()) for d in datasets)
-    s.samples_per_epoch = sum(sum(d.usable.values()) * (d.backend.repeats + 1) for d in datasets)
-    buckets: Counter = Counter()
-    for d in datasets:
-        buckets.update({_bucket_name(k): n for k, n in d.usable.items()})
-    s.buckets = dict(sorted(buckets.items()))
-    if cfg is None or not s.samples_per_epoch or not ctx.valid("train_batch_size", "gradient_accumulation_steps"):
-        return
-    bs, accum = cfg.optim.train_batch_size, cfg.optim.gradient_accumulation_steps
-    batches = sum(math.ceil(sum(d.usable.values()) * (d.backend.repeats + 1) / ctx.gpus / bs)
-                  for d in datasets if d.usable)
-    per_epoch = max(1, math.ceil(batches / accum))
-    s.steps_per_epoch = per_epoch
-    if ctx.valid("max_train_steps", "num_train_epochs"):
-        steps = cfg.optim.max_train_steps or cfg.optim.num_train_epochs * per_epoch
-        if steps:
-            s.steps = steps
-            s.epochs = round(steps / per_epoch, 2)
-

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from sd3tune.checks.datasets import check_backends
 from sd3tune.checks.model import check_model_sizes
+from sd3tune.checks.summary import DatasetShare
 from sd3tune.checks.options import check_extra_options, check_model, check_steps, check_training, check_traps
 from sd3tune.checks.paths import check_environment, check_paths
 from sd3tune.config.models import RunConfig
@@ -46,13 +47,15 @@ class Summary:
     preset: str | None = None
     gpu_memory_gb: float | None = None
     cache_gb: float | None = None
+    datasets: list[DatasetShare] = field(default_factory=list)  # each image dataset's images, buckets, share
 
     def as_dict(self) -> dict[str, Any]:
         return {"images": self.images, "usable_images": self.usable, "samples_per_epoch": self.samples_per_epoch,
                 "buckets": self.buckets, "processes": self.processes,
                 "effective_batch_size": self.effective_batch, "steps": self.steps,
                 "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "preset": self.preset,
-                "gpu_memory_gb": self.gpu_memory_gb, "cache_gb": self.cache_gb}
+                "gpu_memory_gb": self.gpu_memory_gb, "cache_gb": self.cache_gb,
+                "datasets": [vars(d) for d in self.datasets]}
 
 
 @dataclass

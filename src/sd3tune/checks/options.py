@@ -3,7 +3,6 @@ and prompt sanity, and the base model."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -63,12 +62,8 @@ def check_traps(ctx: Context) -> list[Finding]:
         return out
     if ctx.valid("optimizer") and cfg.optim.optimizer not in ctx.catalog.optimizers:
         name = cfg.optim.optimizer
-        close = difflib.get_close_matches(name, ctx.catalog.optimizers, n=3, cutoff=0.5)
-        hint = "use torch-adamw (fast, tuned default) or adamw_bf16" if name.lower() in ("adamw", "adam") else (
-            f"did you mean {' or '.join(close)}?" if close else "use torch-adamw")
-        hint += f"; valid: {', '.join(ctx.catalog.optimizers)}"
         out.append(error(f, ctx.where("optimizer"), f"SimpleTuner has no optimizer {name!r}; it refuses to start",
-                         hint))
+                         ctx.catalog.optimizer_hint(name)))
     bmp = ctx.catalog.option("base_model_precision")
     if ctx.valid("base_model_precision") and bmp and bmp.choices:
         value = cfg.precision.base_model_precision
@@ -96,9 +91,10 @@ def check_traps(ctx: Context) -> list[Finding]:
     if ctx.valid("mixed_precision") and cfg.precision.mixed_precision == "fp16":
         out.append(warning(f, ctx.where("mixed_precision"), "SD3 overflows in fp16", "use bf16"))
     if ctx.valid("report_to") and cfg.tracking.report_to == "wandb" and not os.environ.get("WANDB_API_KEY") \
-            and not (Path.home() / ".netrc").is_file():
+            and os.environ.get("WANDB_MODE") not in ("offline", "disabled") and not (Path.home() / ".netrc").is_file():
         out.append(warning(f, ctx.where("report_to"), "wandb is selected but no WANDB_API_KEY is set",
-                           "export WANDB_API_KEY or run `wandb login`"))
+                           "export WANDB_API_KEY or run `wandb login`; offline: export WANDB_MODE=offline "
+                           "(`wandb sync` uploads later)"))
     return out
 
 

@@ -42,6 +42,8 @@ def render_report(report: CheckReport) -> str:
         lines.append(f"{plural(len(warnings), 'warning')}:")
         lines += [f"  {f.render()}" for f in warnings]
     lines.append(render_summary(report.summary))
+    if len(report.summary.datasets) > 1:
+        lines += [f"  {d.render()}" for d in report.summary.datasets]
     if report.ok:
         lines.append("ok" + (" (with warnings)" if warnings else ""))
     else:

@@ -20,6 +20,7 @@ from sd3tune.defaults import SD3M
 from sd3tune.errors import ConfigError, Sd3tuneError
 from sd3tune.findings import Finding, error, plural, warning
 from sd3tune.fsutil import absolute_model, atomic_write_text, refuse_existing
+from sd3tune.knobs import KNOB_FLAGS, DataSpec, Knobs, parse_spec
 from sd3tune.locks import folder_lock
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
@@ -27,13 +28,13 @@ from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.caches import run_bucket_suffix
 from sd3tune.simpletuner.dataset import bucket_counts
 from sd3tune.simpletuner.layout import RunPaths
-from sd3tune.simpletuner.writer import render_backends, render_env, render_json
+from sd3tune.simpletuner.writer import render_backends, render_env, render_json, render_prompt_library
 
 
 @dataclass
 class InitOptions:
     run_dir: Path
-    data: Path
+    data: Path | str  # a folder, or (from the command line) DIR:key=value,... (knobs.parse_spec)
     model: str = SD3M
     trigger: str | None = None
     validation_prompt: str | None = None
@@ -43,6 +44,12 @@ class InitOptions:
     steps: int | None = None
     format: Literal["env", "json"] = "env"
     force: bool = False
+    knobs: Knobs = field(default_factory=Knobs)  # --lr, --optimizer, --tracker, ...
+    more_prompts: list[str] = field(default_factory=list)  # --validation-prompt given again: config/validation_prompts.json
+    more_data: list[str | Path] = field(default_factory=list)  # --data given again (DIR or DIR:key=value,...)
+    reg_data: list[str | Path] = field(default_factory=list)  # --reg-data: regularisation images
+    caption_strategy: Literal["textfile", "filename", "instanceprompt"] | None = None  # None: from the folder
+    caption_prefix: str | None = None  # put before every caption (SimpleTuner's prepend_instance_prompt)
     # Section overrides on top of the preset (used by quickstart and Python callers).
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     image_backend_overrides: dict[str, Any] = field(default_factory=dict)
@@ -65,7 +72,8 @@ def _dataset_id(folder: Path) -> str:
 
 # The flag behind a setting, so that errors name what the user typed.
 FLAGS = {"lora.rank": "--rank", "data.resolution": "--resolution", "optim.max_train_steps": "--steps",
-         "model.name_or_path": "--model", "validation.prompt": "--validation-prompt", "validation.resolution": "--resolution"}
+         "model.name_or_path": "--model", "validation.prompt": "--validation-prompt", "validation.resolution": "--resolution",
+         **KNOB_FLAGS}
 
 
 def _raise_validation(exc: ValidationError, source: str) -> None:
@@ -78,47 +86,83 @@ def _raise_validation(exc: ValidationError, source: str) -> None:
                       findings=findings)
 
 
+def _folder(spec: DataSpec) -> Path:
+    data = spec.folder.expanduser()
+    if data.exists() and not data.is_dir():
+        raise Sd3tuneError(f"{spec.flag} {data} is a file, not a folder", hint=f"pass {spec.flag} with the folder of images")
+    if not data.is_dir():
+        raise Sd3tuneError(f"data folder {data} does not exist", hint=f"pass {spec.flag} with a folder of images")
+    return data.resolve()
+
+
+def _datasets(opts: InitOptions) -> list[tuple[DataSpec, Path, Any]]:
+    """Each --data / --reg-data: its spec, resolved folder and scan; a folder given twice is refused."""
+    specs = [parse_spec(opts.data), *(parse_spec(d) for d in opts.more_data),
+             *(parse_spec(d, "--reg-data") for d in opts.reg_data)]
+    out, seen = [], {}
+    for spec in specs:
+        folder = _folder(spec)
+        if folder in seen:
+            raise Sd3tuneError(f"{spec.flag} {folder} is given twice (also as {seen[folder]})",
+                               hint="give each folder once; use repeats=N to weight it")
+        seen[folder] = spec.flag
+        scan = scan_folder(folder)
+        if not scan.images:
+            raise Sd3tuneError(f"no readable images in {folder}",
+                               hint="put .png/.jpg/.webp images (with .txt captions) in that folder")
+        out.append((spec, folder, scan))
+    return out
+
+
+def _captioning(opts: InitOptions, data: Path, scan: Any, warnings: list[Finding]) -> dict[str, Any]:
+    """The dataset's caption settings: --caption-strategy, else .txt captions, the trigger, or the file names."""
+    captioned = [i for i in scan.images if i.caption]
+    strategy = opts.caption_strategy or ("textfile" if captioned else "instanceprompt" if opts.trigger else "filename")
+    if strategy == "instanceprompt" and not opts.trigger:
+        raise Sd3tuneError("--caption-strategy instanceprompt needs --trigger (the caption of every image)",
+                           hint="pass --trigger WORD")
+    if strategy == "textfile" and opts.trigger and not opts.caption_prefix \
+            and any(opts.trigger not in i.caption for i in captioned):
+        missing = sum(opts.trigger not in i.caption for i in captioned)
+        warnings.append(warning(str(data), "", f"{missing} captions do not contain the trigger {opts.trigger!r}",
+                                "add it to the captions so the LoRA binds to it, or pass --caption-prefix"))
+    elif strategy == "filename" and not opts.caption_strategy:
+        warnings.append(warning(str(data), "", "no .txt captions: file names are used as captions",
+                                "add captions, or pass --trigger WORD to caption every image with it"))
+    image: dict[str, Any] = {"caption_strategy": strategy}
+    if strategy == "instanceprompt":
+        image["instance_prompt"] = opts.trigger
+    elif opts.caption_prefix:
+        image.update(instance_prompt=opts.caption_prefix, prepend_instance_prompt=True)
+    return image
+
+
 def build_run(opts: InitOptions) -> InitResult:
     """Validate flags and data and build the models (writes nothing)."""
     if opts.preset not in PRESETS:
         raise Sd3tuneError(f"unknown preset {opts.preset!r}", hint=f"use one of {', '.join(PRESETS)}")
-    data = opts.data.expanduser()
-    if data.exists() and not data.is_dir():
-        raise Sd3tuneError(f"--data {data} is a file, not a folder", hint="pass --data with the folder of images")
-    if not data.is_dir():
-        raise Sd3tuneError(f"data folder {data} does not exist", hint="pass --data with a folder of images")
-    data = data.resolve()
     if opts.steps is not None and opts.steps < 1:
         raise Sd3tuneError(f"--steps {opts.steps} must be at least 1", hint="e.g. --steps 1500")
-    scan = scan_folder(data)
-    if not scan.images:
-        raise Sd3tuneError(f"no readable images in {data}",
-                           hint="put .png/.jpg/.webp images (with .txt captions) in that folder")
-    control = caption_control_errors(scan)
-    if control:  # before a caption becomes the validation prompt: said as itself, nothing written
-        more = f" (and {plural(len(control) - 1, 'more caption file')})" if len(control) > 1 else ""
-        raise Sd3tuneError(f"{control[0].file}:{control[0].key}: {control[0].message}{more}", hint=control[0].hint)
+    if opts.caption_prefix is not None and opts.caption_strategy == "instanceprompt":
+        raise Sd3tuneError("--caption-prefix does nothing with --caption-strategy instanceprompt",
+                           hint="the trigger is the whole caption there; drop one of the two")
+    opts.knobs.check()
+    datasets = _datasets(opts)
+    for _, folder, scan in datasets:
+        control = caption_control_errors(scan)
+        if control:  # before a caption becomes the validation prompt: said as itself, nothing written
+            more = f" (and {plural(len(control) - 1, 'more caption file')})" if len(control) > 1 else ""
+            raise Sd3tuneError(f"{control[0].file}:{control[0].key}: {control[0].message}{more}", hint=control[0].hint)
     warnings: list[Finding] = []
     preset = PRESETS[opts.preset]
     if not preset.verified:
         warnings.append(warning("flags", "--preset", preset.caveat))
     # unreadable files, missing or empty captions: judged by check once the run is written (run_init)
-    captioned = [i for i in scan.images if i.caption]
-    if captioned:
-        strategy = "textfile"
-        if opts.trigger and any(opts.trigger not in i.caption for i in captioned):
-            missing = sum(opts.trigger not in i.caption for i in captioned)
-            warnings.append(warning(str(data), "", f"{missing} captions do not contain the trigger {opts.trigger!r}",
-                                    "add it to the captions so the LoRA binds to it"))
-    elif opts.trigger:
-        strategy = "instanceprompt"
-    else:
-        strategy = "filename"
-        warnings.append(warning(str(data), "", "no .txt captions: file names are used as captions",
-                                "add captions, or pass --trigger WORD to caption every image with it"))
+    captioning = [_captioning(opts, folder, scan, warnings) for _, folder, scan in datasets]
 
     prompt = opts.validation_prompt
     if prompt is None:
+        captioned = [i for i in datasets[0][2].images if i.caption]
         prompt = f"{opts.trigger}, concept art of a castle on a hill" if opts.trigger else (
             captioned[0].caption.splitlines()[0] if captioned else "concept art of a castle on a hill")
 
@@ -126,6 +170,8 @@ def build_run(opts: InitOptions) -> InitResult:
     paths = RunPaths(run_dir)
     flags: dict[str, dict[str, Any]] = {"model": {"name_or_path": absolute_model(opts.model)},
                                         "validation": {"prompt": prompt}}
+    if opts.more_prompts:
+        flags["validation"]["prompt_library"] = str(paths.prompts)
     if opts.resolution is not None:
         flags["data"] = {"resolution": opts.resolution}
         side = max(opts.resolution, keys.MEGAPIXEL_THRESHOLD)  # smaller numbers are read as megapixels
@@ -134,30 +180,39 @@ def build_run(opts: InitOptions) -> InitResult:
         flags["lora"] = {"rank": opts.rank}
     if opts.steps is not None:
         flags["optim"] = {"max_train_steps": opts.steps, "num_train_epochs": 0}
-    sections = merge(preset.overrides, flags, opts.overrides)
+    sections = merge(preset.overrides, flags, opts.knobs.overrides(), opts.overrides)
     sections["paths"] = {"output_dir": str(paths.output), "data_backend_config": str(paths.backends)}
     try:
         config = RunConfig.model_validate(sections)
     except ValidationError as exc:
         _raise_validation(exc, "flags")
 
-    ident = _dataset_id(data)
-    image = {"id": ident, "instance_data_dir": str(data), "caption_strategy": strategy,
-             "resolution": config.data.resolution, "resolution_type": config.data.resolution_type,
-             "cache_dir_vae": str(paths.cache / "vae" / ident),
-             "cache_file_suffix": run_bucket_suffix(ident, run_dir)}
-    if strategy == "instanceprompt":
-        image["instance_prompt"] = opts.trigger
-    if config.data.minimum_image_size is not None:
-        image["minimum_image_size"] = config.data.minimum_image_size
-    image.update(opts.image_backend_overrides)
-    try:
-        backends = [ImageBackend.model_validate(image),
-                    TextEmbedsBackend.model_validate({"id": "text-embeds", "dataset_type": "text_embeds",
-                                                      "default": True, "cache_dir": str(paths.cache / "text")})]
-    except ValidationError as exc:
-        _raise_validation(exc, "multidatabackend")
-    warnings += _fill_small_buckets(config, backends[0], scan.images, opts.preset)
+    backends, ids = [], set()
+    for (spec, data, _), captions in zip(datasets, captioning):
+        base = spec.options.get("id") or _dataset_id(data)
+        ident, n = base, 1
+        while ident in ids:  # two folders of the same name
+            n += 1
+            ident = f"{base}-{n}"
+        ids.add(ident)
+        image = {"id": ident, "instance_data_dir": str(data), **captions,
+                 "resolution": config.data.resolution, "resolution_type": config.data.resolution_type,
+                 "cache_dir_vae": str(paths.cache / "vae" / ident),
+                 "cache_file_suffix": run_bucket_suffix(ident, run_dir)}
+        if config.data.minimum_image_size is not None:
+            image["minimum_image_size"] = config.data.minimum_image_size
+        if spec.regularisation:
+            image["is_regularisation_data"] = True
+        image.update(opts.image_backend_overrides)
+        image.update({k: v for k, v in spec.options.items() if k != "id"})
+        try:
+            backends.append(ImageBackend.model_validate(image))
+        except ValidationError as exc:
+            _raise_validation(exc, f"{spec.flag} {spec.folder}")
+    backends.append(TextEmbedsBackend(id="text-embeds", dataset_type="text_embeds", default=True,
+                                      cache_dir=str(paths.cache / "text")))
+    for backend, (_, _, scan) in zip(backends, datasets):
+        warnings += _fill_small_buckets(config, backend, scan.images, opts.preset)
     return InitResult(paths, config, backends, [], warnings)
 
 
@@ -197,19 +252,25 @@ def run_init(opts: InitOptions) -> InitResult:
     paths = result.paths
     config_file = paths.config_file(opts.format)
     others = [p for p in (paths.env, paths.json, paths.toml) if p != config_file]
-    refuse_existing([paths.env, paths.json, paths.toml, paths.backends], opts.force)
+    refuse_existing([paths.env, paths.json, paths.toml, paths.backends, paths.prompts], opts.force)
     text = render_env(result.config) if opts.format == "env" else render_json(result.config)
     backends_text = render_backends(result.backends)
+    prompts = render_prompt_library(opts.more_prompts) if opts.more_prompts else None
     with folder_lock(paths.root, "init") if paths.root.is_dir() else nullcontext():  # refused while it trains
         atomic_write_text(paths.backends, backends_text)
+        if prompts is not None:
+            atomic_write_text(paths.prompts, prompts)
+        else:  # with --force: no stale library beside a config that no longer names it
+            paths.prompts.unlink(missing_ok=True)
         atomic_write_text(config_file, text)
         for other in others:  # with --force: a leftover config.json would silently shadow config.env
             other.unlink(missing_ok=True)
     update_manifest(paths.root, "init", {
-        "created": now(), "preset": opts.preset, "format": opts.format, "data": str(opts.data.expanduser().resolve()),
+        "created": now(), "preset": opts.preset, "format": opts.format, "data": result.backends[0].instance_data_dir,
+        "datasets": [b.instance_data_dir for b in result.backends if isinstance(b, ImageBackend)],
         "model": result.config.model.name_or_path, "trigger": opts.trigger, "versions": package_versions("simpletuner"),
     })
-    result.written = [config_file, paths.backends]
+    result.written = [config_file, paths.backends, *([paths.prompts] if prompts is not None else [])]
     result.check = check_run(paths.root)
     return result
 
@@ -223,36 +284,88 @@ import typer  # noqa: E402
 
 from sd3tune.checks.render import render_report  # noqa: E402
 from sd3tune.cli import command_app  # noqa: E402
-from sd3tune.commands.options import Format, Preset, RunDir, parse_format, parse_preset  # noqa: E402
+from sd3tune.commands.options import (Format, Preset, RunDir, choice_parser, choices, parse_format,  # noqa: E402
+                                      parse_preset)
 from sd3tune.simpletuner.layout import output_conflict  # noqa: E402
 
 app = command_app()
 
 
+CaptionStrategy = choices("CaptionStrategy", ("textfile", "filename", "instanceprompt"))
+
+
+def _refuse_caption_strategy(value: str) -> None:
+    raise Sd3tuneError(f"--caption-strategy {value!r} is not textfile, filename or instanceprompt",
+                       hint="e.g. --caption-strategy textfile")
+
+
+parse_caption_strategy = choice_parser(CaptionStrategy, _refuse_caption_strategy)
+Opt = typer.Option
+
+
 @app.command("init")
 def init_command(
     run_dir: RunDir,
-    data: Annotated[Path, typer.Option("--data", help="Folder of training images (+ .txt captions).")],
-    model: Annotated[str, typer.Option("--model", help="Hub id or local diffusers folder.")] = SD3M,
-    trigger: Annotated[Optional[str], typer.Option("--trigger", help="Trigger word of the concept.")] = None,
-    validation_prompt: Annotated[Optional[str], typer.Option("--validation-prompt", help="Prompt sampled during training.")] = None,
-    preset: Annotated[Preset, typer.Option("--preset", help="GPU memory preset: 16gb, 24gb or 80gb.", parser=parse_preset)] = Preset("24gb"),
-    resolution: Annotated[Optional[int], typer.Option("--resolution", help="Training resolution in pixels.")] = None,
-    rank: Annotated[Optional[int], typer.Option("--rank", help="LoRA rank (alpha = rank).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps.")] = None,
-    fmt: Annotated[Format, typer.Option("--format", help="Config file format: env (config.env) or json.", parser=parse_format)] = Format("env"),
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
+    data: Annotated[list[str], Opt("--data", help="Folder of training images (+ .txt captions); repeat for several "
+                                                  "datasets, each DIR or DIR:repeats=3,resolution=768,crop=center "
+                                                  "(also probability=P, id=NAME).")],
+    model: Annotated[str, Opt("--model", help="Hub id or local diffusers folder.")] = SD3M,
+    trigger: Annotated[Optional[str], Opt("--trigger", help="Trigger word of the concept.")] = None,
+    validation_prompt: Annotated[Optional[list[str]], Opt("--validation-prompt", help="Prompt sampled during training; "
+                                                                                      "repeat for several.")] = None,
+    preset: Annotated[Preset, Opt("--preset", help="GPU memory preset: 16gb, 24gb or 80gb.", parser=parse_preset)] = Preset("24gb"),
+    resolution: Annotated[Optional[int], Opt("--resolution", help="Training resolution in pixels.")] = None,
+    rank: Annotated[Optional[int], Opt("--rank", help="LoRA rank.")] = None,
+    steps: Annotated[Optional[int], Opt("--steps", help="Training steps.")] = None,
+    reg_data: Annotated[Optional[list[str]], Opt("--reg-data", help="Regularisation (prior) images: DIR or "
+                                                                    "DIR:probability=0.3,...; repeatable.")] = None,
+    lr: Annotated[Optional[float], Opt("--lr", help="Peak learning rate (default 1e-4).")] = None,
+    batch_size: Annotated[Optional[int], Opt("--batch-size", help="Images per step per GPU (preset's).")] = None,
+    grad_accum: Annotated[Optional[int], Opt("--grad-accum", help="Steps accumulated per update (1).")] = None,
+    optimizer: Annotated[Optional[str], Opt("--optimizer", help="SimpleTuner optimizer (torch-adamw; adamw_bf16, "
+                                                                "prodigy, ...).")] = None,
+    scheduler: Annotated[Optional[str], Opt("--scheduler", help="constant, constant_with_warmup, linear, cosine, "
+                                                                "cosine_with_restarts, polynomial or sine.")] = None,
+    warmup_steps: Annotated[Optional[int], Opt("--warmup-steps", help="Warm-up steps (0).")] = None,
+    alpha: Annotated[Optional[float], Opt("--alpha", help="LoRA alpha (default: the rank).")] = None,
+    checkpoint_every: Annotated[Optional[int], Opt("--checkpoint-every", help="Save a checkpoint every N steps.")] = None,
+    validate_every: Annotated[Optional[int], Opt("--validate-every", help="Sample validation images every N steps.")] = None,
+    seed: Annotated[Optional[int], Opt("--seed", help="Training seed (42).")] = None,
+    tracker: Annotated[Optional[str], Opt("--tracker", help="none, wandb (WANDB_MODE=offline works offline) or "
+                                                            "tensorboard (event files under RUN_DIR/output/logs).")] = None,
+    tracker_project: Annotated[Optional[str], Opt("--tracker-project", help="Tracker project name.")] = None,
+    tracker_run: Annotated[Optional[str], Opt("--tracker-run", help="Tracker run name.")] = None,
+    caption_strategy: Annotated[Optional[CaptionStrategy], Opt("--caption-strategy", parser=parse_caption_strategy,
+                                                               help="textfile, filename or instanceprompt (default: "
+                                                                    "from the folder).")] = None,
+    caption_prefix: Annotated[Optional[str], Opt("--caption-prefix", help="Put this (e.g. the trigger) and a space "
+                                                                          "before every caption.")] = None,
+    fmt: Annotated[Format, Opt("--format", help="Config file format: env (config.env) or json.", parser=parse_format)] = Format("env"),
+    force: Annotated[bool, Opt("--force", help="Overwrite an existing run's config; keeps nothing of it, hand edits "
+                                               "included (change one setting with `sd3tune set` instead).")] = False,
 ) -> None:
     """Scaffold a run: SimpleTuner config.env (or config.json) and multidatabackend.json.
+
+    `init --force` rewrites the config from the flags alone: edits made since are lost. `sd3tune set RUN KEY=VALUE`
+    changes one setting and keeps the rest of the file.
 
     \b
     examples:
       sd3tune init runs/art --data ~/art --trigger myst
       sd3tune init runs/art --data ~/art --preset 80gb --steps 2000 --format json
+      sd3tune init runs/art --data ~/art --data ~/sketches:repeats=3 --lr 2e-4 --tracker tensorboard
     """
-    result = run_init(InitOptions(run_dir=run_dir, data=data, model=model, trigger=trigger,
-                                  validation_prompt=validation_prompt, preset=preset.value, resolution=resolution,
-                                  rank=rank, steps=steps, format=fmt.value, force=force))  # type: ignore[arg-type]
+    prompts = validation_prompt or []
+    knobs = Knobs(lr=lr, batch_size=batch_size, grad_accum=grad_accum, optimizer=optimizer, scheduler=scheduler,
+                  warmup_steps=warmup_steps, alpha=alpha, checkpoint_every=checkpoint_every,
+                  validate_every=validate_every, seed=seed, tracker=tracker, tracker_project=tracker_project,
+                  tracker_run=tracker_run)
+    result = run_init(InitOptions(run_dir=run_dir, data=data[0], more_data=data[1:], reg_data=reg_data or [],
+                                  model=model, trigger=trigger, validation_prompt=prompts[0] if prompts else None,
+                                  more_prompts=prompts[1:], preset=preset.value, resolution=resolution, rank=rank,
+                                  steps=steps, format=fmt.value, force=force, knobs=knobs,  # type: ignore[arg-type]
+                                  caption_strategy=caption_strategy.value if caption_strategy else None,  # type: ignore[arg-type]
+                                  caption_prefix=caption_prefix))
     for finding in result.warnings:
         typer.echo(f"{finding.severity}: {finding.render()}", err=True)
     for path in result.written:

@@ -128,6 +128,9 @@ _RESOLUTION = re.compile(r"^\d+(x\d+)?$")
 class ValidationSettings(_Section):
     enabled: StrictBool = Field(True, description="Sample validation images during training.")
     prompt: str | None = Field(None, description="Prompt for validation images.")
+    prompt_library: str | None = Field(
+        None, description="JSON file of further validation prompts (init writes config/validation_prompts.json when "
+                          "--validation-prompt is given more than once).")
     negative_prompt: str | None = Field("blurry, cropped, ugly",
                                         description="Negative prompt for validation images (SimpleTuner's default).")
     step_interval: int = Field(250, ge=1, le=MAX_STEPS, description="Sample validation images every N steps.")

@@ -48,7 +48,10 @@ class ImageBackend(_Backend):
     instance_data_dir: str = Field(..., min_length=1, description="Folder of training images.")
     caption_strategy: Literal["textfile", "filename", "instanceprompt"] = Field(
         "textfile", description="Where captions come from: a .txt beside each image, the file name, or one prompt.")
-    instance_prompt: str | None = Field(None, description="Caption for every image (caption_strategy=instanceprompt).")
+    instance_prompt: str | None = Field(None, description="Caption for every image (caption_strategy=instanceprompt), "
+                                                          "or the prefix of every caption (prepend_instance_prompt).")
+    prepend_instance_prompt: StrictBool = Field(
+        False, description="Put instance_prompt and a space before every caption (textfile and filename captions).")
     resolution: Number = Field(1024, gt=0, description="Training resolution for this dataset.")
     resolution_type: Literal["pixel", "area", "pixel_area"] = Field("pixel_area", description="Unit of resolution.")
     minimum_image_size: Number | None = Field(None, ge=0, description="Skip images smaller than this.")

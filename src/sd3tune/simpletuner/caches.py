@@ -40,7 +40,7 @@ RECORD = ".sd3tune-latents.json"  # beside the latents: what made them
 SHAPING = ("resolution", "resolution_type", "crop", "crop_aspect", "crop_aspect_buckets", "crop_style",
            "maximum_image_size", "target_downsample_size")
 # Settings the bucket cache also depends on (it lists each image's captions' source)
-CAPTIONING = ("caption_strategy", "instance_prompt")
+CAPTIONING = ("caption_strategy", "instance_prompt", "prepend_instance_prompt")
 # SimpleTuner's aspect-bucket files: in the dataset's image folder, named with its cache_file_suffix (default: its id)
 BUCKET_FILES = ("aspect_ratio_bucket_indices_{}.json", "aspect_ratio_bucket_metadata_{}.json")
 

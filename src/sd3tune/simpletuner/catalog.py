@@ -62,6 +62,13 @@ class Catalog:
         match = difflib.get_close_matches(name.lstrip("-"), list(self.options), n=1, cutoff=0.6)
         return match[0] if match else None
 
+    def optimizer_hint(self, name: str) -> str:
+        """The fix for an optimizer name SimpleTuner does not have: the closest names, then every valid one."""
+        close = difflib.get_close_matches(name, self.optimizers, n=3, cutoff=0.5)
+        hint = "use torch-adamw (fast, tuned default) or adamw_bf16" if name.lower() in ("adamw", "adam") else (
+            f"did you mean {' or '.join(close)}?" if close else "use torch-adamw")
+        return hint + f"; valid: {', '.join(self.optimizers)}"
+
     def closest_env_key(self, key: str) -> str | None:
         match = difflib.get_close_matches(key, [*self.env_keys, "TRAINER_EXTRA_ARGS"], n=1, cutoff=0.6)
         return match[0] if match else None

@@ -126,15 +126,17 @@ def caption_control(text: str) -> tuple[int, int, str] | None:
 
 
 def dataset_captions(caption_strategy: str, instance_prompt: str | None,
-                     files: Iterable[CaptionedFile]) -> list[str]:
+                     files: Iterable[CaptionedFile], prepend: bool = False) -> list[str]:
     """The captions SimpleTuner trains an image dataset on, in file order: the instance prompt (``instanceprompt``;
     none when it is unset), each file's name with ``_`` as spaces (``filename``), or the lines of each caption file
-    (``textfile``)."""
+    (``textfile``); with ``prepend`` (prepend_instance_prompt) the instance prompt and a space before each."""
     if caption_strategy == "instanceprompt":
         return [instance_prompt] if instance_prompt else []
     if caption_strategy == "filename":
-        return [f.path.stem.replace("_", " ") for f in files]
-    return [line for f in files for line in caption_lines(f.caption)]
+        captions = [f.path.stem.replace("_", " ") for f in files]
+    else:
+        captions = [line for f in files for line in caption_lines(f.caption)]
+    return [f"{instance_prompt} {c}" for c in captions] if prepend and instance_prompt else captions
 
 
 # ----------------------------------------------------------------------------------------------- buckets

@@ -16,6 +16,7 @@ ENV_FILE = "config.env"
 JSON_FILE = "config.json"
 TOML_FILE = "config.toml"
 BACKENDS_FILE = "multidatabackend.json"
+PROMPT_LIBRARY_FILE = "validation_prompts.json"
 EXTRA_ARGS_KEY = "TRAINER_EXTRA_ARGS"
 
 # The launcher's own variables: which config file SimpleTuner reads. Set explicitly, never inherited.
@@ -181,6 +182,7 @@ KEYS: tuple[Key, ...] = (
     Key("checkpoints.total_limit", "checkpoints_total_limit"),
     Key("validation.enabled", "validation_disable", _invert, _invert),
     Key("validation.prompt", "validation_prompt"),
+    Key("validation.prompt_library", "user_prompt_library"),
     Key("validation.negative_prompt", "validation_negative_prompt"),
     Key("validation.step_interval", "validation_step_interval"),
     Key("validation.resolution", "validation_resolution", None, _number_as_text),
@@ -244,6 +246,15 @@ def option_for_path(loc: tuple) -> str | None:
         key = KEY_BY_PATH.get(f"{loc[0]}.{loc[1]}")
         return key.option if key else None
     return None
+
+
+# Names that hold a secret (HF_TOKEN, WANDB_API_KEY, any *_TOKEN / *_KEY ...); no SimpleTuner option is named so
+CREDENTIAL_SUFFIXES = ("_TOKEN", "_KEY", "_SECRET", "_PASSWORD")
+
+
+def is_credential(name: str) -> bool:
+    upper = name.lstrip("-").upper()
+    return upper.endswith(CREDENTIAL_SUFFIXES) or upper in ("TOKEN", "HF_TOKEN", "WANDB_API_KEY")
 
 
 def parse_bool_word(text: str) -> bool | None:

@@ -37,6 +37,7 @@ PASSTHROUGH = {
     "WANDB_API_KEY", "WANDB_MODE", "WANDB_ENTITY", "WANDB_DIR", "WANDB_BASE_URL",
     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
     "http_proxy", "https_proxy", "no_proxy", "VIRTUAL_ENV",
+    "SIMPLETUNER_LOG_LEVEL",  # DEBUG: SimpleTuner's debug.log in the run folder says which dataset gave each batch
 }
 SECRETS = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY"}  # passed on, never printed
 # ... and PyTorch's compiler settings (TORCHINDUCTOR_CACHE_DIR keeps compiled kernels across runs, TORCH_LOGS, ...).

@@ -43,6 +43,11 @@ class RunPaths:
         return self.config_dir / keys.BACKENDS_FILE
 
     @property
+    def prompts(self) -> Path:
+        """Further validation prompts (SimpleTuner's user prompt library: {"name": "prompt"})."""
+        return self.config_dir / keys.PROMPT_LIBRARY_FILE
+
+    @property
     def output(self) -> Path:
         return self.root / "output"
 

@@ -43,6 +43,8 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> bool:
         run.findings.append(error(name, "", f"cannot be read: {exc.strerror}", "check the file's permissions"))
         return False
     entries, malformed = envfile.parse_env_text(text)
+    run.findings += [_credential(name, at_line(e.key, e.line), e.key) for e in entries if keys.is_credential(e.key)]
+    entries = [e for e in entries if not keys.is_credential(e.key)]  # nothing below may echo a secret
     for bad in malformed:
         run.findings.append(error(name, f"line {bad.line}", f"not a KEY=VALUE line, SimpleTuner skips it: {bad.text!r}",
                                   "write KEY='value' or start the line with #"))
@@ -104,6 +106,12 @@ def _read_env(run: LoadedRun, catalog: Catalog) -> bool:
     return True
 
 
+def _credential(file: str, where: str, name: str) -> Finding:
+    return error(file, where, "a credential in a config file (value not shown): credentials belong in the "
+                              "environment, where the trainer reads them", f"remove it from {file} and export "
+                              f"{name.upper()} in your shell (or `hf auth login`, `wandb login`)")
+
+
 def _unknown_env_key_hint(key: str, catalog: Catalog) -> str:
     """The fix for a config.env KEY SimpleTuner does not map: its real key, an extra arg, or the closest key."""
     upper = key.upper()
@@ -152,6 +160,9 @@ def _read_extra_args(run: LoadedRun, catalog: Catalog, value: str, where: str) -
                                       "write each option as --option=value"))
             continue
         option, sep, raw = word[2:].partition("=")
+        if keys.is_credential(option):
+            run.findings.append(_credential(keys.ENV_FILE, f"{where} --{option}", option))
+            continue
         opt = catalog.option(option)
         if opt is None:
             close = catalog.closest_option(option)
@@ -185,6 +196,9 @@ def _read_json_config(run: LoadedRun, catalog: Catalog) -> bool:
                                                    "ignores the others", "keep one of them"))
     for raw_key, value in data.items():
         option = raw_key.lstrip("-")
+        if keys.is_credential(option):
+            run.findings.append(_credential(name, raw_key, option))
+            continue
         if option in _JSON_LEGACY_KEYS:  # SimpleTuner's config.json loader renames it
             run.findings.append(warning(name, raw_key, f"an old name of {_JSON_LEGACY_KEYS[option]}; SimpleTuner reads "
                                                        "it as that", f"rename it {_JSON_LEGACY_KEYS[option]}"))

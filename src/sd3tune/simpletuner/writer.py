@@ -15,12 +15,23 @@ from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend, dump_b
 from sd3tune.simpletuner.catalog import Catalog, load_catalog
 
 
-def _text(value: Any) -> str:
+def value_text(value: Any) -> str:
+    """A value as config.env writes it (true/false, floats as Python prints them)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
         return repr(value)
     return str(value)
+
+
+def extra_arg(option: str, value: Any) -> str:
+    """``--option=value`` for TRAINER_EXTRA_ARGS, or UnsafeValueError for a value it cannot hold."""
+    text = value_text(value)
+    if not text or any(ch.isspace() or ch in "'\"\\$`" for ch in text):
+        raise UnsafeValueError(
+            f"config.env: --{option} value {text!r} must go in TRAINER_EXTRA_ARGS, which SimpleTuner splits on "
+            "spaces and which cannot hold quotes", hint="use a value without spaces or quotes, or --format json")
+    return f"--{option}={text}"
 
 
 def _descriptions() -> dict[str, str]:
@@ -47,16 +58,11 @@ def render_env(cfg: RunConfig, catalog: Catalog | None = None) -> str:
     for option, value in keys.to_simpletuner_args(cfg).items():
         key = env_key.get(option)
         if key is None or value is False or (isinstance(value, str) and value.lower() == "false"):
-            text = _text(value)
-            if not text or any(ch.isspace() or ch in "'\"\\$`" for ch in text):
-                raise UnsafeValueError(
-                    f"config.env: --{option} value {text!r} must go in TRAINER_EXTRA_ARGS, which SimpleTuner splits on "
-                    "spaces and which cannot hold quotes", hint="use a value without spaces or quotes, or --format json")
-            extra.append(f"--{option}={text}")
+            extra.append(extra_arg(option, value))
             continue
         if notes.get(option):
             lines.append(f"# {notes[option]}")
-        lines.append(envfile.format_line(key, _text(value)))
+        lines.append(envfile.format_line(key, value_text(value)))
     lines.append("# Options without a config.env key, and every false flag (SimpleTuner drops KEY=false lines).")
     lines.append(envfile.format_line(keys.EXTRA_ARGS_KEY, " ".join(extra)))
     return "\n".join(lines) + "\n"
@@ -68,3 +74,8 @@ def render_json(cfg: RunConfig) -> str:
 
 def render_backends(backends: list[ImageBackend | TextEmbedsBackend]) -> str:
     return json.dumps(dump_backends(backends), indent=2) + "\n"
+
+
+def render_prompt_library(prompts: list[str]) -> str:
+    """SimpleTuner's user prompt library (``--user_prompt_library``): each further validation prompt by a name."""
+    return json.dumps({f"prompt_{n}": p for n, p in enumerate(prompts, 2)}, indent=2, ensure_ascii=False) + "\n"

@@ -24,7 +24,7 @@ from sd3tune.simpletuner.compat import (blocking_prefetch, compiled_blocks_only,
                                         cpu_process_group, kept_trainable_parameters, no_eager_step_marker,
                                         pin_memory_without_accelerator, private_dataloader_generators,
                                         qwen3vl_output_alias, rank_lora_digest, rank_samples, replayed_sd3_training,
-                                        torch_threads, untraced_factory_memory)
+                                        tensorboard_hparams, torch_threads, untraced_factory_memory)
 from sd3tune.simpletuner.compat.replayed_sd3_training import CUDA_GRAPHS_ENV, GRAPHED_INPUTS  # noqa: F401 (public)
 from sd3tune.simpletuner.compat.torch_threads import usable_cores  # noqa: F401 (public)
 
@@ -42,6 +42,7 @@ FIXES = {
     "accelerate.utils.other": (compiled_blocks_only,),  # fix 8
     "accelerate.state": (cpu_process_group,),  # fix 11
     "simpletuner.helpers.multiaspect.sampler": (rank_samples,),  # evidence 12
+    "accelerate.tracking": (tensorboard_hparams,),  # fix 14
 }
 
 NOT_APPLIED = "sd3tune: fix {name} did not apply: {why}"  # `sd3tune train` relays these lines (launch.py)

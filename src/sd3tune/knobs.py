@@ -1,0 +1,134 @@
+"""What `sd3tune init`'s training flags and dataset specs say, typed: RunConfig section overrides from the knobs
+(`--lr`, `--optimizer`, `--tracker`, ...), and one dataset per `--data DIR[:key=value,...]` / `--reg-data`.
+
+The values themselves are validated by the config models (``RunConfig``, ``ImageBackend``) when init builds the
+run; here only what the models cannot know: SimpleTuner's optimizer names, the tracker's package, the spec syntax.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd3tune.errors import Sd3tuneError
+from sd3tune.simpletuner.catalog import load_catalog
+
+# Knobs' field -> the RunConfig setting it sets; the flag is the field's name (``grad_accum`` -> ``--grad-accum``)
+KNOB_PATHS = {
+    "lr": "optim.learning_rate", "batch_size": "optim.train_batch_size", "grad_accum": "optim.gradient_accumulation_steps",
+    "optimizer": "optim.optimizer", "scheduler": "optim.lr_scheduler", "warmup_steps": "optim.lr_warmup_steps",
+    "alpha": "lora.alpha", "checkpoint_every": "checkpoints.step_interval", "validate_every": "validation.step_interval",
+    "seed": "optim.seed", "tracker": "tracking.report_to", "tracker_project": "tracking.project_name",
+    "tracker_run": "tracking.run_name",
+}
+KNOB_FLAGS = {path: "--" + name.replace("_", "-") for name, path in KNOB_PATHS.items()}  # for errors by setting
+TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}  # --tracker -> the package it needs
+
+
+@dataclass
+class Knobs:
+    """init's training flags; None leaves the preset's (or RunConfig's) value."""
+
+    lr: float | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    optimizer: str | None = None
+    scheduler: str | None = None
+    warmup_steps: int | None = None
+    alpha: float | None = None
+    checkpoint_every: int | None = None
+    validate_every: int | None = None
+    seed: int | None = None
+    tracker: str | None = None
+    tracker_project: str | None = None
+    tracker_run: str | None = None
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """The set flags as RunConfig section overrides (unvalidated: the models judge the values)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, path in KNOB_PATHS.items():
+            value = getattr(self, name)
+            if value is not None:
+                section, setting = path.split(".")
+                out.setdefault(section, {})[setting] = value
+        return out
+
+    def check(self) -> None:
+        """What the models cannot judge: SimpleTuner's optimizer names and the tracker's package."""
+        if self.optimizer is not None:
+            catalog = load_catalog()
+            if self.optimizer not in catalog.optimizers:
+                raise Sd3tuneError(f"--optimizer {self.optimizer!r}: SimpleTuner {catalog.simpletuner_version} has no "
+                                   "such optimizer", hint=catalog.optimizer_hint(self.optimizer))
+        package = TRACKER_PACKAGES.get(self.tracker or "")
+        if package and importlib.util.find_spec(package) is None:
+            raise Sd3tuneError(f"--tracker {self.tracker} needs the {package} package, which is not installed",
+                               hint=f"pip install {package}, or use --tracker none")
+
+
+# --------------------------------------------------------------------------------------------- dataset specs
+
+# DIR:key=value,key=value — the options a dataset spec takes, and the ImageBackend fields they set
+SPEC_OPTIONS = ("repeats", "resolution", "crop", "probability", "id")
+CROP_STYLES = ("center", "random", "corner", "face")  # crop=none: resize, no crop (SimpleTuner's default)
+_SPEC = re.compile(r"^(?P<dir>.+?):(?P<opts>[A-Za-z_]+=[^,=]*(?:,[A-Za-z_]+=[^,=]*)*)$")
+
+
+@dataclass
+class DataSpec:
+    """One `--data` / `--reg-data` argument: a folder and the dataset options given after it."""
+
+    folder: Path
+    flag: str = "--data"
+    options: dict[str, Any] = field(default_factory=dict)  # ImageBackend fields
+
+    @property
+    def regularisation(self) -> bool:
+        return self.flag == "--reg-data"
+
+
+def _number(flag: str, key: str, text: str, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise Sd3tuneError(f"{flag} option {key}={text!r} is not {'a whole number' if kind is int else 'a number'}",
+                           hint=f"e.g. {key}={'3' if key == 'repeats' else '0.5' if kind is float else '768'}") from None
+
+
+def parse_spec(text: str | Path, flag: str = "--data") -> DataSpec:
+    """``DIR`` or ``DIR:repeats=3,resolution=768,crop=center`` as a DataSpec (a Path is a plain folder)."""
+    if isinstance(text, Path):
+        return DataSpec(text, flag)
+    match = _SPEC.match(text)
+    if match is None:
+        return DataSpec(Path(text), flag)
+    options: dict[str, Any] = {}
+    for pair in match["opts"].split(","):
+        key, value = pair.split("=", 1)
+        if key not in SPEC_OPTIONS:
+            close = difflib.get_close_matches(key, SPEC_OPTIONS, n=1)
+            raise Sd3tuneError(f"{flag} {match['dir']}: unknown dataset option {key!r}",
+                               hint=(f"did you mean {close[0]}? " if close else "") +
+                                    f"options: {', '.join(SPEC_OPTIONS)}")
+        if key in options or (key == "crop" and "crop" in options):
+            raise Sd3tuneError(f"{flag} {match['dir']}: {key} is given twice", hint="give each option once")
+        if key == "repeats":
+            options["repeats"] = _number(flag, key, value, int)
+        elif key == "resolution":
+            options["resolution"] = _number(flag, key, value, int)
+        elif key == "probability":
+            options["probability"] = _number(flag, key, value, float)
+        elif key == "id":
+            options["id"] = value
+        elif value == "none":
+            options["crop"] = False
+        elif value in CROP_STYLES:
+            options.update(crop=True, crop_style=value, crop_aspect="square")
+        else:
+            raise Sd3tuneError(f"{flag} {match['dir']}: crop={value!r} is not one of none, {', '.join(CROP_STYLES)}",
+                               hint="e.g. crop=center")
+    return DataSpec(Path(match["dir"]), flag, options)

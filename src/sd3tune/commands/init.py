@@ -24,6 +24,7 @@ from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.caches import run_bucket_suffix
 from sd3tune.simpletuner.layout import RunPaths
+from sd3tune.simpletuner.transparency import MANIFEST_KEY, MANIFEST_SECTION, parse_alpha_background
 from sd3tune.simpletuner.writer import render_backends, render_env, render_json
 
 
@@ -40,6 +41,7 @@ class InitOptions:
     steps: int | None = None
     format: Literal["env", "json"] = "env"
     force: bool = False
+    alpha_background: str = "white"  # images with transparency: white, black, #rrggbb, or refuse (transparency.py)
     # Section overrides on top of the preset (used by quickstart and Python callers).
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     image_backend_overrides: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +89,7 @@ def build_run(opts: InitOptions) -> InitResult:
     data = data.resolve()
     if opts.steps is not None and opts.steps < 1:
         raise Sd3tuneError(f"--steps {opts.steps} must be at least 1", hint="e.g. --steps 1500")
+    parse_alpha_background(opts.alpha_background)  # a wrong colour fails before anything is read or written
     scan = scan_folder(data)
     if not scan.images:
         raise Sd3tuneError(f"no readable images in {data}",
@@ -175,6 +178,7 @@ def run_init(opts: InitOptions) -> InitResult:
         "created": now(), "preset": opts.preset, "format": opts.format, "data": str(opts.data.expanduser().resolve()),
         "model": result.config.model.name_or_path, "trigger": opts.trigger, "versions": package_versions("simpletuner"),
     })
+    update_manifest(paths.root, MANIFEST_SECTION, {MANIFEST_KEY: parse_alpha_background(opts.alpha_background)})
     result.written = [config_file, paths.backends]
     result.check = check_run(paths.root)
     return result
@@ -208,6 +212,9 @@ def init_command(
     steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps.")] = None,
     fmt: Annotated[Format, typer.Option("--format", help="Config file format: env (config.env) or json.", parser=parse_format)] = Format("env"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config.")] = False,
+    alpha_background: Annotated[str, typer.Option(
+        "--alpha-background", help="Images with transparency train composited on this colour (white, black, "
+                                   "#rrggbb), or `refuse` makes check refuse them.")] = "white",
 ) -> None:
     """Scaffold a run: SimpleTuner config.env (or config.json) and multidatabackend.json.
 
@@ -218,7 +225,8 @@ def init_command(
     """
     result = run_init(InitOptions(run_dir=run_dir, data=data, model=model, trigger=trigger,
                                   validation_prompt=validation_prompt, preset=preset.value, resolution=resolution,
-                                  rank=rank, steps=steps, format=fmt.value, force=force))  # type: ignore[arg-type]
+                                  rank=rank, steps=steps, format=fmt.value, force=force,  # type: ignore[arg-type]
+                                  alpha_background=alpha_background))
     for finding in result.warnings:
         typer.echo(f"{finding.severity}: {finding.render()}", err=True)
     for path in result.written:

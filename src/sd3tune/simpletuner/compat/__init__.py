@@ -20,11 +20,12 @@ import signal
 import sys
 from pathlib import Path
 
-from sd3tune.simpletuner.compat import (blocking_prefetch, compiled_blocks_only, compiled_sd3_blocks,
-                                        kept_trainable_parameters, no_eager_step_marker,
-                                        pin_memory_without_accelerator, private_dataloader_generators,
-                                        qwen3vl_output_alias, replayed_sd3_training, torch_threads,
-                                        untraced_factory_memory)
+from sd3tune.simpletuner.compat import (alpha_on_background, blocking_prefetch, compiled_blocks_only,
+                                        compiled_sd3_blocks, displayed_orientation, kept_trainable_parameters,
+                                        no_eager_step_marker, pin_memory_without_accelerator,
+                                        private_dataloader_generators, qwen3vl_output_alias, replayed_sd3_training,
+                                        torch_threads, untraced_factory_memory)
+from sd3tune.simpletuner.compat.alpha_on_background import ALPHA_BACKGROUND_ENV  # noqa: F401 (public)
 from sd3tune.simpletuner.compat.replayed_sd3_training import CUDA_GRAPHS_ENV, GRAPHED_INPUTS  # noqa: F401 (public)
 from sd3tune.simpletuner.compat.torch_threads import usable_cores  # noqa: F401 (public)
 
@@ -40,6 +41,8 @@ FIXES = {
     "simpletuner.helpers.training.trainer": (kept_trainable_parameters,),  # fix 6
     "simpletuner.helpers.data_backend.factory": (private_dataloader_generators, untraced_factory_memory),  # 7, 10
     "accelerate.utils.other": (compiled_blocks_only,),  # fix 8
+    # before the data backends import load_image by name: they get the fixed one
+    "simpletuner.helpers.image_manipulation.load": (displayed_orientation, alpha_on_background),  # fixes 11, 12
 }
 
 NOT_APPLIED = "sd3tune: fix {name} did not apply: {why}"  # `sd3tune train` relays these lines (launch.py)

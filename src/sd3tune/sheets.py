@@ -95,7 +95,7 @@ def bucket_sheet(groups: Sequence[tuple[str, Sequence[tuple[object, str]]]], cel
     pad, head_h, text_h = 6, 24, 44
     font = label_font()
     rows = [(label, items[i:i + columns]) for label, items in groups for i in range(0, max(len(items), 1), columns)]
-    width = pad + columns * (cell + pad)
+    width = pad + max(min(columns, max((len(items) for _, items in groups), default=1)), 3) * (cell + pad)
     height = pad + sum(head_h for _ in groups) + len(rows) * (cell + text_h + pad)
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)

@@ -34,6 +34,8 @@ replaced = {
     "private_dataloader_generators":
         "simpletuner.helpers.data_backend.factory:FactoryRegistry._create_dataset_and_sampler",
     "compiled_blocks_only": "accelerate.utils.other:compile_regions",
+    "displayed_orientation": "simpletuner.helpers.image_manipulation.load:load_image",
+    "alpha_on_background": "simpletuner.helpers.image_manipulation.load:_trainingsample_array_to_rgb_image",
 }
 marked = {}
 for fix, where in replaced.items():
@@ -43,6 +45,9 @@ for fix, where in replaced.items():
         target = getattr(target, part)
     marked[fix] = getattr(target, "sd3tune_fix", False)
 factory = sys.modules["simpletuner.helpers.data_backend.factory"]
+# the local data backend and the metadata scan imported load_image by name: they must hold the fixed one
+for user in ("simpletuner.helpers.data_backend.local", "simpletuner.helpers.metadata.backends.discovery"):
+    marked[user] = getattr(importlib.import_module(user).load_image, "sd3tune_fix", False)
 print("RESULT " + json.dumps({"outcomes": compat.OUTCOMES, "marked": marked,
                               "untraced": type(factory.tracemalloc).__name__}))
 """

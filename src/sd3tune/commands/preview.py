@@ -117,8 +117,8 @@ def run_preview(opts: PreviewOptions, on_status: Callable[[str], None] = lambda 
                         continue
                     bucket = f"{item.bucket[0]}x{item.bucket[1]}"
                     result.images.append({**record, "file": str(target(item).relative_to(staging)), "bucket": bucket,
-                                          "original_size": list(item.original_size or ()), "crop": list(item.crop or ()),
-                                          "transparent": info.transparent})
+                                          "original_size": list(item.original_size or ()), "resized": list(item.resized or ()),
+                                          "crop": list(item.crop or ()), "transparent": info.transparent})
                     groups.setdefault(bucket, []).append((_thumbnail(item.image),
                                                           f"{item.source.name} — {record['caption']}"))
         _write_sheet_and_record(staging, result, groups, run.paths.root, policy)

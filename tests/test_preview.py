@@ -73,6 +73,10 @@ def test_preview_writes_what_simpletuner_encodes_as_displayed(run, art, tmp_path
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width >= 500 and sheet.height >= 3 * 160  # three buckets, one band each
     assert record["alpha_background"] == "black" and "SimpleTuner" in record["made_by"]
+    # check's header-only bucket counts (sd3tune's own scan) agree with the buckets SimpleTuner prepared
+    from sd3tune.checks import check_run
+
+    assert check_run(run).summary.buckets == {i["bucket"]: 1 for i in record["images"]}
 
 
 def test_bad_input_is_one_line_and_overwrites_nothing(run, art, tmp_path):
@@ -81,11 +85,14 @@ def test_bad_input_is_one_line_and_overwrites_nothing(run, art, tmp_path):
     (out / "keep.txt").write_text("mine")
     assert_one_line_user_error(sd3tune("preview", run, "--out", out), "is not empty", "--force")
     assert_one_line_user_error(sd3tune("preview", run, "--out", out, "--limit", "0"), "--limit 0")
+    assert_one_line_user_error(sd3tune("preview", run, "--out", art / "preview"), "inside the image folder")
+    assert_one_line_user_error(sd3tune("preview", tmp_path / "nothing", "--out", tmp_path / "other"), "nothing")
     data = (art / "scan.png").read_bytes()
     (art / "broken.png").write_bytes(data[: len(data) // 2])
     (art / "broken.txt").write_text("myst, broken")
     assert_one_line_user_error(sd3tune("preview", run, "--out", out, "--force"), "broken.png", "re-export")
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert not (art / "preview").exists() and not (tmp_path / "other").exists()
     (art / "broken.png").unlink()
     manifest = json.loads((run / "sd3tune.json").read_text())
     manifest["images"]["alpha_background"] = "refuse"

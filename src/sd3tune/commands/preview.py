@@ -63,6 +63,11 @@ def _refuse_bad_input(opts: PreviewOptions):
     if blocking or run.backends is None:
         first = blocking[0] if blocking else report.errors[0]
         raise Sd3tuneError(first.render().split(" — ")[0], hint=first.hint or "run `sd3tune check` for every problem")
+    for backend in run.backends:
+        folder = run.paths.resolve(getattr(backend, "instance_data_dir", "") or "/nonexistent").resolve()
+        if out.resolve().is_relative_to(folder):
+            raise Sd3tuneError(f"--out {out} is inside the image folder {folder}: SimpleTuner would train on the "
+                               "preview's images", hint="pass a folder outside the training images")
     return report
 
 

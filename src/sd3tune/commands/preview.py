@@ -93,7 +93,8 @@ def run_preview(opts: PreviewOptions, on_status: Callable[[str], None] = lambda 
     thumbnails: dict[Path, object] = {}  # what the contact sheet shows, made on the worker threads
     try:
         left = opts.limit
-        for backend in (b for b in run.backends if isinstance(b, ImageBackend) and not b.disabled):
+        datasets = [b for b in run.backends if isinstance(b, ImageBackend) and not b.disabled]
+        for backend in datasets:
             if left is not None and left <= 0:
                 break
             backend = backend.effective(run.config.data)
@@ -105,8 +106,9 @@ def run_preview(opts: PreviewOptions, on_status: Callable[[str], None] = lambda 
             entry = backend.model_dump(mode="json", exclude_none=True)
             entry["instance_data_dir"] = str(folder)
 
-            def target(item, folder=folder) -> Path:
-                return staging / f"{item.bucket[0]}x{item.bucket[1]}" / (str(item.source.relative_to(folder)) + ".png")
+            def target(item, folder=folder, ident=backend.id) -> Path:  # OUT/WxH[/dataset]/name.ext.png
+                name = str(item.source.relative_to(folder)) + ".png"
+                return staging / f"{item.bucket[0]}x{item.bucket[1]}" / (ident if len(datasets) > 1 else "") / name
 
             def write(item) -> None:  # on the worker thread that prepared it (encoders release the GIL)
                 path = target(item)
@@ -125,8 +127,9 @@ def run_preview(opts: PreviewOptions, on_status: Callable[[str], None] = lambda 
                         continue
                     bucket = f"{item.bucket[0]}x{item.bucket[1]}"
                     result.images.append({**record, "file": str(target(item).relative_to(staging)), "bucket": bucket,
-                                          "original_size": list(item.original_size or ()), "resized": list(item.resized or ()),
-                                          "crop": list(item.crop or ()), "transparent": info.transparent})
+                                          "original_size": list(item.original_size or ()),
+                                          "resized": list(item.resized or ()), "crop": list(item.crop or ()),
+                                          "transparent": info.transparent})
                     groups.setdefault(bucket, []).append((thumbnails.pop(item.source),
                                                           f"{item.source.name} — {record['caption']}"))
         _write_sheet_and_record(staging, result, groups, run.paths.root, policy)

@@ -74,12 +74,17 @@ def _refuse_bad_input(opts: PreviewOptions):
 def run_preview(opts: PreviewOptions, on_status: Callable[[str], None] = lambda s: None) -> PreviewResult:
     """Write ``OUT/<W>x<H>/<image file name>.png`` for each training image (what SimpleTuner encodes), ``OUT/SHEET``
     grouped by bucket, and ``OUT/RECORD``; an existing non-empty ``OUT`` only with ``force`` (replaced whole)."""
+    import threading
+
     from sd3tune.datascan import scan_folder
     from sd3tune.simpletuner.catalog import load_catalog
-    from sd3tune.simpletuner.preview import prepare_images
+    from sd3tune.simpletuner.preview import import_simpletuner, prepare_images
 
     started = time.perf_counter()
+    imports = threading.Thread(target=import_simpletuner, daemon=True)  # seconds of imports, beside the check
+    imports.start()
     report = _refuse_bad_input(opts)
+    imports.join()
     run, catalog = report.run, load_catalog()
     assert run.config is not None and run.backends is not None
     policy = run_alpha_background(read_manifest(run.paths.root))

@@ -48,6 +48,20 @@ def _environ(name: str, value: str | None) -> Iterator[None]:
             os.environ[name] = old
 
 
+def import_simpletuner() -> tuple:
+    """SimpleTuner's pieces preview drives, imported with the compat fixes in place (seconds: torch, diffusers and
+    peft come with them; a caller may start this on a thread while it does other work)."""
+    install()  # the compat fixes, before SimpleTuner's modules are imported here
+    from simpletuner.helpers.caching.vae import prepare_sample
+    from simpletuner.helpers.data_backend.factory import FactoryRegistry, init_backend_config
+    from simpletuner.helpers.data_backend.local import LocalDataBackend
+    from simpletuner.helpers.metadata.backends.discovery import DiscoveryMetadataBackend
+    from simpletuner.helpers.training.state_tracker import StateTracker
+
+    return (prepare_sample, FactoryRegistry, init_backend_config, LocalDataBackend, DiscoveryMetadataBackend,
+            StateTracker)
+
+
 def prepare_images(entry: dict[str, Any], args: dict[str, Any], files: list[Path], scratch: Path,
                    background: str | None = None, workers: int = 2,
                    then: Callable[[Prepared], None] | None = None) -> Iterator[Prepared]:
@@ -55,12 +69,8 @@ def prepare_images(entry: dict[str, Any], args: dict[str, Any], files: list[Path
     as SimpleTuner prepares it for the VAE, given the run's SimpleTuner options ``args`` (defaults filled in), in
     file order. ``background``: the run's ``#rrggbb`` for images with transparency; ``then``: called with each
     prepared image on the worker thread that made it (e.g. to write it: PNG encoding releases the GIL too)."""
-    install()  # the compat fixes, before SimpleTuner's modules are imported here
-    from simpletuner.helpers.caching.vae import prepare_sample
-    from simpletuner.helpers.data_backend.factory import FactoryRegistry, init_backend_config
-    from simpletuner.helpers.data_backend.local import LocalDataBackend
-    from simpletuner.helpers.metadata.backends.discovery import DiscoveryMetadataBackend
-    from simpletuner.helpers.training.state_tracker import StateTracker
+    prepare_sample, FactoryRegistry, init_backend_config, LocalDataBackend, DiscoveryMetadataBackend, StateTracker = \
+        import_simpletuner()
 
     entry = dict(entry)
     options = SimpleNamespace(**{**args, "output_dir": str(scratch)})

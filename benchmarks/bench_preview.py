@@ -9,6 +9,8 @@ PNGs and the contact sheet), pinned to at most --cores CPUs:
 
   load_avg        the machine's 1-minute load average before the timed run (a shared machine slows every figure)
   cli_s           `sd3tune preview` wall time, median of --repeat (cli_times_s: each; cli_exit: its exit status)
+  import_only_s   a fresh process that only imports SimpleTuner's pieces (the same command's reference: on a
+                  loaded machine both grow; cli_s - import_only_s is the preview's own work)
   cpu_s           user + system CPU seconds of the last preview process
   written         images written, buckets, and whether the contact sheet exists
   verdict         PASS when cli_s is within --budget and every image was written
@@ -93,13 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         cores = sorted(os.sched_getaffinity(0))[:args.cores]
         report("cores", len(cores))
         report("load_avg", round(os.getloadavg()[0], 2), "1-minute load before the timed run")
+        pin = {"preexec_fn": lambda: os.sched_setaffinity(0, cores)}
+        t = time.perf_counter()  # the same command's reference: what importing SimpleTuner alone costs right now
+        subprocess.run([sys.executable, "-c", "from sd3tune.simpletuner.preview import import_simpletuner; "
+                        "import_simpletuner()"], capture_output=True, **pin)
+        report("import_only_s", round(time.perf_counter() - t, 2), "a fresh process importing SimpleTuner's "
+                                                                   "pieces with the compat fixes, nothing else")
         times = []
         for _ in range(args.repeat):
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "sd3tune", "preview", str(base / "run"), "--out",
-                                   str(base / "preview"), "--force"], capture_output=True, text=True,
-                                  preexec_fn=lambda: os.sched_setaffinity(0, cores))
+                                   str(base / "preview"), "--force"], capture_output=True, text=True, **pin)
             times.append(time.perf_counter() - t)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cli_s = report("cli_s", round(median(times), 2), f"`sd3tune preview` in a fresh process, median of "

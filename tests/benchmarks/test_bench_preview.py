@@ -17,7 +17,7 @@ def test_bench_preview_prints_key_value_lines_and_a_result_like_the_other_benchm
     assert result["verdict"] in ("PASS", "FAIL"), proc.stdout + proc.stderr
     assert proc.returncode == (0 if result["verdict"] == "PASS" else 1), proc.stdout + proc.stderr
     assert result["bench"] == "preview" and result["images"] == 5 and result["budget_s"] == 20.0
-    for key in ("cli_s", "cpu_s", "build_s"):
+    for key in ("cli_s", "cpu_s", "build_s", "import_only_s"):
         positive(result, key)
         assert any(line.startswith(f"{key}: {result[key]}") for line in proc.stdout.splitlines()), key
     assert result["cli_exit"] == 0 and result["cores"] <= 2

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="timed runs (default 1)")
     parser.add_argument("--cores", type=int, default=2, help="CPUs the preview may use (default 2)")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds allowed (default 20)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the import-only reference run")
     parser.add_argument("--keep", type=Path, help="build in this folder and keep it (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -96,11 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         report("cores", len(cores))
         report("load_avg", round(os.getloadavg()[0], 2), "1-minute load before the timed run")
         pin = {"preexec_fn": lambda: os.sched_setaffinity(0, cores)}
-        t = time.perf_counter()  # the same command's reference: what importing SimpleTuner alone costs right now
-        subprocess.run([sys.executable, "-c", "from sd3tune.simpletuner.preview import import_simpletuner; "
-                        "import_simpletuner()"], capture_output=True, **pin)
-        report("import_only_s", round(time.perf_counter() - t, 2), "a fresh process importing SimpleTuner's "
-                                                                   "pieces with the compat fixes, nothing else")
+        if not args.no_reference:
+            t = time.perf_counter()  # the same command's reference: what importing SimpleTuner alone costs now
+            subprocess.run([sys.executable, "-c", "from sd3tune.simpletuner.preview import import_simpletuner; "
+                            "import_simpletuner()"], capture_output=True, **pin)
+            report("import_only_s", round(time.perf_counter() - t, 2), "a fresh process importing SimpleTuner's "
+                                                                       "pieces with the compat fixes, nothing else")
         times = []
         for _ in range(args.repeat):
             before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -16,7 +16,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # What makes a test end-to-end (marker e2e; `pytest -m "not e2e"` is the quick inner loop): a module whose tests run
 # SimpleTuner itself (a training, or its modules imported in a child process), or a fixture that builds or trains the
 # tiny model.
-E2E_MODULES = {"test_train.py", "test_quickstart.py", "test_pins.py", "test_cuda_graphs.py", "test_compat.py"}
+E2E_MODULES = {"test_train.py", "test_quickstart.py", "test_pins.py", "test_cuda_graphs.py", "test_compat.py",
+                "test_image_fixes.py", "test_preview.py"}
 E2E_FIXTURES = {"tiny_model", "tiny_clip", "trained_run", "train_bench"}
 # Session or module fixtures that cost tens of seconds or minutes: every test that uses one runs on the same xdist
 # worker (`--dist loadgroup`), so the fixture is made once, not once per worker.

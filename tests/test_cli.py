@@ -25,7 +25,7 @@ def test_usage_mistakes_are_one_line_with_a_hint_and_exit_2(tmp_path):
 def test_help_and_version():
     bare = sd3tune()
     assert "Usage: sd3tune" in bare.out and "quickstart" in bare.out and "Traceback" not in bare.err
-    for command in ("init", "check", "train", "generate", "evaluate", "quickstart"):
+    for command in ("init", "check", "preview", "train", "generate", "evaluate", "quickstart"):
         shown = sd3tune(command, "--help")
         assert shown.code == 0 and f"Usage: sd3tune {command}" in shown.out, (command, shown)
     assert sd3tune("--version").out.strip() == f"sd3tune {__version__}"

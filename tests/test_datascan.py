@@ -21,7 +21,7 @@ def folder(tmp_path) -> Path:
         (tmp_path / f"truncated.{fmt}").write_bytes(data[: len(data) * 2 // 3])
         (tmp_path / f"trailing.{fmt}").write_bytes(data + b"\0extra" * 500)  # legal: decoders stop at the end marker
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90°: SimpleTuner applies exif_transpose
+    exif[0x0112] = 6  # displays turned 90°: bucketed as displayed (SimpleTuner's header scan), trained so by fix 11
     img.save(tmp_path / "rotated.jpg", exif=exif)
     (tmp_path / "garbage.png").write_bytes(b"not an image")
     (tmp_path / "empty.png").write_bytes(b"")
@@ -51,6 +51,31 @@ def test_scan_reads_sizes_captions_and_names_every_broken_file(folder):
     assert by_name["nested.png"].caption is None and by_name["rotated.jpg"].caption == ""
     assert {i.path.name for i in scan.uncaptioned} >= {"nested.png"}
     assert "rotated.jpg" in {i.path.name for i in scan.empty_captions}
+
+
+def test_sizes_are_as_displayed_in_all_8_orientations_and_transparency_is_flagged(tmp_path):
+    """The size SimpleTuner's header scan buckets (and, with compat fix 11, trains): 5-8 swap width and height, in
+    JPEG and WebP; only images with a pixel that is not opaque are transparent."""
+    from sd3tune.datascan import read_size
+
+    img = Image.new("RGB", (120, 80), (10, 120, 200))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        for fmt in ("jpg", "webp"):
+            img.save(tmp_path / f"o{orientation}.{fmt}", exif=exif)
+            shown = (80, 120) if orientation >= 5 else (120, 80)
+            assert read_size(tmp_path / f"o{orientation}.{fmt}") == (*shown, False), (orientation, fmt)
+    opaque_rgba = Image.new("RGBA", (8, 8), (1, 2, 3, 255))
+    opaque_rgba.save(tmp_path / "opaque.png")
+    cut = opaque_rgba.copy()
+    cut.putpixel((0, 0), (1, 2, 3, 254))
+    cut.save(tmp_path / "cut.png")
+    cut.convert("LA").save(tmp_path / "grey.png")
+    Image.new("P", (8, 8), 0).save(tmp_path / "keyed.png", transparency=0)
+    Image.new("P", (8, 8), 0).save(tmp_path / "keyed.gif", transparency=0)
+    assert {p.name: read_size(p)[2] for p in sorted(tmp_path.glob("*.png")) + [tmp_path / "keyed.gif"]} == {
+        "cut.png": True, "grey.png": True, "keyed.png": True, "opaque.png": False, "keyed.gif": True}
 
 
 def test_every_file_simpletuner_trains_on_is_listed_and_needs_a_caption(tmp_path):

@@ -27,6 +27,7 @@ COMMANDS = {
     "set": "Change options of an existing run in place, then check it (everything else in the file is kept).",
     "show": "Show a run's options as SimpleTuner will read them, each with the line or key that sets it.",
     "check": "Validate a run's config and data before any model loads (exit 0: clean or warnings, 2: errors).",
+    "preview": "Write the exact pixels SimpleTuner will encode for each training image, and a contact sheet by bucket.",
     "train": "Train the run with SimpleTuner through `accelerate launch` (one GPU by default).",
     "generate": "Generate images with SD3 Medium (+ a LoRA); PNGs carry their settings in text chunks.",
     "evaluate": "Compare the base model, the LoRA and its checkpoints on a fixed prompt x seed grid (one model load).",

@@ -2,8 +2,12 @@
 
 - the files, their captions and the aspect buckets are SimpleTuner's (``sd3tune.simpletuner.dataset``: the files its
   local backend lists, the ``NAME.txt`` caption it reads for each, ``MultiaspectImage``'s buckets);
-- sizes come from file headers (PIL reads only the first bytes; EXIF rotation is applied like SimpleTuner's
-  ``exif_transpose``); a cheap tail test (PNG ``IEND``, JPEG end marker, WebP RIFF size) spots truncated files,
+- sizes are as the image displays, from file headers (PIL reads only the first bytes): an EXIF orientation of 5-8
+  swaps width and height, as SimpleTuner's header scan buckets the image. SimpleTuner's own decoder drops the tag
+  before its ``exif_transpose`` call and would train the stored pixels in that bucket; sd3tune's compat fix
+  ``displayed_orientation`` makes the training process (and `sd3tune preview`) turn them as displayed, all 8
+  orientations. Images with transparency are flagged (``transparency.py`` says what the run does with them);
+  a cheap tail test (PNG ``IEND``, JPEG end marker, WebP RIFF size) spots truncated files,
   and only a suspicious file is fully decoded to confirm; a video or sound file, or one PIL cannot read, is reported
   as unusable;
 - token counts are estimates (no tokenizer is loaded): CLIP BPE and T5 sentencepiece pieces.
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.dataset import caption_control, caption_lines, caption_path, list_images, read_caption
+from sd3tune.simpletuner.transparency import has_transparency
 
 CLIP_MAX_TOKENS = 77  # including the start and end tokens
 T5_MAX_TOKENS = keys.SD3_T5_MAX_LENGTH  # SimpleTuner's SD3 T5 length, including the end token
@@ -32,12 +37,13 @@ _PNG_END = b"IEND\xaeB`\x82"
 @dataclass(frozen=True)
 class ImageInfo:
     path: Path
-    width: int  # after EXIF rotation, as SimpleTuner sees it
+    width: int  # as displayed (EXIF orientation applied), as SimpleTuner buckets it
     height: int
     caption: str | None  # text of NAME.txt (stripped); None when there is no such file
     # NAME.txt is blank but holds a line end: SimpleTuner reads it as an empty list of captions and stops with
     # IndexError when it draws the image (a blank file without one trains the image unconditioned)
     blank_lines: bool = False
+    transparent: bool = False  # has a pixel that is not fully opaque (RGBA, LA, a transparent palette colour)
 
     @property
     def captions(self) -> list[str]:
@@ -87,8 +93,9 @@ def _tail_ok(fp, fmt: str | None) -> bool:
     return True
 
 
-def read_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF rotation, from the header; raises _Unreadable with the reason."""
+def read_size(path: Path) -> tuple[int, int, bool]:
+    """(width, height, transparent): the size as displayed (EXIF orientation applied), from the header, and whether
+    the image has transparency (decoded only when its mode can hold any); raises _Unreadable with the reason."""
     from PIL import Image
 
     try:
@@ -97,10 +104,12 @@ def read_size(path: Path) -> tuple[int, int]:
             with Image.open(path) as im:
                 width, height = im.size
                 fmt = im.format
-                if fmt in ("JPEG", "WEBP", "TIFF", "MPO") and "exif" in im.info:
-                    if im.getexif().get(0x0112) in _ROTATED:
-                        width, height = height, width
+                # SimpleTuner's header scan reads the tag of any format (a PNG's getexif would decode the image
+                # unless the eXIf chunk came before the pixels, where PIL's header read finds it)
+                if (fmt != "PNG" or "exif" in im.info) and im.getexif().get(0x0112) in _ROTATED:
+                    width, height = height, width
                 complete = _tail_ok(im.fp, fmt) if im.fp is not None else True
+                transparent = complete and has_transparency(im)
             if not complete:
                 with Image.open(path) as im:
                     im.load()  # a suspicious tail: decode this one file to be sure
@@ -112,7 +121,7 @@ def read_size(path: Path) -> tuple[int, int]:
         raise _Unreadable(text) from None
     if width <= 0 or height <= 0:
         raise _Unreadable(f"invalid size {width}x{height}")
-    return width, height
+    return width, height, transparent
 
 
 def scan_folder(folder: str | Path) -> ScanResult:
@@ -138,12 +147,12 @@ def scan_folder(folder: str | Path) -> ScanResult:
                                          f"the images and loads it as {what}, not an image"))
             continue
         try:
-            width, height = read_size(path)
+            width, height, transparent = read_size(path)
         except _Unreadable as exc:
             result.corrupt.append((path, str(exc)))
             continue
         blank_lines = caption == "" and not problem and "\n" in text
-        result.images.append(ImageInfo(path, width, height, caption, blank_lines))
+        result.images.append(ImageInfo(path, width, height, caption, blank_lines, transparent))
     return result
 
 

@@ -85,3 +85,32 @@ def _wrap(text: str, width: int) -> str:
             line = f"{line} {w}".strip()
     lines.append(line)
     return "\n".join(lines[:8])
+
+
+def bucket_sheet(groups: Sequence[tuple[str, Sequence[tuple[object, str]]]], cell: int = 160, columns: int = 6):
+    """A PIL image: one band per group (``label``, then its images in rows of ``columns``), each image fitted into
+    ``cell`` pixels with its aspect kept, with its label (e.g. file name and caption) under it."""
+    from PIL import Image, ImageDraw
+
+    pad, head_h, text_h = 6, 24, 44
+    font = label_font()
+    rows = [(label, items[i:i + columns]) for label, items in groups for i in range(0, max(len(items), 1), columns)]
+    width = pad + max(min(columns, max((len(items) for _, items in groups), default=1)), 3) * (cell + pad)
+    height = pad + sum(head_h for _ in groups) + len(rows) * (cell + text_h + pad)
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    y, last = pad, None
+    for label, items in rows:
+        if label != last:
+            draw.text((pad, y + 4), label, fill="black", font=label_font(14))
+            y += head_h
+            last = label
+        for c, (image, text) in enumerate(items):
+            im = image.convert("RGB")  # type: ignore[attr-defined]
+            im.thumbnail((cell, cell))
+            x = pad + c * (cell + pad)
+            sheet.paste(im, (x + (cell - im.width) // 2, y + (cell - im.height) // 2))
+            draw.rectangle((x - 1, y - 1, x + cell, y + cell), outline="#cccccc")
+            draw.text((x, y + cell + 2), "\n".join(_wrap(text, cell // 6).split("\n")[:3]), fill="black", font=font)
+        y += cell + text_h + pad
+    return sheet

@@ -139,3 +139,43 @@ def test_captions_with_windows_line_ends_and_tabs_pass_and_many_bad_ones_are_cou
     errors = section(check(run)[0].output, "error")
     assert errors.count("holds a control character (U+0007)") == 5
     assert "2 more caption files hold control characters: concept_06.txt, concept_07.txt" in errors
+
+
+def test_images_with_transparency_are_named_composited_or_refused(make_run):
+    """Never trained as-is: check names them with the run's background (the manifest's), or refuses them; train
+    hands the colour to the training process (compat fix 16)."""
+    import json
+
+    from PIL import Image
+
+    from sd3tune.simpletuner.compat import ALPHA_BACKGROUND_ENV
+
+    run, data = make_run()
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(data / "cutout.png")
+    Image.new("RGBA", (64, 64), (9, 9, 9, 255)).save(data / "opaque.png")  # RGBA, all opaque: nothing to say
+    for name in ("cutout", "opaque"):
+        (data / f"{name}.txt").write_text("a figure")
+    result, _ = check(run)
+    assert result.exit_code == 0, result.output
+    assert "1 image has transparency and will train composited on white: cutout.png" in section(result.output,
+                                                                                                 "warning")
+    assert "opaque.png" not in result.output
+    manifest = json.loads((run / "sd3tune.json").read_text())
+    for policy, code in (("refuse", 2), ("#0a0b0c", 0)):
+        manifest["images"]["alpha_background"] = policy
+        (run / "sd3tune.json").write_text(json.dumps(manifest))
+        result, _ = check(run)
+        assert result.exit_code == code, result.output
+    assert "composited on #0a0b0c: cutout.png" in result.output
+    dry = _train_dry_run(run)
+    assert f"{ALPHA_BACKGROUND_ENV}='#0a0b0c'" in dry or f"{ALPHA_BACKGROUND_ENV}=#0a0b0c" in dry
+
+
+def _train_dry_run(run: Path) -> str:
+    from typer.testing import CliRunner
+
+    from sd3tune.cli import app
+
+    result = CliRunner().invoke(app, ["train", str(run), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    return result.output

@@ -37,6 +37,8 @@ replaced = {
     "rank_samples": "simpletuner.helpers.multiaspect.sampler:MultiAspectSampler.__iter__",
     "rank_lora_digest": "simpletuner.helpers.training.trainer:Trainer.train",
     "tensorboard_hparams": "accelerate.tracking:TensorBoardTracker.store_init_configuration",
+    "displayed_orientation": "simpletuner.helpers.image_manipulation.load:load_image",
+    "alpha_on_background": "simpletuner.helpers.image_manipulation.load:_trainingsample_array_to_rgb_image",
 }
 marked = {}
 for fix, where in replaced.items():
@@ -48,6 +50,9 @@ for fix, where in replaced.items():
 factory = sys.modules["simpletuner.helpers.data_backend.factory"]
 # a rank torchrun started on a host without GPU trains on the CPU, in the job's gloo group
 marked["cpu_process_group"] = os.environ.get("ACCELERATE_USE_CPU") == "true" or sys.modules["torch"].cuda.is_available()
+# the local data backend and the metadata scan imported load_image by name: they must hold the fixed one
+for user in ("simpletuner.helpers.data_backend.local", "simpletuner.helpers.metadata.backends.discovery"):
+    marked[user] = getattr(importlib.import_module(user).load_image, "sd3tune_fix", False)
 print("RESULT " + json.dumps({"outcomes": compat.OUTCOMES, "marked": marked,
                               "untraced": type(factory.tracemalloc).__name__}))
 """

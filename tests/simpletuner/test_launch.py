@@ -115,3 +115,13 @@ def test_log_lines_that_start_a_phase_are_named(line, phase):
     from sd3tune.simpletuner.launch import phase_of
 
     assert phase_of(line) == phase
+
+
+def test_the_runs_background_for_transparent_images_reaches_the_training_process():
+    from sd3tune.simpletuner.compat import ALPHA_BACKGROUND_ENV
+
+    assert build_launch(Path("/runs/a"), "env", "bf16", environ={}, python="/py",
+                        alpha_background="#112233").env[ALPHA_BACKGROUND_ENV] == "#112233"
+    for refused_or_unset in ("refuse", None):  # refused: check stops the run; unset: the fix's white
+        assert ALPHA_BACKGROUND_ENV not in build_launch(Path("/runs/a"), "env", "bf16", environ={}, python="/py",
+                                                        alpha_background=refused_or_unset).env

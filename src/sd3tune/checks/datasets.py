@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 from sd3tune.checks.budget import check_disk, check_memory
 from sd3tune.datascan import CLIP_MAX_TOKENS, ScanResult, T5_MAX_TOKENS, estimate_clip_tokens, estimate_t5_tokens
 from sd3tune.findings import Finding, error, warning
+from sd3tune.manifest import read_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.dataset import (bucket_counts, caption_path, dataset_captions, megapixels,
                                         minimum_megapixels, too_small)
 from sd3tune.checks.summary import bucket_name, summarise
 from sd3tune.simpletuner.keys import BACKENDS_FILE as BACKENDS
+from sd3tune.simpletuner.transparency import REFUSE, describe, run_alpha_background
 
 if TYPE_CHECKING:
     from sd3tune.checks.engine import Context
@@ -114,6 +116,21 @@ def _names(paths: list[Path], base: Path | None = None) -> str:
     return shown + (f" and {len(paths) - MAX_LISTED} more" if len(paths) > MAX_LISTED else "")
 
 
+def _check_transparency(ctx: Context, folder: Path, clear: list[Path]) -> list[Finding]:
+    """Images with transparency are composited on the run's background (``transparency.py``) or refused."""
+    if not clear:
+        return []
+    policy = run_alpha_background(read_manifest(ctx.root))
+    what = "1 image has" if len(clear) == 1 else f"{len(clear)} images have"
+    setting = "images.alpha_background in sd3tune.json (white, black, #rrggbb or refuse)"
+    if policy == REFUSE:
+        listed = ", ".join(_relative(p, folder) for p in clear[:40]) + (" ..." if len(clear) > 40 else "")
+        return [error(str(folder), "", f"{what} transparency, which this run refuses: {listed}",
+                      f"flatten them, or composite them on a colour: {setting}")]
+    return [warning(str(folder), "", f"{what} transparency and will train composited on {describe(policy)}: "
+                                     f"{_names(clear, folder)}", f"another background, or refuse them: {setting}")]
+
+
 def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], UsableDataset | None]:
     out: list[Finding] = []
     key = f"{b.id}.instance_data_dir"
@@ -134,6 +151,7 @@ def _check_image_backend(ctx: Context, b: ImageBackend) -> tuple[list[Finding], 
         rest = [p for p, _ in scan.corrupt[MAX_LISTED:]]
         shown = ", ".join(_relative(p, folder) for p in rest[:40]) + (" ..." if len(rest) > 40 else "")
         out.append(error(str(folder), "", f"{len(rest)} more unreadable files: {shown}", "fix or delete them"))
+    out += _check_transparency(ctx, folder, [i.path for i in scan.images if i.transparent])
     if not scan.images:
         out.append(error(BACKENDS, key, f"no readable images in {folder}",
                          "add .png/.jpg/.webp images (with .txt captions)"))

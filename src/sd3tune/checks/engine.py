@@ -64,6 +64,7 @@ class CheckReport:
     findings: list[Finding]
     summary: Summary
     resume: bool = False  # checked as `sd3tune train --resume` would
+    scans: dict[Path, ScanResult] = field(default_factory=dict)  # each image folder as scanned (resolved path)
 
     @property
     def command(self) -> str:
@@ -155,7 +156,7 @@ def check_run(run_dir: str | Path, gpus: int = 1, resume: bool = False) -> Check
     ctx.backends, ctx.backends_partial = best_effort_backends(run)
     for rule in RULES:
         findings += _guarded(rule, ctx)
-    return CheckReport(run, _dedupe(findings), ctx.summary, resume)
+    return CheckReport(run, _dedupe(findings), ctx.summary, resume, ctx.scans)
 
 
 def _guarded(rule: Callable[[Context], list[Finding]], ctx: Context) -> list[Finding]:

@@ -28,6 +28,7 @@ from sd3tune.simpletuner.backends import ImageBackend, TextEmbedsBackend
 from sd3tune.simpletuner.caches import run_bucket_suffix
 from sd3tune.simpletuner.dataset import bucket_counts
 from sd3tune.simpletuner.layout import RunPaths
+from sd3tune.simpletuner.transparency import MANIFEST_KEY, MANIFEST_SECTION, parse_alpha_background
 from sd3tune.simpletuner.writer import render_backends, render_env, render_json, render_prompt_library
 
 
@@ -50,6 +51,7 @@ class InitOptions:
     reg_data: list[str | Path] = field(default_factory=list)  # --reg-data: regularisation images
     caption_strategy: Literal["textfile", "filename", "instanceprompt"] | None = None  # None: from the folder
     caption_prefix: str | None = None  # put before every caption (SimpleTuner's prepend_instance_prompt)
+    alpha_background: str = "white"  # images with transparency: white, black, #rrggbb, or refuse (transparency.py)
     # Section overrides on top of the preset (used by quickstart and Python callers).
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     image_backend_overrides: dict[str, Any] = field(default_factory=dict)
@@ -143,6 +145,7 @@ def build_run(opts: InitOptions) -> InitResult:
         raise Sd3tuneError(f"unknown preset {opts.preset!r}", hint=f"use one of {', '.join(PRESETS)}")
     if opts.steps is not None and opts.steps < 1:
         raise Sd3tuneError(f"--steps {opts.steps} must be at least 1", hint="e.g. --steps 1500")
+    parse_alpha_background(opts.alpha_background)  # a wrong colour fails before anything is read or written
     if opts.caption_prefix is not None and opts.caption_strategy == "instanceprompt":
         raise Sd3tuneError("--caption-prefix does nothing with --caption-strategy instanceprompt",
                            hint="the trigger is the whole caption there; drop one of the two")
@@ -270,6 +273,7 @@ def run_init(opts: InitOptions) -> InitResult:
         "datasets": [b.instance_data_dir for b in result.backends if isinstance(b, ImageBackend)],
         "model": result.config.model.name_or_path, "trigger": opts.trigger, "versions": package_versions("simpletuner"),
     })
+    update_manifest(paths.root, MANIFEST_SECTION, {MANIFEST_KEY: parse_alpha_background(opts.alpha_background)})
     result.written = [config_file, paths.backends, *([paths.prompts] if prompts is not None else [])]
     result.check = check_run(paths.root)
     return result
@@ -343,6 +347,9 @@ def init_command(
     fmt: Annotated[Format, Opt("--format", help="Config file format: env (config.env) or json.", parser=parse_format)] = Format("env"),
     force: Annotated[bool, Opt("--force", help="Overwrite an existing run's config; keeps nothing of it, hand edits "
                                                "included (change one setting with `sd3tune set` instead).")] = False,
+    alpha_background: Annotated[str, typer.Option(
+        "--alpha-background", help="Images with transparency train composited on this colour (white, black, "
+                                   "#rrggbb), or `refuse` makes check refuse them.")] = "white",
 ) -> None:
     """Scaffold a run: SimpleTuner config.env (or config.json) and multidatabackend.json.
 
@@ -365,7 +372,7 @@ def init_command(
                                   more_prompts=prompts[1:], preset=preset.value, resolution=resolution, rank=rank,
                                   steps=steps, format=fmt.value, force=force, knobs=knobs,  # type: ignore[arg-type]
                                   caption_strategy=caption_strategy.value if caption_strategy else None,  # type: ignore[arg-type]
-                                  caption_prefix=caption_prefix))
+                                  caption_prefix=caption_prefix, alpha_background=alpha_background))
     for finding in result.warnings:
         typer.echo(f"{finding.severity}: {finding.render()}", err=True)
     for path in result.written:

@@ -16,7 +16,7 @@ from sd3tune.errors import ConfigError, Sd3tuneError, TrainingFailed
 from sd3tune.findings import plural
 from sd3tune.fsutil import file_sha256
 from sd3tune.lora import at_step, safetensors_metadata, stamp_checkpoints, stamp_lora, stamped, training_stamp
-from sd3tune.manifest import now, package_versions, update_manifest
+from sd3tune.manifest import now, package_versions, read_manifest, update_manifest
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.launch import (LaunchPlan, Progress, StopSignals, build_launch, cuda_graphs_message,
                                         failure_reason, fix_not_applied_message, phase_of, run_plan)
@@ -24,6 +24,7 @@ from sd3tune.simpletuner.layout import (RunPaths, checkpoint_step, checkpoints, 
                                        incomplete_hint, output_conflict, validation_images)
 from sd3tune.simpletuner.caches import prepare_dataset_caches
 from sd3tune.simpletuner.processes import Processes, plan_processes
+from sd3tune.simpletuner.transparency import run_alpha_background
 
 
 @dataclass
@@ -78,7 +79,8 @@ def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:
         check_cuda_graphs(cfg, processes.total)
     plan = build_launch(report.run.paths.root, report.run.format, cfg.precision.mixed_precision, gpus=opts.gpus,
                         accelerate_config=accelerate_config, extra_accelerate_args=opts.extra_accelerate_args,
-                        cuda_graphs=opts.cuda_graphs)
+                        cuda_graphs=opts.cuda_graphs,
+                        alpha_background=run_alpha_background(read_manifest(report.run.paths.root)))
     model = cfg.model.name_or_path
     if not report.run.paths.resolve(model).exists():  # a Hub id (check passed): SimpleTuner fails only after start-up
         from sd3tune.hub import model_files_only

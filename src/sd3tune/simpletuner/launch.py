@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping
 from sd3tune.errors import Sd3tuneError
 from sd3tune.simpletuner import keys
 from sd3tune.simpletuner.catalog import load_catalog
-from sd3tune.simpletuner.compat import CUDA_GRAPHS_ENV, LAUNCHED_ENV, SITE_DIR, die_with_parent
+from sd3tune.simpletuner.compat import ALPHA_BACKGROUND_ENV, CUDA_GRAPHS_ENV, LAUNCHED_ENV, SITE_DIR, die_with_parent
 
 # Variables the child may inherit: system basics, GPU/NCCL plumbing, Hub and W&B credentials and caches.
 PASSTHROUGH = {
@@ -84,8 +84,9 @@ class LaunchPlan:
 def build_launch(run_dir: Path, config_format: str, mixed_precision: str, gpus: int = 1,
                  accelerate_config: Path | None = None, extra_accelerate_args: Iterable[str] = (),
                  environ: Mapping[str, str] | None = None, python: str | None = None,
-                 cuda_graphs: bool = False) -> LaunchPlan:
-    """The exact ``accelerate launch`` command for a run (pure: reads nothing but its arguments)."""
+                 cuda_graphs: bool = False, alpha_background: str | None = None) -> LaunchPlan:
+    """The exact ``accelerate launch`` command for a run (pure: reads nothing but its arguments). ``alpha_background``
+    (``#rrggbb``): the colour the training process composites images with transparency on (compat fix 12)."""
     if gpus < 1:
         raise Sd3tuneError(f"--gpus {gpus} must be at least 1", hint="use --gpus 1 for one GPU")
     argv = [python or sys.executable, "-m", "accelerate.commands.launch"]
@@ -103,6 +104,8 @@ def build_launch(run_dir: Path, config_format: str, mixed_precision: str, gpus: 
     env = child_environment(os.environ if environ is None else environ, config_format)
     if cuda_graphs:
         env[CUDA_GRAPHS_ENV] = "1"
+    if alpha_background and alpha_background.startswith("#"):
+        env[ALPHA_BACKGROUND_ENV] = alpha_background
     return LaunchPlan(argv, env, Path(run_dir).resolve())
 
 

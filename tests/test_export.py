@@ -212,6 +212,7 @@ def test_a_lora_sd3tune_did_not_make_gets_one_line(kohya_run, tmp_path):
     assert_one_line_user_error(sd3tune("export", tmp_path / "flux.safetensors", "--out", tmp_path / "o3",
                                        "--base-model", SD3M, "--format", "kohya"), "has no kohya SD3 key")
     assert_one_line_user_error(sd3tune("export", kohya_run), "local folder", "--base-model")
+    assert_one_line_user_error(sd3tune("export", kohya_run, "--format", "onnx"), "'onnx' is not one of diffusers")
     assert not any((tmp_path / d).exists() for d in ("o1", "o2", "o3"))
 
 
@@ -241,11 +242,14 @@ def test_push_uploads_the_export_folder_private_by_default(kohya_run, tmp_path, 
             return f"https://huggingface.co/{repo_id}"
 
         def upload_folder(self, folder_path, repo_id, **kw):
-            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+            calls.append(("upload", repo_id, sorted(kw["allow_patterns"])))
+            assert all((Path(folder_path) / name).is_file() for name in kw["allow_patterns"])
 
     monkeypatch.setattr(hub, "check_push", lambda repo_id: None)  # the Hub in reach, a token found
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     run = copy_run(kohya_run, tmp_path / "run")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("the user's, not pushed")
     r = sd3tune("export", run, "--out", tmp_path / "out", "--base-model", SD3M, "--push-to-hub", "me/myst", *flag)
     assert r.code == 0, r.err
     assert calls[0] == ("create", "me/myst", {"repo_type": "model", "private": private, "exist_ok": True})

@@ -115,9 +115,10 @@ def check_push(repo_id: str) -> None:
         raise Sd3tuneError(f"cannot push to {repo_id}: no Hugging Face token", hint="run `hf auth login`, or set HF_TOKEN")
 
 
-def push_folder(folder: Path, repo_id: str, private: bool) -> str:
-    """Upload ``folder`` to the Hub model repository ``repo_id`` (created, private unless ``private`` is False, when
-    missing); returns its URL. The token comes from huggingface_hub's own lookup (environment, `hf auth login`)."""
+def push_folder(folder: Path, files: list[str], repo_id: str, private: bool) -> str:
+    """Upload ``files`` (paths relative to ``folder``: what this export wrote, not an earlier export's) to the Hub
+    model repository ``repo_id`` (created, private unless ``private`` is False, when missing); returns its URL. The
+    token comes from huggingface_hub's own lookup (environment, `hf auth login`)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -125,7 +126,7 @@ def push_folder(folder: Path, repo_id: str, private: bool) -> str:
     try:
         url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                          commit_message="sd3tune export", ignore_patterns=[".*"])  # .lock
+                          commit_message="sd3tune export", allow_patterns=files)
     except (HfHubHTTPError, OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise Sd3tuneError(f"pushing {folder} to {repo_id} failed: {first}",

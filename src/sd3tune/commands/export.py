@@ -14,7 +14,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from sd3tune.errors import Sd3tuneError
+
+if TYPE_CHECKING:
+    from sd3tune.lora import LoraSource
+    from sd3tune.model_card import CardFacts
 
 FORMATS = ("diffusers", "kohya", "comfyui")
 EXPORT_DIR = "export"
@@ -87,24 +93,25 @@ def run_export(opts: ExportOptions) -> ExportResult:
 
     facts, samples = _facts(source, metadata, run_root, base_model, name, built, opts.push_to_hub, scales)
     copies = {out / SAMPLES_DIR / f"{i:02d}{src.suffix}": src for i, (src, _) in enumerate(samples)}
-    refuse_existing([*built, out / CARD, *copies], opts.force)
+    files = [*built, out / CARD, *copies]
     notes: list[str] = []
     with folder_lock(out, "export", on_note=notes.append, create=True):
+        refuse_existing(files, opts.force)
         for path, data in built.items():
             atomic_write_bytes(path, data)
         for dst, src in copies.items():
             atomic_write_bytes(dst, src.read_bytes())
         atomic_write_text(out / CARD, render_card(facts))
-    files = [*built, out / CARD, *copies]
+    written = [str(p.relative_to(out)) for p in files]
     if run_root is not None:
         entry = {"created": now(), "out": str(out.resolve()), "formats": formats, "lora": str(source.file),
-                 "lora_sha256": source.sha256, "files": [str(p.relative_to(out)) for p in files],
+                 "lora_sha256": source.sha256, "files": written,
                  "base_model": base_model, "push_to_hub": opts.push_to_hub}
         try:
             update_manifest(run_root, "exports", entry, append=True)
         except (OSError, Sd3tuneError):  # a read-only run folder: the export itself is complete
             notes.append(f"the export is not recorded in {run_root / 'sd3tune.json'} (cannot write it)")
-    url = push_folder(out, opts.push_to_hub, opts.private) if opts.push_to_hub else None
+    url = push_folder(out, written, opts.push_to_hub, opts.private) if opts.push_to_hub else None
     return ExportResult(out=out, files=files, strength=facts.strength, max_error=worst, url=url, notes=notes)
 
 
@@ -154,7 +161,9 @@ def _read_back(data: bytes):
     return load(data), json.loads(data[8:8 + size]).get("__metadata__") or {}
 
 
-def _facts(source, metadata, run_root, base_model, name, built, repo_id, scales):
+def _facts(source: LoraSource, metadata: dict[str, str], run_root: Path | None, base_model: str, name: str,
+           built: dict[Path, bytes], repo_id: str | None, scales: dict[str, float]) -> tuple[CardFacts, list]:
+    """What the model card says, and the sample images to copy beside it (source path, prompt)."""
     from sd3tune import __version__
     from sd3tune.lora_formats import DIFFUSERS_WEIGHT_NAME
     from sd3tune.manifest import read_manifest

@@ -18,11 +18,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # tiny model.
 E2E_MODULES = {"test_train.py", "test_quickstart.py", "test_pins.py", "test_cuda_graphs.py", "test_compat.py",
                 "test_image_fixes.py", "test_preview.py"}
-E2E_FIXTURES = {"tiny_model", "tiny_clip", "trained_run", "train_bench"}
+E2E_FIXTURES = {"tiny_model", "tiny_clip", "trained_run", "train_bench", "kohya_run"}
 # Session or module fixtures that cost tens of seconds or minutes: every test that uses one runs on the same xdist
 # worker (`--dist loadgroup`), so the fixture is made once, not once per worker.
 SHARED_ONCE = {"train_bench": "bench-train", "probes": "pins-probes", "finished_training": "finished-training",
-               "ddp_run": "data-parallel"}
+               "ddp_run": "data-parallel", "kohya_run": "kohya-run", "evaluated": "evaluated"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
@@ -74,6 +74,26 @@ def trained_run(tmp_path_factory, tiny_model, concept_data) -> Path:
     result = run_train(TrainOptions(run_dir=run_dir))
     assert result.lora is not None and result.lora.is_file()
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def kohya_run(tmp_path_factory, concept_data) -> Path:
+    """A run trained for real through SimpleTuner (6 steps, a checkpoint at 3) on the tiny SD3 in the shape kohya
+    sd-scripts and ComfyUI accept (head dim 64, 2 layers of 2 heads), rank 16, alpha 4: trained strength 0.25.
+    `sd3tune export`'s tests share it (read-only: copy it to change it); its model is ``RUN/../model``."""
+    from sd3tune.commands.init import run_init
+    from sd3tune.commands.quickstart import tiny_init_options
+    from sd3tune.commands.train import TrainOptions, run_train
+    from sd3tune.tiny import KOHYA_SHAPED_SIZES, build_tiny_sd3
+
+    folder = tmp_path_factory.mktemp("kohya")
+    model = build_tiny_sd3(folder / "model", sizes=KOHYA_SHAPED_SIZES)
+    options = tiny_init_options(folder / "run", concept_data, model, steps=6, checkpoint_every=3)
+    options.overrides = {**options.overrides, "lora": {"rank": 16, "alpha": 4.0}}
+    run_init(options)
+    result = run_train(TrainOptions(run_dir=folder / "run"))
+    assert result.lora is not None and result.lora.is_file()
+    return folder / "run"
 
 
 @pytest.fixture()

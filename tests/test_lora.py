@@ -281,6 +281,21 @@ def test_stamping_rewrites_the_header_and_keeps_the_tensors_and_metadata(tmp_pat
     assert at_step({}, None)["sd3tune.steps"] == "None"  # as the manifest records an unknown step count
 
 
+def test_stamping_gives_a_file_without_a_peft_config_the_one_diffusers_scales_it_by(tmp_path):
+    """The final LoRA SimpleTuner writes has no lora_adapter_metadata (its checkpoints do): the stamp adds one that
+    peft reads as rank and alpha, targeting exactly the file's layers, so diffusers applies alpha / rank itself."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    file = lora_file(tmp_path / "l.safetensors")
+    stamp_lora(file, {**SETTINGS, "sd3tune.lora_alpha": "1.0"})
+    raw = json.loads(read_safetensors_header(file)[0][LORA_ADAPTER_METADATA])
+    config = LoraConfig(**{k.removeprefix("transformer."): v for k, v in raw.items()})  # as diffusers 0.42 builds it
+    assert (config.r, config.lora_alpha) == (4, 1.0)
+    assert check_target_module_exists(config, "transformer_blocks.0.attn.to_q")
+    assert not check_target_module_exists(config, "transformer_blocks.1.attn.to_q")  # not in the file: no adapter
+
+
 def test_a_file_cut_short_after_its_header_is_not_stamped(tmp_path):
     file = lora_file(tmp_path / "l.safetensors")
     file.write_bytes(file.read_bytes()[:-10])
@@ -299,7 +314,8 @@ def test_only_this_trainings_complete_checkpoints_are_stamped_with_their_step(tm
     stamp_checkpoints(output, SETTINGS, after_step=2)
     assert read_safetensors_header(old)[0] == {"sd3tune.steps": "2", "sd3tune.resolution": "32"}
     metadata = read_safetensors_header(new)[0]
-    assert metadata.pop("sd3tune.trained_at") and metadata == {**SETTINGS, "sd3tune.steps": "4"}
+    assert metadata.pop("sd3tune.trained_at") and metadata.pop(LORA_ADAPTER_METADATA)
+    assert metadata == {**SETTINGS, "sd3tune.steps": "4"}
     assert cut.read_bytes() == b"\0" * 4
 
 

@@ -31,6 +31,7 @@ COMMANDS = {
     "train": "Train the run with SimpleTuner through `accelerate launch` (one GPU by default).",
     "generate": "Generate images with SD3 Medium (+ a LoRA); PNGs carry their settings in text chunks.",
     "evaluate": "Compare the base model, the LoRA and its checkpoints on a fixed prompt x seed grid (one model load).",
+    "export": "Export the LoRA for diffusers, kohya/A1111/Forge and ComfyUI at its trained strength, with a model card.",
     "quickstart": "The whole loop offline in about a minute: tiny random SD3, init, SimpleTuner training, samples.",
 }
 _SETTINGS = {"add_completion": False, "pretty_exceptions_enable": False, "rich_markup_mode": None}

@@ -9,6 +9,7 @@ huggingface_hub and httpx load inside the functions that ask the Hub.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -60,11 +61,11 @@ def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
     """Why the Hugging Face Hub cannot be reached now, or None when it answers. Offline mode (HF_HUB_OFFLINE) says
     so at once; otherwise one request to the Hub's endpoint (HF_ENDPOINT; proxies from the environment apply) with
     a short timeout, where huggingface_hub itself would retry for about a minute before giving up."""
-    import httpx
     from huggingface_hub import constants, is_offline_mode
 
     if is_offline_mode():
         return "offline mode is on (HF_HUB_OFFLINE)"
+    import httpx  # after: offline mode answers without it
     try:
         httpx.head(constants.ENDPOINT, timeout=timeout)  # any answer, even an error status, means it is reachable
     except (httpx.HTTPError, httpx.InvalidURL, ValueError, OSError) as exc:
@@ -102,3 +103,47 @@ def model_files_only(model: str, otherwise: str) -> bool:
     return hub_files_only(model, model, "model_index.json",
                           hint=f"download it once where the Hub is reachable (`hf download {shlex.quote(model)}`; "
                                f"gated models need `hf auth login` and accepted terms), or {otherwise}")
+
+
+PUSH_PROBE_SECONDS = 1.0  # a push out of reach fails within 2 s, before anything is exported
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` has the form of a Hub repository id, ORG/NAME."""
+    return bool(_REPO_ID.fullmatch(text)) and ".." not in text and not text.endswith((".git", "."))
+
+
+def check_push(repo_id: str) -> None:
+    """Before an export that will be pushed to ``repo_id``: its form, the Hub in reach and a token found (from the
+    environment or `hf auth login`; sd3tune never writes one). Fails in under 2 s with one line."""
+    if not is_repo_id(repo_id):
+        raise Sd3tuneError(f"--push-to-hub {repo_id!r} is not a Hub repository id",
+                           hint="pass ORG/NAME, e.g. --push-to-hub my-name/myst-sd3-lora")
+    why = hub_unreachable(timeout=PUSH_PROBE_SECONDS)
+    if why is not None:
+        raise Sd3tuneError(f"cannot push to {repo_id}: the Hugging Face Hub is out of reach: {why}; nothing was "
+                           "exported", hint="export without --push-to-hub now and push the folder later with "
+                                            "`hf upload`, or run again where the Hub is reachable")
+    if not hub_token_found():
+        raise Sd3tuneError(f"cannot push to {repo_id}: no Hugging Face token", hint="run `hf auth login`, or set HF_TOKEN")
+
+
+def push_folder(folder: Path, files: list[str], repo_id: str, private: bool) -> str:
+    """Upload ``files`` (paths relative to ``folder``: what this export wrote, not an earlier export's) to the Hub
+    model repository ``repo_id`` (created, private unless ``private`` is False, when missing); returns its URL. The
+    token comes from huggingface_hub's own lookup (environment, `hf auth login`)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                          commit_message="sd3tune export", allow_patterns=files)
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise Sd3tuneError(f"pushing {folder} to {repo_id} failed: {first}",
+                           hint="check the token's write access (`hf auth whoami`) and the repository name; the "
+                                "export itself is complete") from None
+    return str(url)

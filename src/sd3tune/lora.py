@@ -212,7 +212,7 @@ def same_tensors(a: Path, b: Path) -> bool:
         return False
 
 
-_LORA_KEY = re.compile(r"transformer\.(.+)\.lora_([AB])\.weight")
+LORA_KEY = re.compile(r"transformer\.(.+)\.lora_([AB])\.weight")
 
 
 def check_lora_keys(file: Path, tensors: dict[str, Any]) -> None:
@@ -224,7 +224,7 @@ def check_lora_keys(file: Path, tensors: dict[str, Any]) -> None:
         raise Sd3tuneError(f"{file} is not an SD3 transformer LoRA (found key {other!r})",
                            hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
     for name in names:
-        if _LORA_KEY.fullmatch(name) is None:
+        if LORA_KEY.fullmatch(name) is None:
             raise Sd3tuneError(f"{file} has {name!r}, which is not a LoRA weight of the diffusers format",
                                hint="use a LoRA trained for SD3 with sd3tune/SimpleTuner")
 
@@ -240,7 +240,7 @@ def check_lora_fits(file: Path, transformer: Any) -> None:
         block = re.search(r"transformer_blocks\.(\d+)\.", name)
         if block and int(block.group(1)) >= layers:
             raise Sd3tuneError(f"{file} has block {block.group(1)} but this model has {layers} blocks", hint=another)
-        m = _LORA_KEY.fullmatch(name)
+        m = LORA_KEY.fullmatch(name)
         assert m is not None  # check_lora_keys
         try:
             layer = transformer.get_submodule(m.group(1))
@@ -306,7 +306,20 @@ def stamp_lora(lora: Path, metadata: dict[str, str]) -> None:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = dict(f.metadata() or {})
     meta.update(metadata)
+    if LORA_ADAPTER_METADATA not in meta and "sd3tune.lora_rank" in meta:  # SimpleTuner's checkpoints have theirs
+        meta[LORA_ADAPTER_METADATA] = adapter_metadata(int(meta["sd3tune.lora_rank"]),
+                                                       float(meta["sd3tune.lora_alpha"]), tensors)
     atomic_write_bytes(lora, save(tensors, metadata=meta))
+
+
+def adapter_metadata(rank: int, alpha: float, tensors: Any) -> str:
+    """diffusers' ``lora_adapter_metadata`` for a LoRA of ``tensors`` (their names): the peft LoraConfig that
+    ``load_lora_weights`` builds the adapter from (diffusers 0.42 ``_create_lora_config``: ``LoraConfig(**it)``, keys
+    prefixed ``transformer.``), so diffusers scales it by alpha / rank with no sd3tune code. The target modules are
+    the file's own layers, by full name (peft matches a name exactly), so no other layer gets an adapter."""
+    modules = sorted({m.group(1) for name in tensors if (m := LORA_KEY.fullmatch(name))})
+    return json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha, "transformer.target_modules": modules,
+                       "transformer.peft_type": "LORA", "transformer.bias": "none"}, indent=2, sort_keys=True)
 
 
 def stamped(lora: Path, metadata: dict[str, str]) -> bool:

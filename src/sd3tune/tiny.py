@@ -126,9 +126,17 @@ TINY_SIZES = RandomSd3Sizes(
 )
 
 
-def build_tiny_sd3(out_dir: str | Path, seed: int = 0) -> Path:
+# The tiny SD3 in the shape ComfyUI and kohya sd-scripts accept for an MMDiT (head dim 64, layers = heads = hidden / 64:
+# they derive every size from the depth): 2 layers of 2 heads, hidden 128. For `sd3tune export`'s tests.
+KOHYA_SHAPED_SIZES = RandomSd3Sizes(
+    clip_l=TINY_SIZES.clip_l, clip_g=TINY_SIZES.clip_g, t5=TINY_SIZES.t5, vae=TINY_SIZES.vae,
+    transformer={**TINY_SIZES.transformer, "attention_head_dim": 64, "num_attention_heads": 2,
+                 "caption_projection_dim": 128})
+
+
+def build_tiny_sd3(out_dir: str | Path, seed: int = 0, sizes: RandomSd3Sizes = TINY_SIZES) -> Path:
     """Write a tiny random StableDiffusion3Pipeline to ``out_dir`` (a diffusers folder) and return its path."""
-    return build_random_sd3(out_dir, TINY_SIZES, seed)
+    return build_random_sd3(out_dir, sizes, seed)
 
 
 def build_random_sd3(out_dir: str | Path, sizes: RandomSd3Sizes, seed: int = 0, device: str = "cpu",

@@ -101,6 +101,9 @@ def test_export_writes_every_format_and_a_card_the_loaders_read_at_the_trained_s
     assert json.loads(d_meta["lora_adapter_metadata"])["transformer.lora_alpha"] == 4.0
 
     kohya, k_meta = tensors_of(kohya_file)
+    for meta in (d_meta, k_meta):  # no local path leaves the machine (the run was trained from a local model folder)
+        assert "sd3tune.run_dir" not in meta and meta["sd3tune.base_model"] == SD3M
+        assert not any(str(tmp_path) in v or str(kohya_run) in v for v in meta.values())
     modules = {f"lora_unet_joint_blocks_{n}_x_block_attn_{m}" for n in (0, 1) for m in ("qkv", "proj")}
     assert set(kohya) == {f"{m}.{part}" for m in modules for part in ("lora_down.weight", "lora_up.weight", "alpha")}
     assert k_meta["ss_network_dim"] == "16" and k_meta["ss_network_alpha"] == "4.0"

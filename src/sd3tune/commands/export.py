@@ -79,15 +79,16 @@ def run_export(opts: ExportOptions) -> ExportResult:
     name = _name(source.file, run_root)
 
     original = original_deltas(pairs, scales)
+    shared = _shareable(metadata, base_model)
     built: dict[Path, bytes] = {}
     worst = 0.0
     if "diffusers" in formats:
-        data = save(*to_diffusers(pairs, metadata, scales))
+        data = save(*to_diffusers(pairs, shared, scales))
         exported, meta = _read_back(data)
         worst = max(worst, verify("diffusers", original, diffusers_deltas(source.file, exported, meta)))
         built[out / DIFFUSERS_WEIGHT_NAME] = data
     if "kohya" in formats or "comfyui" in formats:
-        data = save(*to_kohya(pairs, metadata, scales))
+        data = save(*to_kohya(pairs, shared, scales))
         worst = max(worst, verify("kohya", original, kohya_deltas(_read_back(data)[0])))
         built[out / f"{name}.safetensors"] = data
 
@@ -137,6 +138,15 @@ def _base_model(given: str | None, trained: str | None) -> str:
         raise Sd3tuneError(f"the LoRA trained on {where}: its model card needs the Hub id of that model",
                            hint=f"pass --base-model HUB_ID, e.g. --base-model {SD3M}")
     return trained
+
+
+def _shareable(metadata: dict[str, str], base_model: str) -> dict[str, str]:
+    """The stamp as it leaves this machine: no local path (the run folder is left out; a base model given as a local
+    folder is named by its Hub id)."""
+    out = {k: v for k, v in metadata.items() if k != "sd3tune.run_dir"}
+    if "sd3tune.base_model" in out:
+        out["sd3tune.base_model"] = base_model
+    return out
 
 
 def _name(file: Path, run_root: Path | None) -> str:

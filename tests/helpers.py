@@ -190,3 +190,19 @@ def simpletuner_namespace(run: Path, fmt: str):
         os.environ.clear()
         os.environ.update(old_env)
     return get_argument_parser().parse_known_args(args)[0]
+
+
+def sketch(size=(320, 192)):
+    """A landscape picture (PIL) no flip or turn leaves the same: a gradient, a red block top left, a blue bar right,
+    a yellow disc."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    pixels = np.zeros((h, w, 3), np.uint8)
+    pixels[..., 1] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
+    pixels[: h // 3, : w // 4] = (230, 20, 20)
+    pixels[:, -w // 8:] = (20, 20, 230)
+    image = Image.fromarray(pixels)
+    ImageDraw.Draw(image).ellipse((w // 3, h // 2, w // 3 + 30, h // 2 + 30), fill=(250, 250, 0))
+    return image

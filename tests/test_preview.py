@@ -8,21 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 
-from helpers import assert_one_line_user_error, sd3tune
-
-
-def sketch(size=(320, 192)) -> Image.Image:
-    """A landscape drawing no turn leaves the same: a red block top left, a blue bar right, a gradient."""
-    w, h = size
-    pixels = np.zeros((h, w, 3), np.uint8)
-    pixels[..., 1] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
-    pixels[: h // 3, : w // 4] = (230, 20, 20)
-    pixels[:, -w // 8:] = (20, 20, 230)
-    image = Image.fromarray(pixels)
-    ImageDraw.Draw(image).text((w // 3, h // 2), "UP", fill=(255, 255, 255))
-    return image
+from helpers import assert_one_line_user_error, sd3tune, sketch
 
 
 @pytest.fixture()

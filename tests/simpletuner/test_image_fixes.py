@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageOps
+from helpers import sketch
+from PIL import Image, ImageOps
 
 from sd3tune.simpletuner.compat import ALPHA_BACKGROUND_ENV
 
@@ -23,18 +24,6 @@ def prepared(folder, files, tmp_path, background=None) -> dict:
     scratch = tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
     return {p.source.name: p for p in prepare_images(entry, RUN_ARGS, files, scratch, background=background)}
-
-
-def sketch(size=(320, 192)) -> Image.Image:
-    """A landscape picture no flip or turn leaves the same: a gradient, a red block top left, a blue bar right."""
-    w, h = size
-    pixels = np.zeros((h, w, 3), np.uint8)
-    pixels[..., 1] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
-    pixels[: h // 3, : w // 4] = (230, 20, 20)
-    pixels[:, -w // 8:] = (20, 20, 230)
-    image = Image.fromarray(pixels)
-    ImageDraw.Draw(image).ellipse((w // 3, h // 2, w // 3 + 30, h // 2 + 30), fill=(250, 250, 0))
-    return image
 
 
 def as_prepared(shown: Image.Image, item) -> Image.Image:

@@ -52,3 +52,14 @@ def test_a_file_or_zero_steps_is_refused_before_anything_is_built(tmp_path):
     folder = tmp_path / "demo"
     assert_one_line_user_error(sd3tune("quickstart", folder, "--steps", "0"), "--steps 0 must be at least 1")
     assert not folder.exists()
+
+
+def test_the_tiny_run_options_are_a_fresh_copy_each_time(tmp_path):
+    # a test that added repeats to its options changed every later tiny run on that worker (shared dicts)
+    from sd3tune.commands.quickstart import tiny_init_options
+
+    first = tiny_init_options(tmp_path / "a", tmp_path, tmp_path, steps=4, checkpoint_every=2)
+    first.image_backend_overrides["repeats"] = 3
+    first.overrides["data"]["resolution"] = 128
+    again = tiny_init_options(tmp_path / "b", tmp_path, tmp_path, steps=4, checkpoint_every=2)
+    assert "repeats" not in again.image_backend_overrides and again.overrides["data"]["resolution"] == 64

@@ -35,10 +35,13 @@ TINY_BACKEND = {"crop": True, "crop_aspect": "square"}
 
 def tiny_init_options(run_dir: Path, data: Path, model: Path, steps: int, checkpoint_every: int,
                       force: bool = False) -> InitOptions:
-    """`sd3tune init` options of a CPU-sized run of the tiny model (the quickstart's, and the tests')."""
+    """`sd3tune init` options of a CPU-sized run of the tiny model (the quickstart's, and the tests'): its own copies
+    of the settings, which a caller may change."""
+    import copy
+
     return InitOptions(run_dir=run_dir, data=data, model=str(model), trigger=TRIGGER, steps=steps, force=force,
-                       overrides={**TINY_OVERRIDES, "checkpoints": {"step_interval": checkpoint_every}},
-                       image_backend_overrides=TINY_BACKEND)
+                       overrides=copy.deepcopy({**TINY_OVERRIDES, "checkpoints": {"step_interval": checkpoint_every}}),
+                       image_backend_overrides=dict(TINY_BACKEND))
 
 
 @dataclass

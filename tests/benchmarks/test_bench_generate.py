@@ -18,7 +18,7 @@ def test_bench_generate_runs_at_tiny_size(train_bench, bench_work):
     # Reuses the tiny model bench_train built, and generates with the LoRA it trained.
     variants = ("default", "compile", "fp8", "compile-qkv", "compile-autotune")
     proc, result = run_script("bench_generate.py", "--size", "tiny", "--work", str(bench_work), "--variants",
-                              ",".join(variants), "--images", "4", "--batch-size", "2", "--steps", "8",
+                              ",".join(variants), "--images", "4", "--batch-size", "2", "--steps", "2",
                               "--anchor-images", "1", "--lora", str(bench_work / "runs" / "default"), "--profile",
                               timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

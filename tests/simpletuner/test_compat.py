@@ -39,6 +39,7 @@ replaced = {
     "tensorboard_hparams": "accelerate.tracking:TensorBoardTracker.store_init_configuration",
     "displayed_orientation": "simpletuner.helpers.image_manipulation.load:load_image",
     "alpha_on_background": "simpletuner.helpers.image_manipulation.load:_trainingsample_array_to_rgb_image",
+    "unloaded_model_families": "simpletuner.helpers.models.registry:LazyModelClass.__getattr__",
 }
 marked = {}
 for fix, where in replaced.items():
@@ -53,6 +54,10 @@ marked["cpu_process_group"] = os.environ.get("ACCELERATE_USE_CPU") == "true" or 
 # the local data backend and the metadata scan imported load_image by name: they must hold the fixed one
 for user in ("simpletuner.helpers.data_backend.local", "simpletuner.helpers.metadata.backends.discovery"):
     marked[user] = getattr(importlib.import_module(user).load_image, "sd3tune_fix", False)
+# SimpleTuner's listings of its model families (the option registry, configure.py) imported no family's module
+importlib.import_module("simpletuner.configure")
+marked["no model family loaded"] = not [m for m in sys.modules
+                                        if m.startswith("simpletuner.helpers.models.") and m.endswith(".model")]
 print("RESULT " + json.dumps({"outcomes": compat.OUTCOMES, "marked": marked,
                               "untraced": type(factory.tracemalloc).__name__}))
 """
@@ -193,3 +198,33 @@ def test_train_shows_a_fix_that_did_not_apply_as_a_warning(tiny_init_options, mo
                "simpletuner.helpers.data_backend.runtime.batch_fetcher has no _set_epoch_step_for_training_step "
                "(training goes on without it)")
     assert [s for s in said if "did not apply" in s] == [warning]
+
+
+def test_model_family_answers_apply_only_with_the_catalog_of_the_installed_release(tmp_path, monkeypatch):
+    # fix 17 answers SimpleTuner's family listings from catalog.json: a catalog of another release, or of other
+    # families, would answer wrongly, so the fix says it did not apply
+    import importlib.util
+    from importlib.metadata import version
+
+    from sd3tune.simpletuner.compat import unloaded_model_families as fix
+
+    (tmp_path / "fake_registry.py").write_text(
+        "import importlib\n"
+        "class LazyModelClass:\n"
+        "    def __getattr__(self, name):\n"
+        "        return importlib.import_module(name)\n"
+        "class ModelRegistry:\n"
+        "    _metadata = {'sd3': {}}\n"
+        "    @classmethod\n"
+        "    def _load_metadata(cls):\n"
+        "        pass\n")
+    spec = importlib.util.spec_from_file_location("fake_registry", tmp_path / "fake_registry.py")
+    registry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(registry)
+    installed = version("simpletuner")
+    monkeypatch.setattr(fix, "_families", lambda: ("0.0.1", {"sd3": {}}))
+    assert fix.applies_to(registry) == f"the catalog is of SimpleTuner 0.0.1, not the installed {installed}"
+    monkeypatch.setattr(fix, "_families", lambda: (installed, {"sd3": {}, "flux": {}}))
+    assert "model families are not SimpleTuner's" in fix.applies_to(registry)
+    monkeypatch.setattr(fix, "_families", lambda: (installed, {"sd3": {}}))
+    assert fix.applies_to(registry) is None

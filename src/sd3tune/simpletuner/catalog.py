@@ -119,8 +119,17 @@ def build_catalog_from_simpletuner() -> dict[str, Any]:
         name = arg.lstrip("-").split("=", 1)[0]
         if name in options and "=" not in arg and key not in keys.ENV_LOADER_SKIPS:
             env_keys[key] = name
+    from simpletuner.helpers.models.registry import LazyModelClass, ModelRegistry
+
+    from sd3tune.simpletuner.compat.unloaded_model_families import capabilities
+
+    ModelRegistry._load_metadata()
+    classes = {family: ModelRegistry.get(family) for family in sorted(ModelRegistry._metadata)}
+    families = {family: capabilities(cls.get_real_class() if isinstance(cls, LazyModelClass) else cls)
+                for family, cls in classes.items()}
     return {"simpletuner_version": version("simpletuner"), "options": dict(sorted(options.items())),
-            "env_keys": dict(sorted(env_keys.items())), "optimizers": sorted(optimizer_choices)}
+            "env_keys": dict(sorted(env_keys.items())), "optimizers": sorted(optimizer_choices),
+            "model_families": families}
 
 
 def dump_catalog(data: dict[str, Any]) -> str:

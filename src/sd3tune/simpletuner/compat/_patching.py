@@ -19,6 +19,14 @@ def replace(owner, name: str, make) -> None:
     setattr(owner, name, replacement)
 
 
+def has_accelerator(torch) -> bool:
+    """Whether this host has a CUDA or MPS device for torch (a broken CUDA install counts as none)."""
+    try:
+        return bool(torch.cuda.is_available() or torch.backends.mps.is_available())
+    except Exception:  # pragma: no cover - a broken CUDA install
+        return False
+
+
 def _parameters(fn) -> list[str]:
     kinds = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
     return [kinds.get(p.kind, p.name) for p in inspect.signature(fn).parameters.values()]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from sd3tune.simpletuner.compat._patching import expect
+from sd3tune.simpletuner.compat._patching import expect, has_accelerator
 
 USE_CPU_ENV = "ACCELERATE_USE_CPU"
 
@@ -33,9 +33,5 @@ def applies_to(state) -> str | None:
 def apply(state) -> None:
     import torch
 
-    try:
-        gpu = torch.cuda.is_available() or torch.backends.mps.is_available()
-    except Exception:  # pragma: no cover - a broken CUDA install counts as none
-        gpu = False
-    if not gpu:
+    if not has_accelerator(torch):
         os.environ[USE_CPU_ENV] = "true"

@@ -3,7 +3,7 @@ no NVIDIA driver". Make it a no-op when no accelerator exists."""
 
 from __future__ import annotations
 
-from sd3tune.simpletuner.compat._patching import expect
+from sd3tune.simpletuner.compat._patching import expect, has_accelerator
 
 
 def applies_to(torch) -> str | None:
@@ -11,9 +11,5 @@ def applies_to(torch) -> str | None:
 
 
 def apply(torch) -> None:
-    try:
-        has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available()
-    except Exception:  # pragma: no cover - a broken CUDA install counts as none
-        has_accelerator = False
-    if not has_accelerator:
+    if not has_accelerator(torch):
         torch.Tensor.pin_memory = lambda self, *args, **kwargs: self

@@ -11,11 +11,14 @@ only when their module loads (``cosmos2image``, ``sd2x``, ...): sd3tune trains `
 
 from __future__ import annotations
 
+import functools
+
 from sd3tune.simpletuner.compat._patching import expect, replace
 
 ANSWERED = ("MODEL_TYPE", "supports_lora", "supports_controlnet")
 
 
+@functools.lru_cache(maxsize=1)
 def _families() -> tuple[str, dict[str, dict]]:
     import json
 

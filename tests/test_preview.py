@@ -65,6 +65,14 @@ def test_preview_writes_what_simpletuner_encodes_as_displayed(run, art, tmp_path
     from sd3tune.checks import check_run
 
     assert check_run(run).summary.buckets == {i["bucket"]: 1 for i in record["images"]}
+    assert "crops at random" not in result.err  # uncropped: the preview is what trains
+    # a random crop is drawn again when SimpleTuner caches each latent: the preview says it shows one draw
+    backends = run / "config" / "multidatabackend.json"
+    entries = json.loads(backends.read_text())
+    entries[0].update(crop=True, crop_style="random", crop_aspect="square")
+    backends.write_text(json.dumps(entries))
+    again = sd3tune("preview", run, "--out", out, "--limit", "1", "--force")
+    assert again.code == 0 and "crops at random (crop_style random): the preview shows one draw" in again.err
 
 
 def test_bad_input_is_one_line_and_overwrites_nothing(run, art, tmp_path):

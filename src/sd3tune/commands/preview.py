@@ -108,6 +108,9 @@ def run_preview(opts: PreviewOptions, on_status: Callable[[str], None] = lambda 
             left = None if left is None else left - len(infos)
             by_path = {i.path: i for i in infos}
             on_status(f"preparing {len(infos)} images of {backend.id} with SimpleTuner's own code ...")
+            if backend.crop and backend.crop_style == "random":  # what sd3tune cannot show exactly: say so
+                on_status(f"note: {backend.id} crops at random (crop_style random): the preview shows one draw; "
+                          "SimpleTuner draws its own crop when it caches each latent")
             entry = backend.model_dump(mode="json", exclude_none=True)
             entry["instance_data_dir"] = str(folder)
 

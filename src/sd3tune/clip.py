@@ -57,11 +57,11 @@ class ClipModel:
     def load(cls, spec: str, origin: str | None = None) -> "ClipModel":
         """Load ``spec`` (a local folder or a Hub id). ``origin`` names where the spec came from when the user did
         not pass --clip-model (e.g. the run's sd3tune.json): the error messages then say so."""
-        from transformers import CLIPModel, CLIPProcessor
-
         from sd3tune.runtime import quiet_libraries
 
-        quiet_libraries()
+        quiet_libraries()  # first: before transformers' import
+        from transformers import CLIPModel, CLIPProcessor
+
         what = f"--clip-model {spec}" if origin is None else f"CLIP model {spec} (from {origin})"
         fix = "" if origin is None else "; or pass --clip-model PATH|HUB_ID"
         local = Path(spec).expanduser()

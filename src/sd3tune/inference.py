@@ -172,9 +172,9 @@ def load_pipeline(model: str, device: str = "auto", dtype: str = "auto", lora: L
         raise Sd3tuneError(f"--offload {offload} needs a CUDA GPU (it moves the model between GPU and CPU memory); "
                            f"this runs on {dev}", hint="drop --offload")
     torch_dtype = pick_dtype(dtype, dev)
+    quiet_libraries()  # first: before diffusers' import
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    quiet_libraries()
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": local_only}
     if drop_t5:
         kwargs.update(text_encoder_3=None, tokenizer_3=None)

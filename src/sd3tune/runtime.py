@@ -22,9 +22,15 @@ def check_runtime_choices(device: str, dtype: str, offload: str = "none") -> Non
 
 
 def quiet_libraries() -> None:
-    """Keep diffusers/transformers to errors and no loading bars: sd3tune prints its own progress."""
+    """Keep diffusers/transformers to errors and no loading bars: sd3tune prints its own progress. Called before
+    they are first imported, it also has Python make its package map once for both (compat fix 18: ~0.6 s CPU each)."""
+    import importlib.metadata
     import warnings
 
+    from sd3tune.simpletuner.compat import package_map_once
+
+    if package_map_once.applies_to(importlib.metadata) is None:  # a speed-up only: another Python goes without it
+        package_map_once.apply(importlib.metadata)
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 

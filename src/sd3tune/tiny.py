@@ -143,13 +143,13 @@ def build_random_sd3(out_dir: str | Path, sizes: RandomSd3Sizes, seed: int = 0, 
                      dtype: Any = None) -> Path:
     """Write a random StableDiffusion3Pipeline of ``sizes`` to ``out_dir``: built on ``device``, the transformer and
     text encoders cast to ``dtype`` when given (the VAE stays float32, as in the real SD3 Medium)."""
+    from sd3tune.runtime import quiet_libraries
+
+    quiet_libraries()  # first: before diffusers' and transformers' imports
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from sd3tune.runtime import quiet_libraries
-
-    quiet_libraries()
     out = Path(out_dir)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as td:
@@ -224,12 +224,12 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) ->
 
     For tests and the offline quickstart only: its numbers move when images move, but mean nothing perceptually.
     """
+    from sd3tune.runtime import quiet_libraries
+
+    quiet_libraries()  # first: before transformers' import
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from sd3tune.runtime import quiet_libraries
-
-    quiet_libraries()
     out = Path(out_dir)
     with tempfile.TemporaryDirectory() as td, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -40,6 +40,7 @@ replaced = {
     "displayed_orientation": "simpletuner.helpers.image_manipulation.load:load_image",
     "alpha_on_background": "simpletuner.helpers.image_manipulation.load:_trainingsample_array_to_rgb_image",
     "unloaded_model_families": "simpletuner.helpers.models.registry:LazyModelClass.__getattr__",
+    "package_map_once": "importlib.metadata:packages_distributions",
 }
 marked = {}
 for fix, where in replaced.items():
@@ -228,3 +229,25 @@ def test_model_family_answers_apply_only_with_the_catalog_of_the_installed_relea
     assert "model families are not SimpleTuner's" in fix.applies_to(registry)
     monkeypatch.setattr(fix, "_families", lambda: (installed, {"sd3": {}}))
     assert fix.applies_to(registry) is None
+
+
+def test_the_package_map_made_once_is_the_one_python_makes():
+    # fix 18: transformers and diffusers each asked Python for it on import (~0.6 s CPU each, most of it checking
+    # ~23,000 files exist); the fix's names, wheel by wheel, and its whole map equal upstream's on this environment
+    import collections
+    import importlib.metadata as metadata
+
+    from sd3tune.simpletuner.compat import package_map_once as fix
+
+    assert fix.applies_to(metadata) is None
+    upstream = collections.defaultdict(list)
+    for dist in metadata.distributions():
+        if not metadata._top_level_declared(dist):
+            assert sorted(fix._top_level_inferred(dist)) == sorted(metadata._top_level_inferred(dist)), dist.name
+        for name in metadata._top_level_declared(dist) or metadata._top_level_inferred(dist):
+            upstream[name].append(dist.metadata["Name"])
+    fixed = types.SimpleNamespace(**vars(metadata))  # the fix applied to a copy: this process keeps Python's
+    fix.apply(fixed)
+    assert fixed.packages_distributions() == dict(upstream) and len(upstream) > 100
+    fixed.packages_distributions()["torch"].append("changed by a caller")
+    assert fixed.packages_distributions()["torch"] == upstream["torch"]  # made once, each caller gets a copy

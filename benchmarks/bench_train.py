@@ -484,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in names}
     cfg = runs[names[0]][1]
     first_preset = PRESET_VARIANTS[names[0]][0] if names[0] in PRESET_VARIANTS else args.preset or "default"
-    report("config", {"preset": first_preset, "variant": names[0], "format": args.format, "resolution": cfg.data.resolution,
+    report("config", {"preset": first_preset, "variant": names[0], "format": args.format,
+                      "resolution": cfg.data.resolution,
                       "batch": cfg.optim.train_batch_size, "rank": cfg.lora.rank, "steps": steps, "warmup": warmup,
                       "optimizer": cfg.optim.optimizer, "grad_clip": cfg.optim.grad_clip_method,
                       "lora_dropout": cfg.lora.dropout, "gradient_checkpointing": cfg.precision.gradient_checkpointing,

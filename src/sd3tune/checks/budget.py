@@ -128,8 +128,7 @@ class MemoryFit:
     rows: int
 
     def estimate(self, batch: int, pixels: float, checkpointing: float, quantised: bool) -> float:
-        x = _features(batch, pixels, checkpointing, quantised)
-        return sum(self.coefficients[t] * v for t, v in zip(TERMS, x))
+        return sum(self.coefficients[t] * v for t, v in zip(TERMS, _features(batch, pixels, checkpointing, quantised)))
 
 
 def fit_memory(rows: list[dict]) -> MemoryFit:
@@ -146,10 +145,8 @@ def fit_memory(rows: list[dict]) -> MemoryFit:
             break
         free.pop()  # the rows cannot separate the last term from the others: it keeps its prior
     coefficients = {**{TERMS[i]: c for i, c in fixed.items()}, **{TERMS[i]: c for i, c in zip(free, solved)}}
-    fit = MemoryFit(coefficients, tuple(TERMS[i] for i in free), 0.0, len(rows))
-    error = max((abs(fit.estimate(r["batch"], r["side"] ** 2, r["checkpointing"], r["quantised"]) - r["gib"])
-                 for r in rows), default=0.0)
-    return MemoryFit(coefficients, fit.fitted, round(error, 2), len(rows))
+    error = max((abs(sum(coefficients[t] * v for t, v in zip(TERMS, x)) - y) for x, y in zip(xs, ys)), default=0.0)
+    return MemoryFit(coefficients, tuple(TERMS[i] for i in free), round(error, 2), len(rows))
 
 
 @functools.cache

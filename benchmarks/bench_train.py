@@ -97,6 +97,7 @@ TRAIN_OPTIONS: dict[str, dict[str, Any]] = {name: {"cuda_graphs": True} for name
                                             if name.startswith("cuda-graphs")}
 # What SimpleTuner resolved (OUTPUT_DIR/simpletuner_config.json): proves which settings the run really used.
 RESOLVED = ["optimizer", "grad_clip_method", "max_grad_norm", "lora_dropout", "lora_rank", "gradient_checkpointing",
+            "base_model_precision", "text_encoder_3_precision", "validation_disable",
             "mixed_precision", "train_batch_size", "resolution", "attention_mechanism", "dynamo_backend",
             "dynamo_mode", "dynamo_use_regional_compilation", "dynamo_wrapper", "dataloader_prefetch",
             "compress_disk_cache", "optimizer_config", "set_grads_to_none"]

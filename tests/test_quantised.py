@@ -1,5 +1,5 @@
 """A quantised base (int8-quanto, what the 8gb preset uses) trains the tiny SD3 to the end through the real SimpleTuner
-on CPU, and its LoRA changes the model. (On an H100 it died at the first step before compat fix 18; that fix is shown
+on CPU, and its LoRA changes the model. (On an H100 it died at the first step before compat fix 19; that fix is shown
 in tests/simpletuner/test_pins.py.)"""
 
 from __future__ import annotations

@@ -330,7 +330,7 @@ def test_compat_lets_torch_walk_its_ops_after_the_quanto_workaround(tmp_path):
     """On a CUDA host the pinned quanto workarounds put a plain function where torch keeps the op
     ``quanto::gemm_f16f8_marlin``; the first import of torch._inductor then dies with "'CustomDecompTable' object is not
     a mapping" (a quantised run at its first step on an H100). Shown on this host by faking CUDA, with the locked
-    torch; compat fix 18 makes the walk pass and keeps SimpleTuner's cast."""
+    torch; compat fix 19 makes the walk pass and keeps SimpleTuner's cast."""
     out = _result(subprocess.run([sys.executable, "-c", _QUANTO_CUDA], capture_output=True, text=True, cwd=tmp_path,
                                  timeout=600))
     assert out["replaced_by"] == "function"

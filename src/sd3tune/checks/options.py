@@ -72,7 +72,7 @@ def check_traps(ctx: Context) -> list[Finding]:
         elif value.endswith("-quanto"):
             out.append(warning(f, ctx.where("base_model_precision"),
                                f"{value} is not proven on a GPU: it died at the first training step with torch 2.11 "
-                               "before sd3tune's compat fix 18; since, it trains the tiny model on CPU",
+                               "before sd3tune's compat fix 19; since, it trains the tiny model on CPU",
                                "prove it on your GPU with a short run, or use no_change with gradient checkpointing"))
     if ctx.valid("validation_resolution"):
         res = cfg.validation.resolution

@@ -73,7 +73,7 @@ PRESETS: dict[str, Preset] = {
          "extra": {"text_encoder_3_precision": "int8-quanto"}},
         verified=False,
         caveat="unverified: the 8gb preset is a candidate, not measured on a GPU: its int8-quanto base trains on "
-               "CPU (sd3tune's compat fix 18 removed the crash it had at the first step on an H100), but no 8 GB "
+               "CPU (sd3tune's compat fix 19 removed the crash it had at the first step on an H100), but no 8 GB "
                "run was measured",
     ),
 }

@@ -48,7 +48,7 @@ FIXES = {
     # before the data backends import load_image by name: they get the fixed one
     "simpletuner.helpers.image_manipulation.load": (displayed_orientation, alpha_on_background),  # fixes 15, 16
     "simpletuner.helpers.models.registry": (unloaded_model_families,),  # fix 17
-    "simpletuner.helpers.training.quantisation.quanto_workarounds": (walkable_quanto_ops,),  # fix 18
+    "simpletuner.helpers.training.quantisation.quanto_workarounds": (walkable_quanto_ops,),  # fix 19
 }
 
 NOT_APPLIED = "sd3tune: fix {name} did not apply: {why}"  # `sd3tune train` relays these lines (launch.py)

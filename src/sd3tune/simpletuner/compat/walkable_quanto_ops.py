@@ -1,4 +1,4 @@
-"""Fix 18: on a CUDA host SimpleTuner's quanto workarounds replace the op ``torch.ops.quanto.gemm_f16f8_marlin`` by a
+"""Fix 19: on a CUDA host SimpleTuner's quanto workarounds replace the op ``torch.ops.quanto.gemm_f16f8_marlin`` by a
 plain function (a dtype cast around the op). torch walks every op namespace when it first builds Inductor's
 decomposition table (``{**core_aten_decompositions()}``, torch/_inductor/decomposition.py, reached by importing
 ``torch._inductor``: compiling, CUDA-graph step markers) and calls ``op_overloads()`` on each op it lists there: the

@@ -24,7 +24,10 @@ regional-cudagraphs (+ dynamo_mode=reduce-overhead), regional-cudagraphs-noprefe
 enabled"), inductor (the whole model compiled), cuda-graphs (the default + `sd3tune train --cuda-graphs`: the
 transformer's training forward and backward replayed from CUDA graphs, no compile), cuda-graphs-noprefetch,
 fused-adamw (optimizer_config=fused=true: torch's fused AdamW kernel), cuda-graphs-fused-adamw, traced-allocations
-(the default with every Python allocation traced, as the pinned SimpleTuner ran before compat fix 10).
+(the default with every Python allocation traced, as the pinned SimpleTuner ran before compat fix 10);
+preset-16gb, preset-12gb, preset-8gb (what `sd3tune init --preset 16gb|12gb|8gb` writes, whatever --preset says),
+preset-8gb-bf16 (the 8gb preset without its int8 base). Every variant reports max_memory_reserved_gib:
+torch.cuda.max_memory_reserved in the training process (n/a on CPU).
 Each variant compiles with an empty compile cache of its own (what a first run sees); --warm-cache shares one.
 
 --anchor-json FILE takes the anchor from benchmarks/anchor_sd3m.py's anchor.json (its
@@ -80,12 +83,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # started in the training process; BENCH_SITE_ENV), to measure what that fix gains on this machine
     "traced-allocations": {},
 }
+# The small-card presets (issue 32): a variant that is `sd3tune init --preset P` as written, its peak GPU memory read
+# as torch's max_memory_reserved in the training process (`V.max_memory_reserved_gib`); 8gb-bf16 is the 8gb preset
+# without the int8 base (does checkpointing alone fit 8 GB?).
+PRESET_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "preset-16gb": ("16gb", {}), "preset-12gb": ("12gb", {}), "preset-8gb": ("8gb", {}),
+    "preset-8gb-bf16": ("8gb", {"base_model_precision": "no_change"}),
+}
+VARIANTS.update({name: extra for name, (_, extra) in PRESET_VARIANTS.items()})
 TRACED_ALLOCATIONS = {"traced-allocations"}
 # Variants that also set `sd3tune train` options (TrainOptions fields), not only SimpleTuner ones.
 TRAIN_OPTIONS: dict[str, dict[str, Any]] = {name: {"cuda_graphs": True} for name in VARIANTS
                                             if name.startswith("cuda-graphs")}
 # What SimpleTuner resolved (OUTPUT_DIR/simpletuner_config.json): proves which settings the run really used.
 RESOLVED = ["optimizer", "grad_clip_method", "max_grad_norm", "lora_dropout", "lora_rank", "gradient_checkpointing",
+            "base_model_precision", "text_encoder_3_precision", "validation_disable",
             "mixed_precision", "train_batch_size", "resolution", "attention_mechanism", "dynamo_backend",
             "dynamo_mode", "dynamo_use_regional_compilation", "dynamo_wrapper", "dataloader_prefetch",
             "compress_disk_cache", "optimizer_config", "set_grads_to_none"]
@@ -156,7 +168,8 @@ def init_variant(name: str, extra: dict[str, Any], args: argparse.Namespace, mod
         bench["optim"] = {"train_batch_size": args.batch}
     overrides = merge(TINY_OVERRIDES, bench) if small(size) else bench
     overrides = merge(overrides, keys.from_simpletuner_args(extra))  # typed sections where sd3tune has a field
-    result = run_init(InitOptions(run_dir=run_dir, data=data, model=str(model), preset=args.preset or DEFAULT_PRESET,
+    preset = PRESET_VARIANTS[name][0] if name in PRESET_VARIANTS else args.preset or DEFAULT_PRESET
+    result = run_init(InitOptions(run_dir=run_dir, data=data, model=str(model), preset=preset,
                                   steps=steps, overrides=overrides, format=args.format,
                                   image_backend_overrides=TINY_BACKEND if small(size) else {}, force=True))
     return run_dir, result.config
@@ -273,17 +286,20 @@ def cold_compile_cache(run_dir: Path) -> None:
 
 BENCH_SITE = Path(__file__).resolve().parent / "_profile_site"
 BENCH_SITE_ENV = "SD3TUNE_BENCH_TRACEMALLOC"  # "1": _profile_site starts tracemalloc (variant traced-allocations)
+BENCH_MEMORY_ENV = "SD3TUNE_BENCH_MEMORY"  # FILE: _profile_site writes torch's peak GPU memory there at exit
 TRACING_MARK = "sd3tune bench: tracing Python allocations"  # what _profile_site prints when it did
 
 
 @contextlib.contextmanager
-def bench_launches(profile: str | None, out: Path, trace_allocations: bool = False) -> Iterator[None]:
+def bench_launches(profile: str | None, out: Path, trace_allocations: bool = False,
+                   memory: Path | None = None) -> Iterator[None]:
     """While active, `sd3tune train` launches SimpleTuner with ``_profile_site`` loaded next to sd3tune's compat fixes:
     with ``profile``, the step profiler (step_profile.py) writing its summary to ``out``; with ``trace_allocations``,
-    tracemalloc started as the pinned SimpleTuner left it. Benchmark aids: the product never loads them."""
+    tracemalloc started as the pinned SimpleTuner left it; with ``memory``, torch's peak GPU memory of the training
+    process written to that file at its exit. Benchmark aids: the product never loads them."""
     from sd3tune.commands import train
 
-    if profile is None and not trace_allocations:
+    if profile is None and not trace_allocations and memory is None:
         yield
         return
     original = train.build_launch
@@ -297,6 +313,8 @@ def bench_launches(profile: str | None, out: Path, trace_allocations: bool = Fal
                 env[step_profile.TRACE_ENV] = os.environ[step_profile.TRACE_ENV]
         if trace_allocations:
             env[BENCH_SITE_ENV] = "1"
+        if memory is not None:
+            env[BENCH_MEMORY_ENV] = str(memory)
         return dataclasses.replace(plan, env=env)
 
     train.build_launch = build_launch
@@ -355,7 +373,9 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
     error = None
     result = None
     profile_path = run_dir / "logs" / "step-profile.json"
-    with PeakMemory(mem_kind) as mem, bench_launches(profile, profile_path, name in TRACED_ALLOCATIONS):
+    torch_peak = run_dir / "logs" / "torch-peak-memory.json"
+    torch_peak.unlink(missing_ok=True)
+    with PeakMemory(mem_kind) as mem, bench_launches(profile, profile_path, name in TRACED_ALLOCATIONS, torch_peak):
         try:
             result = run_train(TrainOptions(run_dir=run_dir, **TRAIN_OPTIONS.get(name, {})), on_progress=on_progress,
                                on_status=on_status)
@@ -409,10 +429,24 @@ def run_variant(name: str, run_dir: Path, extra: dict[str, Any], mem_kind: str, 
                "SimpleTuner's smoothed rate, for comparison")
     report(p + "wall_s", round(result.seconds, 1))
     out["peak_mem_gib"] = report(p + "peak_mem_gib", mem.gib, mem.how)
+    out["max_memory_reserved_gib"] = report(p + "max_memory_reserved_gib", *torch_peak_gib(torch_peak))
     out["losses"] = losses
     if profile:
         report_profile(name, profile_path, report)
     return out
+
+
+def torch_peak_gib(path: Path) -> tuple[float | None, str]:
+    """torch.cuda.max_memory_reserved of the training process (what _profile_site wrote at its exit), with a note."""
+    try:
+        peak = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None, "n/a: the training process wrote no peak (it did not exit normally)"
+    if peak.get("max_memory_reserved") is None:
+        return None, "n/a: no CUDA in the training process"
+    return round(peak["max_memory_reserved"] / 2**30, 2), (
+        f"torch.cuda.max_memory_reserved in the training process; max allocated "
+        f"{peak['max_memory_allocated'] / 2**30:.2f} GiB")
 
 
 def loss_gap(a: dict[int, float], b: dict[int, float]) -> float | None:
@@ -450,7 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = {name: init_variant(name, {**VARIANTS[name], **extra_all}, args, model, data, size, run_steps, resolution)
             for name in names}
     cfg = runs[names[0]][1]
-    report("config", {"preset": args.preset or "default", "format": args.format, "resolution": cfg.data.resolution,
+    first_preset = PRESET_VARIANTS[names[0]][0] if names[0] in PRESET_VARIANTS else args.preset or "default"
+    report("config", {"preset": first_preset, "variant": names[0], "format": args.format,
+                      "resolution": cfg.data.resolution,
                       "batch": cfg.optim.train_batch_size, "rank": cfg.lora.rank, "steps": steps, "warmup": warmup,
                       "optimizer": cfg.optim.optimizer, "grad_clip": cfg.optim.grad_clip_method,
                       "lora_dropout": cfg.lora.dropout, "gradient_checkpointing": cfg.precision.gradient_checkpointing,

@@ -9,11 +9,21 @@
 # It installs the wheels in .whl/ into SITE (default /tmp/sd3tune-site; once per host), puts SITE, src/ and the
 # kit's stubs/ (spacy, boto3: imported at start-up by unrelated model families, never used by an SD3 run) on
 # PYTHONPATH, prints the versions it runs with, then runs benchmarks/bench_suite.sh with its arguments, DEADLINE_S
-# (default 560) less the time taken so far.
+# (default 560) less the time taken so far (SUITE names another suite script: the tests' stand-in).
 # bench_suite.sh's variables (PY, SIZE, WORK, TRAIN, GEN, TRAIN_ARGS, GEN_ARGS, ANCHOR_ARGS) pass through, e.g.
 #   ANCHOR_ARGS=--skip-train TRAIN= GEN=compile,fp8 GEN_ARGS="--images 16" scripts/gpu_host.sh /tmp/out 420
 # sd3tune's own SimpleTuner fixes (src/sd3tune/simpletuner/compat) reach the training process by themselves.
+# MEASURE=presets (issue 32) measures the small-card presets against the anchor in one command: the anchor's training
+# rows, then bench_train.py's default (speed) and preset-8gb, preset-12gb, preset-16gb (each what `sd3tune init
+# --preset P` writes; V.max_memory_reserved_gib is torch's peak in the training process), no generation:
+#   MEASURE=presets scripts/gpu_host.sh /tmp/out 480
+# (TRAIN, GEN, ANCHOR_ARGS still win when set, e.g. TRAIN=default,preset-8gb,preset-8gb-bf16.)
 set -u
+if [ "${MEASURE-}" = presets ]; then
+  export TRAIN=${TRAIN-default,preset-8gb,preset-12gb,preset-16gb} GEN=${GEN-} ANCHOR_ARGS=${ANCHOR_ARGS---skip-gen}
+elif [ -n "${MEASURE-}" ]; then
+  echo "gpu_host.sh: MEASURE=$MEASURE: the one mode is MEASURE=presets" >&2; exit 2
+fi
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(dirname "$HERE")"
 ANCHOR=(); if [[ ${1-} == *.py ]]; then ANCHOR=("$1"); shift; fi
@@ -41,4 +51,4 @@ names = ("torch", "transformers", "diffusers", "peft", "accelerate", "simpletune
 print("versions: " + ", ".join(f"{n} {md.version(n)}" for n in names)
       + f"; CUDA {torch.version.cuda}, {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
 EOF
-exec "$ROOT/benchmarks/bench_suite.sh" "${ANCHOR[@]}" "$OUT" "$(( DEADLINE - ($(date +%s) - T0) ))"
+exec "${SUITE:-$ROOT/benchmarks/bench_suite.sh}" "${ANCHOR[@]}" "$OUT" "$(( DEADLINE - ($(date +%s) - T0) ))"

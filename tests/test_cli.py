@@ -93,7 +93,7 @@ def _bad_choices(tmp_path):
     generate = ["generate", "--prompt", "a castle"]
     evaluate = ["evaluate", tmp_path / "run"]
     return [
-        ([*init, "--preset", "8gb"], "8gb", PRESETS), ([*init, "--format", "yaml"], "yaml", ("env", "json")),
+        ([*init, "--preset", "6gb"], "6gb", PRESETS), ([*init, "--format", "yaml"], "yaml", ("env", "json")),
         ([*generate, "--device", "gpu"], "gpu", DEVICES), ([*generate, "--dtype", "fp64"], "fp64", DTYPES),
         ([*generate, "--offload", "gpu"], "gpu", OFFLOADS),
         ([*evaluate, "--device", "tpu"], "tpu", DEVICES), ([*evaluate, "--dtype", "int8"], "int8", DTYPES),

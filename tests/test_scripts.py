@@ -38,6 +38,31 @@ def test_gpu_host_installs_the_wheels_once_and_runs_the_suite_with_them_on_the_p
     assert path.index(str(site)) < path.index(str(SCRIPTS.parent / "src")) < path.index(str(kit / "stubs"))
 
 
+def test_gpu_host_measure_presets_runs_the_anchor_s_training_rows_then_the_preset_variants(tmp_path):
+    """MEASURE=presets: the anchor without its generation rows, then bench_train.py's default and the three small-card
+    preset variants, no generation stage; TRAIN/GEN/ANCHOR_ARGS set by hand still win; another MEASURE is refused."""
+    anchor = tmp_path / "anchor.py"  # never run: the stand-in suite runs nothing
+    site, kit = tmp_path / "site", tmp_path / "kit"
+    (kit / "stubs").mkdir(parents=True)
+    (site / "simpletuner").mkdir(parents=True)
+    suite = tmp_path / "bench_suite.sh"  # a stand-in for benchmarks/bench_suite.sh: says what it was handed
+    suite.write_text('echo "TRAIN=$TRAIN GEN=[$GEN] ANCHOR_ARGS=$ANCHOR_ARGS args=$*"\n')
+    suite.chmod(0o755)
+    env = child_env(PY=sys.executable, SIZE="tiny", WORK=str(tmp_path / "work"), SITE=str(site), KIT=str(kit),
+                    SUITE=str(suite), MEASURE="presets")
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_host.sh"), str(anchor), str(tmp_path / "out"), "480"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TRAIN=default,preset-8gb,preset-12gb,preset-16gb GEN=[] ANCHOR_ARGS=--skip-gen args=" in proc.stdout
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_host.sh"), str(anchor), str(tmp_path / "out")],
+                          env={**env, "TRAIN": "default,preset-8gb-bf16"}, capture_output=True, text=True,
+                          timeout=120)
+    assert "TRAIN=default,preset-8gb-bf16 GEN=[] ANCHOR_ARGS=--skip-gen" in proc.stdout
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_host.sh"), str(anchor), str(tmp_path / "out")],
+                          env={**env, "MEASURE": "speed"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "the one mode is MEASURE=presets" in proc.stderr
+
+
 def test_gpu_prep_sends_the_kits_wheels_and_the_locked_open_clip_and_refuses_what_a_host_cannot_take(tmp_path):
     # gpu_prep.sh writes the repository's .whl/ and .gpu-host/: copy the scripts and the lock into a scratch repo
     repo = tmp_path / "repo"

@@ -46,6 +46,9 @@ def test_bench_train_runs_at_tiny_size(train_bench, bench_work):
         assert profile["gpu"]["kernels_per_step"] == 0 and profile["sync_sites"] == []  # no GPU here
         assert result[f"{who}.profile_gpu_ms_per_step_by_kind"] == {}
     assert "default.error" not in result
+    # torch's peak reserved GPU memory of the training process: none on CPU, and the script says why
+    assert result["default.max_memory_reserved_gib"] is None
+    assert "default.max_memory_reserved_gib: None  (n/a: no CUDA in the training process)" in proc.stdout
     # (the traced-allocations variant is proven by test_bench_suite's training stage)
     assert "tracing Python allocations" not in Path(result["default.log"]).read_text()
 
@@ -69,3 +72,26 @@ def test_bench_train_says_which_batch_sizes_the_anchor_json_timed(tmp_path, caps
     assert report.data["anchor.error"].endswith("(was anchor_sd3m.py run with --skip-gen or --skip-train?)")
     assert anchor_row(tmp_path / "none.json", "x", "s_per_step", "", report) is None
     assert report.data["anchor.error"].endswith("has no x row (no such file)")
+
+
+@pytest.mark.parametrize("variant", ["preset-16gb", "preset-12gb", "preset-8gb", "preset-8gb-bf16"])
+def test_each_small_card_preset_variant_trains_what_init_writes_for_its_preset(tmp_path, tiny_model, variant):
+    """The preset variants run `sd3tune init --preset P` (whatever --preset says) plus only what a benchmark needs; the
+    memory they are meant to measure is read in the training process (the default variant shows it at tiny size)."""
+    import bench_train
+
+    from sd3tune.config.presets import PRESETS
+    from sd3tune.tiny import make_concept_images
+
+    args = bench_train.parse_args(["--work", str(tmp_path), "--preset", "24gb"])
+    data = make_concept_images(tmp_path / "data", count=2, size=64)
+    _, cfg = bench_train.init_variant(variant, bench_train.VARIANTS[variant], args, tiny_model, data, "tiny", 6, 64)
+    preset = PRESETS[bench_train.PRESET_VARIANTS[variant][0]].overrides
+    assert cfg.precision.gradient_checkpointing == preset["precision"]["gradient_checkpointing"]
+    expected = "no_change" if variant.endswith("bf16") else preset["precision"].get("base_model_precision",
+                                                                                     "no_change")
+    assert cfg.precision.base_model_precision == expected
+    assert cfg.extra == preset.get("extra", {})
+    assert cfg.validation.enabled is False and cfg.data.resolution == 64
+    manifest = json.loads((tmp_path / "runs" / variant / "sd3tune.json").read_text())
+    assert manifest["init"]["preset"] == bench_train.PRESET_VARIANTS[variant][0]

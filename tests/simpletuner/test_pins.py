@@ -313,3 +313,45 @@ def test_compat_keeps_python_allocations_untraced_through_the_training_loop(prob
 
 def test_compat_leaves_tracemalloc_to_a_user_who_started_it(probes):
     probe(probes, "fixed", "user_tracemalloc")
+
+
+_QUANTO_CUDA = """
+import json, sys, torch
+torch.cuda.is_available = lambda: True  # the pinned workaround replaces the op only on a CUDA host
+calls = []
+import simpletuner.helpers.training.quantisation.quanto_workarounds as workarounds
+from sd3tune.simpletuner.compat import walkable_quanto_ops
+
+def walk():  # what importing torch._inductor does first (torch/_inductor/decomposition.py)
+    try:
+        return len({**torch._decomp.core_aten_decompositions()})
+    except TypeError as exc:
+        return str(exc)
+
+seen = {"replaced_by": type(torch.ops.quanto.gemm_f16f8_marlin).__name__, "pinned": walk(),
+        "guard": walkable_quanto_ops.applies_to(workarounds)}
+walkable_quanto_ops.apply(workarounds)
+# the wrapper calls the op it kept (a CUDA kernel): record what it is given instead
+workarounds.original_gemm_f16f8_marlin = lambda *args: calls.append([a.dtype for a in args[:3]]) or args[0]
+seen["fixed"] = walk()
+op = torch.ops.quanto.gemm_f16f8_marlin
+a, w, s = torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, dtype=torch.bfloat16)
+op(a, w, s, None, 8, 2, 2, 2)  # SimpleTuner's wrapper still casts the input to the scales' dtype
+seen.update(cast=[str(d) for d in calls[0]], overloads=op.overloads(), schema=str(op.default._schema))
+print("RESULT " + json.dumps(seen))
+"""
+
+
+def test_compat_lets_torch_walk_its_ops_after_the_quanto_workaround(tmp_path):
+    """On a CUDA host the pinned quanto workarounds put a plain function where torch keeps the op
+    ``quanto::gemm_f16f8_marlin``; the first import of torch._inductor then dies with "'CustomDecompTable' object is not
+    a mapping" (a quantised run at its first step on an H100). Shown on this host by faking CUDA, with the locked
+    torch; compat fix 19 makes the walk pass and keeps SimpleTuner's cast."""
+    out = _result(subprocess.run([sys.executable, "-c", _QUANTO_CUDA], capture_output=True, text=True, cwd=tmp_path,
+                                 timeout=600))
+    assert out["replaced_by"] == "function"
+    assert out["pinned"] == "'CustomDecompTable' object is not a mapping"  # the upstream bug
+    assert out["guard"] is None
+    assert isinstance(out["fixed"], int) and out["fixed"] > 100  # the decomposition table builds
+    assert out["cast"] == ["torch.bfloat16", "torch.int32", "torch.bfloat16"]
+    assert out["overloads"] == ["default"] and "quanto::gemm_f16f8_marlin" in out["schema"]

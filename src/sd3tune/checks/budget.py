@@ -3,8 +3,11 @@ against the card the run's init preset is made for."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,14 +83,81 @@ def _folder_size(path: Path) -> int:
     return total
 
 
-def gpu_memory_estimate(batch: int, pixels: float, checkpointing: bool, quantised: bool) -> float:
-    """Rough peak GB for SD3 Medium LoRA training, fitted to the reference profile's SimpleTuner rows at 1024 px:
-    10.8 at batch 1 and 28.0 at batch 4 without gradient checkpointing, 10.6 at batch 1 with it (+0.63 GB per extra
-    image, from the plain loop); activations scale with the image area (``pixels`` / 1024²). An int8 base saves ~2 GB.
-    """
-    base, per_image = (9.97, 0.63) if checkpointing else (5.07, 5.73)
-    estimate = base + per_image * batch * pixels / 1024**2 - (2.0 if quantised else 0.0)
-    return round(estimate, 1)
+# ------------------------------------------------------------------------------------------------ peak GPU memory
+# A linear model of the training process's peak GPU memory, fitted (least squares) to the measured peaks in
+# memory_peaks.json: peak GiB = base + eager * images + checkpointed * images + quantised, where images = batch x
+# pixels / 1024² split by the share of blocks checkpointed. A term no measured row exercises keeps its prior
+# (PRIORS, not measured: an int8 base stores SD3 Medium's 2.03 B frozen weights in 1 byte instead of 2; the plain
+# loop's +0.63 GiB per checkpointed 1024² image). Adding a row (a GPU measurement) refits every term it exercises.
+PEAKS_FILE = Path(__file__).with_name("memory_peaks.json")
+TERMS = ("base", "eager", "checkpointed", "quantised")
+PRIORS = {"checkpointed": 0.63, "quantised": -2.03e9 / 2**30}
+
+
+def _features(batch: int, pixels: float, checkpointing: float, quantised: bool) -> list[float]:
+    images = batch * pixels / 1024**2
+    share = float(checkpointing)
+    return [1.0, images * (1 - share), images * share, 1.0 if quantised else 0.0]
+
+
+def _row_features(row: dict) -> list[float]:
+    return _features(row["batch"], row["side"] ** 2, row["checkpointing"], row["quantised"])
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None when the system is singular."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-9:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(n):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [x - f * y for x, y in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    coefficients: dict[str, float]  # GiB per term
+    fitted: tuple[str, ...]  # the terms the rows determined (the others are PRIORS)
+    max_error_gib: float  # largest |estimate - measured| over the rows
+    rows: int
+
+    def estimate(self, batch: int, pixels: float, checkpointing: float, quantised: bool) -> float:
+        return sum(self.coefficients[t] * v for t, v in zip(TERMS, _features(batch, pixels, checkpointing, quantised)))
+
+
+def fit_memory(rows: list[dict]) -> MemoryFit:
+    """Least-squares fit of TERMS to the measured ``rows`` (memory_peaks.json's); a term that no row exercises, or
+    that the rows cannot tell from the others, keeps its prior."""
+    xs, ys = [_row_features(r) for r in rows], [float(r["gib"]) for r in rows]
+    free = [i for i, t in enumerate(TERMS) if t == "base" or any(x[i] for x in xs)]
+    while True:
+        fixed = {i: PRIORS[TERMS[i]] for i in range(len(TERMS)) if i not in free}
+        target = [y - sum(x[i] * c for i, c in fixed.items()) for x, y in zip(xs, ys)]
+        a = [[sum(x[i] * x[j] for x in xs) for j in free] for i in free]
+        solved = _solve(a, [sum(x[i] * t for x, t in zip(xs, target)) for i in free])
+        if solved is not None:
+            break
+        free.pop()  # the rows cannot separate the last term from the others: it keeps its prior
+    coefficients = {**{TERMS[i]: c for i, c in fixed.items()}, **{TERMS[i]: c for i, c in zip(free, solved)}}
+    error = max((abs(sum(coefficients[t] * v for t, v in zip(TERMS, x)) - y) for x, y in zip(xs, ys)), default=0.0)
+    return MemoryFit(coefficients, tuple(TERMS[i] for i in free), round(error, 2), len(rows))
+
+
+@functools.cache
+def measured_fit() -> MemoryFit:
+    return fit_memory(json.loads(PEAKS_FILE.read_text())["rows"])
+
+
+def gpu_memory_estimate(batch: int, pixels: float, checkpointing: float, quantised: bool) -> float:
+    """Peak GiB of an SD3 Medium LoRA training (fitted to memory_peaks.json, see ``measured_fit().max_error_gib``);
+    ``checkpointing`` is the share of blocks checkpointed (True: all)."""
+    return round(measured_fit().estimate(batch, pixels, checkpointing, quantised), 1)
 
 
 def check_memory(ctx: Context) -> list[Finding]:
@@ -101,11 +171,15 @@ def check_memory(ctx: Context) -> list[Finding]:
     largest = max((w * h for w, h in (map(int, k.split("x")) for k in s.buckets)), default=cfg.data.resolution ** 2)
     s.gpu_memory_gb = gpu_memory_estimate(cfg.optim.train_batch_size, largest, cfg.precision.gradient_checkpointing,
                                           cfg.precision.base_model_precision != "no_change")
+    s.gpu_memory_error_gb = measured_fit().max_error_gib
     budget = PRESET_GB.get(s.preset or "")
     if budget and s.gpu_memory_gb > budget * 0.95:
+        fit = measured_fit()
+        ways = f"lower {ctx.key('train_batch_size')} or the resolution" + (
+            "" if cfg.precision.gradient_checkpointing else ", or turn gradient checkpointing on "
+                                                            "(--gradient_checkpointing=true)")
         return [warning(ctx.file, ctx.where("train_batch_size"),
-                        f"estimated peak GPU memory ~{s.gpu_memory_gb} GB does not fit the {s.preset} preset's card",
-                        f"lower {ctx.key('train_batch_size')} or the resolution, or turn gradient checkpointing on "
-                        f"(--gradient_checkpointing=true)")]
+                        f"estimated peak GPU memory ~{s.gpu_memory_gb} GiB (fitted to {fit.rows} measured peaks, "
+                        f"within {fit.max_error_gib} GiB of each) does not fit the {s.preset} preset's card", ways)]
     return []
 

@@ -45,7 +45,8 @@ class Summary:
     steps_per_epoch: int | None = None
     epochs: float | None = None
     preset: str | None = None
-    gpu_memory_gb: float | None = None
+    gpu_memory_gb: float | None = None  # GiB, budget.gpu_memory_estimate
+    gpu_memory_error_gb: float | None = None  # the estimate's largest error over the measured peaks
     cache_gb: float | None = None
     datasets: list[DatasetShare] = field(default_factory=list)  # each image dataset's images, buckets, share
 
@@ -54,7 +55,8 @@ class Summary:
                 "buckets": self.buckets, "processes": self.processes,
                 "effective_batch_size": self.effective_batch, "steps": self.steps,
                 "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "preset": self.preset,
-                "gpu_memory_gb": self.gpu_memory_gb, "cache_gb": self.cache_gb,
+                "gpu_memory_gb": self.gpu_memory_gb,
+                "gpu_memory_error_gb": self.gpu_memory_error_gb, "cache_gb": self.cache_gb,
                 "datasets": [vars(d) for d in self.datasets]}
 
 

@@ -71,7 +71,8 @@ def check_traps(ctx: Context) -> list[Finding]:
             out.append(choice_error(f, ctx.where("base_model_precision"), value, bmp.choices, cutoff=0.5))
         elif value.endswith("-quanto"):
             out.append(warning(f, ctx.where("base_model_precision"),
-                               f"{value} died at the first training step with torch 2.11",
+                               f"{value} is not proven on a GPU: it died at the first training step with torch 2.11 "
+                               "before sd3tune's compat fix 19; since, it trains the tiny model on CPU",
                                "prove it on your GPU with a short run, or use no_change with gradient checkpointing"))
     if ctx.valid("validation_resolution"):
         res = cfg.validation.resolution

@@ -317,7 +317,8 @@ def init_command(
     trigger: Annotated[Optional[str], Opt("--trigger", help="Trigger word of the concept.")] = None,
     validation_prompt: Annotated[Optional[list[str]], Opt("--validation-prompt", help="Prompt sampled during training; "
                                                                                       "repeat for several.")] = None,
-    preset: Annotated[Preset, Opt("--preset", help="GPU memory preset: 16gb, 24gb or 80gb.", parser=parse_preset)] = Preset("24gb"),
+    preset: Annotated[Preset, Opt("--preset", help="GPU memory preset: 8gb, 12gb, 16gb, 24gb or 80gb (below 24gb "
+                                                   "unverified).", parser=parse_preset)] = Preset("24gb"),
     resolution: Annotated[Optional[int], Opt("--resolution", help="Training resolution in pixels.")] = None,
     rank: Annotated[Optional[int], Opt("--rank", help="LoRA rank.")] = None,
     steps: Annotated[Optional[int], Opt("--steps", help="Training steps.")] = None,

@@ -26,7 +26,7 @@ from sd3tune.simpletuner.compat import (alpha_on_background, blocking_prefetch, 
                                         pin_memory_without_accelerator, private_dataloader_generators,
                                         qwen3vl_output_alias, rank_lora_digest, rank_samples, replayed_sd3_training,
                                         tensorboard_hparams, torch_threads, unloaded_model_families,
-                                        untraced_factory_memory)
+                                        untraced_factory_memory, walkable_quanto_ops)
 from sd3tune.simpletuner.compat.alpha_on_background import ALPHA_BACKGROUND_ENV  # noqa: F401 (public)
 from sd3tune.simpletuner.compat.replayed_sd3_training import CUDA_GRAPHS_ENV, GRAPHED_INPUTS  # noqa: F401 (public)
 from sd3tune.simpletuner.compat.torch_threads import usable_cores  # noqa: F401 (public)
@@ -50,6 +50,7 @@ FIXES = {
     "simpletuner.helpers.image_manipulation.load": (displayed_orientation, alpha_on_background),  # fixes 15, 16
     "simpletuner.helpers.models.registry": (unloaded_model_families,),  # fix 17
     "importlib.metadata": (package_map_once,),  # fix 18 (imported before sitecustomize runs: applied at once)
+    "simpletuner.helpers.training.quantisation.quanto_workarounds": (walkable_quanto_ops,),  # fix 19
 }
 
 NOT_APPLIED = "sd3tune: fix {name} did not apply: {why}"  # `sd3tune train` relays these lines (launch.py)

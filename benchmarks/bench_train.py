@@ -79,8 +79,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # per cent of an eager step in py-spy (README.md)
     "fused-adamw": {**_EAGER, "dataloader_prefetch": True, "optimizer_config": "fused=true"},
     "cuda-graphs-fused-adamw": {**_EAGER, "dataloader_prefetch": True, "optimizer_config": "fused=true"},
-    # the default as the pinned SimpleTuner ran it before compat fix 10: every Python allocation traced (tracemalloc
-    # started in the training process; BENCH_SITE_ENV), to measure what that fix gains on this machine
+    # the default as the pinned SimpleTuner ran it before compat fix 10: every Python allocation traced from its data
+    # backend factory on (tracemalloc started there in the training process; BENCH_SITE_ENV), to measure what that
+    # fix gains on this machine
     "traced-allocations": {},
 }
 # The small-card presets (issue 32): a variant that is `sd3tune init --preset P` as written, its peak GPU memory read

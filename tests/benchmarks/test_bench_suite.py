@@ -8,23 +8,29 @@ import sys
 from pathlib import Path
 
 import pytest
-from bench_helpers import BENCHMARKS, NOT_ACCEPTANCE
+from bench_helpers import BENCHMARKS, NOT_ACCEPTANCE, positive
 from helpers import child_env
 
 pytestmark = pytest.mark.bench
 
 
+GENERATE_VARIANTS = ("default", "compile", "fp8", "compile-qkv", "compile-autotune")
+
+
 @pytest.mark.e2e
 def test_bench_suite_runs_the_vendored_anchor_then_the_benchmarks_within_a_deadline(tiny_model, tmp_path):
-    # no anchor argument: benchmarks/anchor_sd3m.py --tiny (~15 s on 2 cores) writes OUT/anchor.json
+    # no anchor argument: benchmarks/anchor_sd3m.py --tiny (~15 s on 2 cores) writes OUT/anchor.json. The generate
+    # stage is also bench_generate.py's run at tiny size: every variant and candidate, profiled, with the LoRA the
+    # train stage trained (one generate process for both proofs)
     work = tmp_path / "work"  # the tests' tiny model (the one `--size tiny` builds) stands in for a built one
     work.mkdir()
     (work / "model-tiny").symlink_to(tiny_model)
     out = tmp_path / "out"
-    env = child_env(PY=sys.executable, SIZE="tiny", WORK=str(work), TRAIN="traced-allocations", GEN="default",
-                    TRAIN_ARGS="--steps 6 --warmup 2", GEN_ARGS="--images 2 --batch-size 1")
-    proc = subprocess.run(["bash", str(BENCHMARKS / "bench_suite.sh"), str(out), "400"], env=env,
-                          capture_output=True, text=True, timeout=500)
+    env = child_env(PY=sys.executable, SIZE="tiny", WORK=str(work), TRAIN="traced-allocations",
+                    GEN=",".join(GENERATE_VARIANTS), TRAIN_ARGS="--steps 6 --warmup 2",
+                    GEN_ARGS=f"--images 4 --batch-size 2 --profile --lora {work / 'runs' / 'traced-allocations'}")
+    proc = subprocess.run(["bash", str(BENCHMARKS / "bench_suite.sh"), str(out), "500"], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("anchor", "train", "generate"):
         assert f"=== {stage} exit 0" in proc.stdout, proc.stdout[-3000:]
@@ -52,6 +58,29 @@ def test_bench_suite_runs_the_vendored_anchor_then_the_benchmarks_within_a_deadl
     assert gen["default.ratio_s_per_image"] == round(gen["default.s_per_image"] / gen["anchor.s_per_image"], 3)
     # like with like: sd3tune runs the denoising steps anchor_sd3m.py --tiny ran (2), not its own default (28)
     assert gen["anchor.steps"] == gen["default.steps"] == gen["config"]["steps"] == 2
+    _assert_generate_variants(gen)
+
+
+def _assert_generate_variants(result: dict) -> None:
+    """bench_generate.py at tiny size: its variants and candidates, what each applied, their profiles."""
+    assert result["bench"] == "generate" and result["model_build_s"] == 0.0  # reused, not rebuilt
+    for key in ("default.time_to_first_image_s", "default.peak_mem_gib",
+                *(f"{name}.s_per_image" for name in GENERATE_VARIANTS)):
+        positive(result, key)
+    assert result["default.verdict"] == NOT_ACCEPTANCE
+    assert "LoRA fused into the transformer weights" in result["compile.notes"], result["compile.notes"]
+    assert any("nothing compiled on cpu" in note for note in result["compile.notes"]), result["compile.notes"]
+    assert result["compile.mean_abs_diff_vs_default"] < 0.5  # fusing the LoRA only rounds differently
+    # the q/k/v candidate applied on CPU too: both tiny blocks changed, the images those of compile
+    assert "candidate: q/k/v fused into one matmul per stream in 2 attention layers" in result["compile-qkv.notes"]
+    assert result["compile-qkv.mean_abs_diff_vs_compile"] < 0.5
+    assert "candidate: 0 blocks compiled with max-autotune-no-cudagraphs" in result["compile-autotune.notes"]  # CPU
+    assert any(note.startswith("--fp8: 21 transformer matmuls in FP8") for note in result["fp8.notes"])
+    assert 0 < result["fp8.mean_abs_diff_vs_compile"] < 5  # e4m3 moves the images, a little
+    for name in GENERATE_VARIANTS:  # --profile: one warm batch each, on CPU without GPU numbers
+        positive(result, f"{name}.profile_wall_s_per_image")
+        assert result[f"{name}.profile_gpu_busy_s_per_image"] == 0.0
+        assert json.loads(Path(result[f"{name}.profile_summary"]).read_text())["cpu_ops_per_step"]
 
 
 def test_bench_suite_takes_another_anchor_script_as_its_first_argument(tmp_path):

@@ -196,64 +196,69 @@ def test_inputs_that_need_gradients_are_not_replayed(tiny_model):
 
 
 _HOOK_SCRIPT = """
-import json, sys, torch
+import json, os, sys, torch
 from sd3tune.simpletuner import compat
 from sd3tune.simpletuner.compat import cuda_graphs, replayed_sd3_training
 from rerun_graphs import RerunGraphs
+os.environ.pop(compat.CUDA_GRAPHS_ENV, None)  # first as a run without --cuda-graphs imports SimpleTuner's model
 compat.install()
-graphs = RerunGraphs()
-cuda_graphs.NEW_GRAPH = lambda: graphs
 replayed_sd3_training.REPLAY_DEVICES = ("cuda", "cpu")
 from test_cuda_graphs import batch, lora_transformer, trainable
-from simpletuner.helpers.models.sd3.transformer import SD3Transformer2DModel
+from simpletuner.helpers.models.sd3 import transformer as sd3
+results = {}
 
-model = lora_transformer(sys.argv[1])
-def call(inputs, **extra):  # what SimpleTuner's SD3 model_predict passes
-    h, e, p, t = inputs
-    return model(hidden_states=h, timestep=t, timestep_sign=None, encoder_hidden_states=e, pooled_projections=p,
-                 return_dict=False, hidden_states_buffer=None, grounding_kwargs=None, **extra)[0]
+def run(mode):
+    graphs = RerunGraphs()
+    cuda_graphs.NEW_GRAPH = lambda: graphs
+    model = lora_transformer(sys.argv[1])
+    def call(inputs, **extra):  # what SimpleTuner's SD3 model_predict passes
+        h, e, p, t = inputs
+        return model(hidden_states=h, timestep=t, timestep_sign=None, encoder_hidden_states=e, pooled_projections=p,
+                     return_dict=False, hidden_states_buffer=None, grounding_kwargs=None, **extra)[0]
 
-losses = []
-for step in range(2):
-    inputs = batch(model, step)
-    loss = (call(inputs).float() - inputs[0]).pow(2).mean()
-    loss.backward()
-    losses.append(loss.item())
-runner = model.__dict__.get("_sd3tune_graphs")
-replays = graphs.replays
-with torch.no_grad():
-    model.eval()
-    call(batch(model, 5))  # validation
-    model.train()
-call(batch(model, 6), joint_attention_kwargs={"scale": 1.0}).sum().backward()
-print("RESULT " + json.dumps({
-    "patched": getattr(SD3Transformer2DModel.forward, "sd3tune_fix", False), "losses": losses,
-    "replays": runner.replays if runner else 0, "graph_replays_after_others": graphs.replays - replays,
-    "grads": [p.grad.sum().item() for p in trainable(model)][:3]}))
+    losses = []
+    for step in range(2):
+        inputs = batch(model, step)
+        loss = (call(inputs).float() - inputs[0]).pow(2).mean()
+        loss.backward()
+        losses.append(loss.item())
+    runner = model.__dict__.get("_sd3tune_graphs")
+    replays = graphs.replays
+    with torch.no_grad():
+        model.eval()
+        call(batch(model, 5))  # validation
+        model.train()
+    print(f"--- {mode}", file=sys.stderr, flush=True)
+    call(batch(model, 6), joint_attention_kwargs={"scale": 1.0}).sum().backward()
+    results[mode] = {
+        "patched": getattr(sd3.SD3Transformer2DModel.forward, "sd3tune_fix", False), "losses": losses,
+        "replays": runner.replays if runner else 0, "graph_replays_after_others": graphs.replays - replays,
+        "grads": [p.grad.sum().item() for p in trainable(model)][:3]}
+
+run("off")
+os.environ[compat.CUDA_GRAPHS_ENV] = "1"  # `sd3tune train --cuda-graphs`: the fix applies when asked
+compat.apply_fixes((replayed_sd3_training,), sd3)
+run("on")
+print("RESULT " + json.dumps(results))
 """
 
 
-def _hook_run(tiny_model, tmp_path, graphs_env: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "SD3TUNE_CUDA_GRAPHS"}
-    if graphs_env is not None:
-        env["SD3TUNE_CUDA_GRAPHS"] = graphs_env
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+def test_simpletuners_sd3_transformer_replays_training_calls_only(tiny_model, tmp_path):
+    # one process for both (SimpleTuner's imports take seconds): without --cuda-graphs first, then asked for
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", _HOOK_SCRIPT, str(tiny_model)], capture_output=True, text=True,
                           cwd=tmp_path, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return {**json.loads(lines[-1][7:]), "stderr": proc.stderr}
-
-
-def test_simpletuners_sd3_transformer_replays_training_calls_only(tiny_model, tmp_path):
-    on = _hook_run(tiny_model, tmp_path, "1")
-    off = _hook_run(tiny_model, tmp_path, None)
+    result = json.loads(lines[-1][7:])
+    on, off = result["on"], result["off"]
+    said_on = proc.stderr.split("--- on", 1)[1]  # what the run with graphs said after its training steps
     assert on["patched"] and not off["patched"]  # nothing changes unless `sd3tune train --cuda-graphs` asked
     assert on["replays"] == 2  # both training steps came from the graphs
     assert on["losses"] == off["losses"]  # and computed what SimpleTuner's own forward computes
     assert on["graph_replays_after_others"] == 0  # validation (no grad) and an unusual option ran eagerly
-    assert "running eagerly: option(s) joint_attention_kwargs set" in on["stderr"]
-    assert "running eagerly: no gradients" not in on["stderr"]  # validation is not worth a log line
+    assert "running eagerly: option(s) joint_attention_kwargs set" in said_on
+    assert "running eagerly: no gradients" not in proc.stderr  # validation is not worth a log line
     assert on["grads"] == off["grads"]
 
 

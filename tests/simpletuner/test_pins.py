@@ -167,11 +167,39 @@ f = FactoryRegistry(types.SimpleNamespace(), None, None, None, None)
 assert tracemalloc.is_tracing() and f.metrics['memory_usage']['start'] > 0, f.metrics
 """
 
+PROBES["quanto_cuda"] = """
+import torch, tracemalloc
+tracemalloc.stop()  # the pinned factory probe (before) left it on
+is_available = torch.cuda.is_available
+torch.cuda.is_available = lambda: True  # the pinned workaround replaces the op only on a CUDA host
+calls = []
+import simpletuner.helpers.training.quantisation.quanto_workarounds as workarounds
+from sd3tune.simpletuner.compat import walkable_quanto_ops
+
+def walk():  # what importing torch._inductor does first (torch/_inductor/decomposition.py)
+    try:
+        return len({**torch._decomp.core_aten_decompositions()})
+    except TypeError as exc:
+        return str(exc)
+
+seen = {"replaced_by": type(torch.ops.quanto.gemm_f16f8_marlin).__name__, "pinned": walk(),
+        "guard": walkable_quanto_ops.applies_to(workarounds)}
+walkable_quanto_ops.apply(workarounds)
+# the wrapper calls the op it kept (a CUDA kernel): record what it is given instead
+workarounds.original_gemm_f16f8_marlin = lambda *args: calls.append([a.dtype for a in args[:3]]) or args[0]
+seen["fixed"] = walk()
+op = torch.ops.quanto.gemm_f16f8_marlin
+a, w, s = torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, dtype=torch.bfloat16)
+op(a, w, s, None, 8, 2, 2, 2)  # SimpleTuner's wrapper still casts the input to the scales' dtype
+seen.update(cast=[str(d) for d in calls[0]], overloads=op.overloads(), schema=str(op.default._schema))
+torch.cuda.is_available = is_available  # a CPU host again for the probes after this one
+report(seen)
+"""
+
 PROBES["catalog"] = """
 # `scripts/update_simpletuner_catalog.py --check` as a user runs it (without the compat fixes: fix 17 answers
 # SimpleTuner's model family listings from the catalog itself)
-import contextlib, io, runpy, sys, tracemalloc
-tracemalloc.stop()  # the pinned factory probe (before) left it on
+import contextlib, io, runpy, sys
 sys.argv = [SCRIPTS + "/update_simpletuner_catalog.py", "--check"]
 said = io.StringIO()
 try:
@@ -185,8 +213,9 @@ report({"exit": code, "said": said.getvalue().strip()})
 
 # what each process runs, in order (the pinned factory leaves tracemalloc on: last; the trainer probe asks torch for
 # 64 threads: after the model probe; the catalog imports every model family, which changes what the trainer probe
-# sees: last)
-PROBE_ORDER = {"pinned": ("regional", "trainer", "factory", "catalog"),
+# sees: last; the quanto probe fakes a CUDA host while it runs, and imports the quantisation workarounds before the
+# catalog does)
+PROBE_ORDER = {"pinned": ("regional", "trainer", "factory", "quanto_cuda", "catalog"),
                "fixed": ("qwen3vl", "pin_memory", "prefetch_blocks", "prefetch_stops", "regional", "trainer",
                          "factory", "user_tracemalloc")}
 
@@ -315,40 +344,12 @@ def test_compat_leaves_tracemalloc_to_a_user_who_started_it(probes):
     probe(probes, "fixed", "user_tracemalloc")
 
 
-_QUANTO_CUDA = """
-import json, sys, torch
-torch.cuda.is_available = lambda: True  # the pinned workaround replaces the op only on a CUDA host
-calls = []
-import simpletuner.helpers.training.quantisation.quanto_workarounds as workarounds
-from sd3tune.simpletuner.compat import walkable_quanto_ops
-
-def walk():  # what importing torch._inductor does first (torch/_inductor/decomposition.py)
-    try:
-        return len({**torch._decomp.core_aten_decompositions()})
-    except TypeError as exc:
-        return str(exc)
-
-seen = {"replaced_by": type(torch.ops.quanto.gemm_f16f8_marlin).__name__, "pinned": walk(),
-        "guard": walkable_quanto_ops.applies_to(workarounds)}
-walkable_quanto_ops.apply(workarounds)
-# the wrapper calls the op it kept (a CUDA kernel): record what it is given instead
-workarounds.original_gemm_f16f8_marlin = lambda *args: calls.append([a.dtype for a in args[:3]]) or args[0]
-seen["fixed"] = walk()
-op = torch.ops.quanto.gemm_f16f8_marlin
-a, w, s = torch.ones(2, 2), torch.zeros(2, 2, dtype=torch.int32), torch.ones(2, dtype=torch.bfloat16)
-op(a, w, s, None, 8, 2, 2, 2)  # SimpleTuner's wrapper still casts the input to the scales' dtype
-seen.update(cast=[str(d) for d in calls[0]], overloads=op.overloads(), schema=str(op.default._schema))
-print("RESULT " + json.dumps(seen))
-"""
-
-
-def test_compat_lets_torch_walk_its_ops_after_the_quanto_workaround(tmp_path):
+def test_compat_lets_torch_walk_its_ops_after_the_quanto_workaround(probes):
     """On a CUDA host the pinned quanto workarounds put a plain function where torch keeps the op
     ``quanto::gemm_f16f8_marlin``; the first import of torch._inductor then dies with "'CustomDecompTable' object is not
     a mapping" (a quantised run at its first step on an H100). Shown on this host by faking CUDA, with the locked
     torch; compat fix 19 makes the walk pass and keeps SimpleTuner's cast."""
-    out = _result(subprocess.run([sys.executable, "-c", _QUANTO_CUDA], capture_output=True, text=True, cwd=tmp_path,
-                                 timeout=600))
+    out = probe(probes, "pinned", "quanto_cuda")  # in the pinned probes' process: one SimpleTuner import less
     assert out["replaced_by"] == "function"
     assert out["pinned"] == "'CustomDecompTable' object is not a mapping"  # the upstream bug
     assert out["guard"] is None

@@ -93,8 +93,9 @@ def one_package_map() -> Iterator[None]:
         yield
         return
     try:
+        flags = [flag for flag, on in (("-I", sys.flags.isolated), ("-S", sys.flags.no_site)) if on]  # as here
         child: subprocess.Popen | None = subprocess.Popen(
-            [sys.executable, "-c", _PACKAGE_MAP, json.dumps(sys.path)], stdout=subprocess.PIPE,
+            [sys.executable, *flags, "-c", _PACKAGE_MAP, json.dumps(sys.path)], stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
     except OSError:
         child = None

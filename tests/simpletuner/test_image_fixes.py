@@ -56,6 +56,7 @@ def test_every_exif_orientation_trains_as_displayed(tmp_path):
         (tmp_path / f"o{orientation}.txt").write_text(f"orientation {orientation}")
         files.append(path)
     out = prepared(tmp_path, files, tmp_path)
+    assert list(out) == [p.name for p in files]  # in file order, though each is prepared on a worker as it is scanned
     for orientation, path in enumerate(files, start=1):
         item = out[path.name]
         with Image.open(path) as stored:

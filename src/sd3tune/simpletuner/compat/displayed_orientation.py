@@ -8,6 +8,7 @@ file's orientation tag to the decoded image, so that training sees the image as 
 from __future__ import annotations
 
 import io
+import struct
 import sys
 import warnings
 
@@ -15,11 +16,28 @@ from sd3tune.simpletuner.compat._patching import expect, replace
 
 ORIENTATION = 0x0112
 _SWAPS = {5, 6, 7, 8}  # orientations whose displayed width is the stored height
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_METADATA_CHUNKS = {b"eXIf", b"tEXt", b"zTXt", b"iTXt"}  # where PIL finds a PNG's orientation (EXIF, raw text, XMP)
 
 
 def applies_to(module) -> str | None:
     # load_image reads a path, a file or bytes, and decodes them itself (the tag is not on what it returns)
     return expect(module, "load_image", params=("img_data",), source=("img_data.read()", "imdecode_py(img_data, -1)"))
+
+
+def metadata_after_pixels(png: bytes) -> bool:
+    """Whether a PNG file has a chunk that can carry an orientation (EXIF, text, XMP) after its first image data
+    chunk, or cannot be walked (True: let PIL read it whole)."""
+    pos, seen_pixels = len(PNG_SIGNATURE), False
+    while pos + 8 <= len(png):
+        length, tag = struct.unpack_from(">I4s", png, pos)
+        if tag == b"IEND":
+            return False
+        seen_pixels = seen_pixels or tag in (b"IDAT", b"fdAT")
+        if seen_pixels and tag in _METADATA_CHUNKS:
+            return True
+        pos += 12 + length  # length, type, data, CRC
+    return True
 
 
 def stored_orientation(data: bytes) -> tuple[int, tuple[int, int]]:
@@ -30,7 +48,13 @@ def stored_orientation(data: bytes) -> tuple[int, tuple[int, int]]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as image:
-                return int(image.getexif().get(ORIENTATION) or 1), image.size
+                if image.format == "PNG" and data.startswith(PNG_SIGNATURE) and not metadata_after_pixels(data):
+                    # PIL's PNG getexif decodes every pixel first, to reach chunks after them: there are none that
+                    # can carry a tag, so what it reads (EXIF, text, XMP chunks: in image.info since open) is all
+                    exif = Image.Image.getexif(image)
+                else:
+                    exif = image.getexif()
+                return int(exif.get(ORIENTATION) or 1), image.size
     except Exception:  # noqa: BLE001 - not something PIL reads: SimpleTuner's decoder decides
         return 1, (0, 0)
 

@@ -9,20 +9,14 @@ resizes and crops it: the image it returns is what the VAE encodes. sd3tune's co
 preparation needs neither. Its files (aspect-resolution map, bucket cache) go to a scratch folder, never into the
 image folder or the run.
 
-Speed (100 photos in well under 20 s on 2 cores): importing SimpleTuner's pieces is half of it, on one core. Two
-things shorten it without changing any code that runs: ``importlib.metadata.packages_distributions()``, which
-diffusers and transformers each call once as they are imported (a walk of every installed file: ~0.9 s of CPU each),
-is answered from one walk made by a child process on the other core (``one_package_map``); and each image is
-prepared on a worker thread as soon as the scan has bucketed it, while the scan goes on.
+Speed (100 photos in well under 20 s on 2 cores): importing SimpleTuner's pieces is half of it, on one core (the
+package map diffusers and transformers each ask Python for is made once: compat fix 18); each image is prepared on a
+worker thread as soon as the scan has bucketed it, while the scan goes on.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -59,74 +53,15 @@ def _environ(name: str, value: str | None) -> Iterator[None]:
             os.environ[name] = old
 
 
-# The modules that call packages_distributions() at import (each reads it as ``importlib.metadata``'s attribute).
-PACKAGE_MAP_CALLERS = ("diffusers.utils.import_utils", "transformers.utils.import_utils")
-_PACKAGE_MAP = ("import importlib.metadata, json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-                "json.dump(importlib.metadata.packages_distributions(), sys.stdout)")
-
-
-def _package_map_of(child: subprocess.Popen | None) -> dict[str, list[str]] | None:
-    """The child's answer; None when it did not start, failed, took over a minute or answered something else."""
-    if child is None:
-        return None
-    try:
-        out, _ = child.communicate(timeout=60)
-        answer = json.loads(out) if child.returncode == 0 else None
-    except (subprocess.TimeoutExpired, ValueError):
-        child.kill()
-        child.wait()
-        return None
-    if isinstance(answer, dict) and all(isinstance(v, list) for v in answer.values()):
-        return answer
-    return None
-
-
-@contextmanager
-def one_package_map() -> Iterator[None]:
-    """Within: ``importlib.metadata.packages_distributions()`` answered from one walk of the installed packages,
-    made by a child process of the same interpreter with this process's ``sys.path`` (started on entry when a module
-    of ``PACKAGE_MAP_CALLERS`` is still to be imported; computed here, once, should the child fail). Each call gets
-    its own copy. Restored on exit."""
-    import importlib.metadata as metadata
-
-    if all(name in sys.modules for name in PACKAGE_MAP_CALLERS):
-        yield
-        return
-    try:
-        flags = [flag for flag, on in (("-I", sys.flags.isolated), ("-S", sys.flags.no_site)) if on]  # as here
-        child: subprocess.Popen | None = subprocess.Popen(
-            [sys.executable, *flags, "-c", _PACKAGE_MAP, json.dumps(sys.path)], stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
-    except OSError:
-        child = None
-    original, lock, answer = metadata.packages_distributions, threading.Lock(), []
-
-    def packages_distributions():
-        with lock:
-            if not answer:
-                answer.append(_package_map_of(child) or original())
-        return {name: list(dists) for name, dists in answer[0].items()}
-
-    metadata.packages_distributions = packages_distributions
-    try:
-        yield
-    finally:
-        metadata.packages_distributions = original
-        if child is not None and not answer:  # nothing asked (those modules were imported already): not needed
-            child.kill()
-            child.communicate()
-
-
 def import_simpletuner() -> tuple:
     """SimpleTuner's pieces preview drives, imported with the compat fixes in place (seconds: torch, diffusers and
     peft come with them; a caller may start this on a thread while it does other work)."""
     install()  # the compat fixes, before SimpleTuner's modules are imported here
-    with one_package_map():
-        from simpletuner.helpers.caching.vae import prepare_sample
-        from simpletuner.helpers.data_backend.factory import FactoryRegistry, init_backend_config
-        from simpletuner.helpers.data_backend.local import LocalDataBackend
-        from simpletuner.helpers.metadata.backends.discovery import DiscoveryMetadataBackend
-        from simpletuner.helpers.training.state_tracker import StateTracker
+    from simpletuner.helpers.caching.vae import prepare_sample
+    from simpletuner.helpers.data_backend.factory import FactoryRegistry, init_backend_config
+    from simpletuner.helpers.data_backend.local import LocalDataBackend
+    from simpletuner.helpers.metadata.backends.discovery import DiscoveryMetadataBackend
+    from simpletuner.helpers.training.state_tracker import StateTracker
 
     return (prepare_sample, FactoryRegistry, init_backend_config, LocalDataBackend, DiscoveryMetadataBackend,
             StateTracker)

@@ -35,7 +35,7 @@ def test_an_int8_quanto_base_trains_to_the_end_on_cpu(quantised_run):
     assert training["status"] == "ok" and training["exit_code"] == 0
     log = Path(training["log"]).read_text(errors="replace")
     assert "Quantising SD3Transformer2DModel. Using int8-quanto." in log  # SimpleTuner really quantised the base
-    assert "did not apply" not in log  # every compat fix (18 among them) landed
+    assert "did not apply" not in log  # every compat fix (19 among them) landed
     resolved = json.loads((run / "output" / "simpletuner_config.json").read_text())
     assert resolved["base_model_precision"] == "int8-quanto"
 

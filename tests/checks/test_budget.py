@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from check_helpers import backend_set, check, env_set, section
+from check_helpers import backend_set, check, env_set, extra_args, section
 
 
 def test_summary_reports_memory_for_the_preset_and_warns_when_it_does_not_fit(make_run):
@@ -14,7 +14,9 @@ def test_summary_reports_memory_for_the_preset_and_warns_when_it_does_not_fit(ma
     run, _ = make_run()
     report = checks.check_run(run)
     assert report.summary.preset == "24gb" and 4 < report.summary.gpu_memory_gb < 24
-    assert report.summary.gpu_memory_error_gb == checks.budget.measured_fit().max_error_gib
+    # no peak was measured at this run's size: the estimate is an extrapolation, and says so instead of an error bar
+    assert report.summary.gpu_memory_error_gb is None
+    assert "(extrapolated: no measured peak of this setup)" in check(run)[0].output
     env_set(run, "RESOLUTION", "1024")
     backend_set(run, resolution=1024)
     env_set(run, "TRAIN_BATCH_SIZE", "4")
@@ -22,6 +24,21 @@ def test_summary_reports_memory_for_the_preset_and_warns_when_it_does_not_fit(ma
     warned = section(result.output, "warning")
     assert "does not fit the 24gb preset" in warned and "measured peaks, within" in warned
     assert "est. GPU memory ~28" in result.output  # the batch-4 row: 28.0 measured
+    assert f"(±{checks.budget.measured_fit().max_error_gib:g} over the measured peaks)" in result.output
+    extra_args(run, "--gradient_checkpointing=false", "--gradient_checkpointing=true")  # batch 4: never measured
+    result, _ = check(run)
+    assert "does not fit" not in result.output and "extrapolated" in result.output
+
+
+def test_checkpointing_is_not_extrapolated_from_one_size():
+    # the only checkpointed peak is at batch 1, 1024 px: it fixes what checkpointing adds at that size, not how its
+    # memory grows per image (that stays the prior); the fit said 28.5 GiB at batch 4, more than without it (28.0)
+    from sd3tune.checks import budget
+
+    fit = budget.measured_fit()
+    assert "checkpointing" in fit.fitted and "checkpointed" not in fit.fitted
+    assert fit.measured(1, 1024**2, True, False) and not fit.measured(4, 1024**2, True, False)
+    assert budget.gpu_memory_estimate(4, 1024**2, True, False) < budget.gpu_memory_estimate(4, 1024**2, False, False)
 
 
 def test_the_memory_estimate_reproduces_every_measured_peak_within_its_stated_error():

@@ -85,19 +85,27 @@ def _folder_size(path: Path) -> int:
 
 # ------------------------------------------------------------------------------------------------ peak GPU memory
 # A linear model of the training process's peak GPU memory, fitted (least squares) to the measured peaks in
-# memory_peaks.json: peak GiB = base + eager * images + checkpointed * images + quantised, where images = batch x
-# pixels / 1024² split by the share of blocks checkpointed. A term no measured row exercises keeps its prior
-# (PRIORS, not measured: an int8 base stores SD3 Medium's 2.03 B frozen weights in 1 byte instead of 2; the plain
-# loop's +0.63 GiB per checkpointed 1024² image). Adding a row (a GPU measurement) refits every term it exercises.
+# memory_peaks.json: peak GiB = base + eager * images + checkpointing + checkpointed * images + quantised, where
+# images = batch x pixels / 1024² split by the share of blocks checkpointed, and checkpointing / quantised are what
+# turning them on adds at any size. A term the measured rows cannot determine keeps its prior (PRIORS, not
+# measured: an int8 base stores SD3 Medium's 2.03 B frozen weights in 1 byte instead of 2; the plain loop's +0.63 GiB
+# per checkpointed 1024² image): a per-image term needs rows at two sizes at least (one size cannot tell what grows
+# with the images from what does not). Adding a row (a GPU measurement) refits every term it determines. The stated
+# error holds for a setup some row measured (``measured``); any other is an extrapolation, and check says so.
 PEAKS_FILE = Path(__file__).with_name("memory_peaks.json")
-TERMS = ("base", "eager", "checkpointed", "quantised")
-PRIORS = {"checkpointed": 0.63, "quantised": -2.03e9 / 2**30}
+TERMS = ("base", "eager", "checkpointing", "checkpointed", "quantised")
+PER_IMAGE = ("eager", "checkpointed")
+PRIORS = {"checkpointing": 0.0, "checkpointed": 0.63, "quantised": -2.03e9 / 2**30}
 
 
 def _features(batch: int, pixels: float, checkpointing: float, quantised: bool) -> list[float]:
     images = batch * pixels / 1024**2
     share = float(checkpointing)
-    return [1.0, images * (1 - share), images * share, 1.0 if quantised else 0.0]
+    return [1.0, images * (1 - share), share, images * share, 1.0 if quantised else 0.0]
+
+
+def _setup(batch: int, pixels: float, checkpointing: float, quantised: bool) -> tuple:
+    return int(batch), round(float(pixels)), round(float(checkpointing), 3), bool(quantised)
 
 
 def _row_features(row: dict) -> list[float]:
@@ -126,16 +134,22 @@ class MemoryFit:
     fitted: tuple[str, ...]  # the terms the rows determined (the others are PRIORS)
     max_error_gib: float  # largest |estimate - measured| over the rows
     rows: int
+    setups: frozenset = frozenset()  # the measured setups (batch, pixels, checkpointing share, quantised)
 
     def estimate(self, batch: int, pixels: float, checkpointing: float, quantised: bool) -> float:
         return sum(self.coefficients[t] * v for t, v in zip(TERMS, _features(batch, pixels, checkpointing, quantised)))
+
+    def measured(self, batch: int, pixels: float, checkpointing: float, quantised: bool) -> bool:
+        """Whether a row measured this setup: only there does ``max_error_gib`` hold."""
+        return _setup(batch, pixels, checkpointing, quantised) in self.setups
 
 
 def fit_memory(rows: list[dict]) -> MemoryFit:
     """Least-squares fit of TERMS to the measured ``rows`` (memory_peaks.json's); a term that no row exercises, or
     that the rows cannot tell from the others, keeps its prior."""
     xs, ys = [_row_features(r) for r in rows], [float(r["gib"]) for r in rows]
-    free = [i for i, t in enumerate(TERMS) if t == "base" or any(x[i] for x in xs)]
+    free = [i for i, t in enumerate(TERMS)
+            if t == "base" or len({x[i] for x in xs if x[i]}) >= (2 if t in PER_IMAGE else 1)]
     while True:
         fixed = {i: PRIORS[TERMS[i]] for i in range(len(TERMS)) if i not in free}
         target = [y - sum(x[i] * c for i, c in fixed.items()) for x, y in zip(xs, ys)]
@@ -146,7 +160,8 @@ def fit_memory(rows: list[dict]) -> MemoryFit:
         free.pop()  # the rows cannot separate the last term from the others: it keeps its prior
     coefficients = {**{TERMS[i]: c for i, c in fixed.items()}, **{TERMS[i]: c for i, c in zip(free, solved)}}
     error = max((abs(sum(coefficients[t] * v for t, v in zip(TERMS, x)) - y) for x, y in zip(xs, ys)), default=0.0)
-    return MemoryFit(coefficients, tuple(TERMS[i] for i in free), round(error, 2), len(rows))
+    setups = frozenset(_setup(r["batch"], r["side"] ** 2, r["checkpointing"], r["quantised"]) for r in rows)
+    return MemoryFit(coefficients, tuple(TERMS[i] for i in free), round(error, 2), len(rows), setups)
 
 
 @functools.cache
@@ -169,17 +184,20 @@ def check_memory(ctx: Context) -> list[Finding]:
     preset = (read_manifest(ctx.root).get("init") or {}).get("preset")
     s.preset = preset if isinstance(preset, str) else None
     largest = max((w * h for w, h in (map(int, k.split("x")) for k in s.buckets)), default=cfg.data.resolution ** 2)
-    s.gpu_memory_gb = gpu_memory_estimate(cfg.optim.train_batch_size, largest, cfg.precision.gradient_checkpointing,
-                                          cfg.precision.base_model_precision != "no_change")
-    s.gpu_memory_error_gb = measured_fit().max_error_gib
+    setup = (cfg.optim.train_batch_size, largest, cfg.precision.gradient_checkpointing,
+             cfg.precision.base_model_precision != "no_change")
+    fit = measured_fit()
+    s.gpu_memory_gb = gpu_memory_estimate(*setup)
+    s.gpu_memory_error_gb = fit.max_error_gib if fit.measured(*setup) else None  # None: extrapolated
     budget = PRESET_GB.get(s.preset or "")
     if budget and s.gpu_memory_gb > budget * 0.95:
-        fit = measured_fit()
         ways = f"lower {ctx.key('train_batch_size')} or the resolution" + (
             "" if cfg.precision.gradient_checkpointing else ", or turn gradient checkpointing on "
                                                             "(--gradient_checkpointing=true)")
+        how = (f"within {fit.max_error_gib} GiB of each" if s.gpu_memory_error_gb is not None
+               else "none of this setup: extrapolated")
         return [warning(ctx.file, ctx.where("train_batch_size"),
                         f"estimated peak GPU memory ~{s.gpu_memory_gb} GiB (fitted to {fit.rows} measured peaks, "
-                        f"within {fit.max_error_gib} GiB of each) does not fit the {s.preset} preset's card", ways)]
+                        f"{how}) does not fit the {s.preset} preset's card", ways)]
     return []
 

@@ -46,7 +46,7 @@ class Summary:
     epochs: float | None = None
     preset: str | None = None
     gpu_memory_gb: float | None = None  # GiB, budget.gpu_memory_estimate
-    gpu_memory_error_gb: float | None = None  # the estimate's largest error over the measured peaks
+    gpu_memory_error_gb: float | None = None  # its largest error over the measured peaks; None: extrapolated
     cache_gb: float | None = None
     datasets: list[DatasetShare] = field(default_factory=list)  # each image dataset's images, buckets, share
 

@@ -26,7 +26,8 @@ def render_summary(s: Summary) -> str:
                      f"{plural(s.steps_per_epoch, 'step')}")
     if s.gpu_memory_gb is not None:
         preset = f", preset {s.preset}" if s.preset else ""
-        within = f" (±{s.gpu_memory_error_gb:g} over the measured peaks)" if s.gpu_memory_error_gb is not None else ""
+        within = (f" (±{s.gpu_memory_error_gb:g} over the measured peaks)" if s.gpu_memory_error_gb is not None
+                  else " (extrapolated: no measured peak of this setup)")
         parts.append(f"est. GPU memory ~{s.gpu_memory_gb:g} GiB{within}{preset}")
     if s.cache_gb is not None:
         parts.append(f"caches ~{s.cache_gb:g} GB")

@@ -47,3 +47,14 @@ def test_a_broken_or_contradicting_accelerate_file_is_one_user_error(tmp_path, t
 def test_several_machines_need_a_file():
     with pytest.raises(Sd3tuneError, match="needs an accelerate config file"):
         plan_processes(2, None, ["--num_machines", "2"])
+
+
+def test_num_processes_after_the_dashes_that_contradicts_gpus_is_refused():
+    # accelerate takes the last --num_processes (sd3tune's own, from --gpus, comes first): `train RUN -- --num_processes
+    # 2` launched 2 processes on a 2-GPU machine while check, the launch line and the manifest counted 1
+    for gpus, config in ((1, None), (4, CONFIGS / "multi_gpu.yaml")):
+        with pytest.raises(Sd3tuneError) as info:
+            plan_processes(gpus, config, ["--num_processes", "2"])
+        assert info.value.message == f"--num_processes 2 after `--` contradicts --gpus {gpus}"
+        assert "pass --gpus 2 instead" in info.value.hint
+    assert plan_processes(2, None, ["--num_processes=2"]) == Processes(2)  # agreeing: nothing to refuse

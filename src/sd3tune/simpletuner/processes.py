@@ -75,6 +75,13 @@ def plan_processes(gpus: int = 1, accelerate_config: Path | None = None,
     if gpus < 1:
         raise Sd3tuneError(f"--gpus {gpus} must be at least 1", hint="use --gpus 1 for one GPU")
     args = list(extra_accelerate_args)
+    given = _launch_arg(args, "num_processes")
+    if given is not None and (accelerate_config is None or gpus > 1) \
+            and _count(given, "--num_processes", "accelerate launch arguments") != gpus:
+        # accelerate takes the last --num_processes (sd3tune's own comes first), and without an accelerate file how
+        # many processes it then starts depends on the GPUs it finds: refused rather than counted wrong
+        raise Sd3tuneError(f"--num_processes {given} after `--` contradicts --gpus {gpus}",
+                           hint=f"pass --gpus {given} instead (or num_processes in an --accelerate-config file)")
     if accelerate_config is None:
         machines = _launch_arg(args, "num_machines")
         if machines is not None and _count(machines, "--num_machines", "accelerate launch arguments") != 1:
@@ -84,11 +91,13 @@ def plan_processes(gpus: int = 1, accelerate_config: Path | None = None,
     data = read_accelerate_file(accelerate_config)
     name = Path(accelerate_config).name
     machines = _count(data.get("num_machines", 1), "num_machines", name)
-    given = _launch_arg(args, "num_machines")
-    if given is not None and _count(given, "--num_machines", "accelerate launch arguments") != machines:
+    given_machines = _launch_arg(args, "num_machines")
+    if given_machines is not None and \
+            _count(given_machines, "--num_machines", "accelerate launch arguments") != machines:
         raise Sd3tuneError(f"accelerate config {name} names {machines} machine{'s' * (machines != 1)} but the launch "
-                           f"says --num_machines {given}", hint="make the file and the arguments after `--` agree")
-    total = gpus if gpus > 1 else _launch_arg(args, "num_processes") or data.get("num_processes", 1)
+                           f"says --num_machines {given_machines}",
+                           hint="make the file and the arguments after `--` agree")
+    total = gpus if gpus > 1 else given or data.get("num_processes", 1)
     total = _count(total, "num_processes", name)
     if total % machines:
         raise Sd3tuneError(f"accelerate config {name}: {total} processes do not split evenly over {machines} "

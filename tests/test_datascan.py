@@ -21,7 +21,7 @@ def folder(tmp_path) -> Path:
         (tmp_path / f"truncated.{fmt}").write_bytes(data[: len(data) * 2 // 3])
         (tmp_path / f"trailing.{fmt}").write_bytes(data + b"\0extra" * 500)  # legal: decoders stop at the end marker
     exif = Image.Exif()
-    exif[0x0112] = 6  # displays turned 90°: bucketed as displayed (SimpleTuner's header scan), trained so by fix 11
+    exif[0x0112] = 6  # displays turned 90°: bucketed as displayed (SimpleTuner's header scan), trained so by fix 15
     img.save(tmp_path / "rotated.jpg", exif=exif)
     (tmp_path / "garbage.png").write_bytes(b"not an image")
     (tmp_path / "empty.png").write_bytes(b"")
@@ -54,7 +54,7 @@ def test_scan_reads_sizes_captions_and_names_every_broken_file(folder):
 
 
 def test_sizes_are_as_displayed_in_all_8_orientations_and_transparency_is_flagged(tmp_path):
-    """The size SimpleTuner's header scan buckets (and, with compat fix 11, trains): 5-8 swap width and height, in
+    """The size SimpleTuner's header scan buckets (and, with compat fix 15, trains): 5-8 swap width and height, in
     JPEG and WebP; only images with a pixel that is not opaque are transparent."""
     from sd3tune.datascan import read_size
 

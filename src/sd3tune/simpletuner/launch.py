@@ -86,7 +86,7 @@ def build_launch(run_dir: Path, config_format: str, mixed_precision: str, gpus: 
                  environ: Mapping[str, str] | None = None, python: str | None = None,
                  cuda_graphs: bool = False, alpha_background: str | None = None) -> LaunchPlan:
     """The exact ``accelerate launch`` command for a run (pure: reads nothing but its arguments). ``alpha_background``
-    (``#rrggbb``): the colour the training process composites images with transparency on (compat fix 12)."""
+    (``#rrggbb``): the colour the training process composites images with transparency on (compat fix 16)."""
     if gpus < 1:
         raise Sd3tuneError(f"--gpus {gpus} must be at least 1", hint="use --gpus 1 for one GPU")
     argv = [python or sys.executable, "-m", "accelerate.commands.launch"]

@@ -1,4 +1,4 @@
-"""Fix 12: SimpleTuner's image decoder drops the alpha channel (``rgba_to_rgb_optimized`` keeps the colour under a
+"""Fix 16: SimpleTuner's image decoder drops the alpha channel (``rgba_to_rgb_optimized`` keeps the colour under a
 transparent pixel; a grey+alpha PNG reaches ``convert("RGB")`` as ``LA``, which drops it too), so a cut-out trains on
 whatever colour its editor left under the transparent pixels (often black, or stray paint). Composite every image with
 transparency (RGBA, LA, a palette or grey image with a transparent colour) on the run's background colour instead:

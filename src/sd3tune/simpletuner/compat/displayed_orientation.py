@@ -1,4 +1,4 @@
-"""Fix 11: SimpleTuner's image decoder (``load_image``: trainingsample's OpenCV decode, ``IMREAD_UNCHANGED``) keeps
+"""Fix 15: SimpleTuner's image decoder (``load_image``: trainingsample's OpenCV decode, ``IMREAD_UNCHANGED``) keeps
 the stored pixels and drops the EXIF block, so ``TrainingSample.correct_image``'s ``exif_transpose`` has no tag to
 apply, while its metadata scan buckets the image by the size the tag says it displays at: a phone photo stored
 1200x800 with orientation 6 (portrait on every screen) was squashed, landscape, into a portrait bucket. Apply the

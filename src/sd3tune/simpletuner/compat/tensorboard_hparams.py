@@ -1,4 +1,4 @@
-"""Fix 11: ``--report_to=tensorboard`` stops SimpleTuner 4.10.1 before the first step ("Could not initialize
+"""Fix 14: ``--report_to=tensorboard`` stops SimpleTuner 4.10.1 before the first step ("Could not initialize
 trackers: value should be one of int, float, str, bool, or torch.Tensor"): its trainer hands every option to
 accelerate's ``TensorBoardTracker.store_init_configuration``, which passes them to torch's ``add_hparams`` as they are,
 and that refuses None (every unset option), lists and dicts. Store those as text (None as "None", the others as

@@ -33,8 +33,10 @@ class LossHistory:
 
 
 def loss_history(logs: Iterable[Path]) -> LossHistory:
-    """Every step's loss and learning rate from SimpleTuner's logs of a run's trainings, oldest first (a later log's
-    value replaces an earlier one's for the same step). Unreadable logs are skipped."""
+    """Every step's loss and learning rate from SimpleTuner's logs of a run's trainings, oldest first. A later log
+    supersedes the earlier ones from its first step on: it resumed from a checkpoint before it (or started over), so
+    the steps trained after that point, by an earlier training, are not in the LoRA's history. Unreadable logs are
+    skipped."""
     found: dict[int, tuple[float, float | None]] = {}
     read = []
     for log in logs:
@@ -50,7 +52,10 @@ def loss_history(logs: Iterable[Path]) -> LossHistory:
             progress = parse_progress(piece)
             if progress is not None and progress.loss is not None and progress.step > 0:
                 steps[progress.step] = (progress.loss, progress.lr)  # the last drawn for a step is its own loss
-        found.update(steps)
+        if steps:
+            first = min(steps)
+            found = {step: value for step, value in found.items() if step < first}
+            found.update(steps)
     ordered = sorted(found.items())
     return LossHistory([s for s, _ in ordered], [v[0] for _, v in ordered], [v[1] for _, v in ordered], read)
 

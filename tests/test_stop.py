@@ -215,16 +215,18 @@ def test_soak_stop_reports_each_trial(tmp_path):
 def test_signals_after_the_first_are_absorbed_and_a_third_ctrl_c_kills():
     from sd3tune.simpletuner.launch import StopSignals
 
+    # raise_signal: to this thread, so each handler has run before the next line (os.kill to the process could land
+    # on another thread of the test worker, the handler then running after the assert that needs it: seen in CI)
     with StopSignals() as signals:
-        os.kill(os.getpid(), signal.SIGTERM)  # before the trainer started: held until it has
+        signal.raise_signal(signal.SIGTERM)  # before the trainer started: held until it has
         with pytest.raises(KeyboardInterrupt):
             signals.started()
         assert signals.state == "stopping" and signals.first == signal.SIGTERM
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGHUP)
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGHUP)
         assert not signals.kill and signals.said
-        os.kill(os.getpid(), signal.SIGINT)
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         assert signals.kill  # three SIGINTs within 5 s
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 

@@ -107,3 +107,18 @@ def test_init_refuses_an_unknown_background_before_writing(tmp_path, art):
     assert_one_line_user_error(sd3tune("init", tmp_path / "run", "--data", art, "--alpha-background", "pink"),
                                "--alpha-background 'pink' is not a colour", "#rrggbb")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_failed_simpletuner_import_is_raised_once_where_the_images_are_made(run, tmp_path, monkeypatch, capfd):
+    # the import runs on a thread beside the check: its failure printed "Exception in thread ..." with a traceback
+    # before the same error was raised again where the images are prepared
+    from sd3tune.commands.preview import PreviewOptions, run_preview
+    from sd3tune.simpletuner import preview
+
+    def broken():
+        raise ImportError("SimpleTuner cannot be imported here")
+
+    monkeypatch.setattr(preview, "import_simpletuner", broken)
+    with pytest.raises(ImportError, match="cannot be imported here"):
+        run_preview(PreviewOptions(run_dir=run, out=tmp_path / "preview"))
+    assert "Exception in thread" not in capfd.readouterr().err

@@ -48,8 +48,8 @@ def _caption(backend: ImageBackend, info) -> str:
     return (lines[0] + (f" (+{len(lines) - 1} more)" if len(lines) > 1 else "")) if lines else ""
 
 
-def _refuse_bad_input(opts: PreviewOptions):
-    """The run as check reads it; its first data error (or an unreadable run) as one line, before anything runs."""
+def _refuse_bad_options(opts: PreviewOptions) -> None:
+    """--limit and --out as one line each, before anything is read or imported."""
     if opts.limit is not None and opts.limit < 1:
         raise Sd3tuneError(f"--limit {opts.limit} must be at least 1", hint="e.g. --limit 20")
     out = opts.out.expanduser()
@@ -57,6 +57,11 @@ def _refuse_bad_input(opts: PreviewOptions):
         raise RefuseOverwriteError(f"--out {out} is a file", hint="pass a folder for the preview images")
     if out.is_dir() and any(out.iterdir()) and not opts.force:
         raise RefuseOverwriteError(f"--out {out} is not empty", hint="pass an empty folder, or --force to replace it")
+
+
+def _refuse_bad_input(opts: PreviewOptions):
+    """The run as check reads it; its first data error (or an unreadable run) as one line, before anything runs."""
+    out = opts.out.expanduser()
     report = check_run(opts.run_dir)
     run = report.run
     blocking = [f for f in report.errors if f.file != run.paths_name()] if run.config is not None else report.errors
@@ -74,6 +79,7 @@ def _refuse_bad_input(opts: PreviewOptions):
 def run_preview(opts: PreviewOptions, on_status: Callable[[str], None] = lambda s: None) -> PreviewResult:
     """Write ``OUT/<W>x<H>/<image file name>.png`` for each training image (what SimpleTuner encodes), ``OUT/SHEET``
     grouped by bucket, and ``OUT/RECORD``; an existing non-empty ``OUT`` only with ``force`` (replaced whole)."""
+    import contextlib
     import threading
 
     from sd3tune.datascan import scan_folder
@@ -82,7 +88,13 @@ def run_preview(opts: PreviewOptions, on_status: Callable[[str], None] = lambda 
     from sd3tune.simpletuner.preview import import_simpletuner, prepare_images
 
     started = time.perf_counter()
-    imports = threading.Thread(target=import_simpletuner, daemon=True)  # seconds of imports, beside the check
+    _refuse_bad_options(opts)  # first: a refused command starts no import
+
+    def import_quietly() -> None:  # a failure is raised where the images are prepared, as one error, not here
+        with contextlib.suppress(Exception):
+            import_simpletuner()
+
+    imports = threading.Thread(target=import_quietly, daemon=True)  # seconds of imports, beside the check
     imports.start()
     report = _refuse_bad_input(opts)
     imports.join()

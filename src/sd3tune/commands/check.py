@@ -17,12 +17,7 @@ from sd3tune.simpletuner.processes import plan_processes
 def run_check(run_dir: Path, as_json: bool = False, resume: bool = False, gpus: int = 1,
               accelerate_config: Path | None = None) -> tuple[CheckReport, str]:
     """The report for a training on ``gpus`` processes or the ones ``accelerate_config`` starts (all machines)."""
-    if accelerate_config is not None and not accelerate_config.expanduser().is_file():
-        from sd3tune.errors import Sd3tuneError
-
-        raise Sd3tuneError(f"accelerate config {accelerate_config} is not a file",
-                           hint="create one with `accelerate config --config_file FILE`")
-    processes = plan_processes(gpus, accelerate_config.expanduser() if accelerate_config else None)
+    processes = plan_processes(gpus, accelerate_config)
     report = check_run(run_dir, gpus=processes.total, resume=resume)
     text = json.dumps(report.as_dict(), indent=2) if as_json else render_report(report)
     return report, text

@@ -51,11 +51,7 @@ class TrainResult:
 def job_processes(opts: TrainOptions) -> Processes:
     """The job's processes from --gpus or the accelerate file (a file that is not there, does not parse or contradicts
     the launch: a user error, before anything else is read)."""
-    config = opts.accelerate_config
-    if config is not None and not config.expanduser().is_file():
-        raise Sd3tuneError(f"accelerate config {config} is not a file",
-                           hint="create one with `accelerate config --config_file FILE`")
-    return plan_processes(opts.gpus, config.expanduser() if config else None, opts.extra_accelerate_args)
+    return plan_processes(opts.gpus, opts.accelerate_config, opts.extra_accelerate_args)
 
 
 def prepare(opts: TrainOptions) -> tuple[LaunchPlan, object]:

@@ -231,18 +231,26 @@ def test_push_offline_fails_within_two_seconds_with_one_line(kohya_run, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("flag, private", [((), True), (("--public",), False)])
-def test_push_uploads_the_export_folder_private_by_default(kohya_run, tmp_path, monkeypatch, flag, private):
+@pytest.mark.parametrize("flag, private, existing", [((), True, None), (("--public",), False, None),
+                                                     ((), True, False)])
+def test_push_uploads_the_export_folder_private_by_default(kohya_run, tmp_path, monkeypatch, flag, private, existing):
+    import types
+
     import huggingface_hub
 
     from sd3tune import hub
 
     calls = []
+    repos = {} if existing is None else {"me/myst": existing}  # existing: a repository already there (public)
 
     class FakeApi:  # the Hub's side: what sd3tune asks of it
         def create_repo(self, repo_id, **kw):
             calls.append(("create", repo_id, kw))
+            repos.setdefault(repo_id, kw["private"])  # exist_ok: an existing repository keeps its visibility
             return f"https://huggingface.co/{repo_id}"
+
+        def model_info(self, repo_id):
+            return types.SimpleNamespace(private=repos[repo_id])
 
         def upload_folder(self, folder_path, repo_id, **kw):
             calls.append(("upload", repo_id, sorted(kw["allow_patterns"])))
@@ -258,4 +266,10 @@ def test_push_uploads_the_export_folder_private_by_default(kohya_run, tmp_path, 
     assert calls[0] == ("create", "me/myst", {"repo_type": "model", "private": private, "exist_ok": True})
     assert calls[1] == ("upload", "me/myst", ["README.md", "pytorch_lora_weights.safetensors", "run.safetensors"])
     assert "pushed: https://huggingface.co/me/myst" in r.err
+    if existing is None:  # what the Hub reports, as asked
+        assert f"pushed: https://huggingface.co/me/myst ({'private' if private else 'public'})" in r.err
+        assert "did not change it" not in r.err
+    else:  # asked private, but the repository was public before: said as public, with why
+        assert "pushed: https://huggingface.co/me/myst (public)" in r.err
+        assert "note: me/myst already existed and is public: --private did not change it" in r.err
     assert "me/myst" in (tmp_path / "out" / "README.md").read_text()  # the snippet loads it from the Hub

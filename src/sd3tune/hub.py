@@ -129,10 +129,12 @@ def check_push(repo_id: str) -> None:
         raise Sd3tuneError(f"cannot push to {repo_id}: no Hugging Face token", hint="run `hf auth login`, or set HF_TOKEN")
 
 
-def push_folder(folder: Path, files: list[str], repo_id: str, private: bool) -> str:
+def push_folder(folder: Path, files: list[str], repo_id: str, private: bool) -> tuple[str, bool | None]:
     """Upload ``files`` (paths relative to ``folder``: what this export wrote, not an earlier export's) to the Hub
-    model repository ``repo_id`` (created, private unless ``private`` is False, when missing); returns its URL. The
-    token comes from huggingface_hub's own lookup (environment, `hf auth login`)."""
+    model repository ``repo_id`` (created, private unless ``private`` is False, when missing); returns its URL and
+    whether it is private as the Hub says after the upload (None when it cannot be read): a repository that existed
+    keeps its own visibility, whatever ``private`` asked. The token comes from huggingface_hub's own lookup
+    (environment, `hf auth login`)."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -146,4 +148,8 @@ def push_folder(folder: Path, files: list[str], repo_id: str, private: bool) -> 
         raise Sd3tuneError(f"pushing {folder} to {repo_id} failed: {first}",
                            hint="check the token's write access (`hf auth whoami`) and the repository name; the "
                                 "export itself is complete") from None
-    return str(url)
+    try:
+        visible = api.model_info(repo_id).private
+    except (HfHubHTTPError, OSError, ValueError, AttributeError):
+        visible = None
+    return str(url), visible if isinstance(visible, bool) else None

@@ -47,6 +47,7 @@ class ExportResult:
     strength: float  # alpha / rank
     max_error: float  # the largest relative error of a merged delta, over every export
     url: str | None = None
+    private: bool | None = None  # the pushed repository's visibility as the Hub reports it (None: not read)
     notes: list[str] = field(default_factory=list)
 
 
@@ -112,8 +113,16 @@ def run_export(opts: ExportOptions) -> ExportResult:
             update_manifest(run_root, "exports", entry, append=True)
         except (OSError, Sd3tuneError):  # a read-only run folder: the export itself is complete
             notes.append(f"the export is not recorded in {run_root / 'sd3tune.json'} (cannot write it)")
-    url = push_folder(out, written, opts.push_to_hub, opts.private) if opts.push_to_hub else None
-    return ExportResult(out=out, files=files, strength=facts.strength, max_error=worst, url=url, notes=notes)
+    url, private = push_folder(out, written, opts.push_to_hub, opts.private) if opts.push_to_hub else (None, None)
+    if url and private is not None and private != opts.private:
+        notes.append(f"{opts.push_to_hub} already existed and is {visibility(private)}: "
+                     f"--{visibility(opts.private)} did not change it (change it in the repository's settings)")
+    return ExportResult(out=out, files=files, strength=facts.strength, max_error=worst, url=url, private=private,
+                        notes=notes)
+
+
+def visibility(private: bool | None) -> str:
+    return "visibility not confirmed" if private is None else "private" if private else "public"
 
 
 def _formats(asked: list[str]) -> list[str]:
@@ -260,4 +269,4 @@ def export_command(
     typer.echo(f"strength alpha/rank {result.strength:g}; merged deltas verified (max relative error "
                f"{result.max_error:.1e}) in {time.perf_counter() - t:.1f} s", err=True)
     if result.url:
-        typer.echo(f"pushed: {result.url} ({'private' if private else 'public'})", err=True)
+        typer.echo(f"pushed: {result.url} ({visibility(result.private)})", err=True)

@@ -20,7 +20,7 @@ from sd3tune.defaults import SD3M
 from sd3tune.errors import ConfigError, Sd3tuneError
 from sd3tune.findings import Finding, error, plural, warning
 from sd3tune.fsutil import absolute_model, atomic_write_text, refuse_existing
-from sd3tune.knobs import KNOB_FLAGS, DataSpec, Knobs, parse_spec
+from sd3tune.knobs import KNOB_FLAGS, DataSpec, Knobs, caption_settings, parse_spec
 from sd3tune.locks import folder_lock
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
@@ -116,29 +116,6 @@ def _datasets(opts: InitOptions) -> list[tuple[DataSpec, Path, Any]]:
     return out
 
 
-def _captioning(opts: InitOptions, data: Path, scan: Any, warnings: list[Finding]) -> dict[str, Any]:
-    """The dataset's caption settings: --caption-strategy, else .txt captions, the trigger, or the file names."""
-    captioned = [i for i in scan.images if i.caption]
-    strategy = opts.caption_strategy or ("textfile" if captioned else "instanceprompt" if opts.trigger else "filename")
-    if strategy == "instanceprompt" and not opts.trigger:
-        raise Sd3tuneError("--caption-strategy instanceprompt needs --trigger (the caption of every image)",
-                           hint="pass --trigger WORD")
-    if strategy == "textfile" and opts.trigger and not opts.caption_prefix \
-            and any(opts.trigger not in i.caption for i in captioned):
-        missing = sum(opts.trigger not in i.caption for i in captioned)
-        warnings.append(warning(str(data), "", f"{missing} captions do not contain the trigger {opts.trigger!r}",
-                                "add it to the captions so the LoRA binds to it, or pass --caption-prefix"))
-    elif strategy == "filename" and not opts.caption_strategy:
-        warnings.append(warning(str(data), "", "no .txt captions: file names are used as captions",
-                                "add captions, or pass --trigger WORD to caption every image with it"))
-    image: dict[str, Any] = {"caption_strategy": strategy}
-    if strategy == "instanceprompt":
-        image["instance_prompt"] = opts.trigger
-    elif opts.caption_prefix:
-        image.update(instance_prompt=opts.caption_prefix, prepend_instance_prompt=True)
-    return image
-
-
 def build_run(opts: InitOptions) -> InitResult:
     """Validate flags and data and build the models (writes nothing)."""
     if opts.preset not in PRESETS:
@@ -161,7 +138,8 @@ def build_run(opts: InitOptions) -> InitResult:
     if not preset.verified:
         warnings.append(warning("flags", "--preset", preset.caveat))
     # unreadable files, missing or empty captions: judged by check once the run is written (run_init)
-    captioning = [_captioning(opts, folder, scan, warnings) for _, folder, scan in datasets]
+    captioning = [caption_settings(spec, folder, scan.images, opts.caption_strategy, opts.trigger, opts.caption_prefix,
+                             warnings) for spec, folder, scan in datasets]
 
     prompt = opts.validation_prompt
     if prompt is None:
@@ -323,7 +301,9 @@ def init_command(
     rank: Annotated[Optional[int], Opt("--rank", help="LoRA rank.")] = None,
     steps: Annotated[Optional[int], Opt("--steps", help="Training steps.")] = None,
     reg_data: Annotated[Optional[list[str]], Opt("--reg-data", help="Regularisation (prior) images: DIR or "
-                                                                    "DIR:probability=0.3,...; repeatable.")] = None,
+                                                                    "DIR:probability=0.3,...; repeatable. Captioned "
+                                                                    "by their .txt files (else file names), never "
+                                                                    "with the trigger.")] = None,
     lr: Annotated[Optional[float], Opt("--lr", help="Peak learning rate (default 1e-4).")] = None,
     batch_size: Annotated[Optional[int], Opt("--batch-size", help="Images per step per GPU (preset's).")] = None,
     grad_accum: Annotated[Optional[int], Opt("--grad-accum", help="Steps accumulated per update (1).")] = None,
@@ -342,9 +322,9 @@ def init_command(
     tracker_run: Annotated[Optional[str], Opt("--tracker-run", help="Tracker run name.")] = None,
     caption_strategy: Annotated[Optional[CaptionStrategy], Opt("--caption-strategy", parser=parse_caption_strategy,
                                                                help="textfile, filename or instanceprompt (default: "
-                                                                    "from the folder).")] = None,
+                                                                    "from the folder); --data only.")] = None,
     caption_prefix: Annotated[Optional[str], Opt("--caption-prefix", help="Put this (e.g. the trigger) and a space "
-                                                                          "before every caption.")] = None,
+                                                                          "before every --data caption.")] = None,
     fmt: Annotated[Format, Opt("--format", help="Config file format: env (config.env) or json.", parser=parse_format)] = Format("env"),
     force: Annotated[bool, Opt("--force", help="Overwrite an existing run's config; keeps nothing of it, hand edits "
                                                "included (change one setting with `sd3tune set` instead).")] = False,

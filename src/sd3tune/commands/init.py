@@ -192,30 +192,44 @@ def build_run(opts: InitOptions) -> InitResult:
             _raise_validation(exc, f"{spec.flag} {spec.folder}")
     backends.append(TextEmbedsBackend(id="text-embeds", dataset_type="text_embeds", default=True,
                                       cache_dir=str(paths.cache / "text")))
-    for backend, (_, _, scan) in zip(backends, datasets):
-        warnings += _fill_small_buckets(config, backend, scan.images, opts.preset)
+    warnings += _fill_small_buckets(config, [(b, scan.images) for b, (_, _, scan) in zip(backends, datasets)],
+                                    opts.preset)
     return InitResult(paths, config, backends, [], warnings)
 
 
-def _fill_small_buckets(config: RunConfig, image: ImageBackend, images: list, preset: str) -> list[Finding]:
+def _fill_small_buckets(config: RunConfig, datasets: list[tuple[ImageBackend, list]], preset: str) -> list[Finding]:
     """Aspect buckets with fewer images than one batch make SimpleTuner refuse to start ("zero usable batches"). init
     turns on SimpleTuner's --allow_dataset_oversubscription, which repeats the images of those buckets only, rather
     than lowering the batch of every image (the preset's speed). Not when a minimum image size is set (SimpleTuner
-    then drops those buckets, as check says), nor over the dataset's own repeats or the caller's own choice."""
-    e = image.effective(config.data)
-    if e.minimum_image_size or image.repeats or OVERSUBSCRIBE in config.extra:
+    then drops those buckets, as check says), nor over the dataset's own repeats or the caller's own choice. The
+    option covers every dataset: one warning names each dataset's small buckets."""
+    if OVERSUBSCRIBE in config.extra:
         return []
     batch = config.optim.train_batch_size * config.optim.gradient_accumulation_steps
-    counts = bucket_counts(images, e.resolution, e.resolution_type, image.crop and image.crop_aspect == "square")
-    small = {k: n for k, n in sorted(counts.items()) if n < batch}
-    if not small:
+    found = []  # (dataset id, its image count, its small buckets)
+    for image, images in datasets:
+        e = image.effective(config.data)
+        if e.minimum_image_size or image.repeats:
+            continue
+        counts = bucket_counts(images, e.resolution, e.resolution_type, image.crop and image.crop_aspect == "square")
+        small = {k: n for k, n in sorted(counts.items()) if n < batch}
+        if small:
+            found.append((image.id, len(images), small))
+    if not found:
         return []
     config.extra[OVERSUBSCRIBE] = True
-    listed = ", ".join(f"{w}x{h}: {n}" for (w, h), n in small.items())
-    most = max(math.ceil(batch / n) for n in small.values())
-    count = sum(small.values())
-    said = (f"{plural(count, 'image')} of {len(images)} {'sits' if count == 1 else 'sit'} in aspect buckets smaller "
-            f"than the batch of {batch} ({listed}), which SimpleTuner refuses; init turned on --{OVERSUBSCRIBE}: "
+    most = max(math.ceil(batch / n) for _, _, small in found for n in small.values())
+    count = sum(sum(small.values()) for _, _, small in found)
+    listed = [(f"{plural(sum(small.values()), 'image')} of {total}", ident,
+               ", ".join(f"{w}x{h}: {n}" for (w, h), n in small.items())) for ident, total, small in found]
+    if len(datasets) == 1:
+        [(what, _, buckets)] = listed
+        where = f"{what} {'sits' if count == 1 else 'sit'} in aspect buckets smaller than the batch of {batch} ({buckets})"
+    else:  # name each dataset: the option repeats the small buckets' images of all of them
+        held = [f"{what} in dataset {ident} ({buckets})" for what, ident, buckets in listed]
+        where = (f"aspect buckets smaller than the batch of {batch} hold "
+                 + (f"{', '.join(held[:-1])} and {held[-1]}" if len(held) > 1 else held[0]))
+    said = (f"{where}, which SimpleTuner refuses; init turned on --{OVERSUBSCRIBE}: "
             f"SimpleTuner repeats only those images to fill a batch (each up to {most}x per epoch), and the batch "
             f"stays {batch} as the {preset} preset sets it, rather than shrinking for every image")
     return [warning("flags", "--preset", said, "to train every image equally often, crop to square (crop true, "

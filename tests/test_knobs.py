@@ -131,6 +131,26 @@ def test_regularisation_captions_holding_the_trigger_are_a_warning(tmp_path, tin
             "trigger") in r.err
 
 
+def test_a_given_id_is_kept_or_refused_and_folder_names_give_way(tmp_path, tiny_model, concept_data):
+    more = Path(shutil.copytree(concept_data, tmp_path / "more"))
+    same_name = Path(shutil.copytree(concept_data, tmp_path / "other" / "concepts"))
+    embeds = Path(shutil.copytree(concept_data, tmp_path / "text-embeds"))
+    run = tmp_path / "run"
+    r = sd3tune("init", run, "--data", f"{concept_data}:id=art", "--reg-data", f"{more}:id=art")
+    assert_one_line_user_error(r, f"--reg-data {more}: id=art is already the id of --data {concept_data}",
+                               "give each dataset its own id=NAME")
+    r = sd3tune("init", run, "--data", f"{more}:id=text-embeds")
+    assert_one_line_user_error(r, f"--data {more}: id=text-embeds is already the id of the text embeds' dataset")
+    assert not run.exists()
+    r = sd3tune("init", run, "--data", concept_data, "--data", same_name, "--data", f"{more}:id=concepts",
+                "--data", embeds, "--model", tiny_model, "--resolution", "64")
+    assert r.code == 0, r.err + r.out
+    backends = json.loads((run / "config" / "multidatabackend.json").read_text())
+    assert [(b["id"], b.get("instance_data_dir")) for b in backends] == [
+        ("concepts-2", str(concept_data.resolve())), ("concepts-3", str(same_name.resolve())),
+        ("concepts", str(more.resolve())), ("text-embeds-2", str(embeds.resolve())), ("text-embeds", None)]
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--lr", "-1"], ["--lr", "greater than 0"]),
     (["--optimizer", "adamw8"], ["--optimizer 'adamw8'", "did you mean", "adamw_bf16"]),

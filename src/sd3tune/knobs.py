@@ -136,6 +136,41 @@ def parse_spec(text: str | Path, flag: str = "--data") -> DataSpec:
     return DataSpec(Path(match["dir"]), flag, options)
 
 
+TEXT_EMBEDS_ID = "text-embeds"  # the id of the text embeds' dataset that init writes beside the image datasets
+
+
+def _folder_id(folder: Path) -> str:
+    ident = re.sub(r"[^A-Za-z0-9_-]+", "-", folder.name).strip("-")
+    return ident or "images"
+
+
+def dataset_ids(datasets: list[tuple[DataSpec, Path]]) -> list[str]:
+    """Each dataset's id: its ``id=NAME`` as written, else its (resolved) folder's name, with -2, -3, ... when that
+    name is taken. An id=NAME given twice, or the text embeds' id, is refused rather than renamed."""
+    taken: dict[str, DataSpec | None] = {TEXT_EMBEDS_ID: None}
+    for spec, _ in datasets:
+        ident = spec.options.get("id")
+        if ident and ident in taken:
+            other = taken[ident]
+            said = "the text embeds' dataset" if other is None else f"{other.flag} {other.folder}"
+            raise Sd3tuneError(f"{spec.flag} {spec.folder}: id={ident} is already the id of {said}",
+                               hint="give each dataset its own id=NAME, or leave id= out to name it after its folder")
+        if ident:
+            taken[ident] = spec
+    ids = []
+    for spec, folder in datasets:
+        ident = spec.options.get("id")
+        if not ident:  # two folders of the same name, or a folder named like an id=NAME: -2, -3, ...
+            base = ident = _folder_id(folder)
+            n = 1
+            while ident in taken:
+                n += 1
+                ident = f"{base}-{n}"
+            taken[ident] = spec
+        ids.append(ident)
+    return ids
+
+
 # ---------------------------------------------------------------------------------------------- captioning
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from sd3tune.defaults import SD3M
 from sd3tune.errors import ConfigError, Sd3tuneError
 from sd3tune.findings import Finding, error, plural, warning
 from sd3tune.fsutil import absolute_model, atomic_write_text, refuse_existing
-from sd3tune.knobs import KNOB_FLAGS, DataSpec, Knobs, caption_settings, parse_spec
+from sd3tune.knobs import KNOB_FLAGS, TEXT_EMBEDS_ID, DataSpec, Knobs, caption_settings, dataset_ids, parse_spec
 from sd3tune.locks import folder_lock
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
@@ -65,11 +64,6 @@ class InitResult:
     written: list[Path]
     warnings: list[Finding]  # init's own: the preset's caveat, how captions were chosen
     check: CheckReport | None = None  # `sd3tune check` of the written run (data, captions, buckets, memory, ...)
-
-
-def _dataset_id(folder: Path) -> str:
-    ident = re.sub(r"[^A-Za-z0-9_-]+", "-", folder.name).strip("-")
-    return ident or "images"
 
 
 # The flag behind a setting, so that errors name what the user typed.
@@ -168,14 +162,8 @@ def build_run(opts: InitOptions) -> InitResult:
     except ValidationError as exc:
         _raise_validation(exc, "flags")
 
-    backends, ids = [], set()
-    for (spec, data, _), captions in zip(datasets, captioning):
-        base = spec.options.get("id") or _dataset_id(data)
-        ident, n = base, 1
-        while ident in ids:  # two folders of the same name
-            n += 1
-            ident = f"{base}-{n}"
-        ids.add(ident)
+    backends = []
+    for (spec, data, _), captions, ident in zip(datasets, captioning, dataset_ids([(s, f) for s, f, _ in datasets])):
         image = {"id": ident, "instance_data_dir": str(data), **captions,
                  "resolution": config.data.resolution, "resolution_type": config.data.resolution_type,
                  "cache_dir_vae": str(paths.cache / "vae" / ident),
@@ -190,7 +178,7 @@ def build_run(opts: InitOptions) -> InitResult:
             backends.append(ImageBackend.model_validate(image))
         except ValidationError as exc:
             _raise_validation(exc, f"{spec.flag} {spec.folder}")
-    backends.append(TextEmbedsBackend(id="text-embeds", dataset_type="text_embeds", default=True,
+    backends.append(TextEmbedsBackend(id=TEXT_EMBEDS_ID, dataset_type="text_embeds", default=True,
                                       cache_dir=str(paths.cache / "text")))
     warnings += _fill_small_buckets(config, [(b, scan.images) for b, (_, _, scan) in zip(backends, datasets)],
                                     opts.preset)

@@ -233,3 +233,31 @@ def test_the_80gb_preset_on_mixed_sizes_fills_small_buckets_and_check_passes(tmp
     env.write_text(env.read_text().replace(" --allow_dataset_oversubscription=true", ""))
     r = sd3tune("check", run)
     assert r.code == 2 and "or add --allow_dataset_oversubscription=true to TRAINER_EXTRA_ARGS" in r.out, r.out
+
+
+def _mixed_sizes(folder, sizes):
+    from PIL import Image
+
+    folder.mkdir()
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size, (10 * i, 80, 120)).save(folder / f"sketch_{i:02d}.png")
+        (folder / f"sketch_{i:02d}.txt").write_text(f"concept art sketch {i}")
+    return folder
+
+
+def test_small_buckets_of_every_dataset_are_named_in_the_one_warning(tmp_path, tiny_model):
+    # the option covers all datasets: each one's small buckets are said, not only the first one's
+    art = _mixed_sizes(tmp_path / "art", [(256, 256)] * 15 + [(304, 208)] * 5 + [(208, 304)] * 2 + [(384, 160)])
+    square = _mixed_sizes(tmp_path / "square", [(256, 256)] * 8)
+    more = _mixed_sizes(tmp_path / "more", [(256, 256)] * 8 + [(208, 304)])
+    run = tmp_path / "run"
+    r = sd3tune("init", run, "--data", art, "--data", square, "--data", more, "--model", tiny_model,
+                "--preset", "80gb", "--resolution", "512")
+    assert r.code == 0, r.out + r.err
+    assert ("warning: flags:--preset: aspect buckets smaller than the batch of 4 hold 3 images of 23 in dataset art "
+            "(448x640: 2, 768x320: 1) and 1 image of 9 in dataset more (448x640: 1), which SimpleTuner refuses; init "
+            "turned on --allow_dataset_oversubscription: SimpleTuner repeats only those images to fill a batch (each "
+            "up to 4x per epoch), and the batch stays 4 as the 80gb preset sets it") in r.err
+    assert r.err.count("aspect buckets smaller than the batch") == 1
+    assert (run / "config" / "config.env").read_text().count("--allow_dataset_oversubscription=true") == 1
+    assert sd3tune("check", run).code == 0

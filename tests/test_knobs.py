@@ -77,6 +77,80 @@ def test_several_datasets_each_get_a_backend_and_check_reports_each(tmp_path, ti
     assert "8 images" in lines["more"] and "32 samples/epoch" in lines["more"] and "66.7% of steps" in lines["more"]
 
 
+TRIGGER = "sd3tune-style"  # what every caption of concept_data holds
+NOT_FROM_FLAGS = ("instance_prompt", "prepend_instance_prompt")
+
+
+@pytest.mark.parametrize("extra, training", [
+    ([], {"caption_strategy": "textfile"}),
+    (["--caption-prefix", TRIGGER], {"caption_strategy": "textfile", "instance_prompt": TRIGGER,
+                                     "prepend_instance_prompt": True}),
+    (["--caption-strategy", "instanceprompt"], {"caption_strategy": "instanceprompt", "instance_prompt": TRIGGER}),
+])
+def test_regularisation_images_never_train_on_the_trigger_or_the_caption_prefix(tmp_path, tiny_model, concept_data,
+                                                                                 extra, training):
+    """The trigger in regularisation captions would unteach it (SimpleTuner trains them toward the base model's
+    output): --reg-data keeps its .txt captions, else its file names (as SimpleTuner reads them), and no warning asks
+    for the trigger there."""
+    from simpletuner.helpers.prompts import PromptHandler
+
+    bare = tmp_path / "bare"  # regularisation images without captions
+    bare.mkdir()
+    for image in sorted(concept_data.glob("*.png")):
+        shutil.copy(image, bare / f"a_photo_of_{image.name}")
+    captioned = Path(shutil.copytree(concept_data, tmp_path / "captioned"))
+    for caption in captioned.glob("*.txt"):
+        caption.write_text("concept art of a castle, warm light\n")
+    run = tmp_path / "run"
+    r = sd3tune("init", run, "--data", concept_data, "--reg-data", bare, "--reg-data", f"{captioned}:probability=0.5",
+                "--trigger", TRIGGER, "--model", tiny_model, "--resolution", "64", *extra)
+    assert r.code == 0, r.err + r.out
+    images = {b["id"]: b for b in json.loads((run / "config" / "multidatabackend.json").read_text())
+              if b["dataset_type"] == "image"}
+    assert {k: images["concepts"].get(k) for k in training} == training
+    assert images["bare"]["caption_strategy"] == "filename" and images["captioned"]["caption_strategy"] == "textfile"
+    assert not [k for k in NOT_FROM_FLAGS if images["bare"].get(k) or images["captioned"].get(k)]
+    bare_backend = images["bare"]
+    said = [PromptHandler.prepare_instance_prompt_from_filename(
+        str(image), use_captions=True, prepend_instance_prompt=bare_backend.get("prepend_instance_prompt", False),
+        instance_prompt=bare_backend.get("instance_prompt")) for image in sorted(bare.glob("*.png"))]
+    assert said[0] == "a photo of concept 00" and not [c for c in said if TRIGGER in c]
+    assert (f"warning: {bare.resolve()}: no .txt captions in this --reg-data folder: file names are used as captions "
+            "— write a .txt caption describing each image, without the trigger") in r.err
+    assert "do not contain the trigger" not in r.err and str(captioned.resolve()) not in r.err
+
+
+def test_regularisation_captions_holding_the_trigger_are_a_warning(tmp_path, tiny_model, concept_data):
+    reg = Path(shutil.copytree(concept_data, tmp_path / "reg"))
+    (reg / "concept_00.txt").write_text("concept art of a castle\n")
+    r = sd3tune("init", tmp_path / "run", "--data", concept_data, "--reg-data", reg, "--trigger", TRIGGER,
+                "--model", tiny_model, "--resolution", "64")
+    assert r.code == 0, r.err + r.out
+    assert (f"warning: {reg.resolve()}: 7 regularisation captions hold the trigger 'sd3tune-style' — take it out of "
+            "them: SimpleTuner trains regularisation captions toward the base model's output, which unteaches the "
+            "trigger") in r.err
+
+
+def test_a_given_id_is_kept_or_refused_and_folder_names_give_way(tmp_path, tiny_model, concept_data):
+    more = Path(shutil.copytree(concept_data, tmp_path / "more"))
+    same_name = Path(shutil.copytree(concept_data, tmp_path / "other" / "concepts"))
+    embeds = Path(shutil.copytree(concept_data, tmp_path / "text-embeds"))
+    run = tmp_path / "run"
+    r = sd3tune("init", run, "--data", f"{concept_data}:id=art", "--reg-data", f"{more}:id=art")
+    assert_one_line_user_error(r, f"--reg-data {more}: id=art is already the id of --data {concept_data}",
+                               "give each dataset its own id=NAME")
+    r = sd3tune("init", run, "--data", f"{more}:id=text-embeds")
+    assert_one_line_user_error(r, f"--data {more}: id=text-embeds is already the id of the text embeds' dataset")
+    assert not run.exists()
+    r = sd3tune("init", run, "--data", concept_data, "--data", same_name, "--data", f"{more}:id=concepts",
+                "--data", embeds, "--model", tiny_model, "--resolution", "64")
+    assert r.code == 0, r.err + r.out
+    backends = json.loads((run / "config" / "multidatabackend.json").read_text())
+    assert [(b["id"], b.get("instance_data_dir")) for b in backends] == [
+        ("concepts-2", str(concept_data.resolve())), ("concepts-3", str(same_name.resolve())),
+        ("concepts", str(more.resolve())), ("text-embeds-2", str(embeds.resolve())), ("text-embeds", None)]
+
+
 @pytest.mark.parametrize("args, needles", [
     (["--lr", "-1"], ["--lr", "greater than 0"]),
     (["--optimizer", "adamw8"], ["--optimizer 'adamw8'", "did you mean", "adamw_bf16"]),

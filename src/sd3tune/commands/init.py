@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from sd3tune.defaults import SD3M
 from sd3tune.errors import ConfigError, Sd3tuneError
 from sd3tune.findings import Finding, error, plural, warning
 from sd3tune.fsutil import absolute_model, atomic_write_text, refuse_existing
-from sd3tune.knobs import KNOB_FLAGS, DataSpec, Knobs, parse_spec
+from sd3tune.knobs import KNOB_FLAGS, TEXT_EMBEDS_ID, DataSpec, Knobs, caption_settings, dataset_ids, parse_spec
 from sd3tune.locks import folder_lock
 from sd3tune.manifest import now, package_versions, update_manifest
 from sd3tune.simpletuner import keys
@@ -67,11 +66,6 @@ class InitResult:
     check: CheckReport | None = None  # `sd3tune check` of the written run (data, captions, buckets, memory, ...)
 
 
-def _dataset_id(folder: Path) -> str:
-    ident = re.sub(r"[^A-Za-z0-9_-]+", "-", folder.name).strip("-")
-    return ident or "images"
-
-
 # The flag behind a setting, so that errors name what the user typed.
 FLAGS = {"lora.rank": "--rank", "data.resolution": "--resolution", "optim.max_train_steps": "--steps",
          "model.name_or_path": "--model", "validation.prompt": "--validation-prompt", "validation.resolution": "--resolution",
@@ -116,29 +110,6 @@ def _datasets(opts: InitOptions) -> list[tuple[DataSpec, Path, Any]]:
     return out
 
 
-def _captioning(opts: InitOptions, data: Path, scan: Any, warnings: list[Finding]) -> dict[str, Any]:
-    """The dataset's caption settings: --caption-strategy, else .txt captions, the trigger, or the file names."""
-    captioned = [i for i in scan.images if i.caption]
-    strategy = opts.caption_strategy or ("textfile" if captioned else "instanceprompt" if opts.trigger else "filename")
-    if strategy == "instanceprompt" and not opts.trigger:
-        raise Sd3tuneError("--caption-strategy instanceprompt needs --trigger (the caption of every image)",
-                           hint="pass --trigger WORD")
-    if strategy == "textfile" and opts.trigger and not opts.caption_prefix \
-            and any(opts.trigger not in i.caption for i in captioned):
-        missing = sum(opts.trigger not in i.caption for i in captioned)
-        warnings.append(warning(str(data), "", f"{missing} captions do not contain the trigger {opts.trigger!r}",
-                                "add it to the captions so the LoRA binds to it, or pass --caption-prefix"))
-    elif strategy == "filename" and not opts.caption_strategy:
-        warnings.append(warning(str(data), "", "no .txt captions: file names are used as captions",
-                                "add captions, or pass --trigger WORD to caption every image with it"))
-    image: dict[str, Any] = {"caption_strategy": strategy}
-    if strategy == "instanceprompt":
-        image["instance_prompt"] = opts.trigger
-    elif opts.caption_prefix:
-        image.update(instance_prompt=opts.caption_prefix, prepend_instance_prompt=True)
-    return image
-
-
 def build_run(opts: InitOptions) -> InitResult:
     """Validate flags and data and build the models (writes nothing)."""
     if opts.preset not in PRESETS:
@@ -161,7 +132,8 @@ def build_run(opts: InitOptions) -> InitResult:
     if not preset.verified:
         warnings.append(warning("flags", "--preset", preset.caveat))
     # unreadable files, missing or empty captions: judged by check once the run is written (run_init)
-    captioning = [_captioning(opts, folder, scan, warnings) for _, folder, scan in datasets]
+    captioning = [caption_settings(spec, folder, scan.images, opts.caption_strategy, opts.trigger, opts.caption_prefix,
+                             warnings) for spec, folder, scan in datasets]
 
     prompt = opts.validation_prompt
     if prompt is None:
@@ -190,14 +162,8 @@ def build_run(opts: InitOptions) -> InitResult:
     except ValidationError as exc:
         _raise_validation(exc, "flags")
 
-    backends, ids = [], set()
-    for (spec, data, _), captions in zip(datasets, captioning):
-        base = spec.options.get("id") or _dataset_id(data)
-        ident, n = base, 1
-        while ident in ids:  # two folders of the same name
-            n += 1
-            ident = f"{base}-{n}"
-        ids.add(ident)
+    backends = []
+    for (spec, data, _), captions, ident in zip(datasets, captioning, dataset_ids([(s, f) for s, f, _ in datasets])):
         image = {"id": ident, "instance_data_dir": str(data), **captions,
                  "resolution": config.data.resolution, "resolution_type": config.data.resolution_type,
                  "cache_dir_vae": str(paths.cache / "vae" / ident),
@@ -212,32 +178,46 @@ def build_run(opts: InitOptions) -> InitResult:
             backends.append(ImageBackend.model_validate(image))
         except ValidationError as exc:
             _raise_validation(exc, f"{spec.flag} {spec.folder}")
-    backends.append(TextEmbedsBackend(id="text-embeds", dataset_type="text_embeds", default=True,
+    backends.append(TextEmbedsBackend(id=TEXT_EMBEDS_ID, dataset_type="text_embeds", default=True,
                                       cache_dir=str(paths.cache / "text")))
-    for backend, (_, _, scan) in zip(backends, datasets):
-        warnings += _fill_small_buckets(config, backend, scan.images, opts.preset)
+    warnings += _fill_small_buckets(config, [(b, scan.images) for b, (_, _, scan) in zip(backends, datasets)],
+                                    opts.preset)
     return InitResult(paths, config, backends, [], warnings)
 
 
-def _fill_small_buckets(config: RunConfig, image: ImageBackend, images: list, preset: str) -> list[Finding]:
+def _fill_small_buckets(config: RunConfig, datasets: list[tuple[ImageBackend, list]], preset: str) -> list[Finding]:
     """Aspect buckets with fewer images than one batch make SimpleTuner refuse to start ("zero usable batches"). init
     turns on SimpleTuner's --allow_dataset_oversubscription, which repeats the images of those buckets only, rather
     than lowering the batch of every image (the preset's speed). Not when a minimum image size is set (SimpleTuner
-    then drops those buckets, as check says), nor over the dataset's own repeats or the caller's own choice."""
-    e = image.effective(config.data)
-    if e.minimum_image_size or image.repeats or OVERSUBSCRIBE in config.extra:
+    then drops those buckets, as check says), nor over the dataset's own repeats or the caller's own choice. The
+    option covers every dataset: one warning names each dataset's small buckets."""
+    if OVERSUBSCRIBE in config.extra:
         return []
     batch = config.optim.train_batch_size * config.optim.gradient_accumulation_steps
-    counts = bucket_counts(images, e.resolution, e.resolution_type, image.crop and image.crop_aspect == "square")
-    small = {k: n for k, n in sorted(counts.items()) if n < batch}
-    if not small:
+    found = []  # (dataset id, its image count, its small buckets)
+    for image, images in datasets:
+        e = image.effective(config.data)
+        if e.minimum_image_size or image.repeats:
+            continue
+        counts = bucket_counts(images, e.resolution, e.resolution_type, image.crop and image.crop_aspect == "square")
+        small = {k: n for k, n in sorted(counts.items()) if n < batch}
+        if small:
+            found.append((image.id, len(images), small))
+    if not found:
         return []
     config.extra[OVERSUBSCRIBE] = True
-    listed = ", ".join(f"{w}x{h}: {n}" for (w, h), n in small.items())
-    most = max(math.ceil(batch / n) for n in small.values())
-    count = sum(small.values())
-    said = (f"{plural(count, 'image')} of {len(images)} {'sits' if count == 1 else 'sit'} in aspect buckets smaller "
-            f"than the batch of {batch} ({listed}), which SimpleTuner refuses; init turned on --{OVERSUBSCRIBE}: "
+    most = max(math.ceil(batch / n) for _, _, small in found for n in small.values())
+    count = sum(sum(small.values()) for _, _, small in found)
+    listed = [(f"{plural(sum(small.values()), 'image')} of {total}", ident,
+               ", ".join(f"{w}x{h}: {n}" for (w, h), n in small.items())) for ident, total, small in found]
+    if len(datasets) == 1:
+        [(what, _, buckets)] = listed
+        where = f"{what} {'sits' if count == 1 else 'sit'} in aspect buckets smaller than the batch of {batch} ({buckets})"
+    else:  # name each dataset: the option repeats the small buckets' images of all of them
+        held = [f"{what} in dataset {ident} ({buckets})" for what, ident, buckets in listed]
+        where = (f"aspect buckets smaller than the batch of {batch} hold "
+                 + (f"{', '.join(held[:-1])} and {held[-1]}" if len(held) > 1 else held[0]))
+    said = (f"{where}, which SimpleTuner refuses; init turned on --{OVERSUBSCRIBE}: "
             f"SimpleTuner repeats only those images to fill a batch (each up to {most}x per epoch), and the batch "
             f"stays {batch} as the {preset} preset sets it, rather than shrinking for every image")
     return [warning("flags", "--preset", said, "to train every image equally often, crop to square (crop true, "
@@ -323,7 +303,9 @@ def init_command(
     rank: Annotated[Optional[int], Opt("--rank", help="LoRA rank.")] = None,
     steps: Annotated[Optional[int], Opt("--steps", help="Training steps.")] = None,
     reg_data: Annotated[Optional[list[str]], Opt("--reg-data", help="Regularisation (prior) images: DIR or "
-                                                                    "DIR:probability=0.3,...; repeatable.")] = None,
+                                                                    "DIR:probability=0.3,...; repeatable. Captioned "
+                                                                    "by their .txt files (else file names), never "
+                                                                    "with the trigger.")] = None,
     lr: Annotated[Optional[float], Opt("--lr", help="Peak learning rate (default 1e-4).")] = None,
     batch_size: Annotated[Optional[int], Opt("--batch-size", help="Images per step per GPU (preset's).")] = None,
     grad_accum: Annotated[Optional[int], Opt("--grad-accum", help="Steps accumulated per update (1).")] = None,
@@ -342,9 +324,9 @@ def init_command(
     tracker_run: Annotated[Optional[str], Opt("--tracker-run", help="Tracker run name.")] = None,
     caption_strategy: Annotated[Optional[CaptionStrategy], Opt("--caption-strategy", parser=parse_caption_strategy,
                                                                help="textfile, filename or instanceprompt (default: "
-                                                                    "from the folder).")] = None,
+                                                                    "from the folder); --data only.")] = None,
     caption_prefix: Annotated[Optional[str], Opt("--caption-prefix", help="Put this (e.g. the trigger) and a space "
-                                                                          "before every caption.")] = None,
+                                                                          "before every --data caption.")] = None,
     fmt: Annotated[Format, Opt("--format", help="Config file format: env (config.env) or json.", parser=parse_format)] = Format("env"),
     force: Annotated[bool, Opt("--force", help="Overwrite an existing run's config; keeps nothing of it, hand edits "
                                                "included (change one setting with `sd3tune set` instead).")] = False,

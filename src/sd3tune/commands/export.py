@@ -16,6 +16,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ FORMATS = ("diffusers", "kohya", "comfyui")
 EXPORT_DIR = "export"
 CARD = "README.md"
 SAMPLES_DIR = "images"
-SD3M = "stabilityai/stable-diffusion-3-medium-diffusers"
 
 
 @dataclass

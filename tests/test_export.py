@@ -140,22 +140,51 @@ def test_export_writes_every_format_and_a_card_the_loaders_read_at_the_trained_s
     assert sd3tune("export", run, "--base-model", SD3M, "--force").code == 0
 
 
-def test_comfyui_gets_the_kohya_file_and_the_card_shows_validation_samples(kohya_run, tmp_path):
+PROMPT = "sd3tune-style, concept art of a castle on a hill"  # kohya_run's validation prompt
+
+
+def validation_images(run: Path, *names: str) -> Path:
+    """Validation images as SimpleTuner 4.10 names them (helpers/training/validation_images.py save_images:
+    step_{step}_{prompt shortname}_{index}_{WxH}; the main prompt's shortname is ``validation``), each its own."""
     from PIL import Image
 
+    folder = run / "output" / "validation_images"
+    folder.mkdir()
+    for n, name in enumerate(names):
+        Image.new("RGB", (64, 64), (10, 20 * n, 10)).save(folder / name)
+    return folder
+
+
+def test_comfyui_gets_the_kohya_file_and_the_card_shows_validation_samples(kohya_run, tmp_path):
+    """A checkpoint's card shows the main prompt's images of its steps: not those sampled after it, nor those of
+    the prompt library's other prompts or of the empty prompt (which the main prompt would mislabel)."""
     run = copy_run(kohya_run, tmp_path / "run")
-    validation = run / "output" / "validation_images"
-    validation.mkdir()
-    Image.new("RGB", (64, 64), (10, 200, 10)).save(validation / "step_6_castle_64x64.png")
+    validation = validation_images(run, "step_3_validation_0_64x64.png", "step_3_prompt_2_0_64x64.png",
+                                   "step_3_unconditional_0_64x64.png", "step_6_validation_0_64x64.png")
     out = tmp_path / "comfy"
     r = sd3tune("export", run / "output" / "checkpoint-3", "--format", "comfyui", "--out", out, "--base-model", SD3M)
     assert r.code == 0, r.err
     assert {p.name for p in out.iterdir()} == {"run-checkpoint-3.safetensors", "README.md", "images"}
     card = front_matter(out / "README.md")
-    assert card["widget"] == [{"text": "sd3tune-style, concept art of a castle on a hill",
-                               "output": {"url": "images/00.png"}}]
-    assert (out / "images" / "00.png").read_bytes() == (validation / "step_6_castle_64x64.png").read_bytes()
+    assert card["widget"] == [{"text": PROMPT, "output": {"url": "images/00.png"}}]
+    assert [p.name for p in (out / "images").iterdir()] == ["00.png"]
+    assert (out / "images" / "00.png").read_bytes() == (validation / "step_3_validation_0_64x64.png").read_bytes()
     assert "pytorch_lora_weights" not in (out / "README.md").read_text()
+
+
+def test_the_final_loras_card_shows_no_validation_image_of_a_later_training(kohya_run, tmp_path):
+    """The run's LoRA has 6 steps; a resumed training that stopped before saving one sampled step 9: not its image."""
+    run = copy_run(kohya_run, tmp_path / "run")
+    validation = validation_images(run, "step_3_validation_0_64x64.png", "step_6_validation_0_64x64.png",
+                                   "step_6_prompt_2_0_64x64.png", "step_9_validation_0_64x64.png")
+    r = sd3tune("export", run, "--format", "diffusers", "--base-model", SD3M)
+    assert r.code == 0, r.err
+    out = run / "export"
+    card = front_matter(out / "README.md")
+    assert card["widget"] == [{"text": PROMPT, "output": {"url": f"images/{i:02d}.png"}} for i in (0, 1)]
+    for i, step in enumerate((3, 6)):
+        assert (out / "images" / f"{i:02d}.png").read_bytes() == \
+            (validation / f"step_{step}_validation_0_64x64.png").read_bytes()
 
 
 def test_the_card_carries_the_evaluation_of_this_lora(kohya_run, tmp_path):

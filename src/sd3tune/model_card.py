@@ -167,12 +167,17 @@ def evaluation_facts(run_dir, lora_sha256: str) -> tuple[dict[str, dict[str, flo
     return {}, []
 
 
-def validation_samples(output_dir, prompt: str | None) -> list[tuple[Any, str]]:
-    """SimpleTuner's newest validation images (``OUTPUT_DIR/validation_images``) with the run's validation prompt."""
+def validation_samples(output_dir, prompt: str | None, up_to_step: int | None = None) -> list[tuple[Any, str]]:
+    """SimpleTuner's newest validation images of the run's validation prompt (``OUTPUT_DIR/validation_images``,
+    ``step_N_validation_I_WxH``) sampled at a step up to ``up_to_step`` (the exported LoRA's; None: any), with that
+    prompt. Those of the prompt library's other prompts, and of the empty prompt, are not this prompt's."""
     from pathlib import Path
 
-    folder = Path(output_dir) / "validation_images"
-    if not prompt or not folder.is_dir():
+    from sd3tune.simpletuner.layout import MAIN_VALIDATION_PROMPT, validation_images, validation_prompt_name
+
+    if not prompt:
         return []
-    pngs = sorted((p for p in folder.glob("*.png") if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name))
-    return [(p, prompt) for p in pngs[-MAX_SAMPLES:]]
+    found = [p for p, step in validation_images(Path(output_dir)).items()  # by step
+             if (up_to_step is None or step <= up_to_step) and validation_prompt_name(p) == MAIN_VALIDATION_PROMPT
+             and p.is_file()]
+    return [(p, prompt) for p in found[-MAX_SAMPLES:]]

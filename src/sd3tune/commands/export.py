@@ -16,6 +16,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from sd3tune.defaults import SD3M
 from sd3tune.errors import Sd3tuneError
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ FORMATS = ("diffusers", "kohya", "comfyui")
 EXPORT_DIR = "export"
 CARD = "README.md"
 SAMPLES_DIR = "images"
-SD3M = "stabilityai/stable-diffusion-3-medium-diffusers"
 
 
 @dataclass
@@ -197,9 +197,12 @@ def _facts(source: LoraSource, metadata: dict[str, str], run_root: Path | None, 
         if not samples and source.config is not None:
             from sd3tune.simpletuner.layout import checkpoint_step
 
-            in_checkpoint = checkpoint_step(source.file.parent) is not None
-            output = source.file.parent.parent if in_checkpoint else source.file.parent
-            samples = validation_samples(output, source.config.validation.prompt)
+            step = checkpoint_step(source.file.parent)
+            output = source.file.parent.parent if step is not None else source.file.parent
+            stamped = metadata.get("sd3tune.steps", "")
+            if step is None and stamped.isdigit():  # the final LoRA's: a later, unfinished training's are not its
+                step = int(stamped)
+            samples = validation_samples(output, source.config.validation.prompt, up_to_step=step)
     rank = metadata.get("sd3tune.lora_rank")
     alpha = metadata.get("sd3tune.lora_alpha")
     resolution = metadata.get("sd3tune.resolution")

@@ -126,7 +126,10 @@ def output_conflict(output: Path, resume: bool, steps: int | None) -> tuple[str,
 
 VALIDATION_IMAGES_DIR = "validation_images"  # in the output folder (helpers/training/validation.py: save_dir)
 # helpers/training/validation_images.py save_images: step_{global step}_{prompt}_{index}_{WxH}.{png|webp|jpg}
-_VALIDATION_IMAGE = re.compile(r"step_(\d+)_.+_\d+_(?:\d+x\d+|unknown)\.(?:png|webp|jpg)")
+_VALIDATION_IMAGE = re.compile(r"step_(\d+)_(.+)_\d+_(?:\d+x\d+|unknown)\.(?:png|webp|jpg)")
+# the prompt's shortname (helpers/training/validation.py prepare_validation_prompt_list): the main prompt
+# (--validation_prompt) is "validation", the empty one "unconditional", a prompt library's each its key
+MAIN_VALIDATION_PROMPT = "validation"
 
 
 def validation_images(output_dir: Path) -> dict[Path, int]:
@@ -135,3 +138,9 @@ def validation_images(output_dir: Path) -> dict[Path, int]:
     folder = output_dir / VALIDATION_IMAGES_DIR
     found = {p: int(m.group(1)) for p in folder.glob("step_*") if (m := _VALIDATION_IMAGE.fullmatch(p.name))}
     return dict(sorted(found.items(), key=lambda item: (item[1], item[0].name)))
+
+
+def validation_prompt_name(image: Path) -> str | None:
+    """The shortname of the prompt a validation image (named as SimpleTuner names them) was sampled from."""
+    m = _VALIDATION_IMAGE.fullmatch(image.name)
+    return m.group(2) if m else None

@@ -7,6 +7,7 @@ loaded from a folder exactly as a Hub CLIP would be. Sizes are tiny: 64 px, 4 st
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import math
 from pathlib import Path
@@ -121,6 +122,10 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     assert "| candidate | CLIP score | style similarity |" in report and "## How the run trained" in report
     page = evaluated.report_html.read_text()
     assert "<table class=\"cmp\">" in page and "<svg" in page and "<script" not in page
+    # the method, as every report says it: what its intervals hold for, and that each is for one comparison
+    method = data["statistics"]["method"]
+    assert "so their intervals hold for these prompts only" in method and "not corrected for the several" in method
+    assert f"Method: {method}." in report and f'<p class="sub">{html.escape(method)}.</p>' in page
     # the training side: every step's loss from SimpleTuner's log of the training, as the manifest recorded it
     training = data["training"]
     assert training["loss"]["steps"] == list(range(1, 21))

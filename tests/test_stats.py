@@ -131,3 +131,16 @@ def test_differences_show_enough_digits_to_tell_their_interval_from_zero():
     assert stats.shown(c) == ("+0.00064", "+0.00045..+0.00082")
     assert stats.describe(c) == "diversity better (+0.00064, CI +0.00045..+0.00082)"
     assert stats.signed(-1e-9, 3) == "0.000"
+
+
+def test_the_method_says_what_its_intervals_hold_for_and_that_each_is_for_one_comparison():
+    # the seeds of a prompt are the resampled unit of the per-image metrics: their intervals say nothing of other
+    # prompts; and nothing corrects for the metrics x candidates judged together
+    rng = np.random.default_rng(4)
+    method = compare(_models("base", "lora"), _result({"base": _arrays(rng), "lora": _arrays(rng)}, rng))["method"]
+    assert method == stats.METHOD  # what metrics.json, report.md and report.html show
+    assert "per-image metrics: image pairs resampled, the seeds of a prompt as independent units, so their " \
+           "intervals hold for these prompts only; diversity and KID: prompts resampled" in method
+    assert "each interval is for one comparison, not corrected for the several metrics and candidates judged" \
+           in method
+    assert "95% percentile bootstrap" in method and "2000 resamples, seed 0" in method

@@ -148,8 +148,8 @@ def kid_paired(reference, candidate, real, seed: int = BOOTSTRAP_SEED, degree: i
 
     ref, cand, real = (np.asarray(a, dtype=np.float64) for a in (reference, candidate, real))
     prompts, seeds = ref.shape[:2]
-    if prompts * seeds < 2 or len(real) < 2:
-        return judge("kid", None, None, prompts, "not computed")
+    if prompts * seeds < 2 or len(real) < 2:  # as evaluation._kid: no KID of fewer than 2 images on either side
+        return judge("kid", None, None, 0, "not computed")
 
     def parts(x):  # per-prompt block sums of the kernel: fake x fake [P, P], its diagonal [P], fake x real [P]
         flat = x.reshape(prompts * seeds, -1)
@@ -250,7 +250,7 @@ def headline(titles: dict[str, str], vs_base: dict[str, dict[str, Comparison]], 
     unresolved = [(titles[label], c) for label, comparisons in vs_base.items() for m, c in comparisons.items()
                   if m in HEADLINE_METRICS and c.more_needed]
     if unresolved:
-        title, c = max(unresolved, key=lambda tc: -tc[1].more_needed)  # the nearest to being resolved
+        title, c = min(unresolved, key=lambda tc: tc[1].more_needed)  # the nearest to being resolved
         lines.append(f"power: {title}'s {METRICS[c.metric].name} difference of "
                      f"{signed(c.diff, METRICS[c.metric].digits)} would need about {c.more_needed} more {c.unit} "
                      "to be resolved (80% power, 5% two-sided)")

@@ -171,7 +171,9 @@ def validation_samples(output_dir, prompt: str | None) -> list[tuple[Any, str]]:
     """SimpleTuner's newest validation images (``OUTPUT_DIR/validation_images``) with the run's validation prompt."""
     from pathlib import Path
 
-    folder = Path(output_dir) / "validation_images"
+    from sd3tune.simpletuner.layout import VALIDATION_IMAGES_DIR
+
+    folder = Path(output_dir) / VALIDATION_IMAGES_DIR
     if not prompt or not folder.is_dir():
         return []
     pngs = sorted((p for p in folder.glob("*.png") if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name))

@@ -7,6 +7,7 @@ loaded from a folder exactly as a Hub CLIP would be. Sizes are tiny: 64 px, 4 st
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import math
 from pathlib import Path
@@ -121,6 +122,13 @@ def test_evaluate_writes_finite_metrics_a_grid_and_a_report(evaluated, trained_r
     assert "| candidate | CLIP score | style similarity |" in report and "## How the run trained" in report
     page = evaluated.report_html.read_text()
     assert "<table class=\"cmp\">" in page and "<svg" in page and "<script" not in page
+    # the method, as every report says it: what its intervals hold for, and that each is for one comparison
+    method = data["statistics"]["method"]
+    assert "so their intervals hold for these prompts only" in method and "not corrected for the several" in method
+    assert f"Method: {method}." in report and f'<p class="sub">{html.escape(method)}.</p>' in page
+    # KID's definition says its difference against the base is another estimate than the tables' subset means
+    assert f"- **kid**: {data['definitions']['kid']}" in report and html.escape(data["definitions"]["kid"]) in page
+    assert "so it can differ from the difference of the two subset means" in data["definitions"]["kid"]
     # the training side: every step's loss from SimpleTuner's log of the training, as the manifest recorded it
     training = data["training"]
     assert training["loss"]["steps"] == list(range(1, 21))
@@ -550,6 +558,28 @@ def test_kid_from_the_only_possible_subsets_is_one_value():
     assert any("one value" in n for n in notes)
     _, values = _kid(models, [0], 2, real, embeddings, "clip", [])  # 2-image subsets of 4 training images
     assert all(v["n"] > 1 and v["std"] > 0 for v in values.values()), values
+
+
+def test_the_kid_definition_says_its_difference_against_the_base_is_not_the_tables():
+    # the tables show torchmetrics' KID over random subsets; "vs base" is the unbiased KID of all images at once
+    # (stats.kid_paired, what the bootstrap over prompts resamples): the two differences can disagree, and do here
+    import torch
+
+    from sd3tune.evaluation import DEFINITIONS, ModelImages, _kid
+    from sd3tune.stats import kid_paired
+
+    torch.manual_seed(1)
+    real = torch.nn.functional.normalize(torch.randn(30, 8), dim=-1)
+    models = [ModelImages(label, label, kind, None, None, 1.0, []) for label, kind in (("base", "base"),
+                                                                                        ("lora", "lora"))]
+    embeddings = {m.label: torch.nn.functional.normalize(torch.randn(3, 4, 8), dim=-1) for m in models}
+    _, table = _kid(models, [0, 1, 2], 4, real, embeddings, "clip", [])
+    versus = kid_paired(embeddings["base"].numpy(), embeddings["lora"].numpy(), real.numpy())
+    assert abs(versus.diff - (table["lora"]["mean"] - table["base"]["mean"])) > 1e-4, (versus.diff, table)
+    assert "mean and std over random subsets" in DEFINITIONS["kid"]
+    assert ("the difference against the base model is instead the unbiased KID of all the images at once (the one "
+            "its bootstrap over prompts resamples), so it can differ from the difference of the two subset means"
+            ) in DEFINITIONS["kid"]
 
 
 def test_an_unreachable_hub_fails_fast_with_the_one_line_error(trained_run, prompts_file, tmp_path):

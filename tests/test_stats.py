@@ -131,3 +131,49 @@ def test_differences_show_enough_digits_to_tell_their_interval_from_zero():
     assert stats.shown(c) == ("+0.00064", "+0.00045..+0.00082")
     assert stats.describe(c) == "diversity better (+0.00064, CI +0.00045..+0.00082)"
     assert stats.signed(-1e-9, 3) == "0.000"
+
+
+def test_the_method_says_what_its_intervals_hold_for_and_that_each_is_for_one_comparison():
+    # the seeds of a prompt are the resampled unit of the per-image metrics: their intervals say nothing of other
+    # prompts; and nothing corrects for the metrics x candidates judged together
+    rng = np.random.default_rng(4)
+    method = compare(_models("base", "lora"), _result({"base": _arrays(rng), "lora": _arrays(rng)}, rng))["method"]
+    assert method == stats.METHOD  # what metrics.json, report.md and report.html show
+    assert "per-image metrics: image pairs resampled, the seeds of a prompt as independent units, so their " \
+           "intervals hold for these prompts only; diversity and KID: prompts resampled" in method
+    assert "each interval is for one comparison, not corrected for the several metrics and candidates judged" \
+           in method
+    assert "95% percentile bootstrap" in method and "2000 resamples, seed 0" in method
+
+
+@pytest.mark.parametrize("prompts, seeds, real_images", [(0, 4, 20), (1, 1, 20), (5, 4, 1)],
+                         ids=["no-concept-prompt", "one-image", "one-training-image"])
+def test_kid_of_fewer_than_two_images_on_a_side_is_not_measured_and_counts_nothing(prompts, seeds, real_images):
+    # as evaluation._kid computes no KID then (subset size < 2): vs base says "not measured", n 0, and the headline
+    # neither lists a KID sample size nor a KID verdict
+    rng = np.random.default_rng(6)
+
+    def arrays():
+        feats = rng.normal(size=(prompts, seeds, DIM))
+        return {**_arrays(rng), "kid": feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)}
+
+    real = rng.normal(size=(real_images, DIM))
+    result = MetricsResult({}, [], {}, {"subset_size": min(real_images, prompts * seeds)}, [],
+                           {"base": arrays(), "lora": arrays()}, real / np.linalg.norm(real, axis=1, keepdims=True))
+    out = compare(_models("base", "lora"), result)
+    assert out["vs_base"]["lora"]["kid"] == {"metric": "kid", "diff": None, "ci95": None, "verdict": "not measured",
+                                             "n": 0, "unit": "prompts", "se": None, "mde": None,
+                                             "more_needed": None, "why": "not computed"}
+    assert not any("KID" in line for line in out["headline"]), out["headline"]
+
+
+def test_the_power_line_names_the_difference_nearest_to_being_resolved_the_first_of_equals():
+    def unresolved(metric, more):
+        return stats.Comparison(metric, 0.01, (-0.01, 0.03), stats.SAME, 8, "image pairs", 0.01, 0.028, more)
+
+    comparisons = {"a": {"clip_score": unresolved("clip_score", 50),
+                         "style_similarity": unresolved("style_similarity", 9)},
+                   "b": {"clip_score": unresolved("clip_score", 9), "drift": unresolved("drift", 400)}}
+    lines = stats.headline({"a": "A", "b": "B"}, comparisons, None)
+    assert lines[-1] == ("power: A's style similarity difference of +0.010 would need about 9 more image pairs to be "
+                         "resolved (80% power, 5% two-sided)")

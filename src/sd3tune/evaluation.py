@@ -12,6 +12,9 @@ Every metric is computed from one CLIP model (``--clip-model``; a transformers `
 * **KID** to the training set: torchmetrics' ``KernelInceptionDistance`` (unbiased, subsets; reliable on small sets)
   with ``feature=`` a module returning L2-normalised CLIP image embeddings and ``gamma=1`` — not Inception-v3 features
   (their weights need torch-fidelity and a download), so the values are not comparable with published KID numbers.
+  The tables show this subset estimate; the difference against the base model (``stats.kid_paired``) is the same
+  unbiased KID on all the images at once, bootstrapped over prompts, and can differ from the difference of the
+  tables' subset means.
 * **drift** on neutral prompts (no trigger word): per image, the style similarity minus the base model's for the same
   prompt and seed. Positive = the style leaks into prompts that did not ask for it.
 
@@ -47,7 +50,9 @@ DEFINITIONS = {
                  "(lower = more alike; a collapse towards one image shows as a drop)",
     "kid": "Kernel Inception Distance between concept-prompt images and the training images, torchmetrics "
            "KernelInceptionDistance on L2-normalised CLIP image embeddings (gamma 1, degree 3), mean and std over "
-           "random subsets (lower = closer to the training distribution; not comparable with Inception-based KID)",
+           "random subsets (lower = closer to the training distribution; not comparable with Inception-based KID); "
+           "the difference against the base model is instead the unbiased KID of all the images at once (the one "
+           "its bootstrap over prompts resamples), so it can differ from the difference of the two subset means",
     "neutral_style_similarity": "style similarity of the images of neutral prompts (prompts without the trigger)",
     "drift": "per neutral-prompt image: its style similarity minus the base model's for the same prompt and seed "
              "(0 = neutral prompts unaffected; positive = the style leaks into them)",
@@ -341,8 +346,6 @@ def compare(models: Sequence[ModelImages], result: MetricsResult) -> dict[str, A
     def versus(ref: str, label: str, metric: str) -> st.Comparison:
         a, b = result.arrays[ref], result.arrays[label]
         if metric == "kid":
-            if not len(a["kid"]) or result.kid.get("subset_size", 0) < 2:
-                return st.judge("kid", None, None, 0, "not computed")
             return st.kid_paired(a["kid"], b["kid"], result.real)
         return st.paired(metric, a[metric], b[metric])
 

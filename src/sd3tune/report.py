@@ -16,10 +16,8 @@ from sd3tune.stats import HEADLINE_METRICS, METRICS, shown
 
 OUTPUT_FILES = ("metrics.json", "contact_sheet.png", "report.md", "report.html")  # + images/LABEL/NN-sS.png
 IMAGES_DIR = "images"
-VALIDATION_DIR = "validation"  # copies of the run's latest validation images (runsummary.VALIDATION_COPY)
 _LABEL_DIR = re.compile(r"(base|lora|checkpoint-\d+)")
 _IMAGE_FILE = re.compile(r"\d+-s\d+\.png")
-_VALIDATION_FILE = re.compile(r"step_\d+_.+_\d+_\d+x\d+\.png")
 
 
 def fmt(stat: dict[str, Any] | None, digits: int = 3) -> str:
@@ -219,12 +217,15 @@ def record_in_manifest(run_dir: Path, out: Path, data: dict[str, Any]) -> None:
 def remove_previous(out: Path) -> None:
     """--force: remove what a previous evaluation wrote in ``out`` (metrics.json first: its presence means a finished
     evaluation), so the new one is never mixed with old images. Other files stay."""
+    from sd3tune.runsummary import VALIDATION_COPY  # the copies of the run's latest validation images
+    from sd3tune.simpletuner.layout import validation_image_name
+
     for name in OUTPUT_FILES:
         (out / name).unlink(missing_ok=True)
-    validation = out / VALIDATION_DIR
+    validation = out / VALIDATION_COPY
     if validation.is_dir() and not validation.is_symlink():
         for file in validation.iterdir():
-            if _VALIDATION_FILE.fullmatch(file.name) and (file.is_file() or file.is_symlink()):
+            if validation_image_name(file.name) and (file.is_file() or file.is_symlink()):
                 file.unlink()
         if not any(validation.iterdir()):
             validation.rmdir()

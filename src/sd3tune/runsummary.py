@@ -38,7 +38,7 @@ def training_summary(run_dir: Path, output_dir: Path, config: Any, manifest: dic
                      out: Path) -> dict[str, Any]:
     """The training side of the report (JSON-ready); the latest validation images are copied into ``out``."""
     from sd3tune.simpletuner.history import latest_validation_images, loss_history, training_logs
-    from sd3tune.simpletuner.layout import RunPaths
+    from sd3tune.simpletuner.layout import VALIDATION_IMAGES_DIR, RunPaths
 
     trainings = [t for t in manifest.get("trainings") or [] if isinstance(t, dict)]
     history = loss_history(training_logs(RunPaths(run_dir).logs, [t.get("log") for t in trainings]))
@@ -59,5 +59,5 @@ def training_summary(run_dir: Path, output_dir: Path, config: Any, manifest: dic
         "trainings": [{"started": t.get("started"), "seconds": t.get("seconds"), "status": t.get("status"),
                        "resume": t.get("resume"), "steps": t.get("steps"), "final_loss": t.get("final_loss")}
                       for t in trainings],
-        "validation_images": {"step": step, "files": copies, "from": str(output_dir / "validation_images")},
+        "validation_images": {"step": step, "files": copies, "from": str(output_dir / VALIDATION_IMAGES_DIR)},
     }

@@ -3,9 +3,13 @@
 Every candidate made its images on the same prompts x seeds as the base model, so each comparison is paired:
 
 * per-image metrics (CLIP score, style similarity, drift): the differences candidate - base of each image pair, their
-  mean, and a 95% percentile-bootstrap confidence interval of that mean (image pairs resampled);
+  mean, and a 95% percentile-bootstrap confidence interval of that mean (image pairs resampled: the seeds of one
+  prompt count as independent units, so the interval holds for these prompts, not for prompts in general);
 * set-level metrics (diversity, KID): diversity per prompt (its seeds' pairs), KID on all concept-prompt images;
   both bootstrapped over prompts (the same resampled prompts for base and candidate).
+
+Each interval is for one comparison alone: nothing corrects for the several metrics x candidates judged at once, so
+among many comparisons one may exclude 0 by chance.
 
 The bootstrap is seeded (``BOOTSTRAP_SEED``): the same numbers give the same intervals. A verdict is ``better`` or
 ``worse`` only when the interval excludes 0, and only from ``MIN_PAIRS`` paired values up (fewer cannot show a
@@ -52,8 +56,11 @@ HEADLINE_METRICS = ("clip_score", "style_similarity", "diversity", "kid", "drift
 PRIMARY = ("clip_score", "style_similarity")  # what "best" among the fine-tuned candidates rests on
 
 METHOD = (f"paired differences (candidate - base, same prompts and seeds); {LEVEL:.0%} percentile bootstrap of their "
-          f"mean, {RESAMPLES} resamples, seed {BOOTSTRAP_SEED} (image pairs resampled; diversity and KID: prompts); "
-          f"better/worse only when the interval excludes 0 and rests on at least {MIN_PAIRS} paired values")
+          f"mean, {RESAMPLES} resamples, seed {BOOTSTRAP_SEED} (per-image metrics: image pairs resampled, the seeds "
+          "of a prompt as independent units, so their intervals hold for these prompts only; diversity and KID: "
+          "prompts resampled); each interval is for one comparison, not corrected for the several metrics and "
+          f"candidates judged; better/worse only when the interval excludes 0 and rests on at least {MIN_PAIRS} "
+          "paired values")
 BEST_RULE = ("best = a fine-tuned candidate (never the base model) measurably ahead of every other fine-tuned "
              "candidate: against each, better on CLIP score or style similarity (paired 95% bootstrap interval of "
              "the difference above 0) and worse on neither; none with a single candidate or when none is ahead of "
@@ -141,8 +148,8 @@ def kid_paired(reference, candidate, real, seed: int = BOOTSTRAP_SEED, degree: i
 
     ref, cand, real = (np.asarray(a, dtype=np.float64) for a in (reference, candidate, real))
     prompts, seeds = ref.shape[:2]
-    if prompts * seeds < 2 or len(real) < 2:
-        return judge("kid", None, None, prompts, "not computed")
+    if prompts * seeds < 2 or len(real) < 2:  # as evaluation._kid: no KID of fewer than 2 images on either side
+        return judge("kid", None, None, 0, "not computed")
 
     def parts(x):  # per-prompt block sums of the kernel: fake x fake [P, P], its diagonal [P], fake x real [P]
         flat = x.reshape(prompts * seeds, -1)
@@ -243,7 +250,7 @@ def headline(titles: dict[str, str], vs_base: dict[str, dict[str, Comparison]], 
     unresolved = [(titles[label], c) for label, comparisons in vs_base.items() for m, c in comparisons.items()
                   if m in HEADLINE_METRICS and c.more_needed]
     if unresolved:
-        title, c = max(unresolved, key=lambda tc: -tc[1].more_needed)  # the nearest to being resolved
+        title, c = min(unresolved, key=lambda tc: tc[1].more_needed)  # the nearest to being resolved
         lines.append(f"power: {title}'s {METRICS[c.metric].name} difference of "
                      f"{signed(c.diff, METRICS[c.metric].digits)} would need about {c.more_needed} more {c.unit} "
                      "to be resolved (80% power, 5% two-sided)")

@@ -7,8 +7,8 @@ latest validation images.
   previous postfix) and then ``progress_bar.set_postfix(step_loss=loss, lr=lr)`` (trainer.py), which redraws the
   line: so the last ``N/total ... step_loss=X`` drawn for step N carries step N's loss. tqdm prints the postfix
   floats with 3 significant digits. A resumed training repeats the steps after its checkpoint: the later log wins.
-* Validation images: ``OUTPUT_DIR/validation_images/step_{N}_{shortname}_{index}_{W}x{H}.png``
-  (``validation_images.save_images``).
+* Validation images: ``OUTPUT_DIR/validation_images/step_{N}_{shortname}_{index}_{W}x{H}.png`` (or .webp, .jpg:
+  ``validation_images.save_images``), as ``layout.validation_images`` finds them.
 """
 
 from __future__ import annotations
@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sd3tune.simpletuner.launch import parse_progress
-
-VALIDATION_DIR = "validation_images"
-_VALIDATION_IMAGE = re.compile(r"step_(\d+)_(.+)_(\d+)_(\d+x\d+)\.png")
+from sd3tune.simpletuner.layout import validation_image_name, validation_images
 
 
 @dataclass
@@ -71,13 +69,12 @@ def training_logs(logs_dir: Path, recorded: Iterable[str | None] = ()) -> list[P
 def latest_validation_images(output_dir: Path) -> tuple[int | None, list[Path]]:
     """The step of the latest validation images SimpleTuner saved in ``output_dir`` and their files (by prompt
     shortname and index); (None, []) when there are none."""
-    folder = output_dir / VALIDATION_DIR
     by_step: dict[int, list[tuple[str, int, Path]]] = {}
-    if folder.is_dir():
-        for path in folder.iterdir():
-            m = _VALIDATION_IMAGE.fullmatch(path.name)
-            if m and path.is_file():
-                by_step.setdefault(int(m.group(1)), []).append((m.group(2), int(m.group(3)), path))
+    for path in validation_images(output_dir):
+        parsed = validation_image_name(path.name)
+        if parsed and path.is_file():
+            step, shortname, index = parsed
+            by_step.setdefault(step, []).append((shortname, index, path))
     if not by_step:
         return None, []
     step = max(by_step)

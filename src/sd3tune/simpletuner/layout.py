@@ -125,22 +125,30 @@ def output_conflict(output: Path, resume: bool, steps: int | None) -> tuple[str,
 
 
 VALIDATION_IMAGES_DIR = "validation_images"  # in the output folder (helpers/training/validation.py: save_dir)
-# helpers/training/validation_images.py save_images: step_{global step}_{prompt}_{index}_{WxH}.{png|webp|jpg}
-_VALIDATION_IMAGE = re.compile(r"step_(\d+)_(.+)_\d+_(?:\d+x\d+|unknown)\.(?:png|webp|jpg)")
+# helpers/training/validation_images.py save_images: step_{global step}_{prompt shortname}_{index}_{WxH or unknown},
+# .png, .webp or .jpg (validation_image_format png, webp or jpeg)
+_VALIDATION_IMAGE = re.compile(r"step_(\d+)_(.+)_(\d+)_(?:\d+x\d+|unknown)\.(?:png|webp|jpg)")
 # the prompt's shortname (helpers/training/validation.py prepare_validation_prompt_list): the main prompt
 # (--validation_prompt) is "validation", the empty one "unconditional", a prompt library's each its key
 MAIN_VALIDATION_PROMPT = "validation"
+
+
+def validation_image_name(name: str) -> tuple[int, str, int] | None:
+    """(training step, prompt shortname, index) of a validation image's file name as SimpleTuner writes it; None
+    for any other name."""
+    m = _VALIDATION_IMAGE.fullmatch(name)
+    return (int(m.group(1)), m.group(2), int(m.group(3))) if m else None
 
 
 def validation_images(output_dir: Path) -> dict[Path, int]:
     """The validation images SimpleTuner wrote in ``output_dir``, each with the training step it sampled at, by step
     then name."""
     folder = output_dir / VALIDATION_IMAGES_DIR
-    found = {p: int(m.group(1)) for p in folder.glob("step_*") if (m := _VALIDATION_IMAGE.fullmatch(p.name))}
+    found = {p: parsed[0] for p in folder.glob("step_*") if (parsed := validation_image_name(p.name))}
     return dict(sorted(found.items(), key=lambda item: (item[1], item[0].name)))
 
 
 def validation_prompt_name(image: Path) -> str | None:
     """The shortname of the prompt a validation image (named as SimpleTuner names them) was sampled from."""
-    m = _VALIDATION_IMAGE.fullmatch(image.name)
-    return m.group(2) if m else None
+    parsed = validation_image_name(image.name)
+    return parsed[1] if parsed else None

@@ -541,17 +541,25 @@ def test_the_table_shows_no_negative_zero_and_no_spread_for_a_single_value():
     assert "0.0050 " in lora + " " and "0.0050 ±" not in lora and "0.100 ±" not in lora
 
 
-def test_kid_from_the_only_possible_subsets_is_one_value():
-    # as many training images as concept-prompt images: every random subset is all of them
+def _kid_inputs(seed: int, training_images: int, prompts: int, seeds: int):
+    """Random L2-normalised CLIP-like embeddings (dim 8): the training images', and a base and a LoRA model's
+    [prompts, seeds] images."""
     import torch
 
-    from sd3tune.evaluation import ModelImages, _kid
+    from sd3tune.evaluation import ModelImages
 
-    torch.manual_seed(0)
-    real = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
-    models = [ModelImages(label, label, kind, None, None, 1.0, []) for label, kind in (("base", "base"),
-                                                                                        ("lora", "lora"))]
-    embeddings = {m.label: torch.nn.functional.normalize(torch.randn(2, 2, 8), dim=-1) for m in models}
+    torch.manual_seed(seed)
+    real = torch.nn.functional.normalize(torch.randn(training_images, 8), dim=-1)
+    models = [ModelImages(label, label, label, None, None, 1.0, []) for label in ("base", "lora")]
+    embeddings = {m.label: torch.nn.functional.normalize(torch.randn(prompts, seeds, 8), dim=-1) for m in models}
+    return real, models, embeddings
+
+
+def test_kid_from_the_only_possible_subsets_is_one_value():
+    # as many training images as concept-prompt images: every random subset is all of them
+    from sd3tune.evaluation import _kid
+
+    real, models, embeddings = _kid_inputs(0, training_images=4, prompts=2, seeds=2)
     notes: list[str] = []
     _, values = _kid(models, [0, 1], 2, real, embeddings, "clip", notes)
     assert all(v["n"] == 1 and v["std"] == 0.0 for v in values.values()), values
@@ -563,16 +571,10 @@ def test_kid_from_the_only_possible_subsets_is_one_value():
 def test_the_kid_definition_says_its_difference_against_the_base_is_not_the_tables():
     # the tables show torchmetrics' KID over random subsets; "vs base" is the unbiased KID of all images at once
     # (stats.kid_paired, what the bootstrap over prompts resamples): the two differences can disagree, and do here
-    import torch
-
-    from sd3tune.evaluation import DEFINITIONS, ModelImages, _kid
+    from sd3tune.evaluation import DEFINITIONS, _kid
     from sd3tune.stats import kid_paired
 
-    torch.manual_seed(1)
-    real = torch.nn.functional.normalize(torch.randn(30, 8), dim=-1)
-    models = [ModelImages(label, label, kind, None, None, 1.0, []) for label, kind in (("base", "base"),
-                                                                                        ("lora", "lora"))]
-    embeddings = {m.label: torch.nn.functional.normalize(torch.randn(3, 4, 8), dim=-1) for m in models}
+    real, models, embeddings = _kid_inputs(1, training_images=30, prompts=3, seeds=4)
     _, table = _kid(models, [0, 1, 2], 4, real, embeddings, "clip", [])
     versus = kid_paired(embeddings["base"].numpy(), embeddings["lora"].numpy(), real.numpy())
     assert abs(versus.diff - (table["lora"]["mean"] - table["base"]["mean"])) > 1e-4, (versus.diff, table)

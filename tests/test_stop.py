@@ -215,8 +215,19 @@ def test_soak_stop_reports_each_trial(tmp_path):
 def test_signals_after_the_first_are_absorbed_and_a_third_ctrl_c_kills():
     from sd3tune.simpletuner.launch import StopSignals
 
-    # raise_signal: to this thread, so each handler has run before the next line (os.kill to the process could land
-    # on another thread of the test worker, the handler then running after the assert that needs it: seen in CI)
+    # sd3tune started with Ctrl-C, kill and hang-up at their defaults (what this test is about): a test worker may
+    # hold another handler by now (twice in fresh-clone runs its SIGINT was ignored, so StopSignals rightly kept it
+    # ignored and the third Ctrl-C never came). raise_signal: each handler has run before the next line.
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL, signal.SIGHUP: signal.SIG_DFL}
+    found = {sig: signal.signal(sig, handler) for sig, handler in defaults.items()}
+    try:
+        _three_ctrl_c_kill(StopSignals)
+    finally:
+        for sig, handler in found.items():
+            signal.signal(sig, handler)
+
+
+def _three_ctrl_c_kill(StopSignals) -> None:
     with StopSignals() as signals:
         signal.raise_signal(signal.SIGTERM)  # before the trainer started: held until it has
         with pytest.raises(KeyboardInterrupt):
@@ -228,7 +239,7 @@ def test_signals_after_the_first_are_absorbed_and_a_third_ctrl_c_kills():
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)
         assert signals.kill  # three SIGINTs within 5 s
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back as it was
 
 
 def test_a_signal_ignored_when_sd3tune_started_stays_ignored():

@@ -88,6 +88,35 @@ def test_claimed_names_are_distinct_across_threads(tmp_path):
     assert (tmp_path / "img.png").read_bytes() == b"someone's image"
 
 
+
+def test_a_ctrl_c_as_a_name_is_claimed_comes_once_the_name_is_listed_for_the_clean_up(tmp_path, monkeypatch):
+    # `generate` Ctrl-C'd just after its first name was made (empty) and before it was listed: the empty PNG stayed,
+    # and was listed nowhere (seen once in a suite run)
+    import signal
+
+    from sd3tune import locks
+
+    made = locks._create_free_name
+
+    def made_then_ctrl_c(*args):
+        path = made(*args)
+        signal.raise_signal(signal.SIGINT)  # the Ctrl-C, the moment the file exists
+        return path
+
+    monkeypatch.setattr(locks, "_create_free_name", made_then_ctrl_c)
+    found = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        listed: list[Path] = []
+        with pytest.raises(KeyboardInterrupt):
+            claim_name(tmp_path, "img", into=listed)
+        assert listed == [tmp_path / "img.png"] and listed[0].stat().st_size == 0  # the clean-up knows it
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+        with pytest.raises(KeyboardInterrupt):  # without a list, the Ctrl-C comes where it comes
+            claim_name(tmp_path, "img")
+    finally:
+        signal.signal(signal.SIGINT, found)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img-2.png", "img.png"]
+
 # ----------------------------------------------------------------------------------------------- train
 
 

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from sd3tune.errors import Sd3tuneError
@@ -128,9 +128,19 @@ def _remove_if_empty(folder: Path, made: bool) -> None:
         pass
 
 
-def claim_name(folder: Path, stem: str, suffix: str = ".png") -> Path:
+def claim_name(folder: Path, stem: str, suffix: str = ".png", into: list[Path] | None = None) -> Path:
     """``folder/stem.png``, or ``stem-2.png``... when that name is taken: created empty with ``O_EXCL``, so no other
-    process (or thread) picks the same name; the caller writes it (atomically) or removes it."""
+    process (or thread) picks the same name; the caller writes it (atomically) or removes it. With ``into``, the name
+    is appended there in one step with its creation: a Ctrl-C cannot fall between them (it left an empty PNG that
+    no clean-up knew of), so a caller that removes the empty names it listed leaves none behind."""
+    with _ctrl_c_held() if into is not None else nullcontext():
+        path = _create_free_name(folder, stem, suffix)
+        if into is not None:
+            into.append(path)
+    return path
+
+
+def _create_free_name(folder: Path, stem: str, suffix: str) -> Path:
     n = 1
     while True:
         candidate = folder / (f"{stem}{suffix}" if n == 1 else f"{stem}-{n}{suffix}")
@@ -142,3 +152,25 @@ def claim_name(folder: Path, stem: str, suffix: str = ".png") -> Path:
         except OSError as exc:
             raise Sd3tuneError(f"cannot write {candidate}: {exc.strerror or exc}",
                                hint="choose a folder you can write to") from None
+
+
+@contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Ctrl-C (SIGINT) held back while the block runs, then delivered as it would have been. Only the main thread sets
+    handlers, and Python raises KeyboardInterrupt only there: elsewhere, or under a handler set outside Python, the
+    block runs as it is."""
+    import signal
+    import threading
+
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)

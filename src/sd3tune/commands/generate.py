@@ -176,8 +176,8 @@ def _generate(opts: GenerateOptions, prompts: list[str], lora: LoraSource | None
                 for batch in chunks(seeds, opts.batch_size):
                     made = make_images(pipe, prompt, batch, settings)  # queued on the GPU; copied as it finishes
                     for i, seed in enumerate(batch):
-                        claimed.append(claim_name(opts.out, f"{index:03d}-{slug(prompt)}-s{seed}"))
-                        item = GeneratedImage(claimed[-1], prompt, seed)
+                        item = GeneratedImage(claim_name(opts.out, f"{index:03d}-{slug(prompt)}-s{seed}",
+                                                         into=claimed), prompt, seed)
                         fields = provenance(pipe, prompt, seed, settings, opts.scale, weight)
                         pending.append((item, writer.submit(_write, made, i, item, fields, on_image)))
                         bar.update(1)
@@ -230,11 +230,13 @@ def _write_grid(out: Path, prompts: list[str], seeds: list[int], images: list[Ge
     fields = sheet_fields(made_with, sheet="sd3tune generate grid", rows="prompt", columns="seed",
                           row_labels=prompts, column_labels=columns, prompts=prompts, seeds=seeds,
                           images=[[i.path.name for i in row] for row in rows])
-    path = claim_name(out, "grid")
+    claimed: list[Path] = []
     try:
+        path = claim_name(out, "grid", into=claimed)
         save_png(sheet, path, fields)
     except BaseException:
-        _unclaim(path)
+        for name in claimed:
+            _unclaim(name)
         raise
     return path
 

@@ -23,14 +23,19 @@ def check_runtime_choices(device: str, dtype: str, offload: str = "none") -> Non
 
 def quiet_libraries() -> None:
     """Keep diffusers/transformers to errors and no loading bars: sd3tune prints its own progress. Called before
-    they are first imported, it also has Python make its package map once for both (compat fix 18: ~0.6 s CPU each)."""
+    they are first imported, it also has Python make its package map once for both (compat fix 18: ~0.6 s CPU each),
+    and the process end without a garbage collection over all they load (compat fix 20: ~1.6 s)."""
     import importlib.metadata
     import warnings
 
-    from sd3tune.simpletuner.compat import package_map_once
+    import gc
+
+    from sd3tune.simpletuner.compat import frozen_heap_at_exit, package_map_once
 
     if package_map_once.applies_to(importlib.metadata) is None:  # a speed-up only: another Python goes without it
         package_map_once.apply(importlib.metadata)
+    if frozen_heap_at_exit.applies_to(gc) is None:  # the same: ~1.6 s less at the exit of a process that loaded them
+        frozen_heap_at_exit.apply(gc)
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 

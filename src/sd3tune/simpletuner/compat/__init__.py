@@ -12,6 +12,7 @@ warning and a line on stderr), which ``sd3tune train`` shows as a warning.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import logging
@@ -22,7 +23,8 @@ from pathlib import Path
 
 from sd3tune.simpletuner.compat import (alpha_on_background, blocking_prefetch, compiled_blocks_only,
                                         compiled_sd3_blocks, cpu_process_group, displayed_orientation,
-                                        kept_trainable_parameters, no_eager_step_marker, package_map_once,
+                                        frozen_heap_at_exit, kept_trainable_parameters, no_eager_step_marker,
+                                        package_map_once,
                                         pin_memory_without_accelerator, private_dataloader_generators,
                                         qwen3vl_output_alias, rank_lora_digest, rank_samples, replayed_sd3_training,
                                         tensorboard_hparams, torch_threads, unloaded_model_families,
@@ -51,6 +53,7 @@ FIXES = {
     "simpletuner.helpers.models.registry": (unloaded_model_families,),  # fix 17
     "importlib.metadata": (package_map_once,),  # fix 18 (imported before sitecustomize runs: applied at once)
     "simpletuner.helpers.training.quantisation.quanto_workarounds": (walkable_quanto_ops,),  # fix 19
+    "gc": (frozen_heap_at_exit,),  # fix 20 (built in: applied at install, the first exit handler: it runs last)
 }
 
 NOT_APPLIED = "sd3tune: fix {name} did not apply: {why}"  # `sd3tune train` relays these lines (launch.py)
@@ -117,6 +120,8 @@ def install() -> None:
         return
     pending = {}
     for name, fixes in FIXES.items():
+        if name in sys.builtin_module_names:  # part of the interpreter: imported now, nothing to wait for
+            importlib.import_module(name)
         if name in sys.modules:
             apply_fixes(fixes, sys.modules[name])
         else:

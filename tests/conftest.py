@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import shared_groups
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the Hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -18,22 +19,25 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # tiny model.
 E2E_MODULES = {"test_train.py", "test_quickstart.py", "test_pins.py", "test_cuda_graphs.py", "test_compat.py",
                 "test_image_fixes.py", "test_preview.py"}
-E2E_FIXTURES = {"tiny_model", "tiny_clip", "trained_run", "train_bench", "kohya_run"}
+E2E_FIXTURES = {"tiny_model", "tiny_clip", "trained_run", "kohya_run"}
 # Session or module fixtures that cost tens of seconds or minutes: every test that uses one runs on the same xdist
-# worker (`--dist loadgroup`), so the fixture is made once, not once per worker.
-SHARED_ONCE = {"train_bench": "bench-train", "probes": "pins-probes", "finished_training": "finished-training",
-               "ddp_run": "data-parallel", "kohya_run": "kohya-run", "evaluated": "evaluated"}
+# worker (`--dist loadgroup`), so the fixture is made once, not once per worker. A test that uses two of them joins
+# their groups into one (the trained run's tests, the data-parallel ones that compare with it, the evaluated ones).
+SHARED_ONCE = {"probes": "pins-probes", "finished_training": "finished-training",
+               "ddp_run": "data-parallel", "kohya_run": "kohya-run", "evaluated": "evaluated",
+               "trained_run": "trained-run"}
+
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
+    groups = shared_groups(items, SHARED_ONCE)
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if item.path.name in E2E_MODULES or fixtures & E2E_FIXTURES:
             item.add_marker(pytest.mark.e2e)
-        for fixture, group in SHARED_ONCE.items():
-            if fixture in fixtures:
-                item.add_marker(pytest.mark.xdist_group(group))
+        if item in groups:
+            item.add_marker(pytest.mark.xdist_group(groups[item]))
     # the slow tests first (the groups' first of all), the quick ones last: xdist hands out tests in this order, so
     # the workers end together instead of one finishing a training while the other idles
     items.sort(key=lambda item: (not any(m.name == "xdist_group" for m in item.iter_markers()),

@@ -206,3 +206,22 @@ def sketch(size=(320, 192)):
     image = Image.fromarray(pixels)
     ImageDraw.Draw(image).ellipse((w // 3, h // 2, w // 3 + 30, h // 2 + 30), fill=(250, 250, 0))
     return image
+
+
+def shared_groups(items, shared: dict[str, str]) -> dict:
+    """{item: its xdist group} for the items that use a fixture of ``shared`` ({fixture: group}); groups that share
+    a test are one group, named by the first of them in alphabetical order."""
+    joined: dict[str, str] = {}
+
+    def root(group: str) -> str:
+        while joined.get(group, group) != group:
+            group = joined[group]
+        return group
+
+    used = {item: sorted({shared[f] for f in getattr(item, "fixturenames", ()) if f in shared}) for item in items}
+    for groups in used.values():
+        for group in groups[1:]:
+            first, second = sorted((root(groups[0]), root(group)))
+            if first != second:
+                joined[second] = first
+    return {item: root(groups[0]) for item, groups in used.items() if groups}

@@ -30,3 +30,17 @@ def test_tests_of_one_xdist_group_run_on_one_worker(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     workers = {(tmp_path / f"grouped-{i}").read_text() for i in range(6)}
     assert len(workers) == 1, f"the grouped tests ran on {sorted(workers)}"
+
+
+def test_tests_that_share_two_costly_fixtures_join_their_groups():
+    from helpers import shared_groups
+
+    class Item:  # what shared_groups reads of a pytest item
+        def __init__(self, fixturenames: list[str]) -> None:
+            self.fixturenames = fixturenames
+
+    shared = {"trained": "t", "evaluated": "e", "parallel": "p", "kohya": "k"}
+    items = [Item(names) for names in (
+        ["trained"], ["evaluated", "trained"], ["parallel"], ["parallel", "trained"], ["kohya"], ["tmp_path"])]
+    groups = shared_groups(items, shared)
+    assert [groups.get(item) for item in items] == ["e", "e", "e", "e", "k", None]  # one worker makes "trained" once

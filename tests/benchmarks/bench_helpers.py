@@ -25,3 +25,10 @@ def positive(result: dict, key: str) -> float:
     value = result.get(key)
     assert isinstance(value, (int, float)) and value > 0, (key, value)
     return value
+
+
+def assert_cpu_profile(profile: dict, steps: int) -> None:
+    """A step profile (step_profile.py's JSON) of ``steps`` steps on this GPU-less machine."""
+    assert profile["steps"] == steps and profile["device"] == "cpu"
+    assert profile["wall_s_per_step"] > 0 and sum(profile["cpu_ops_per_step"].values()) > 100
+    assert profile["gpu"]["kernels_per_step"] == 0 and profile["sync_sites"] == []  # no GPU here

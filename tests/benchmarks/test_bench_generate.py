@@ -1,6 +1,6 @@
-"""bench_generate.py at tiny size on CPU (with the LoRA bench_train.py trained): what it reports when a variant fails
-or its anchor ran other steps, and the q/k/v candidate's maths. Its run over every variant is test_bench_suite.py's
-generate stage. The numbers themselves are not checked."""
+"""bench_generate.py at tiny size on CPU: what it reports when a variant fails or its anchor ran other steps, and
+the q/k/v candidate's maths. Its run over every variant is test_bench_suite.py's generate stage. The numbers
+themselves are not checked."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.bench
 
 
 @pytest.mark.e2e
-def test_a_variant_that_fails_is_reported_and_the_next_one_still_runs(train_bench, bench_work, monkeypatch, capsys):
+def test_a_variant_that_fails_is_reported_and_the_next_one_still_runs(bench_work, monkeypatch, capsys):
     import bench_generate
 
     def broken(transformer):
@@ -59,8 +59,7 @@ def test_the_qkv_candidate_computes_sd3_mediums_blocks_and_leaves_normalised_q_k
 
 
 @pytest.mark.e2e
-def test_bench_generate_prints_no_ratio_when_its_steps_differ_from_the_anchor_jsons(train_bench, bench_work, tmp_path,
-                                                                                    capsys):
+def test_bench_generate_prints_no_ratio_when_its_steps_differ_from_the_anchor_jsons(bench_work, tmp_path, capsys):
     import bench_generate
 
     anchor = tmp_path / "anchor.json"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from bench_helpers import BENCHMARKS, NOT_ACCEPTANCE, positive
+from bench_helpers import BENCHMARKS, NOT_ACCEPTANCE, assert_cpu_profile, positive
 from helpers import child_env
 
 pytestmark = pytest.mark.bench
@@ -19,15 +19,15 @@ GENERATE_VARIANTS = ("default", "compile", "fp8", "compile-qkv", "compile-autotu
 
 @pytest.mark.e2e
 def test_bench_suite_runs_the_vendored_anchor_then_the_benchmarks_within_a_deadline(tiny_model, tmp_path):
-    # no anchor argument: benchmarks/anchor_sd3m.py --tiny (~15 s on 2 cores) writes OUT/anchor.json. The generate
-    # stage is also bench_generate.py's run at tiny size: every variant and candidate, profiled, with the LoRA the
-    # train stage trained (one generate process for both proofs)
+    # no anchor argument: benchmarks/anchor_sd3m.py --tiny (~15 s on 2 cores) writes OUT/anchor.json. The train stage
+    # is also bench_train.py's run at tiny size (profiled), the generate stage bench_generate.py's: every variant and
+    # candidate, profiled, with the LoRA the train stage trained (one process for both proofs, each)
     work = tmp_path / "work"  # the tests' tiny model (the one `--size tiny` builds) stands in for a built one
     work.mkdir()
     (work / "model-tiny").symlink_to(tiny_model)
     out = tmp_path / "out"
     env = child_env(PY=sys.executable, SIZE="tiny", WORK=str(work), TRAIN="traced-allocations",
-                    GEN=",".join(GENERATE_VARIANTS), TRAIN_ARGS="--steps 6 --warmup 2",
+                    GEN=",".join(GENERATE_VARIANTS), TRAIN_ARGS="--steps 6 --warmup 2 --profile 2",
                     GEN_ARGS=f"--images 4 --batch-size 2 --profile --lora {work / 'runs' / 'traced-allocations'}")
     proc = subprocess.run(["bash", str(BENCHMARKS / "bench_suite.sh"), str(out), "500"], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -51,6 +51,7 @@ def test_bench_suite_runs_the_vendored_anchor_then_the_benchmarks_within_a_deadl
     assert f"{v}.error" not in train and "tracing Python allocations" in Path(train[f"{v}.log"]).read_text()
     assert train[f"{v}.ratio_s_per_step"] == round(train[f"{v}.s_per_step"] / train["anchor.s_per_step"], 3)
     assert f"{v}.ratio_s_per_step: {train[f'{v}.ratio_s_per_step']}  ({NOT_ACCEPTANCE})" in proc.stdout
+    _assert_training(train, v, work, proc.stdout)
     # bench_suite.sh hands anchor.json to bench_generate.py (--anchor-json): no anchor of its own is timed
     gen = result("generate")
     assert gen["anchor.s_per_image"] == anchor["gen_1024_28steps_cfg_s"] > 0 and gen["default.s_per_image"] > 0
@@ -59,6 +60,31 @@ def test_bench_suite_runs_the_vendored_anchor_then_the_benchmarks_within_a_deadl
     # like with like: sd3tune runs the denoising steps anchor_sd3m.py --tiny ran (2), not its own default (28)
     assert gen["anchor.steps"] == gen["default.steps"] == gen["config"]["steps"] == 2
     _assert_generate_variants(gen)
+
+
+def _assert_training(result: dict, v: str, work: Path, stdout: str) -> None:
+    """bench_train.py at tiny size: what SimpleTuner really ran with, the step profile, the files it leaves."""
+    for key in ("s_per_step", "time_to_first_step_s", "peak_mem_gib"):
+        positive(result, f"{v}.{key}")
+    assert result[f"{v}.verdict_step"] == NOT_ACCEPTANCE and f"{v}.error" not in result
+    # The defaults the reference profile chose are what SimpleTuner really ran with.
+    resolved = result[f"{v}.simpletuner_resolved"]
+    assert (resolved["optimizer"], resolved["grad_clip_method"], resolved["lora_dropout"]) == ("torch-adamw", "norm",
+                                                                                                0.0)
+    assert resolved["compress_disk_cache"] is False and resolved["dataloader_prefetch"] is True
+    assert resolved["set_grads_to_none"] is True
+    assert json.loads((work / "train.json").read_text())[f"{v}.s_per_step"] == result[f"{v}.s_per_step"]
+    assert (work / "runs" / v / "output" / "pytorch_lora_weights.safetensors").is_file()
+    # --profile 2: two more steps after the 6 timed ones (and one to close the window); the timed window stays 2..5
+    assert result[f"{v}.steps"] == 10
+    assert "steps 2..5" in next(line for line in stdout.splitlines() if line.startswith(f"{v}.s_per_step:"))
+    path = work / "runs" / v / "logs" / "step-profile.json"
+    assert result[f"{v}.profile"] == str(path)
+    assert_cpu_profile(json.loads(path.read_text()), steps=2)
+    assert result[f"{v}.profile_gpu_ms_per_step_by_kind"] == {}
+    # torch's peak reserved GPU memory of the training process: none on CPU, and the script says why
+    assert result[f"{v}.max_memory_reserved_gib"] is None
+    assert f"{v}.max_memory_reserved_gib: None  (n/a: no CUDA in the training process)" in stdout
 
 
 def _assert_generate_variants(result: dict) -> None:

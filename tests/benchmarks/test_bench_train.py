@@ -1,56 +1,43 @@
-"""bench_train.py at tiny size on CPU, as a user would run it: the keys benchmarks/README.md promises, the settings
-SimpleTuner really ran with, the step profiles; and its anchor.json rows. The numbers themselves are not checked
-(tiny/CPU timings say nothing about the acceptance targets, and the script says so)."""
+"""bench_train.py at tiny size on CPU: its own anchor, its anchor.json rows, the preset variants. Its run as a user
+runs it (the keys benchmarks/README.md promises, the settings SimpleTuner really ran with, the step profile) is
+test_bench_suite.py's training stage. The numbers themselves are not checked (tiny/CPU timings say nothing about the
+acceptance targets, and the script says so)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from bench_helpers import NOT_ACCEPTANCE, positive
+from bench_helpers import assert_cpu_profile, positive
 
 pytestmark = pytest.mark.bench
 
 
 @pytest.mark.e2e
-def test_bench_train_runs_at_tiny_size(train_bench, bench_work):
-    proc, result = train_bench
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert result["bench"] == "train" and result["size"] == "tiny"
-    for key in ("anchor.s_per_step", "default.s_per_step", "default.time_to_first_step_s", "default.peak_mem_gib",
-                "default.ratio_s_per_step"):
+def test_alone_it_times_its_own_anchor_in_a_fresh_process_and_profiles_it(bench_work, tmp_path, capsys):
+    """Without --anchor-json, bench_train.py times the plain diffusers + peft loop itself (the suite's run compares
+    with anchor_sd3m.py's row instead: test_bench_suite.py, which also checks the training side of a run)."""
+    import bench_train
+    from _bench_common import Report
+
+    from sd3tune.tiny import make_concept_images
+
+    args = bench_train.parse_args(["--size", "tiny", "--work", str(tmp_path), "--profile", "2"])
+    data = make_concept_images(tmp_path / "data", count=2, size=64)
+    _, cfg = bench_train.init_variant("default", {}, args, bench_work / "model-tiny", data, "tiny", 12, 64)
+    report = Report()
+    s_per_step = bench_train.run_anchor(args, bench_work / "model-tiny", "tiny", cfg, "children", report, 3)
+    result = report.data
+    assert "anchor.error" not in result, (tmp_path / "anchor" / "anchor.log").read_text()[-3000:]
+    assert s_per_step == result["anchor.s_per_step"] > 0
+    for key in ("anchor.time_to_first_step_s", "anchor.wall_s", "anchor.peak_mem_gib"):
         positive(result, key)
-    assert result["default.verdict_step"] == NOT_ACCEPTANCE
-    assert f"default.ratio_s_per_step: {result['default.ratio_s_per_step']}  ({NOT_ACCEPTANCE})" in proc.stdout
-    # The defaults the reference profile chose are what SimpleTuner really ran with.
-    resolved = result["default.simpletuner_resolved"]
-    assert resolved["optimizer"] == "torch-adamw"
-    assert resolved["grad_clip_method"] == "norm"
-    assert resolved["lora_dropout"] == 0.0
-    assert resolved["compress_disk_cache"] is False
-    assert resolved["dataloader_prefetch"] is True
-    assert resolved["set_grads_to_none"] is True
-    assert json.loads((bench_work / "train.json").read_text())["default.s_per_step"] == result["default.s_per_step"]
-    assert (bench_work / "runs" / "default" / "output" / "pytorch_lora_weights.safetensors").is_file()
-    # --profile 2: two more steps after the 8 timed ones (and one to close the window), profiled in the training
-    # process and in the anchor's; the timed window stays steps 3..7
-    assert result["default.steps"] == 12
-    assert "steps 3..7" in next(line for line in proc.stdout.splitlines() if line.startswith("default.s_per_step:"))
-    for who, path in (("default", bench_work / "runs" / "default" / "logs" / "step-profile.json"),
-                      ("anchor", bench_work / "anchor" / "step-profile.json")):
-        assert result[f"{who}.profile"] == str(path)
-        profile = json.loads(path.read_text())
-        assert profile["steps"] == 2 and profile["device"] == "cpu"
-        assert profile["wall_s_per_step"] > 0 and sum(profile["cpu_ops_per_step"].values()) > 100
-        assert profile["gpu"]["kernels_per_step"] == 0 and profile["sync_sites"] == []  # no GPU here
-        assert result[f"{who}.profile_gpu_ms_per_step_by_kind"] == {}
-    assert "default.error" not in result
-    # torch's peak reserved GPU memory of the training process: none on CPU, and the script says why
-    assert result["default.max_memory_reserved_gib"] is None
-    assert "default.max_memory_reserved_gib: None  (n/a: no CUDA in the training process)" in proc.stdout
-    # (the traced-allocations variant is proven by test_bench_suite's training stage)
-    assert "tracing Python allocations" not in Path(result["default.log"]).read_text()
+    assert result["anchor.source"] == "plain diffusers + peft loop (_bench_common.py anchor-train), fresh process"
+    assert result["anchor.recipe"].endswith("64 px, batch 2, no gradient checkpointing")  # the run's size and batch
+    assert result["anchor.profile"] == str(tmp_path / "anchor" / "step-profile.json")
+    assert_cpu_profile(json.loads((tmp_path / "anchor" / "step-profile.json").read_text()), steps=2)
+    assert result["anchor.profile_gpu_ms_per_step_by_kind"] == {}
+    assert f"anchor.s_per_step: {s_per_step}" in capsys.readouterr().out
 
 
 def test_bench_train_says_which_batch_sizes_the_anchor_json_timed(tmp_path, capsys):

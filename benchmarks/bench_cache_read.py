@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20, help="timed reads of one step's files (median)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = ap.parse_args(argv)
+    from sd3tune.simpletuner.compat import install
+
+    install()  # SimpleTuner as the training process has it (and imported in less time)
     import torch
     from simpletuner.helpers.data_backend.local import LocalDataBackend
 

@@ -19,13 +19,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # tiny model.
 E2E_MODULES = {"test_train.py", "test_quickstart.py", "test_pins.py", "test_cuda_graphs.py", "test_compat.py",
                 "test_image_fixes.py", "test_preview.py"}
-E2E_FIXTURES = {"tiny_model", "tiny_clip", "trained_run", "kohya_run"}
+E2E_FIXTURES = {"tiny_model", "tiny_clip", "trained_run", "trained_run_as_left", "kohya_run"}
 # Session or module fixtures that cost tens of seconds or minutes: every test that uses one runs on the same xdist
 # worker (`--dist loadgroup`), so the fixture is made once, not once per worker. A test that uses two of them joins
 # their groups into one (the trained run's tests, the data-parallel ones that compare with it, the evaluated ones).
-SHARED_ONCE = {"probes": "pins-probes", "finished_training": "finished-training",
-               "ddp_run": "data-parallel", "kohya_run": "kohya-run", "evaluated": "evaluated",
-               "trained_run": "trained-run"}
+SHARED_ONCE = {"probes": "pins-probes", "ddp_run": "data-parallel", "kohya_run": "kohya-run",
+               "evaluated": "evaluated", "trained_run_as_left": "trained-run"}
 
 
 
@@ -67,17 +66,38 @@ def data_copy(tmp_path, concept_data) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, tiny_model, concept_data) -> Path:
-    """A run trained for real through SimpleTuner on the tiny model (20 steps, 64 px, CPU)."""
+def trained_run_as_left(tmp_path_factory, tiny_model, concept_data) -> tuple[Path, Path, bytes, object]:
+    """A run trained for real through SimpleTuner on the tiny model (20 steps, checkpoints every 10, 64 px, CPU),
+    and what SimpleTuner left of it before sd3tune stamped anything: (the run folder, a copy of its output folder as
+    SimpleTuner left it, its log, run_plan's outcome)."""
+    import shutil
+
+    from sd3tune.commands import train
     from sd3tune.commands.init import run_init
     from sd3tune.commands.quickstart import tiny_init_options
-    from sd3tune.commands.train import TrainOptions, run_train
+    from sd3tune.simpletuner.launch import run_plan
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     run_init(tiny_init_options(run_dir, concept_data, tiny_model, steps=20, checkpoint_every=10))
-    result = run_train(TrainOptions(run_dir=run_dir))
+    kept = {}
+
+    def keep_what_simpletuner_left(plan, log, **kwargs):
+        kept["outcome"] = run_plan(plan, log, **kwargs)
+        shutil.copytree(run_dir / "output", run_dir.parent / "as-trained")
+        kept["log"] = log.read_bytes()
+        return kept["outcome"]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "run_plan", keep_what_simpletuner_left)
+        result = train.run_train(train.TrainOptions(run_dir=run_dir))
     assert result.lora is not None and result.lora.is_file()
-    return run_dir
+    return run_dir, run_dir.parent / "as-trained", kept["log"], kept["outcome"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_run_as_left) -> Path:
+    """The run trained_run_as_left trained (read-only: copy it to change it)."""
+    return trained_run_as_left[0]
 
 
 @pytest.fixture(scope="session")

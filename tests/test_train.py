@@ -239,43 +239,20 @@ def test_a_ctrl_c_stops_cleanly_names_a_cut_save_and_the_resumed_lora_records_bo
     assert read_safetensors_header(kept[2])[0] == before  # an earlier training's checkpoint keeps its stamp
 
 
-@pytest.fixture(scope="module")
-def finished_training(tmp_path_factory, tiny_model, concept_data):
-    """What the real SimpleTuner leaves and returns for a tiny run trained to its end (4 steps, checkpoints every 2):
-    its output folder as SimpleTuner left it (before sd3tune stamps anything), its log and run_plan's outcome."""
-    from sd3tune.commands import train
-    from sd3tune.commands.quickstart import tiny_init_options
-    from sd3tune.simpletuner.launch import run_plan
-
-    folder = tmp_path_factory.mktemp("finished")
-    options = tiny_init_options(folder / "run", Path(shutil.copytree(concept_data, folder / "images")), tiny_model,
-                                steps=4, checkpoint_every=2)
-    run_init(options)
-    kept = {}
-
-    def keep_what_simpletuner_left(plan, log, **kwargs):
-        kept["outcome"] = run_plan(plan, log, **kwargs)
-        shutil.copytree(options.run_dir / "output", folder / "as-trained")
-        kept["log"] = log.read_bytes()
-        return kept["outcome"]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "run_plan", keep_what_simpletuner_left)
-        train.run_train(train.TrainOptions(run_dir=options.run_dir))
-    assert kept["outcome"].returncode == 0, kept["outcome"].tail
-    return folder / "as-trained", kept["log"], kept["outcome"]
-
-
 @pytest.mark.parametrize("lora_saved", [True, False])
 def test_a_ctrl_c_after_the_last_step_says_the_training_is_done(tiny_init_options, monkeypatch, lora_saved,
-                                                                finished_training):
-    # a Ctrl-C while SimpleTuner tore down after its last step (seconds on a GPU) said "checkpoint-4 is kept" and
-    # hinted --resume, which refused (nothing to resume); the final LoRA it had saved was left without its stamp
+                                                                trained_run_as_left):
+    # a Ctrl-C while SimpleTuner tore down after its last step (seconds on a GPU) said "checkpoint-20 is kept" and
+    # hinted --resume, which refused (nothing to resume); the final LoRA it had saved was left without its stamp.
+    # The training is the shared one (20 steps, checkpoints every 10), as SimpleTuner left it: this run has its settings
     import dataclasses
 
     from sd3tune.commands import train
+    from sd3tune.config.presets import merge
 
-    as_trained, trained_log, outcome = finished_training
+    _, as_trained, trained_log, outcome = trained_run_as_left
+    tiny_init_options.steps = 20
+    tiny_init_options.overrides = merge(tiny_init_options.overrides, {"checkpoints": {"step_interval": 10}})
 
     def ctrl_c_at_the_end(plan, log, **kwargs):  # the real training (shared), then the interrupt it would have seen
         # written now, as by this training (copy2 would keep the times of the shared one, which ran earlier)
@@ -302,12 +279,12 @@ def test_a_ctrl_c_after_the_last_step_says_the_training_is_done(tiny_init_option
     assert entry["status"] == "interrupted"
     if lora_saved:
         assert message.endswith(f"its LoRA {lora} is saved")
-        assert read_safetensors_header(lora)[0]["sd3tune.steps"] == "4"  # all its steps, stamped as a finished one
-        assert entry["lora_sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest() and entry["steps"] == 4
+        assert read_safetensors_header(lora)[0]["sd3tune.steps"] == "20"  # all its steps, stamped as a finished one
+        assert entry["lora_sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest() and entry["steps"] == 20
     else:
-        assert message.endswith("checkpoint-4 holds the trained LoRA") and "lora" not in entry
-        assert read_safetensors_header(run / "output" / "checkpoint-4" / keys.LORA_WEIGHT_NAME)[0]["sd3tune.steps"] \
-               == "4"
+        assert message.endswith("checkpoint-20 holds the trained LoRA") and "lora" not in entry
+        assert read_safetensors_header(run / "output" / "checkpoint-20" / keys.LORA_WEIGHT_NAME)[0]["sd3tune.steps"] \
+               == "20"
 
 
 def test_uncaptioned_images_train_with_the_trigger_and_cuda_graphs_on_a_cpu_run_eagerly(tiny_init_options):

@@ -25,10 +25,9 @@ def quiet_libraries() -> None:
     """Keep diffusers/transformers to errors and no loading bars: sd3tune prints its own progress. Called before
     they are first imported, it also has Python make its package map once for both (compat fix 18: ~0.6 s CPU each),
     and the process end without a garbage collection over all they load (compat fix 20: ~1.6 s)."""
+    import gc
     import importlib.metadata
     import warnings
-
-    import gc
 
     from sd3tune.simpletuner.compat import frozen_heap_at_exit, package_map_once
 

@@ -24,11 +24,10 @@ from pathlib import Path
 from sd3tune.simpletuner.compat import (alpha_on_background, blocking_prefetch, compiled_blocks_only,
                                         compiled_sd3_blocks, cpu_process_group, displayed_orientation,
                                         frozen_heap_at_exit, kept_trainable_parameters, no_eager_step_marker,
-                                        package_map_once,
-                                        pin_memory_without_accelerator, private_dataloader_generators,
-                                        qwen3vl_output_alias, rank_lora_digest, rank_samples, replayed_sd3_training,
-                                        tensorboard_hparams, torch_threads, unloaded_model_families,
-                                        untraced_factory_memory, walkable_quanto_ops)
+                                        package_map_once, pin_memory_without_accelerator,
+                                        private_dataloader_generators, qwen3vl_output_alias, rank_lora_digest,
+                                        rank_samples, replayed_sd3_training, tensorboard_hparams, torch_threads,
+                                        unloaded_model_families, untraced_factory_memory, walkable_quanto_ops)
 from sd3tune.simpletuner.compat.alpha_on_background import ALPHA_BACKGROUND_ENV  # noqa: F401 (public)
 from sd3tune.simpletuner.compat.replayed_sd3_training import CUDA_GRAPHS_ENV, GRAPHED_INPUTS  # noqa: F401 (public)
 from sd3tune.simpletuner.compat.torch_threads import usable_cores  # noqa: F401 (public)

@@ -27,7 +27,6 @@ SHARED_ONCE = {"probes": "pins-probes", "ddp_run": "data-parallel", "kohya_run":
                "evaluated": "evaluated", "trained_run_as_left": "trained-run"}
 
 
-
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:
     groups = shared_groups(items, SHARED_ONCE)

@@ -108,8 +108,9 @@ def _setup(batch: int, pixels: float, checkpointing: float, quantised: bool) -> 
     return int(batch), round(float(pixels)), round(float(checkpointing), 3), bool(quantised)
 
 
-def _row_features(row: dict) -> list[float]:
-    return _features(row["batch"], row["side"] ** 2, row["checkpointing"], row["quantised"])
+def _row_setup(row: dict) -> tuple:
+    """A measured row's (batch, pixels, checkpointing share, quantised), as the estimate takes them."""
+    return row["batch"], row["side"] ** 2, row["checkpointing"], row["quantised"]
 
 
 def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
@@ -147,7 +148,7 @@ class MemoryFit:
 def fit_memory(rows: list[dict]) -> MemoryFit:
     """Least-squares fit of TERMS to the measured ``rows`` (memory_peaks.json's); a term that no row exercises, or
     that the rows cannot tell from the others, keeps its prior."""
-    xs, ys = [_row_features(r) for r in rows], [float(r["gib"]) for r in rows]
+    xs, ys = [_features(*_row_setup(r)) for r in rows], [float(r["gib"]) for r in rows]
     free = [i for i, t in enumerate(TERMS)
             if t == "base" or len({x[i] for x in xs if x[i]}) >= (2 if t in PER_IMAGE else 1)]
     while True:
@@ -160,7 +161,7 @@ def fit_memory(rows: list[dict]) -> MemoryFit:
         free.pop()  # the rows cannot separate the last term from the others: it keeps its prior
     coefficients = {**{TERMS[i]: c for i, c in fixed.items()}, **{TERMS[i]: c for i, c in zip(free, solved)}}
     error = max((abs(sum(coefficients[t] * v for t, v in zip(TERMS, x)) - y) for x, y in zip(xs, ys)), default=0.0)
-    setups = frozenset(_setup(r["batch"], r["side"] ** 2, r["checkpointing"], r["quantised"]) for r in rows)
+    setups = frozenset(_setup(*_row_setup(r)) for r in rows)
     return MemoryFit(coefficients, tuple(TERMS[i] for i in free), round(error, 2), len(rows), setups)
 
 

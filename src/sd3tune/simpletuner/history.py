@@ -70,10 +70,9 @@ def latest_validation_images(output_dir: Path) -> tuple[int | None, list[Path]]:
     """The step of the latest validation images SimpleTuner saved in ``output_dir`` and their files (by prompt
     shortname and index); (None, []) when there are none."""
     by_step: dict[int, list[tuple[str, int, Path]]] = {}
-    for path in validation_images(output_dir):
-        parsed = validation_image_name(path.name)
-        if parsed and path.is_file():
-            step, shortname, index = parsed
+    for path in validation_images(output_dir):  # only names that parse
+        if path.is_file():
+            step, shortname, index = validation_image_name(path.name)
             by_step.setdefault(step, []).append((shortname, index, path))
     if not by_step:
         return None, []

@@ -74,10 +74,10 @@ def plan_processes(gpus: int = 1, accelerate_config: Path | None = None,
     """The job's processes and machines; every contradiction, and an accelerate file that is not there, a user error
     (before anything is launched). ``accelerate_config`` as the user wrote it (``~`` expanded here)."""
     if accelerate_config is not None:
-        if not Path(accelerate_config).expanduser().is_file():
-            raise Sd3tuneError(f"accelerate config {accelerate_config} is not a file",
+        written, accelerate_config = accelerate_config, Path(accelerate_config).expanduser()
+        if not accelerate_config.is_file():
+            raise Sd3tuneError(f"accelerate config {written} is not a file",
                                hint="create one with `accelerate config --config_file FILE`")
-        accelerate_config = Path(accelerate_config).expanduser()
     if gpus < 1:
         raise Sd3tuneError(f"--gpus {gpus} must be at least 1", hint="use --gpus 1 for one GPU")
     args = list(extra_accelerate_args)
